@@ -1,0 +1,10 @@
+//! Pure decision logic for ublk-cache: per-mode request rules, eviction and
+//! write-back ordering. Nothing here does I/O, so all of it is unit-tested directly.
+
+pub mod eviction;
+pub mod mode;
+pub mod writeback;
+
+pub use eviction::{EvictionPolicy, LruPolicy};
+pub use mode::{CacheMode, FlushAction, ParseModeError, WriteRoute};
+pub use writeback::WritebackOrder;

@@ -1,0 +1,99 @@
+//! The `Backend` trait: the slow, shared disk that the cache sits in front of.
+//!
+//! The engine calls it from many threads at once, so every method takes `&self`
+//! and blocks the calling thread until the operation has completed. Implementations
+//! are free to run the I/O asynchronously underneath (io_uring, librbd AIO): only
+//! the completion is waited for.
+
+use std::sync::Arc;
+
+use crate::error::Result;
+
+/// What a backend is, recorded in the cache superblock so that a cache is never
+/// attached to another disk, and never serves data the backend changed behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendIdentity {
+    /// "file", "dev" or "rbd".
+    pub kind: String,
+    /// A stable name: canonical path, or pool/image.
+    pub name: String,
+    /// Size in bytes at open.
+    pub size: u64,
+    /// Change detector: for files (dev, ino, mtime_ns); for devices (rdev);
+    /// for rbd the image id and generation. Compared as an opaque string.
+    pub fingerprint: String,
+}
+
+pub trait Backend: Send + Sync {
+    /// Size in bytes. Requests never reach past it.
+    fn size(&self) -> u64;
+
+    /// Logical block size the backend requires for offsets and lengths (512 or 4096).
+    fn block_size(&self) -> u32 {
+        512
+    }
+
+    fn identity(&self) -> BackendIdentity;
+
+    /// Last modification time in nanoseconds, where the backend keeps one (files).
+    /// Recorded at clean detach and compared at attach to detect writes made
+    /// behind the cache's back.
+    fn modified_ns(&self) -> Option<u64> {
+        None
+    }
+
+    /// Read `buf.len()` bytes at `offset`. Short reads are errors, not partial data.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Write all of `buf` at `offset`. Returns when the backend has acknowledged the
+    /// write; it is durable only after [`Backend::flush`].
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()>;
+
+    /// Make every write acknowledged before this call durable.
+    fn flush(&self) -> Result<()>;
+
+    /// Tell the backend the range is unused. Contents afterwards are unspecified.
+    fn discard(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Make the range read back as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+}
+
+/// Lets shared or boxed backends (e.g. `Arc<dyn Backend>`, or an `Arc<MemBackend>` a
+/// test keeps a handle to) be used wherever a `Backend` is expected.
+macro_rules! forward_backend {
+    ($ptr:ident) => {
+        impl<T: Backend + ?Sized> Backend for $ptr<T> {
+            fn size(&self) -> u64 {
+                (**self).size()
+            }
+            fn block_size(&self) -> u32 {
+                (**self).block_size()
+            }
+            fn identity(&self) -> BackendIdentity {
+                (**self).identity()
+            }
+            fn modified_ns(&self) -> Option<u64> {
+                (**self).modified_ns()
+            }
+            fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+                (**self).read_at(offset, buf)
+            }
+            fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+                (**self).write_at(offset, buf)
+            }
+            fn flush(&self) -> Result<()> {
+                (**self).flush()
+            }
+            fn discard(&self, offset: u64, len: u64) -> Result<()> {
+                (**self).discard(offset, len)
+            }
+            fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+                (**self).write_zeroes(offset, len)
+            }
+        }
+    };
+}
+
+forward_backend!(Arc);
+forward_backend!(Box);

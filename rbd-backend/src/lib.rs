@@ -1,0 +1,22 @@
+//! The slow, shared disk behind the cache: the [`Backend`] trait, its error type,
+//! and the file / block-device backend with its I/O engines, plus in-memory and
+//! fault-injecting backends for tests and benchmarks.
+
+pub mod aligned;
+pub mod backend;
+pub mod error;
+pub mod fault;
+pub mod file;
+pub mod io_engine;
+pub mod mem;
+mod sys;
+
+pub use aligned::AlignedBuf;
+pub use backend::{Backend, BackendIdentity};
+pub use error::{BackendError, ErrorKind, Result};
+pub use fault::{FaultStats, FaultyBackend, FaultyBackendBuilder, OpKind};
+pub use file::{FileBackend, FileKind, OpenOptions};
+pub use io_engine::{
+    open_engine, EngineChoice, EngineKind, IoEngine, SyncEngine, UringEngine, ENGINE_ENV,
+};
+pub use mem::{MemBackend, MemBackendBuilder};

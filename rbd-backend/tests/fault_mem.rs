@@ -1,0 +1,144 @@
+//! MemBackend and FaultyBackend: the test doubles other crates build on.
+
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rbd_backend::{Backend, ErrorKind, FaultyBackend, MemBackend, OpKind};
+
+#[test]
+fn delays_slow_down_only_their_kind() {
+    let f = FaultyBackend::builder(MemBackend::new(1 << 20))
+        .read_delay(Duration::from_millis(2))
+        .build();
+    let mut b = [0u8; 512];
+    let t = Instant::now();
+    for _ in 0..10 {
+        f.read_at(0, &mut b).expect("read");
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(20),
+        "{:?}",
+        t.elapsed()
+    );
+    let t = Instant::now();
+    for _ in 0..10 {
+        f.write_at(0, &b).expect("write");
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(20),
+        "writes not delayed"
+    );
+
+    // 1 ms + up to 1 ms jitter: the "slow backend" of the benchmarks.
+    let slow = FaultyBackend::builder(MemBackend::new(4096))
+        .all_delay(Duration::from_millis(1))
+        .all_jitter(Duration::from_millis(1))
+        .build();
+    let t = Instant::now();
+    for _ in 0..20 {
+        slow.write_at(0, &b).expect("write");
+    }
+    let el = t.elapsed();
+    assert!(
+        el >= Duration::from_millis(20) && el < Duration::from_secs(5),
+        "{el:?}"
+    );
+}
+
+#[test]
+fn fail_next_and_read_only() {
+    let mem = Arc::new(MemBackend::new(8192));
+    let f = FaultyBackend::new(Arc::clone(&mem));
+    f.fail_next(OpKind::Write, 2, libc::EIO);
+    for _ in 0..2 {
+        let e = f.write_at(0, &[1u8; 512]).expect_err("injected");
+        assert_eq!(e.kind(), ErrorKind::Io);
+        assert_eq!(e.errno(), libc::EIO);
+    }
+    f.write_at(0, &[1u8; 512]).expect("third write passes");
+    assert!(mem.snapshot()[..512].iter().all(|&x| x == 1));
+    f.read_at(0, &mut [0u8; 512]).expect("reads unaffected");
+
+    f.fail_next(OpKind::Flush, 1, libc::ETIMEDOUT);
+    assert_eq!(f.flush().expect_err("flush").kind(), ErrorKind::Timeout);
+    f.flush().expect("flush passes");
+
+    f.set_read_only(true);
+    for r in [
+        f.write_at(0, &[2u8; 512]),
+        f.discard(0, 512),
+        f.write_zeroes(0, 512),
+    ] {
+        let e = r.expect_err("read-only");
+        assert_eq!(e.kind(), ErrorKind::ReadOnly);
+        assert_eq!(e.errno(), libc::EROFS);
+    }
+    f.read_at(0, &mut [0u8; 512]).expect("reads still work");
+    f.flush().expect("flush still works");
+    f.set_read_only(false);
+    f.write_at(512, &[3u8; 512]).expect("writable again");
+    assert!(
+        mem.snapshot()[..512].iter().all(|&x| x == 1),
+        "refused writes changed nothing"
+    );
+
+    let s = f.stats();
+    assert_eq!(s.writes, 2);
+    assert_eq!(s.bytes_written, 1024);
+    assert_eq!(s.reads, 2);
+    assert_eq!(s.flushes, 2);
+    assert_eq!(s.injected_failures, 2 + 1 + 3);
+    f.reset_stats();
+    assert_eq!(f.stats(), Default::default());
+}
+
+#[test]
+fn stall_blocks_until_release() {
+    let f = Arc::new(FaultyBackend::new(MemBackend::new(4096)));
+    f.stall();
+    let workers: Vec<_> = (0..3)
+        .map(|i| {
+            let f = Arc::clone(&f);
+            thread::spawn(move || f.write_at(i * 512, &[9u8; 512]))
+        })
+        .collect();
+    assert!(
+        f.wait_for_stalled(3, Duration::from_secs(10)),
+        "ops did not stall"
+    );
+    thread::sleep(Duration::from_millis(20));
+    assert!(
+        workers.iter().all(|w| !w.is_finished()),
+        "stalled ops completed"
+    );
+    assert_eq!(f.stats().writes, 0);
+    f.release();
+    for w in workers {
+        w.join().expect("join").expect("write after release");
+    }
+    assert_eq!(f.stalled_ops(), 0);
+    assert_eq!(f.stats().writes, 3);
+    assert!(!f.wait_for_stalled(1, Duration::from_millis(10)));
+}
+
+#[test]
+fn wrapper_forwards_geometry_and_identity() {
+    let mem = MemBackend::builder()
+        .size(1 << 16)
+        .block_size(4096)
+        .name("m1")
+        .fingerprint("fp")
+        .build();
+    let f = FaultyBackend::new(mem);
+    assert_eq!(f.size(), 1 << 16);
+    assert_eq!(f.block_size(), 4096);
+    assert_eq!(f.identity().name, "m1");
+    assert_eq!(f.identity().fingerprint, "fp");
+    assert_eq!(f.modified_ns(), f.inner().modified_ns(), "forwarded");
+    let boxed: Box<dyn Backend> = Box::new(f);
+    assert_eq!(boxed.size(), 1 << 16);
+    boxed.write_zeroes(0, 4096).expect("zeroes");
+    let e = boxed.read_at(1 << 16, &mut [0u8; 1]).expect_err("range");
+    assert_eq!(e.kind(), ErrorKind::InvalidRequest);
+}

@@ -1,0 +1,110 @@
+//! Command line (clap). Machine-readable on purpose: the OpenNebula drivers and
+//! the tests script it. Logs go to stderr; stdout carries only results.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use policies::{CacheMode, WritebackOrder};
+
+use crate::size::parse_size;
+use crate::spec::BackendSpec;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ublk-cache",
+    version,
+    about = "Per-disk block device server with a local cache in front of a slow backend"
+)]
+pub struct Cli {
+    /// Directory of the run-time registry (default /run/ublk-cache, or $UBLK_CACHE_RUN_DIR).
+    #[arg(long, global = true)]
+    pub run_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a disk as /dev/ublkbN in the foreground. Prints the device path on stdout once it is live.
+    Serve(ServeArgs),
+    /// Re-attach a new server to device ID after the old one died or detached (same as serve --recover ID).
+    Recover {
+        /// The ublk device id (N of /dev/ublkbN).
+        id: u32,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// List the servers on this host.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a server cleanly: finish I/O, write back dirty data, remove the device.
+    Stop {
+        /// Device id or /dev/ublkbN.
+        target: String,
+        /// Leave the device in place for `recover` (upgrade) instead of removing it; dirty data stays in the cache.
+        #[arg(long)]
+        detach: bool,
+        /// Seconds to wait for the server to exit (0 waits forever; write-back can take long).
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+    },
+    /// Create a sparse backend and cache in a temporary directory and serve them in back mode.
+    Demo {
+        /// Where to put the backend and cache files (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Size of the demo disk.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        size: u64,
+        /// Size of the demo cache.
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        cache_size: u64,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The slow disk: file:PATH or dev:/dev/X.
+    #[arg(long)]
+    pub backend: BackendSpec,
+    /// The cache: a file (created and sized from --cache-size if missing) or a block device such as an LV.
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Bytes of the cache to use, e.g. 512M or 20G (default: the whole cache device or file).
+    #[arg(long, value_parser = parse_size)]
+    pub cache_size: Option<u64>,
+    /// none, around, through, back or offline.
+    #[arg(long, default_value = "back")]
+    pub mode: CacheMode,
+    /// Cache line size, 4K to 1M (a new cache only; default 64K).
+    #[arg(long, value_parser = parse_size)]
+    pub line_size: Option<u64>,
+    /// ordered (the backend is always at one of the guest's flush points) or relaxed (faster; see README).
+    #[arg(long, default_value = "ordered")]
+    pub writeback_order: WritebackOrder,
+    /// ublk hardware queues (default min(CPUs, 4)).
+    #[arg(long)]
+    pub queues: Option<u16>,
+    /// Requests in flight per queue.
+    #[arg(long, default_value_t = 128)]
+    pub depth: u16,
+    /// Device id N for /dev/ublkbN (default: the kernel picks one).
+    #[arg(long)]
+    pub id: Option<u32>,
+    /// Re-attach to existing device ID after a crash or upgrade instead of creating one.
+    #[arg(long, value_name = "ID")]
+    pub recover: Option<u32>,
+    /// Initialize a cache device that holds something else. Destroys its contents.
+    #[arg(long)]
+    pub format: bool,
+    /// Drop dirty data found in the cache instead of refusing to start. LOSES every
+    /// write the cache holds that has not reached the backend.
+    #[arg(long)]
+    pub discard_dirty: bool,
+    /// Keep and write back dirty data although the backend changed since the cache
+    /// detached; the backend's newer data in those ranges is overwritten.
+    #[arg(long)]
+    pub accept_backend_change: bool,
+}

@@ -1,0 +1,574 @@
+//! Attaching a cache device: format a new one, or validate and load an existing
+//! one (refusing anything corrupt or foreign), recover after a crash, and detach.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use policies::{CacheMode, LruPolicy, WritebackOrder};
+use rbd_backend::Backend;
+use tracing::{info, warn};
+
+use super::state::{Line, State};
+use super::store::{read_superblock, write_superblock, CacheStore};
+use super::{bits, lock, Cache, Engine, Stats};
+use crate::error::{EngineError, EngineErrorKind, EngineResult};
+use crate::format::superblock::BackendRecord;
+use crate::format::{
+    EntryCodec, FormatError, Layout, SbState, Superblock, META_BLOCK, SECTOR_SIZE,
+};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub mode: CacheMode,
+    pub order: WritebackOrder,
+    /// Line size for a new cache; `None` takes an existing cache's (64 KiB when new).
+    pub line_size: Option<u32>,
+    /// Bytes of the cache device to use; `None` uses all of it (or the existing
+    /// cache's size).
+    pub cache_bytes: Option<u64>,
+    /// Format the cache device even though it holds data that is not ours.
+    pub format: bool,
+    /// Drop dirty data instead of refusing. Loses every write not yet on the backend.
+    pub discard_dirty: bool,
+    /// Keep dirty data (and write it back) even though the backend changed since
+    /// the cache detached; clean data is dropped.
+    pub accept_backend_change: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            mode: CacheMode::Back,
+            order: WritebackOrder::Ordered,
+            line_size: None,
+            cache_bytes: None,
+            format: false,
+            discard_dirty: false,
+            accept_backend_change: false,
+        }
+    }
+}
+
+pub const DEFAULT_LINE_SIZE: u32 = 64 * 1024;
+/// Bytes at the start of a device that must be zero before we format it unasked.
+const EMPTY_PROBE: u64 = 1024 * 1024;
+
+fn refuse(kind: EngineErrorKind, msg: impl Into<String>) -> EngineError {
+    EngineError::new(kind, msg)
+}
+
+fn backend_record(b: &dyn Backend) -> BackendRecord {
+    let id = b.identity();
+    BackendRecord {
+        kind: id.kind,
+        name: id.name,
+        size: id.size,
+        fingerprint: id.fingerprint,
+        mtime_ns: 0,
+    }
+}
+
+fn random_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    // SAFETY: getrandom writes at most `u.len()` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(u.as_mut_ptr().cast(), u.len(), 0) };
+    if n != u.len() as isize {
+        // Uniqueness, not secrecy, is what matters: fall back to time and pid.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        u.copy_from_slice(&(t ^ ((std::process::id() as u128) << 64)).to_le_bytes());
+    }
+    u
+}
+
+impl Engine {
+    /// Attach `cache_dev` (if any) in front of `backend` and start serving.
+    pub fn open(
+        backend: Arc<dyn Backend>,
+        cache_dev: Option<Arc<dyn Backend>>,
+        cfg: EngineConfig,
+    ) -> EngineResult<Arc<Engine>> {
+        let size = backend.size();
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE as u64) {
+            return Err(refuse(
+                EngineErrorKind::Config,
+                format!("backend size {size} is not a positive multiple of 4096 bytes"),
+            ));
+        }
+        let cache = match cache_dev {
+            Some(dev) => Some(Self::attach_cache(backend.as_ref(), dev, &cfg)?),
+            None if cfg.mode.uses_cache() => {
+                return Err(refuse(
+                    EngineErrorKind::Config,
+                    format!("mode '{}' needs a cache device", cfg.mode),
+                ))
+            }
+            None => None,
+        };
+        let engine = Arc::new(Engine {
+            mode: cfg.mode,
+            order: cfg.order,
+            backend,
+            size,
+            cache,
+            stats: Stats::default(),
+            flusher: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            reverse_writeback_for_tests: AtomicBool::new(false),
+        });
+        engine.start_flusher();
+        if let Some(c) = engine.cache.as_ref() {
+            let dirty = lock(&c.st).dirty_lines;
+            if dirty > 0 && !cfg.mode.holds_dirty() {
+                info!(dirty_lines = dirty, mode = %cfg.mode, "writing back dirty data left by an earlier mode before serving");
+                engine.drain()?;
+            }
+            if !cfg.mode.uses_cache() {
+                // Pass-through writes would make any cached data stale.
+                engine.drop_clean_lines();
+            }
+            engine.persist()?;
+        }
+        Ok(engine)
+    }
+
+    fn attach_cache(
+        backend: &dyn Backend,
+        dev: Arc<dyn Backend>,
+        cfg: &EngineConfig,
+    ) -> EngineResult<Cache> {
+        let dev_size = dev.size();
+        let rec = backend_record(backend);
+        let sb = match read_superblock(dev.as_ref())? {
+            Ok(sb) => {
+                if cfg.format {
+                    return Err(refuse(
+                        EngineErrorKind::Config,
+                        "the cache device holds a ublk-cache; --format re-creates only caches that are unreadable or foreign. \
+                         To start over, detach cleanly and delete or wipe the cache first",
+                    ));
+                }
+                Self::validate(&sb, &rec, dev_size, cfg)?
+            }
+            Err(FormatError::NoMagic) => {
+                if !cfg.format && !Self::looks_empty(dev.as_ref())? {
+                    return Err(refuse(
+                        EngineErrorKind::NotEmpty,
+                        "the cache device has no ublk-cache superblock and its first MiB is not empty; \
+                         pass --format to initialize it (this destroys what it holds)",
+                    ));
+                }
+                Self::format(dev.as_ref(), dev_size, &rec, cfg)?
+            }
+            Err(e) if cfg.format => {
+                warn!("re-formatting the cache device as requested with --format (it was unreadable: {e})");
+                Self::format(dev.as_ref(), dev_size, &rec, cfg)?
+            }
+            Err(e) => {
+                return Err(EngineError::corrupt(
+                    "the cache superblock is unreadable (no copy is intact); refusing to use it. \
+                     If its data is expendable, re-create it with --format",
+                    e,
+                ))
+            }
+        };
+        let layout = sb.layout;
+        let capacity = layout.nr_lines * layout.line_size as u64;
+        if cfg.mode == CacheMode::Offline && capacity < backend.size() {
+            return Err(refuse(
+                EngineErrorKind::Config,
+                format!(
+                    "offline mode keeps the whole image in the cache, but the cache holds {capacity} bytes of data                      and the image is {} bytes; give the cache at least the image size plus 1% for metadata",
+                    backend.size()
+                ),
+            ));
+        }
+        let codec = EntryCodec::new(layout.entry_size, layout.spl(), &sb.uuid);
+        let store = CacheStore::new(Arc::clone(&dev), layout);
+        let backend_lines = backend.size().div_ceil(layout.line_size as u64);
+        let lines = Self::load_entries(&store, &codec, &layout, backend_lines)?;
+        let mut state = Self::build_state(lines, &layout, sb.epoch);
+        let dirty = state.dirty_lines;
+        let clean_detach = sb.state == SbState::Clean;
+        let backend_mtime = backend.modified_ns().unwrap_or(0);
+        let changed_behind_us =
+            clean_detach && sb.backend.mtime_ns != 0 && sb.backend.mtime_ns != backend_mtime;
+        if changed_behind_us && dirty > 0 && !cfg.discard_dirty && !cfg.accept_backend_change {
+            return Err(refuse(
+                EngineErrorKind::DirtyData,
+                format!(
+                    "the backend was modified since this cache detached, and the cache holds {dirty} dirty lines. \
+                     Either write them back anyway (serve with --accept-backend-change; the backend's newer data \
+                     in those ranges is overwritten), or drop them (serve with --discard-dirty; the writes they \
+                     hold are lost)"
+                ),
+            ));
+        }
+        if cfg.discard_dirty && dirty > 0 {
+            warn!(
+                dirty_lines = dirty,
+                "discarding dirty data as requested by --discard-dirty: these writes are lost"
+            );
+            for slot in 0..state.lines.len() as u32 {
+                let l = state.lines[slot as usize];
+                if l.is_dirty() {
+                    state.set_bits(
+                        slot,
+                        bits::and_not(&l.valid, &l.dirty),
+                        bits::none(),
+                        0,
+                        true,
+                    );
+                }
+            }
+        }
+        if !clean_detach {
+            warn!(
+                dirty_lines = state.dirty_lines,
+                "the cache was not detached cleanly (crash or kill): keeping dirty data, dropping clean data"
+            );
+            Self::drop_clean_in(&mut state);
+        } else if changed_behind_us {
+            warn!("the backend was modified since this cache detached: dropping all clean cached data");
+            Self::drop_clean_in(&mut state);
+        }
+        let mut sb = sb;
+        sb.state = SbState::Active;
+        sb.seq += 1;
+        sb.attach_gen += 1;
+        sb.mode = cfg.mode.code();
+        sb.epoch = state.cur_epoch;
+        // Mark the cache in use before serving, so a crash from here on is seen
+        // as one at the next attach.
+        store.sync()?;
+        write_superblock(dev.as_ref(), &sb)?;
+        info!(
+            lines = layout.nr_lines,
+            line_size = layout.line_size,
+            cached = state.map.len(),
+            dirty = state.dirty_lines,
+            attach = sb.attach_gen,
+            "cache attached"
+        );
+        Ok(Cache {
+            store,
+            dev,
+            layout,
+            codec,
+            st: Mutex::new(state),
+            cv_locks: Condvar::new(),
+            cv_space: Condvar::new(),
+            cv_progress: Condvar::new(),
+            cv_flusher: Condvar::new(),
+            persist_lock: Mutex::new(()),
+            refill_lock: Mutex::new(()),
+            sb: Mutex::new(sb),
+        })
+    }
+
+    fn validate(
+        sb: &Superblock,
+        rec: &BackendRecord,
+        dev_size: u64,
+        cfg: &EngineConfig,
+    ) -> EngineResult<Superblock> {
+        let mism = |m: String| refuse(EngineErrorKind::Mismatch, m);
+        if let Some(ls) = cfg.line_size {
+            if ls != sb.layout.line_size {
+                return Err(mism(format!(
+                    "the cache was formatted with {}-byte lines, but {ls} was requested",
+                    sb.layout.line_size
+                )));
+            }
+        }
+        if let Some(cb) = cfg.cache_bytes {
+            if cb != sb.cache_bytes {
+                return Err(mism(format!(
+                    "the cache was formatted with a size of {} bytes, but {cb} was requested",
+                    sb.cache_bytes
+                )));
+            }
+        }
+        if sb.cache_bytes > dev_size {
+            return Err(mism(format!(
+                "the cache device is {dev_size} bytes, smaller than the {} bytes it was formatted with",
+                sb.cache_bytes
+            )));
+        }
+        let b = &sb.backend;
+        let mut diffs = Vec::new();
+        if b.kind != rec.kind || b.name != rec.name {
+            diffs.push(format!(
+                "it belongs to {}:{}, not {}:{}",
+                b.kind, b.name, rec.kind, rec.name
+            ));
+        }
+        if b.fingerprint != rec.fingerprint {
+            diffs.push(format!(
+                "backend identity was '{}', now '{}'",
+                b.fingerprint, rec.fingerprint
+            ));
+        }
+        if b.size != rec.size {
+            diffs.push(format!(
+                "backend size was {} bytes, now {}",
+                b.size, rec.size
+            ));
+        }
+        if !diffs.is_empty() {
+            return Err(mism(format!(
+                "this cache belongs to another backend: {}",
+                diffs.join("; ")
+            )));
+        }
+        Ok(sb.clone())
+    }
+
+    fn looks_empty(dev: &dyn Backend) -> EngineResult<bool> {
+        let n = EMPTY_PROBE.min(dev.size()) as usize;
+        let mut buf = vec![0u8; n];
+        dev.read_at(0, &mut buf)
+            .map_err(|e| EngineError::cache("read while checking that it is empty", e))?;
+        Ok(buf.iter().all(|&b| b == 0))
+    }
+
+    fn format(
+        dev: &dyn Backend,
+        dev_size: u64,
+        rec: &BackendRecord,
+        cfg: &EngineConfig,
+    ) -> EngineResult<Superblock> {
+        let cache_bytes = cfg.cache_bytes.unwrap_or(dev_size);
+        if cache_bytes > dev_size {
+            return Err(refuse(
+                EngineErrorKind::Config,
+                format!(
+                    "cache size {cache_bytes} is larger than the cache device ({dev_size} bytes)"
+                ),
+            ));
+        }
+        let layout = Layout::for_cache(cfg.line_size.unwrap_or(DEFAULT_LINE_SIZE), cache_bytes)
+            .map_err(|e| refuse(EngineErrorKind::Config, e.to_string()))?;
+        let uuid = random_uuid();
+        let codec = EntryCodec::new(layout.entry_size, layout.spl(), &uuid);
+        // Every entry is written as an explicit free entry: an all-zero block is
+        // then recognisably corrupt, never "empty".
+        let free = Line::FREE.entry();
+        let epb = layout.entries_per_block();
+        let chunk_blocks = 256u32;
+        let total = layout.meta_blocks() as u32;
+        let mut b = 0u32;
+        while b < total {
+            let n = chunk_blocks.min(total - b);
+            let mut buf = vec![0u8; (n * META_BLOCK) as usize];
+            for i in 0..n * epb {
+                let slot = b * epb + i;
+                if (slot as u64) < layout.nr_lines {
+                    let at = (i * layout.entry_size) as usize;
+                    codec.encode(slot, &free, &mut buf[at..]);
+                }
+            }
+            dev.write_at(layout.meta_block_offset(b), &buf)
+                .map_err(|e| EngineError::cache("metadata write while formatting", e))?;
+            b += n;
+        }
+        dev.flush()
+            .map_err(|e| EngineError::cache("flush while formatting", e))?;
+        let mut sb = Superblock {
+            seq: 1,
+            uuid,
+            incompat: 0,
+            compat: 0,
+            layout,
+            cache_bytes,
+            state: SbState::Clean,
+            mode: cfg.mode.code(),
+            epoch: 0,
+            attach_gen: 0,
+            backend: rec.clone(),
+        };
+        // Both copies, so neither holds a stale superblock of an earlier format.
+        write_superblock(dev, &sb)?;
+        sb.seq = 2;
+        write_superblock(dev, &sb)?;
+        info!(
+            lines = layout.nr_lines,
+            line_size = layout.line_size,
+            cache_bytes,
+            "formatted the cache device"
+        );
+        Ok(sb)
+    }
+
+    /// Read and check every entry. Any bad entry refuses the whole cache: a
+    /// partly trusted map could serve stale data or lose dirty data.
+    fn load_entries(
+        store: &CacheStore,
+        codec: &EntryCodec,
+        layout: &Layout,
+        backend_lines: u64,
+    ) -> EngineResult<Vec<Line>> {
+        let mut lines = Vec::with_capacity(layout.nr_lines as usize);
+        let epb = layout.entries_per_block();
+        let total = layout.meta_blocks() as u32;
+        let mut seen: HashSet<u64> = HashSet::new();
+        let mut b = 0u32;
+        while b < total {
+            let n = 256u32.min(total - b);
+            let buf = store.read_meta_blocks(b, n)?;
+            for i in 0..n * epb {
+                let slot = b * epb + i;
+                if slot as u64 >= layout.nr_lines {
+                    break;
+                }
+                let at = (i * layout.entry_size) as usize;
+                let e = codec.decode(slot, &buf[at..]).map_err(|e| {
+                    EngineError::corrupt("cache metadata is corrupt; refusing to use it", e)
+                })?;
+                let mut line = Line {
+                    tag: e.tag,
+                    epoch: e.epoch,
+                    gen: 0,
+                    valid: e.valid,
+                    dirty: e.dirty,
+                };
+                if bits::is_empty(&line.valid) {
+                    // A slot mapped but never filled is as good as free.
+                    line = Line::FREE;
+                }
+                if let Some(t) = line.tag {
+                    if t >= backend_lines {
+                        return Err(refuse(
+                            EngineErrorKind::Corrupt,
+                            format!("cache metadata is corrupt: slot {slot} maps line {t}, past the backend's end ({backend_lines} lines)"),
+                        ));
+                    }
+                    if !seen.insert(t) {
+                        return Err(refuse(
+                            EngineErrorKind::Corrupt,
+                            format!("cache metadata is corrupt: backend line {t} is mapped twice (slot {slot})"),
+                        ));
+                    }
+                }
+                lines.push(line);
+            }
+            b += n;
+        }
+        Ok(lines)
+    }
+
+    fn build_state(lines: Vec<Line>, layout: &Layout, sb_epoch: u64) -> State {
+        let mut st = State {
+            lines,
+            map: HashMap::new(),
+            evict: Box::new(LruPolicy::new()),
+            free: Vec::new(),
+            pending_free: Vec::new(),
+            releasing: HashSet::new(),
+            dirty: BTreeMap::<u64, BTreeSet<u64>>::new(),
+            dirty_lines: 0,
+            locked: HashSet::new(),
+            cur_epoch: 0,
+            applying: BTreeMap::new(),
+            meta_dirty: BTreeSet::new(),
+            drain_requests: 0,
+            stopping: false,
+            entries_per_block: layout.entries_per_block(),
+        };
+        let mut max_epoch = sb_epoch;
+        // Free slots are handed out from the end of `free`: reverse so the
+        // lowest slots are used first (a nicer layout to look at, nothing more).
+        for slot in (0..st.lines.len() as u32).rev() {
+            let l = st.lines[slot as usize];
+            match l.tag {
+                None => st.free.push(slot),
+                Some(tag) => {
+                    st.map.insert(tag, slot);
+                    if l.is_dirty() {
+                        max_epoch = max_epoch.max(l.epoch);
+                        st.dirty.entry(l.epoch).or_default().insert(tag);
+                        st.dirty_lines += 1;
+                    } else {
+                        st.evict.insert(slot);
+                    }
+                }
+            }
+        }
+        st.cur_epoch = max_epoch + 1;
+        st
+    }
+
+    fn drop_clean_in(st: &mut State) {
+        for slot in 0..st.lines.len() as u32 {
+            let l = st.lines[slot as usize];
+            if l.tag.is_none() {
+                continue;
+            }
+            if l.is_dirty() {
+                if l.valid != l.dirty {
+                    st.set_bits(slot, l.dirty, l.dirty, l.epoch, false);
+                }
+            } else {
+                st.release(slot);
+            }
+        }
+    }
+
+    pub(super) fn drop_clean_lines(&self) {
+        if let Some(c) = self.cache.as_ref() {
+            Self::drop_clean_in(&mut lock(&c.st));
+        }
+    }
+
+    /// Clean stop: write back everything (in the dirty-holding modes), persist,
+    /// and mark the cache cleanly detached. After this the engine refuses I/O.
+    pub fn shutdown(&self) -> EngineResult<()> {
+        self.detach(true)
+    }
+
+    /// Stop without writing back dirty data (for an upgrade or a handover to a
+    /// restarted server): metadata is persisted and the cache marked cleanly
+    /// detached, so the next attach keeps its data warm.
+    pub fn detach_keep_dirty(&self) -> EngineResult<()> {
+        self.detach(false)
+    }
+
+    fn detach(&self, write_back: bool) -> EngineResult<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let Some(c) = self.cache.as_ref() else {
+            return self.backend_flush();
+        };
+        if write_back {
+            self.drain()?;
+        }
+        self.stop_flusher();
+        self.backend_flush()?;
+        self.persist()?;
+        let mut sb = lock(&c.sb);
+        sb.state = SbState::Clean;
+        sb.seq += 1;
+        sb.epoch = lock(&c.st).cur_epoch;
+        sb.backend.mtime_ns = self.backend.modified_ns().unwrap_or(0);
+        write_superblock(c.dev.as_ref(), &sb)?;
+        let st = lock(&c.st);
+        info!(
+            cached_lines = st.map.len(),
+            dirty_lines = st.dirty_lines,
+            "cache detached cleanly"
+        );
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// Stop serving and stop the flusher without persisting anything: the cache
+    /// is left exactly as a crash would leave it (tests and crash harnesses).
+    pub fn abandon(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.stop_flusher();
+    }
+}

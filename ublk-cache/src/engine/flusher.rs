@@ -1,0 +1,183 @@
+//! The background flusher: writes dirty lines back to the backend, oldest epoch
+//! first, each batch followed by a backend flush before the lines count as clean.
+//! A backend that fails is retried with backoff; dirty data is never dropped.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{error, warn};
+
+use super::bits;
+use super::{lock, wait, Engine, Stats, SECTOR};
+use crate::error::EngineResult;
+use crate::format::entry::SectorBits;
+
+/// Lines written back per batch (one backend flush per batch).
+const BATCH_LINES: usize = 64;
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+struct Item {
+    tag: u64,
+    slot: u32,
+    gen: u64,
+    dirty: SectorBits,
+}
+
+impl Engine {
+    pub(super) fn start_flusher(self: &Arc<Self>) {
+        if self.cache.is_none() {
+            return;
+        }
+        let me = Arc::clone(self);
+        let h = std::thread::Builder::new()
+            .name("ublk-cache-flusher".into())
+            .spawn(move || me.flusher_loop())
+            .expect("spawning the flusher thread");
+        *lock(&self.flusher) = Some(h);
+    }
+
+    pub(super) fn stop_flusher(&self) {
+        if let Some(c) = self.cache.as_ref() {
+            lock(&c.st).stopping = true;
+            c.cv_flusher.notify_all();
+        }
+        let h = lock(&self.flusher).take();
+        if let Some(h) = h {
+            if h.join().is_err() {
+                error!("the flusher thread panicked");
+            }
+        }
+    }
+
+    fn flusher_loop(self: Arc<Self>) {
+        let c = self.cache.as_ref().expect("flusher with a cache");
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let Some(items) = self.next_batch() else {
+                return;
+            };
+            match self.write_back(&items) {
+                Ok(bytes) => {
+                    backoff = Duration::from_millis(50);
+                    Stats::add(&self.stats.writeback_bytes, bytes);
+                    let mut st = lock(&c.st);
+                    for it in &items {
+                        let l = st.lines[it.slot as usize];
+                        // Rewritten meanwhile (same epoch): leave it dirty for the next pass.
+                        if l.tag == Some(it.tag) && l.gen == it.gen {
+                            st.set_bits(it.slot, l.valid, bits::none(), 0, false);
+                        }
+                    }
+                    c.cv_progress.notify_all();
+                    c.cv_space.notify_all();
+                }
+                Err(e) => {
+                    warn!(
+                        "write-back of {} lines failed, data stays dirty in the cache; retrying in {:?}: {e}",
+                        items.len(),
+                        backoff
+                    );
+                    let st = lock(&c.st);
+                    if st.stopping {
+                        return;
+                    }
+                    drop(wait(&c.cv_flusher, st, backoff.as_millis() as u64));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    /// Wait for and lock the next batch: dirty lines of the epoch that may go
+    /// next. Returns None when the engine stops.
+    fn next_batch(&self) -> Option<Vec<Item>> {
+        let c = self.cache.as_ref()?;
+        let mut st = lock(&c.st);
+        loop {
+            if st.stopping {
+                return None;
+            }
+            let active = self.mode.writes_back_continuously() || st.drain_requests > 0;
+            let epoch = if !active {
+                None
+            } else if self.reverse_writeback_for_tests.load(Ordering::Relaxed) {
+                st.dirty.keys().next_back().copied()
+            } else {
+                self.order
+                    .next_epoch(st.oldest_dirty_epoch(), st.oldest_applying_epoch())
+            };
+            if let Some(e) = epoch {
+                let tags: Vec<u64> = st.dirty[&e]
+                    .iter()
+                    .filter(|t| !st.locked.contains(t))
+                    .take(BATCH_LINES)
+                    .copied()
+                    .collect();
+                if !tags.is_empty() {
+                    let mut items = Vec::with_capacity(tags.len());
+                    for tag in tags {
+                        let slot = st.map[&tag];
+                        let l = st.lines[slot as usize];
+                        st.locked.insert(tag);
+                        items.push(Item {
+                            tag,
+                            slot,
+                            gen: l.gen,
+                            dirty: l.dirty,
+                        });
+                    }
+                    return Some(items);
+                }
+            }
+            st = wait(&c.cv_flusher, st, 200);
+        }
+    }
+
+    /// Copy the batch's dirty sectors out of the cache (under the line locks),
+    /// write them to the backend in extents, then flush the backend.
+    fn write_back(&self, items: &[Item]) -> EngineResult<u64> {
+        let c = self.cache.as_ref().expect("flusher with a cache");
+        let ls = c.layout.line_size as u64;
+        let spl = c.layout.spl();
+        let mut extents: Vec<(u64, Vec<u8>)> = Vec::new();
+        let read = (|| {
+            for it in items {
+                for (s, e, dirty) in bits::runs(&it.dirty, 0, spl) {
+                    if !dirty {
+                        continue;
+                    }
+                    let mut buf = vec![0u8; ((e - s) as u64 * SECTOR) as usize];
+                    c.store.read(it.slot, s as u64 * SECTOR, &mut buf)?;
+                    let off = it.tag * ls + s as u64 * SECTOR;
+                    // Merge with the previous extent when contiguous on the backend.
+                    match extents.last_mut() {
+                        Some((o, b)) if *o + b.len() as u64 == off && b.len() < (4 << 20) => {
+                            b.extend_from_slice(&buf)
+                        }
+                        _ => extents.push((off, buf)),
+                    }
+                }
+            }
+            Ok(())
+        })();
+        {
+            let mut st = lock(&c.st);
+            for it in items {
+                st.locked.remove(&it.tag);
+            }
+            c.cv_locks.notify_all();
+        }
+        read.inspect_err(|_| Stats::add(&self.stats.cache_errors, 1))?;
+        let mut bytes = 0;
+        for (off, buf) in &extents {
+            self.backend.write_at(*off, buf).map_err(|e| {
+                Stats::add(&self.stats.backend_errors, 1);
+                crate::error::EngineError::backend(&format!("write-back at {off}+{}", buf.len()), e)
+            })?;
+            bytes += buf.len() as u64;
+        }
+        self.backend_flush()?;
+        Ok(bytes)
+    }
+}

@@ -1,0 +1,3 @@
+//! Frontends: what turns kernel or network requests into [`crate::target::BlockTarget`] calls.
+
+pub mod ublk;

@@ -1,0 +1,104 @@
+//! Opening what a server serves: the backend, the cache device (created if it is
+//! a new file), and exclusive locks so two servers never share either.
+
+use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use rbd_backend::{Backend, FileBackend, OpenOptions};
+
+use crate::spec::BackendSpec;
+
+/// An advisory exclusive lock held for the life of the server.
+pub struct PathLock {
+    _file: File,
+}
+
+/// Lock `path` exclusively, or say who is in the way.
+pub fn lock_path(path: &Path, what: &str) -> Result<PathLock> {
+    let file = File::open(path)
+        .with_context(|| format!("{what} {}: cannot open to lock it", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!(
+                "{what} {} is in use by another ublk-cache server (see `ublk-cache list`); refusing to share it",
+                path.display()
+            );
+        }
+        return Err(err).with_context(|| format!("{what} {}: lock failed", path.display()));
+    }
+    Ok(PathLock { _file: file })
+}
+
+pub fn open_backend(spec: &BackendSpec) -> Result<(Arc<dyn Backend>, PathLock)> {
+    let (path, want_dev) = match spec {
+        BackendSpec::File(p) => (p, false),
+        BackendSpec::Dev(p) => (p, true),
+    };
+    let meta = std::fs::metadata(path).with_context(|| format!("backend {spec}: cannot stat"))?;
+    let is_dev = meta.file_type().is_block_device();
+    if want_dev && !is_dev {
+        bail!(
+            "backend {spec}: {} is not a block device (use file: for a file)",
+            path.display()
+        );
+    }
+    if !want_dev && !meta.is_file() {
+        bail!(
+            "backend {spec}: {} is not a regular file (use dev: for a block device)",
+            path.display()
+        );
+    }
+    let lock = lock_path(path, "backend")?;
+    let b = FileBackend::open(path, OpenOptions::default())
+        .with_context(|| format!("backend {spec}"))?;
+    Ok((Arc::new(b), lock))
+}
+
+/// Open the cache, creating a file of `size` bytes if nothing is there yet.
+/// Returns whether it was created (a new file may be formatted without asking).
+pub fn open_cache(path: &Path, size: Option<u64>) -> Result<(Arc<dyn Backend>, PathLock, bool)> {
+    let created = match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => bail!("cache {}: is a directory", path.display()),
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let Some(size) = size else {
+                bail!(
+                    "cache {} does not exist; give --cache-size to create it as a file",
+                    path.display()
+                );
+            };
+            let f = FsOpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .with_context(|| format!("cache {}: cannot create", path.display()))?;
+            f.set_len(size).with_context(|| {
+                format!("cache {}: cannot size to {size} bytes", path.display())
+            })?;
+            f.sync_all()?;
+            true
+        }
+        Err(e) => return Err(e).with_context(|| format!("cache {}: cannot stat", path.display())),
+    };
+    let lock = lock_path(path, "cache")?;
+    if let (false, Some(size)) = (created, size) {
+        // A regular file that is too small is grown (sparse); a device is what it is.
+        let meta = std::fs::metadata(path)?;
+        if meta.is_file() && meta.len() < size {
+            let f = FsOpenOptions::new().write(true).open(path)?;
+            f.set_len(size).with_context(|| {
+                format!("cache {}: cannot grow to {size} bytes", path.display())
+            })?;
+        }
+    }
+    let c = FileBackend::open(path, OpenOptions::default())
+        .with_context(|| format!("cache {}", path.display()))?;
+    Ok((Arc::new(c), lock, created))
+}

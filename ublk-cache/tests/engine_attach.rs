@@ -1,0 +1,402 @@
+//! Attach, refusal, crash recovery, backpressure and backend-fault behaviour of
+//! the engine, on in-memory and fault-injecting backends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use policies::{CacheMode, WritebackOrder};
+use rbd_backend::{Backend, FaultyBackend, MemBackend, OpKind};
+use ublk_cache::target::BlockTarget;
+use ublk_cache::{Engine, EngineConfig, EngineErrorKind};
+
+const MIB: u64 = 1 << 20;
+const LINE: u32 = 64 * 1024;
+
+fn mem(size: u64) -> Arc<MemBackend> {
+    Arc::new(MemBackend::new(size as usize))
+}
+
+fn cfg(mode: CacheMode) -> EngineConfig {
+    EngineConfig {
+        mode,
+        line_size: Some(LINE),
+        ..EngineConfig::default()
+    }
+}
+
+fn open(
+    b: &Arc<MemBackend>,
+    c: &Arc<MemBackend>,
+    cfg: EngineConfig,
+) -> Result<Arc<Engine>, ublk_cache::EngineError> {
+    let b: Arc<dyn Backend> = b.clone();
+    let c: Arc<dyn Backend> = c.clone();
+    Engine::open(b, Some(c), cfg)
+}
+
+fn fill(byte: u8, len: usize) -> Vec<u8> {
+    vec![byte; len]
+}
+
+fn read(e: &Engine, off: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    e.read(off, &mut buf).expect("read");
+    buf
+}
+
+#[test]
+fn warm_restart_serves_from_the_cache() {
+    let (b, c) = (mem(8 * MIB), mem(4 * MIB));
+    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    e.write(0, &fill(0xab, 256 * 1024), false).unwrap();
+    e.shutdown().unwrap();
+    assert!(b.snapshot()[..256 * 1024] == fill(0xab, 256 * 1024)[..]);
+    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    let before = e.stats().backend_read_bytes;
+    assert!(read(&e, 0, 256 * 1024) == fill(0xab, 256 * 1024));
+    assert_eq!(
+        e.stats().backend_read_bytes,
+        before,
+        "a warm read went to the backend"
+    );
+    assert!(e.stats().read_hit_bytes >= 256 * 1024);
+    e.shutdown().unwrap();
+}
+
+#[test]
+fn flushed_writes_survive_a_crash_and_dirty_data_is_written_back_after() {
+    let (b, c) = (mem(8 * MIB), mem(4 * MIB));
+    let fb = Arc::new(FaultyBackend::builder(b.clone()).build());
+    // Keep the flusher from reaching the backend, so the data is only in the cache.
+    fb.set_read_only(true);
+    let e = Engine::open(
+        fb.clone(),
+        Some(c.clone() as Arc<dyn Backend>),
+        cfg(CacheMode::Back),
+    )
+    .unwrap();
+    e.write(MIB, &fill(1, 128 * 1024), false).unwrap();
+    e.flush().unwrap();
+    e.write(2 * MIB, &fill(2, 4096), true).unwrap();
+    e.write(3 * MIB, &fill(3, 4096), false).unwrap();
+    e.abandon();
+    assert!(
+        b.snapshot()[MIB as usize..].iter().all(|&x| x == 0),
+        "data reached the backend"
+    );
+    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    assert!(
+        read(&e, MIB, 128 * 1024) == fill(1, 128 * 1024),
+        "flushed write lost"
+    );
+    assert!(read(&e, 2 * MIB, 4096) == fill(2, 4096), "FUA write lost");
+    let unflushed = read(&e, 3 * MIB, 4096);
+    assert!(
+        unflushed == fill(3, 4096) || unflushed == fill(0, 4096),
+        "unflushed sector holds garbage"
+    );
+    e.shutdown().unwrap();
+    assert!(b.snapshot()[MIB as usize..MIB as usize + 128 * 1024] == fill(1, 128 * 1024)[..]);
+    assert!(b.snapshot()[2 * MIB as usize..2 * MIB as usize + 4096] == fill(2, 4096)[..]);
+}
+
+#[test]
+fn a_cache_of_another_backend_is_refused() {
+    let (b, c) = (mem(8 * MIB), mem(4 * MIB));
+    open(&b, &c, cfg(CacheMode::Back))
+        .unwrap()
+        .shutdown()
+        .unwrap();
+    let other = mem(16 * MIB);
+    let err = open(&other, &c, cfg(CacheMode::Back))
+        .err()
+        .expect("refused");
+    assert_eq!(err.kind(), EngineErrorKind::Mismatch);
+    assert!(err.to_string().contains("backend size was"), "{err}");
+}
+
+#[test]
+fn geometry_mismatch_is_refused_by_name() {
+    let (b, c) = (mem(8 * MIB), mem(4 * MIB));
+    open(&b, &c, cfg(CacheMode::Back))
+        .unwrap()
+        .shutdown()
+        .unwrap();
+    let mut other = cfg(CacheMode::Back);
+    other.line_size = Some(128 * 1024);
+    let err = open(&b, &c, other).err().expect("refused");
+    assert_eq!(err.kind(), EngineErrorKind::Mismatch);
+    assert!(err.to_string().contains("65536-byte lines"), "{err}");
+}
+
+#[test]
+fn corrupt_superblock_and_metadata_are_refused_not_served() {
+    let (b, c) = (mem(8 * MIB), mem(4 * MIB));
+    open(&b, &c, cfg(CacheMode::Back))
+        .unwrap()
+        .shutdown()
+        .unwrap();
+    // Both superblock copies damaged.
+    let mut raw = c.snapshot();
+    raw[100] ^= 0xff;
+    raw[4096 + 100] ^= 0xff;
+    let c2 = Arc::new(MemBackend::builder().data(raw).build());
+    let err = open(&b, &c2, cfg(CacheMode::Back)).err().expect("refused");
+    assert_eq!(err.kind(), EngineErrorKind::Corrupt);
+    assert!(err.to_string().contains("superblock"), "{err}");
+    // One metadata entry damaged.
+    let mut raw = c.snapshot();
+    raw[64 * 1024 + 40] ^= 0x01;
+    let c3 = Arc::new(MemBackend::builder().data(raw).build());
+    let err = open(&b, &c3, cfg(CacheMode::Back)).err().expect("refused");
+    assert_eq!(err.kind(), EngineErrorKind::Corrupt);
+    assert!(err.to_string().contains("line entry 1"), "{err}");
+}
+
+#[test]
+fn one_torn_superblock_copy_is_survived() {
+    let (b, c) = (mem(8 * MIB), mem(4 * MIB));
+    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    e.write(0, &fill(7, 4096), false).unwrap();
+    e.shutdown().unwrap();
+    let mut raw = c.snapshot();
+    // Whichever copy is newest, damaging one leaves the other.
+    raw[200] ^= 0xff;
+    let c2 = Arc::new(MemBackend::builder().data(raw).build());
+    let e = open(&b, &c2, cfg(CacheMode::Back)).unwrap();
+    assert!(read(&e, 0, 4096) == fill(7, 4096));
+}
+
+#[test]
+fn a_device_holding_other_data_is_not_formatted_without_asking() {
+    let b = mem(8 * MIB);
+    let mut raw = vec![0u8; 4 * MIB as usize];
+    raw[1024..1028].copy_from_slice(b"\x53\xef\x01\x00");
+    let c = Arc::new(MemBackend::builder().data(raw).build());
+    let err = open(&b, &c, cfg(CacheMode::Back)).err().expect("refused");
+    assert_eq!(err.kind(), EngineErrorKind::NotEmpty);
+    assert!(err.to_string().contains("--format"), "{err}");
+    let mut f = cfg(CacheMode::Back);
+    f.format = true;
+    open(&b, &c, f).unwrap().shutdown().unwrap();
+}
+
+#[test]
+fn offline_mode_refuses_a_cache_smaller_than_the_image() {
+    let (b, c) = (mem(8 * MIB), mem(4 * MIB));
+    let err = open(&b, &c, cfg(CacheMode::Offline))
+        .err()
+        .expect("refused");
+    assert_eq!(err.kind(), EngineErrorKind::Config);
+    assert!(err.to_string().contains("image"), "{err}");
+}
+
+#[test]
+fn backend_changed_behind_a_clean_cache_drops_clean_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let bpath = dir.path().join("backend.img");
+    std::fs::write(&bpath, vec![0u8; 4 * MIB as usize]).unwrap();
+    let c = mem(2 * MIB);
+    let open_file = || -> Arc<dyn Backend> {
+        Arc::new(
+            rbd_backend::FileBackend::open(&bpath, rbd_backend::OpenOptions::default()).unwrap(),
+        )
+    };
+    let e = Engine::open(
+        open_file(),
+        Some(c.clone() as Arc<dyn Backend>),
+        cfg(CacheMode::Back),
+    )
+    .unwrap();
+    e.write(0, &fill(5, 65536), false).unwrap();
+    assert!(read(&e, 0, 65536) == fill(5, 65536));
+    e.shutdown().unwrap();
+    // Someone else writes the image while we are detached.
+    std::thread::sleep(Duration::from_millis(20));
+    let mut raw = std::fs::read(&bpath).unwrap();
+    raw[..65536].fill(9);
+    std::fs::write(&bpath, raw).unwrap();
+    let e = Engine::open(
+        open_file(),
+        Some(c.clone() as Arc<dyn Backend>),
+        cfg(CacheMode::Back),
+    )
+    .unwrap();
+    assert!(
+        read(&e, 0, 65536) == fill(9, 65536),
+        "stale cached data was served"
+    );
+    e.shutdown().unwrap();
+}
+
+#[test]
+fn backend_changed_with_dirty_data_is_refused_naming_both_ways_forward() {
+    let dir = tempfile::tempdir().unwrap();
+    let bpath = dir.path().join("backend.img");
+    std::fs::write(&bpath, vec![0u8; 4 * MIB as usize]).unwrap();
+    let c = mem(2 * MIB);
+    let open_file = || -> Arc<dyn Backend> {
+        Arc::new(
+            rbd_backend::FileBackend::open(&bpath, rbd_backend::OpenOptions::default()).unwrap(),
+        )
+    };
+    let e = Engine::open(
+        open_file(),
+        Some(c.clone() as Arc<dyn Backend>),
+        cfg(CacheMode::Back),
+    )
+    .unwrap();
+    e.write(0, &fill(5, 65536), false).unwrap();
+    e.detach_keep_dirty().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&bpath, vec![1u8; 4 * MIB as usize]).unwrap();
+    let err = Engine::open(
+        open_file(),
+        Some(c.clone() as Arc<dyn Backend>),
+        cfg(CacheMode::Back),
+    )
+    .err()
+    .expect("refused");
+    assert_eq!(err.kind(), EngineErrorKind::DirtyData);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("--discard-dirty") && msg.contains("--accept-backend-change"),
+        "{msg}"
+    );
+    let mut accept = cfg(CacheMode::Back);
+    accept.accept_backend_change = true;
+    let e = Engine::open(open_file(), Some(c.clone() as Arc<dyn Backend>), accept).unwrap();
+    assert!(read(&e, 0, 65536) == fill(5, 65536));
+    e.shutdown().unwrap();
+    assert!(std::fs::read(&bpath).unwrap()[..65536] == fill(5, 65536)[..]);
+}
+
+#[test]
+fn full_cache_of_dirty_data_applies_backpressure_instead_of_failing() {
+    let b = mem(32 * MIB);
+    let slow = Arc::new(
+        FaultyBackend::builder(b.clone())
+            .write_delay(Duration::from_millis(2))
+            .build(),
+    );
+    // 16 lines of 64 KiB: 1 MiB of cache for a 32 MiB disk.
+    let c = mem(2 * MIB);
+    let e = Engine::open(slow, Some(c as Arc<dyn Backend>), cfg(CacheMode::Back)).unwrap();
+    let chunk = 256 * 1024;
+    for i in 0..16u64 {
+        e.write(i * chunk as u64, &fill(i as u8 + 1, chunk), false)
+            .unwrap();
+    }
+    e.shutdown().unwrap();
+    let snap = b.snapshot();
+    for i in 0..16usize {
+        assert!(
+            snap[i * chunk..(i + 1) * chunk]
+                .iter()
+                .all(|&x| x == i as u8 + 1),
+            "chunk {i}"
+        );
+    }
+}
+
+#[test]
+fn write_back_keeps_data_dirty_while_the_backend_refuses_and_resumes_after() {
+    let b = mem(8 * MIB);
+    let fb = Arc::new(FaultyBackend::builder(b.clone()).build());
+    fb.set_read_only(true);
+    let c = mem(4 * MIB);
+    let e = Engine::open(
+        fb.clone(),
+        Some(c as Arc<dyn Backend>),
+        cfg(CacheMode::Back),
+    )
+    .unwrap();
+    e.write(0, &fill(4, 65536), false).unwrap();
+    e.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(e.stats().backend_errors > 0, "the flusher never tried");
+    assert_eq!(
+        e.stats().dirty_lines,
+        1,
+        "dirty data dropped after a refused write-back"
+    );
+    assert!(read(&e, 0, 65536) == fill(4, 65536));
+    fb.set_read_only(false);
+    e.shutdown().unwrap();
+    assert!(b.snapshot()[..65536] == fill(4, 65536)[..]);
+}
+
+#[test]
+fn through_mode_reports_backend_errors_to_the_guest() {
+    let b = mem(8 * MIB);
+    let fb = Arc::new(FaultyBackend::builder(b.clone()).build());
+    let c = mem(4 * MIB);
+    let e = Engine::open(
+        fb.clone(),
+        Some(c as Arc<dyn Backend>),
+        cfg(CacheMode::Through),
+    )
+    .unwrap();
+    e.write(0, &fill(1, 8192), false).unwrap();
+    fb.fail_next(OpKind::Write, 1, libc::EIO);
+    let err = e.write(0, &fill(2, 8192), false).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+    // The failed range was dropped from the cache: reads show what the backend holds.
+    assert!(read(&e, 0, 8192) == b.snapshot()[..8192].to_vec());
+}
+
+#[test]
+fn concurrent_writers_and_readers_on_disjoint_ranges() {
+    for mode in [CacheMode::Back, CacheMode::Through, CacheMode::Around] {
+        let b = mem(16 * MIB);
+        let c = mem(3 * MIB);
+        let e = open(&b, &c, cfg(mode)).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..6u64 {
+                let e = &e;
+                s.spawn(move || {
+                    let base = t * 2 * MIB;
+                    for round in 0..40u64 {
+                        let off = base + (round * 37 % 64) * 16384;
+                        let data = fill((t * 40 + round) as u8, 12288);
+                        e.write(off, &data, round % 9 == 0).unwrap();
+                        if round % 5 == 0 {
+                            e.flush().unwrap();
+                        }
+                        assert!(read(e, off, 12288) == data, "mode {mode} thread {t}");
+                    }
+                });
+            }
+        });
+        e.shutdown().unwrap();
+        let e = open(&b, &c, cfg(mode)).unwrap();
+        for t in 0..6u64 {
+            let off = t * 2 * MIB + (39 * 37 % 64) * 16384;
+            assert!(
+                read(&e, off, 12288) == fill((t * 40 + 39) as u8, 12288),
+                "mode {mode}"
+            );
+        }
+        e.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn relaxed_and_ordered_orders_both_reach_the_same_final_state() {
+    for order in [WritebackOrder::Ordered, WritebackOrder::Relaxed] {
+        let (b, c) = (mem(4 * MIB), mem(2 * MIB));
+        let mut conf = cfg(CacheMode::Back);
+        conf.order = order;
+        let e = open(&b, &c, conf).unwrap();
+        for i in 0..50u8 {
+            e.write((i as u64 % 7) * 65536, &fill(i, 65536), false)
+                .unwrap();
+            e.flush().unwrap();
+        }
+        e.shutdown().unwrap();
+        for k in 0..7u64 {
+            let last = (0..50u8).filter(|i| *i as u64 % 7 == k).max().unwrap();
+            assert_eq!(b.snapshot()[(k * 65536) as usize], last, "{order}");
+        }
+    }
+}
