@@ -32,9 +32,12 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("UBLK_CACHE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // `init` also routes the `log` records of libublk into tracing.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes would break the drivers' and tests' greps of the log.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

@@ -268,6 +268,7 @@ fn device_info_from(info: &sys::ublksrv_ctrl_dev_info, size: u64) -> DeviceInfo 
         cdev: PathBuf::from(format!("/dev/ublkc{}", info.dev_id)),
         state: DeviceState::from_raw(info.state),
         daemon_pid: pid,
+        // SAFETY: kill with signal 0 only checks that the process exists.
         daemon_alive: pid > 0 && unsafe { libc::kill(pid, 0) } == 0,
         queues: info.nr_hw_queues,
         depth: info.queue_depth,
@@ -631,6 +632,7 @@ impl QueueShared {
         let (done_tx, done_rx) = crossbeam_channel::unbounded();
         Ok(Self {
             qid,
+            // SAFETY: fd is a fresh, valid eventfd that nothing else owns.
             efd: unsafe { OwnedFd::from_raw_fd(fd) },
             efd_buf: Box::new(std::cell::UnsafeCell::new(0)),
             done_tx,
@@ -644,6 +646,7 @@ impl QueueShared {
     pub(crate) fn kick(&self) {
         let one: u64 = 1;
         // EAGAIN only if the counter is about to overflow, i.e. a wakeup is pending anyway.
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
         let _ = unsafe { libc::write(self.efd.as_raw_fd(), &one as *const u64 as *const _, 8) };
     }
 
@@ -1032,6 +1035,7 @@ pub fn recover(
         }
         DeviceState::Live => {
             let pid = info.ublksrv_pid;
+            // SAFETY: kill with signal 0 only checks that the process exists.
             if pid > 0 && unsafe { libc::kill(pid, 0) } == 0 && pid != std::process::id() as i32 {
                 return Err(not(format!("it is LIVE and served by running pid {pid}")));
             }
@@ -1697,6 +1701,7 @@ mod tests {
 
     fn read_eventfd(q: &QueueShared) -> u64 {
         let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a live u64 from an eventfd we own.
         let n = unsafe { libc::read(q.efd.as_raw_fd(), &mut v as *mut u64 as *mut _, 8) };
         assert_eq!(n, 8);
         v
@@ -1714,6 +1719,7 @@ mod tests {
             })
             .collect();
         // tag 1: write pattern through its buffer
+        // SAFETY: tag 1's buffer is at least 8192 bytes and no other thread uses it in this test.
         unsafe { std::ptr::write_bytes(q.buf_ptr(1), 0xab, 8192) };
         for (tag, req) in [
             (
@@ -1771,6 +1777,7 @@ mod tests {
         .unwrap();
         let _ = read_eventfd(&q);
         assert_eq!(q.done_rx.recv().unwrap(), (0, 8192));
+        // SAFETY: tag 0's buffer is at least 8192 bytes and no other thread uses it in this test.
         let b0 = unsafe { std::slice::from_raw_parts(q.buf_ptr(0), 8192) };
         assert!(b0.iter().all(|&b| b == 0xab));
         drop(tx);
