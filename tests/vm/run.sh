@@ -127,7 +127,9 @@ i=0
 while IFS= read -r s; do
     [[ -n $s ]] || continue
     safe_path "$s"
-    case $s in /|/usr|/usr/*|/etc|/etc/*|/proc*|/sys*|/dev*|/tmp*|/run*)
+    # /tmp and /run are guest tmpfs; a directory below them (a CI clone in
+    # /tmp/xyz) is mounted on a mount point made inside that tmpfs.
+    case $s in /|/usr|/usr/*|/etc|/etc/*|/proc*|/sys*|/dev*|/tmp|/run|/dev/shm*)
         die "--share $s: overlaps a directory the guest provides itself" ;;
     esac
     virtfs "s$i" "$s" ro
