@@ -4,7 +4,9 @@
 #  - every mode: fio random write + crc32c verify over a device 8x the cache
 #    size, so eviction and (in back) write-back and backpressure run;
 #  - ext4: mkfs, files, checksums; clean stop; warm serve; checksums again;
-#  - back: after a clean stop the backend disk alone holds what the guest saw.
+#  - back: after a clean stop the backend disk alone holds what the guest saw;
+#  - the CLI refuses a missing backend, a busy or foreign cache, a changed
+#    cache size and a device holding other data, naming the problem.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -67,9 +69,36 @@ backend_exact_after_stop() {
     [[ $seen == "$after" ]] || { bad "the backend differs from what the guest saw"; return 1; }
 }
 
+# expect_refusal TEXT CMD...: CMD must fail and its stderr must contain TEXT.
+expect_refusal() {
+    local want=$1; shift
+    local out
+    if out=$("$@" 2>&1 >/dev/null); then bad "accepted: $*"; return 1; fi
+    grep -qF -- "$want" <<<"$out" || { bad "'$*' did not say '$want': $out"; return 1; }
+    echo "refused as expected: $(grep -F -- "$want" <<<"$out" | head -n1)"
+}
+
+cli_errors() {
+    wipe_cache "$C"
+    expect_refusal "cannot stat" "$BIN" serve --backend file:/nonexistent.img --cache "$C"
+    expect_refusal "needs --cache" "$BIN" serve --backend "dev:$B" --mode back
+    start_server server-cli.log --backend "dev:$B" --cache "$C" --cache-size "$CACHE_SIZE" --mode back
+    "$BIN" list --json | grep -qF "\"device\": \"$DEV\"" || { bad "list --json does not show $DEV"; return 1; }
+    "$BIN" list
+    expect_refusal "in use by another ublk-cache server" "$BIN" serve --backend "dev:$B" --cache "$C"
+    stop_server
+    truncate -s 64M /tmp/other.img
+    expect_refusal "belongs to another backend" "$BIN" serve --backend file:/tmp/other.img --cache "$C"
+    expect_refusal "was formatted with a size of" "$BIN" serve --backend "dev:$B" --cache "$C" --cache-size 16M
+    mkfs.ext4 -q -F "$C"
+    expect_refusal "--format" "$BIN" serve --backend "dev:$B" --cache "$C" --cache-size "$CACHE_SIZE"
+    wipe_cache "$C"
+}
+
 for mode in none around through back; do
     run_case "fio-verify-$mode" fio_verify "$mode"
 done
 run_case ext4-warm-restart ext4_warm_restart
 run_case backend-exact-after-stop backend_exact_after_stop
+run_case cli-errors cli_errors
 summary vm-core

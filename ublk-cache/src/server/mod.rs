@@ -24,6 +24,15 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
         Some(ls) => Some(ls as u32),
         None => None,
     };
+    if args.mode == policies::CacheMode::Offline {
+        // Offline mode needs whole-image hydration at start and write-back of only
+        // the dirty extents at stop; until that exists, refuse rather than serve a
+        // mode that does not do what its name promises.
+        anyhow::bail!(
+            "--mode offline is not available in this version (whole-image hydration is not built yet); \
+             use --mode back"
+        );
+    }
     if args.mode.uses_cache() && args.cache.is_none() {
         anyhow::bail!("--mode {} needs --cache", args.mode);
     }
