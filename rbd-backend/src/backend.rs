@@ -24,6 +24,16 @@ pub struct BackendIdentity {
     pub fingerprint: String,
 }
 
+/// The answer to "what changed on the backend since the cache detached?".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendChanges {
+    Unchanged,
+    /// These byte ranges (offset, length) may have changed.
+    Ranges(Vec<(u64, u64)>),
+    /// Something may have changed anywhere.
+    Unknown,
+}
+
 pub trait Backend: Send + Sync {
     /// Size in bytes. Requests never reach past it.
     fn size(&self) -> u64;
@@ -40,6 +50,22 @@ pub trait Backend: Send + Sync {
     /// behind the cache's back.
     fn modified_ns(&self) -> Option<u64> {
         None
+    }
+
+    /// A token that identifies the backend's current content, recorded by the
+    /// cache at clean detach (after its last flush). `None`: the backend cannot
+    /// tell, and writes made behind a detached cache go unnoticed.
+    fn change_marker(&self) -> Result<Option<String>> {
+        Ok(self.modified_ns().map(|ns| format!("mtime:{ns}")))
+    }
+
+    /// What changed since `marker` was taken. Backends that can name the changed
+    /// ranges (an RBD snapshot diff) return them; the default compares markers.
+    fn changes_since(&self, marker: &str) -> Result<BackendChanges> {
+        Ok(match self.change_marker()? {
+            Some(m) if m == marker => BackendChanges::Unchanged,
+            _ => BackendChanges::Unknown,
+        })
     }
 
     /// Read `buf.len()` bytes at `offset`. Short reads are errors, not partial data.
@@ -75,6 +101,12 @@ macro_rules! forward_backend {
             }
             fn modified_ns(&self) -> Option<u64> {
                 (**self).modified_ns()
+            }
+            fn change_marker(&self) -> Result<Option<String>> {
+                (**self).change_marker()
+            }
+            fn changes_since(&self, marker: &str) -> Result<BackendChanges> {
+                (**self).changes_since(marker)
             }
             fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
                 (**self).read_at(offset, buf)

@@ -315,6 +315,14 @@ impl<B: Backend> Backend for FaultyBackend<B> {
         self.inner.modified_ns()
     }
 
+    fn change_marker(&self) -> Result<Option<String>> {
+        self.inner.change_marker()
+    }
+
+    fn changes_since(&self, marker: &str) -> Result<crate::BackendChanges> {
+        self.inner.changes_since(marker)
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
         self.before(OpKind::Read, offset, len)?;

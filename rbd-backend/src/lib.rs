@@ -12,7 +12,7 @@ pub mod mem;
 mod sys;
 
 pub use aligned::AlignedBuf;
-pub use backend::{Backend, BackendIdentity};
+pub use backend::{Backend, BackendChanges, BackendIdentity};
 pub use error::{BackendError, ErrorKind, Result};
 pub use fault::{FaultStats, FaultyBackend, FaultyBackendBuilder, OpKind};
 pub use file::{FileBackend, FileKind, OpenOptions};

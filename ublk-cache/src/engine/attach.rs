@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use policies::{CacheMode, LruPolicy, WritebackOrder};
-use rbd_backend::Backend;
+use rbd_backend::{Backend, BackendChanges};
 use tracing::{info, warn};
 
 use super::state::{Line, State};
@@ -65,7 +65,7 @@ fn backend_record(b: &dyn Backend) -> BackendRecord {
         name: id.name,
         size: id.size,
         fingerprint: id.fingerprint,
-        mtime_ns: 0,
+        change_marker: String::new(),
     }
 }
 
@@ -192,19 +192,41 @@ impl Engine {
         let mut state = Self::build_state(lines, &layout, sb.epoch);
         let dirty = state.dirty_lines;
         let clean_detach = sb.state == SbState::Clean;
-        let backend_mtime = backend.modified_ns().unwrap_or(0);
-        let changed_behind_us =
-            clean_detach && sb.backend.mtime_ns != 0 && sb.backend.mtime_ns != backend_mtime;
-        if changed_behind_us && dirty > 0 && !cfg.discard_dirty && !cfg.accept_backend_change {
-            return Err(refuse(
-                EngineErrorKind::DirtyData,
-                format!(
-                    "the backend was modified since this cache detached, and the cache holds {dirty} dirty lines. \
-                     Either write them back anyway (serve with --accept-backend-change; the backend's newer data \
-                     in those ranges is overwritten), or drop them (serve with --discard-dirty; the writes they \
-                     hold are lost)"
-                ),
-            ));
+        // Only a clean detach recorded a marker; after a crash our own unfinished
+        // writes changed the backend anyway, and dirty data must win.
+        let changes = if clean_detach && !sb.backend.change_marker.is_empty() {
+            backend
+                .changes_since(&sb.backend.change_marker)
+                .map_err(|e| EngineError::backend("change check", e))?
+        } else {
+            BackendChanges::Unchanged
+        };
+        let changed_ranges: Option<Vec<(u64, u64)>> = match &changes {
+            BackendChanges::Unchanged => None,
+            BackendChanges::Ranges(r) => Some(r.clone()),
+            BackendChanges::Unknown => Some(vec![(0, backend.size())]),
+        };
+        if let Some(ranges) = &changed_ranges {
+            let ls = layout.line_size as u64;
+            let dirty_hit = state.lines.iter().any(|l| {
+                l.is_dirty()
+                    && l.tag.is_some_and(|t| {
+                        ranges
+                            .iter()
+                            .any(|&(o, n)| t * ls < o.saturating_add(n) && o < (t + 1) * ls)
+                    })
+            });
+            if dirty_hit && !cfg.discard_dirty && !cfg.accept_backend_change {
+                return Err(refuse(
+                    EngineErrorKind::DirtyData,
+                    format!(
+                        "the backend was modified since this cache detached, and the cache holds dirty data \
+                         ({dirty} lines) for changed ranges. Either write it back anyway (serve with \
+                         --accept-backend-change; the backend's newer data in those ranges is overwritten), or \
+                         drop it (serve with --discard-dirty; the writes it holds are lost)"
+                    ),
+                ));
+            }
         }
         if cfg.discard_dirty && dirty > 0 {
             warn!(
@@ -230,9 +252,12 @@ impl Engine {
                 "the cache was not detached cleanly (crash or kill): keeping dirty data, dropping clean data"
             );
             Self::drop_clean_in(&mut state);
-        } else if changed_behind_us {
-            warn!("the backend was modified since this cache detached: dropping all clean cached data");
-            Self::drop_clean_in(&mut state);
+        } else if let Some(ranges) = &changed_ranges {
+            warn!(
+                ranges = ranges.len(),
+                "the backend was modified since this cache detached: dropping clean cached data of the changed ranges"
+            );
+            Self::drop_clean_ranges(&mut state, layout.line_size as u64, ranges);
         }
         let mut sb = sb;
         sb.state = SbState::Active;
@@ -500,10 +525,26 @@ impl Engine {
         st
     }
 
+    /// Drop clean data of every line; dirty lines keep their dirty sectors only.
     fn drop_clean_in(st: &mut State) {
+        Self::drop_clean_where(st, |_| true);
+    }
+
+    /// Drop clean data of lines overlapping `ranges` (the caller has decided
+    /// that dirty data wins over the backend's changes).
+    fn drop_clean_ranges(st: &mut State, line_size: u64, ranges: &[(u64, u64)]) {
+        Self::drop_clean_where(st, |t| {
+            ranges
+                .iter()
+                .any(|&(o, n)| t * line_size < o.saturating_add(n) && o < (t + 1) * line_size)
+        });
+    }
+
+    fn drop_clean_where(st: &mut State, hit: impl Fn(u64) -> bool) {
         for slot in 0..st.lines.len() as u32 {
             let l = st.lines[slot as usize];
-            if l.tag.is_none() {
+            let Some(t) = l.tag else { continue };
+            if !hit(t) {
                 continue;
             }
             if l.is_dirty() {
@@ -552,7 +593,11 @@ impl Engine {
         sb.state = SbState::Clean;
         sb.seq += 1;
         sb.epoch = lock(&c.st).cur_epoch;
-        sb.backend.mtime_ns = self.backend.modified_ns().unwrap_or(0);
+        sb.backend.change_marker = self
+            .backend
+            .change_marker()
+            .map_err(|e| EngineError::backend("change marker", e))?
+            .unwrap_or_default();
         write_superblock(c.dev.as_ref(), &sb)?;
         let st = lock(&c.st);
         info!(

@@ -17,8 +17,9 @@ pub const KNOWN_INCOMPAT: u32 = 0;
 const KIND_CAP: usize = 16;
 const NAME_CAP: usize = 1024;
 const FP_CAP: usize = 256;
+const MARKER_CAP: usize = 256;
 /// Encoded length before the checksum; every field is fixed-size.
-const BODY_LEN: usize = 120 + KIND_CAP + NAME_CAP + 8 + FP_CAP + 8;
+const BODY_LEN: usize = 120 + KIND_CAP + NAME_CAP + 8 + FP_CAP + MARKER_CAP;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SbState {
@@ -56,10 +57,10 @@ pub struct BackendRecord {
     pub name: String,
     pub size: u64,
     pub fingerprint: String,
-    /// Backend modification time (ns) after our last flush at clean detach; 0 if
-    /// the backend has no such notion. A differing value at attach means the
-    /// backend was written behind our back.
-    pub mtime_ns: u64,
+    /// The backend's change marker taken after our last flush at clean detach
+    /// (an mtime, an RBD snapshot); empty if the backend has none. Compared at
+    /// attach to find writes made behind our back.
+    pub change_marker: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +106,7 @@ impl Superblock {
         e.fixed_str(&self.backend.name, NAME_CAP);
         e.u64(self.backend.size);
         e.fixed_str(&self.backend.fingerprint, FP_CAP);
-        e.u64(self.backend.mtime_ns);
+        e.fixed_str(&self.backend.change_marker, MARKER_CAP);
         let end = e.pos();
         debug_assert_eq!(end, BODY_LEN);
         let crc = crc32c::crc32c(&buf[..end]);
@@ -141,7 +142,7 @@ impl Superblock {
         let name = d.fixed_str(NAME_CAP, "backend name")?;
         let bsize = d.u64()?;
         let fingerprint = d.fixed_str(FP_CAP, "backend fingerprint")?;
-        let mtime_ns = d.u64()?;
+        let change_marker = d.fixed_str(MARKER_CAP, "backend change marker")?;
         let end = d.pos();
         debug_assert_eq!(end, BODY_LEN);
         let stored = d.u32()?;
@@ -192,7 +193,7 @@ impl Superblock {
                 name,
                 size: bsize,
                 fingerprint,
-                mtime_ns,
+                change_marker,
             },
         })
     }
@@ -250,7 +251,7 @@ mod tests {
                 name: "/var/lib/one/disk.0".into(),
                 size: 1 << 30,
                 fingerprint: "dev=2049,ino=12".into(),
-                mtime_ns: 123,
+                change_marker: "mtime:123".into(),
             },
         }
     }
