@@ -11,7 +11,7 @@ cd "$REPO"
 "$HERE/setup.sh"
 cargo build --release -p ublk-cache
 suites=("$@")
-((${#suites[@]})) || suites=(core)
+((${#suites[@]})) || suites=(core recovery)
 
 rc=0
 for s in "${suites[@]}"; do

@@ -44,6 +44,26 @@ fn read(e: &Engine, off: u64, len: usize) -> Vec<u8> {
     buf
 }
 
+/// A back-mode engine whose backend refuses writes, so that written data stays
+/// only in the cache (dirty) until the test lets the flusher through.
+fn back_engine_backend_refusing() -> (
+    Arc<MemBackend>,
+    Arc<MemBackend>,
+    Arc<FaultyBackend<Arc<MemBackend>>>,
+    Arc<Engine>,
+) {
+    let (b, c) = (mem(8 * MIB), mem(4 * MIB));
+    let fb = Arc::new(FaultyBackend::builder(b.clone()).build());
+    fb.set_read_only(true);
+    let e = Engine::open(
+        fb.clone(),
+        Some(c.clone() as Arc<dyn Backend>),
+        cfg(CacheMode::Back),
+    )
+    .unwrap();
+    (b, c, fb, e)
+}
+
 #[test]
 fn warm_restart_serves_from_the_cache() {
     let (b, c) = (mem(8 * MIB), mem(4 * MIB));
@@ -64,22 +84,15 @@ fn warm_restart_serves_from_the_cache() {
 }
 
 #[test]
-fn flushed_writes_survive_a_crash_and_dirty_data_is_written_back_after() {
-    let (b, c) = (mem(8 * MIB), mem(4 * MIB));
-    let fb = Arc::new(FaultyBackend::builder(b.clone()).build());
-    // Keep the flusher from reaching the backend, so the data is only in the cache.
-    fb.set_read_only(true);
-    let e = Engine::open(
-        fb.clone(),
-        Some(c.clone() as Arc<dyn Backend>),
-        cfg(CacheMode::Back),
-    )
-    .unwrap();
+fn flushed_writes_survive_a_power_cut_and_dirty_data_is_written_back_after() {
+    let (b, c, _fb, e) = back_engine_backend_refusing();
     e.write(MIB, &fill(1, 128 * 1024), false).unwrap();
     e.flush().unwrap();
     e.write(2 * MIB, &fill(2, 4096), true).unwrap();
     e.write(3 * MIB, &fill(3, 4096), false).unwrap();
     e.abandon();
+    // A power cut also loses the tmpfs crash shadow.
+    e.forget_crash_shadow();
     assert!(
         b.snapshot()[MIB as usize..].iter().all(|&x| x == 0),
         "data reached the backend"
@@ -477,5 +490,51 @@ fn changed_ranges_reported_by_the_backend_drop_only_those_lines() {
     );
     // The unreported line is still cached (this proves only the reported range was dropped).
     assert!(read(&e, MIB, 65536) == fill(2, 65536));
+    e.shutdown().unwrap();
+}
+
+#[test]
+fn a_daemon_crash_keeps_every_acknowledged_write_and_the_warm_cache() {
+    let (b, c, fb, e) = back_engine_backend_refusing();
+    // Written and acknowledged, never flushed: only the shadow knows.
+    e.write(MIB, &fill(1, 128 * 1024), false).unwrap();
+    e.write(2 * MIB + 512, &fill(2, 1024), false).unwrap();
+    e.abandon();
+    fb.set_read_only(false);
+    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    let before = e.stats().backend_read_bytes;
+    assert!(
+        read(&e, MIB, 128 * 1024) == fill(1, 128 * 1024),
+        "acknowledged write lost in a daemon crash"
+    );
+    assert!(read(&e, 2 * MIB + 512, 1024) == fill(2, 1024));
+    assert_eq!(
+        e.stats().backend_read_bytes,
+        before,
+        "recovered lines were not served from the cache"
+    );
+    e.shutdown().unwrap();
+    assert!(b.snapshot()[MIB as usize..MIB as usize + 128 * 1024] == fill(1, 128 * 1024)[..]);
+}
+
+#[test]
+fn a_shadow_left_by_another_attach_is_not_trusted() {
+    let (b, c) = (mem(8 * MIB), mem(4 * MIB));
+    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    e.write(0, &fill(1, 4096), false).unwrap();
+    e.flush().unwrap();
+    e.abandon();
+    // A second crash of a later attach whose shadow is gone: the first shadow
+    // must not come back to life.
+    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    e.write(0, &fill(2, 4096), false).unwrap();
+    e.flush().unwrap();
+    e.abandon();
+    e.forget_crash_shadow();
+    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    assert!(
+        read(&e, 0, 4096) == fill(2, 4096),
+        "old shadow or stale table used"
+    );
     e.shutdown().unwrap();
 }

@@ -9,13 +9,15 @@ use policies::{CacheMode, LruPolicy, WritebackOrder};
 use rbd_backend::{Backend, BackendChanges};
 use tracing::{info, warn};
 
+use super::persist::{encode_block, write_blocks};
+use super::shadow::{shadow_dir, Shadow, SHADOW_DIR_ENV};
 use super::state::{Line, State};
 use super::store::{read_superblock, write_superblock, CacheStore};
 use super::{bits, lock, Cache, Engine, Stats};
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
 use crate::format::superblock::BackendRecord;
 use crate::format::{
-    EntryCodec, FormatError, Layout, SbState, Superblock, META_BLOCK, SECTOR_SIZE,
+    EntryCodec, FormatError, Layout, LineEntry, SbState, Superblock, META_BLOCK, SECTOR_SIZE,
 };
 
 #[derive(Debug, Clone)]
@@ -188,7 +190,34 @@ impl Engine {
         let codec = EntryCodec::new(layout.entry_size, layout.spl(), &sb.uuid);
         let store = CacheStore::new(Arc::clone(&dev), layout);
         let backend_lines = backend.size().div_ceil(layout.line_size as u64);
-        let lines = Self::load_entries(&store, &codec, &layout, backend_lines)?;
+        let mut lines = Self::lines_from_entries(
+            Self::load_entries(&store, &codec, &layout)?,
+            backend_lines,
+            "cache metadata",
+        )?;
+        // After a daemon crash (not a power cut) the shadow holds every entry
+        // change up to the last acknowledged request.
+        let mut from_shadow = false;
+        if sb.state == SbState::Active {
+            match Shadow::load(&sb.uuid, sb.attach_gen, &layout, &codec) {
+                Ok(Some(entries)) => {
+                    lines = Self::lines_from_entries(entries, backend_lines, "the crash shadow")?;
+                    from_shadow = true;
+                }
+                Ok(None) => {}
+                Err(why) => warn!(
+                    "crash shadow not used ({why}); using the on-disk table of the last flush"
+                ),
+            }
+        }
+        if from_shadow {
+            // Make the disk agree with the shadow before anything else: the shadow
+            // is replaced below, and free slots must be durably free before reuse.
+            let blocks: Vec<(u32, Vec<u8>)> = (0..layout.meta_blocks() as u32)
+                .map(|b| (b, encode_block(&codec, &layout, &lines, b)))
+                .collect();
+            write_blocks(&store, &blocks)?;
+        }
         let mut state = Self::build_state(lines, &layout, sb.epoch);
         let dirty = state.dirty_lines;
         let clean_detach = sb.state == SbState::Clean;
@@ -246,10 +275,16 @@ impl Engine {
                 }
             }
         }
-        if !clean_detach {
+        if from_shadow {
+            info!(
+                dirty_lines = state.dirty_lines,
+                "recovering from a daemon crash with the crash shadow: every acknowledged write is kept"
+            );
+        } else if !clean_detach {
             warn!(
                 dirty_lines = state.dirty_lines,
-                "the cache was not detached cleanly (crash or kill): keeping dirty data, dropping clean data"
+                "the cache was not detached cleanly and no crash shadow is left (power cut?): keeping dirty data \
+                 from the last flush, dropping clean data"
             );
             Self::drop_clean_in(&mut state);
         } else if let Some(ranges) = &changed_ranges {
@@ -260,6 +295,28 @@ impl Engine {
             Self::drop_clean_ranges(&mut state, layout.line_size as u64, ranges);
         }
         let mut sb = sb;
+        let shadow = Shadow::create(
+            &sb.uuid,
+            sb.attach_gen + 1,
+            &layout,
+            codec,
+            state.lines.iter().map(Line::entry),
+        );
+        match shadow {
+            Ok(sh) => state.shadow = Some(sh),
+            Err(e) if cfg.mode.holds_dirty() => {
+                return Err(refuse(
+                    EngineErrorKind::Config,
+                    format!(
+                        "cannot create the crash shadow in {} ({e}); in {} mode it is what keeps acknowledged \
+                         writes across a daemon crash. Point {SHADOW_DIR_ENV} at a writable tmpfs directory",
+                        shadow_dir().display(),
+                        cfg.mode
+                    ),
+                ))
+            }
+            Err(e) => warn!("no crash shadow ({e}); clean cached data is dropped after a daemon crash"),
+        }
         sb.state = SbState::Active;
         sb.seq += 1;
         sb.attach_gen += 1;
@@ -427,18 +484,16 @@ impl Engine {
         Ok(sb)
     }
 
-    /// Read and check every entry. Any bad entry refuses the whole cache: a
+    /// Read and decode every entry. Any bad entry refuses the whole cache: a
     /// partly trusted map could serve stale data or lose dirty data.
     fn load_entries(
         store: &CacheStore,
         codec: &EntryCodec,
         layout: &Layout,
-        backend_lines: u64,
-    ) -> EngineResult<Vec<Line>> {
-        let mut lines = Vec::with_capacity(layout.nr_lines as usize);
+    ) -> EngineResult<Vec<LineEntry>> {
+        let mut out = Vec::with_capacity(layout.nr_lines as usize);
         let epb = layout.entries_per_block();
         let total = layout.meta_blocks() as u32;
-        let mut seen: HashSet<u64> = HashSet::new();
         let mut b = 0u32;
         while b < total {
             let n = 256u32.min(total - b);
@@ -449,37 +504,53 @@ impl Engine {
                     break;
                 }
                 let at = (i * layout.entry_size) as usize;
-                let e = codec.decode(slot, &buf[at..]).map_err(|e| {
+                out.push(codec.decode(slot, &buf[at..]).map_err(|e| {
                     EngineError::corrupt("cache metadata is corrupt; refusing to use it", e)
-                })?;
-                let mut line = Line {
-                    tag: e.tag,
-                    epoch: e.epoch,
-                    gen: 0,
-                    valid: e.valid,
-                    dirty: e.dirty,
-                };
-                if bits::is_empty(&line.valid) {
-                    // A slot mapped but never filled is as good as free.
-                    line = Line::FREE;
-                }
-                if let Some(t) = line.tag {
-                    if t >= backend_lines {
-                        return Err(refuse(
-                            EngineErrorKind::Corrupt,
-                            format!("cache metadata is corrupt: slot {slot} maps line {t}, past the backend's end ({backend_lines} lines)"),
-                        ));
-                    }
-                    if !seen.insert(t) {
-                        return Err(refuse(
-                            EngineErrorKind::Corrupt,
-                            format!("cache metadata is corrupt: backend line {t} is mapped twice (slot {slot})"),
-                        ));
-                    }
-                }
-                lines.push(line);
+                })?);
             }
             b += n;
+        }
+        Ok(out)
+    }
+
+    /// Turn entries into lines, checking what a checksum cannot: every mapped
+    /// line lies inside the backend and is mapped once.
+    fn lines_from_entries(
+        entries: Vec<LineEntry>,
+        backend_lines: u64,
+        source: &str,
+    ) -> EngineResult<Vec<Line>> {
+        let mut seen: HashSet<u64> = HashSet::new();
+        let mut lines = Vec::with_capacity(entries.len());
+        for (slot, e) in entries.into_iter().enumerate() {
+            let mut line = Line {
+                tag: e.tag,
+                epoch: e.epoch,
+                gen: 0,
+                valid: e.valid,
+                dirty: e.dirty,
+            };
+            if bits::is_empty(&line.valid) {
+                // A slot mapped but never filled is as good as free.
+                line = Line::FREE;
+            }
+            if let Some(t) = line.tag {
+                if t >= backend_lines {
+                    return Err(refuse(
+                        EngineErrorKind::Corrupt,
+                        format!("{source} is corrupt: slot {slot} maps line {t}, past the backend's end ({backend_lines} lines)"),
+                    ));
+                }
+                if !seen.insert(t) {
+                    return Err(refuse(
+                        EngineErrorKind::Corrupt,
+                        format!(
+                            "{source} is corrupt: backend line {t} is mapped twice (slot {slot})"
+                        ),
+                    ));
+                }
+            }
+            lines.push(line);
         }
         Ok(lines)
     }
@@ -501,6 +572,7 @@ impl Engine {
             drain_requests: 0,
             stopping: false,
             entries_per_block: layout.entries_per_block(),
+            shadow: None,
         };
         let mut max_epoch = sb_epoch;
         // Free slots are handed out from the end of `free`: reverse so the
@@ -615,5 +687,14 @@ impl Engine {
     pub fn abandon(&self) {
         self.closed.store(true, Ordering::Release);
         self.stop_flusher();
+    }
+
+    /// Delete the crash shadow, as a host reboot does: after `abandon`, the next
+    /// attach then recovers as after a power cut (tests and crash harnesses).
+    pub fn forget_crash_shadow(&self) {
+        if let Some(c) = self.cache.as_ref() {
+            lock(&c.st).shadow = None;
+            Shadow::remove_for(&lock(&c.sb).uuid);
+        }
     }
 }

@@ -417,6 +417,12 @@ impl Engine {
         })?;
         if let Some(c) = self.cache.as_ref() {
             self.invalidate_range(c, offset, len);
+            // In the dirty-holding modes a guest FLUSH does not reach the backend,
+            // so the backend must hold the zeroes durably before we forget the
+            // range: otherwise a power cut brings back the data written back before.
+            if self.mode.holds_dirty() {
+                self.backend_flush()?;
+            }
         }
         Ok(())
     }

@@ -13,6 +13,7 @@ pub mod bits;
 mod flusher;
 mod io;
 mod persist;
+pub mod shadow;
 pub mod state;
 mod stats;
 pub mod store;

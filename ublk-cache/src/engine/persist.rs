@@ -9,9 +9,36 @@ use std::time::{Duration, Instant};
 
 use tracing::info;
 
+use super::state::Line;
+use super::store::CacheStore;
 use super::{lock, wait, Engine};
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
-use crate::format::META_BLOCK;
+use crate::format::{EntryCodec, Layout, META_BLOCK};
+
+/// Encode metadata block `b` from the line table.
+pub(super) fn encode_block(codec: &EntryCodec, layout: &Layout, lines: &[Line], b: u32) -> Vec<u8> {
+    let epb = layout.entries_per_block();
+    let mut buf = vec![0u8; META_BLOCK as usize];
+    let first = b * epb;
+    let last = (first + epb).min(layout.nr_lines as u32);
+    for slot in first..last {
+        let at = ((slot - first) * layout.entry_size) as usize;
+        codec.encode(slot, &lines[slot as usize].entry(), &mut buf[at..]);
+    }
+    buf
+}
+
+/// The persist rule in one place: sync cache data, write the blocks, sync.
+pub(super) fn write_blocks(store: &CacheStore, blocks: &[(u32, Vec<u8>)]) -> EngineResult<()> {
+    store.sync()?;
+    if !blocks.is_empty() {
+        for (b, buf) in blocks {
+            store.write_meta_block(*b, buf)?;
+        }
+        store.sync()?;
+    }
+    Ok(())
+}
 
 /// Clean lines evicted per refill: one metadata persist frees this many slots.
 const EVICT_BATCH: usize = 64;

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use policies::EvictionPolicy;
 
 use super::bits;
+use super::shadow::Shadow;
 use crate::format::entry::SectorBits;
 use crate::format::LineEntry;
 
@@ -75,11 +76,18 @@ pub struct State {
     pub drain_requests: u32,
     pub stopping: bool,
     pub entries_per_block: u32,
+    /// The crash shadow, mirrored on every entry change (see `shadow`).
+    pub shadow: Option<Shadow>,
 }
 
 impl State {
+    /// An entry changed: mirror it to the shadow now, write it to disk at the
+    /// next persist.
     pub fn mark_meta(&mut self, slot: u32) {
         self.meta_dirty.insert(slot / self.entries_per_block);
+        if let Some(sh) = self.shadow.as_mut() {
+            sh.write(slot, &self.lines[slot as usize].entry());
+        }
     }
 
     pub fn oldest_dirty_epoch(&self) -> Option<u64> {
@@ -177,6 +185,9 @@ impl State {
         }
         self.evict.remove(slot);
         self.lines[slot as usize] = Line::FREE;
+        if let Some(sh) = self.shadow.as_mut() {
+            sh.write(slot, &Line::FREE.entry());
+        }
         self.free.push(slot);
     }
 

@@ -1,0 +1,79 @@
+//! The crash-state harness over every mode, with fixed seeds.
+//!   crash-harness [--min-states N] [--seeds N]
+//! CRASH_SOAK=1 runs many more seeds. Exits non-zero on any violation.
+
+use policies::{CacheMode, WritebackOrder};
+use ublk_cache_tests::harness::{run, RunConfig};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let shadow = tempfile::tempdir().expect("temporary shadow directory");
+    std::env::set_var(ublk_cache::engine::shadow::SHADOW_DIR_ENV, shadow.path());
+    let soak = std::env::var("CRASH_SOAK").is_ok_and(|v| v == "1");
+    let seeds = arg("--seeds", if soak { 200 } else { 12 });
+    let min_states = arg("--min-states", 100_000);
+    let setups = [
+        (CacheMode::Back, WritebackOrder::Ordered, 4096),
+        (CacheMode::Back, WritebackOrder::Ordered, 16384),
+        (CacheMode::Back, WritebackOrder::Relaxed, 4096),
+        (CacheMode::Through, WritebackOrder::Ordered, 4096),
+        (CacheMode::Around, WritebackOrder::Ordered, 4096),
+        (CacheMode::None, WritebackOrder::Ordered, 4096),
+    ];
+    let started = std::time::Instant::now();
+    let (mut states, mut runs, mut failed_runs) = (0u64, 0u64, 0u64);
+    let mut seed = 1u64;
+    while seed <= seeds || states < min_states {
+        for &(mode, order, line_size) in &setups {
+            let cfg = RunConfig {
+                mode,
+                order,
+                seed,
+                ops: 160,
+                line_size,
+                points: 300,
+                variants: 4,
+                reverse_writeback_bug: false,
+            };
+            let t0 = std::time::Instant::now();
+            let r = run(&cfg);
+            if std::env::var("CRASH_VERBOSE").is_ok() {
+                eprintln!(
+                    "{mode:?}/{order}/{line_size}: {} states in {:?}",
+                    r.states,
+                    t0.elapsed()
+                );
+            }
+            states += r.states;
+            runs += 1;
+            if !r.violations.is_empty() {
+                failed_runs += 1;
+                eprintln!("VIOLATION in {cfg:?}:");
+                for v in r.violations.iter().take(5) {
+                    eprintln!("  {v}");
+                }
+            }
+        }
+        seed += 1;
+    }
+    println!(
+        "crash-harness: checked {states} crash states in {runs} recorded runs ({} s)",
+        started.elapsed().as_secs()
+    );
+    println!(
+        "crash-harness: {} passed, {} failed",
+        runs - failed_runs,
+        failed_runs
+    );
+    if failed_runs > 0 {
+        std::process::exit(1);
+    }
+}

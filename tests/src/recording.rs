@@ -1,0 +1,120 @@
+//! A backend wrapper that logs every write, flush, discard and write-zeroes in
+//! completion order, stamped from a clock shared by all recorded devices (and the
+//! workload), so crash points are comparable across devices.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rbd_backend::{Backend, BackendIdentity, MemBackend, Result};
+
+#[derive(Debug, Clone)]
+pub enum DevOp {
+    Write {
+        off: u64,
+        data: Vec<u8>,
+    },
+    Flush,
+    /// Discard: the range may read back as anything afterwards; modelled as zeroes
+    /// applied or not.
+    Discard {
+        off: u64,
+        len: u64,
+    },
+    Zero {
+        off: u64,
+        len: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Stamped {
+    pub seq: u64,
+    pub op: DevOp,
+}
+
+/// The shared clock.
+#[derive(Debug, Default)]
+pub struct Clock(AtomicU64);
+
+impl Clock {
+    pub fn tick(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+    pub fn now(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+pub struct Recording {
+    inner: MemBackend,
+    initial: Vec<u8>,
+    clock: Arc<Clock>,
+    log: Mutex<Vec<Stamped>>,
+    name: String,
+}
+
+impl Recording {
+    pub fn new(size: usize, name: &str, clock: Arc<Clock>) -> Self {
+        Self {
+            inner: MemBackend::builder().size(size).name(name).build(),
+            initial: vec![0u8; size],
+            clock,
+            log: Mutex::new(Vec::new()),
+            name: name.into(),
+        }
+    }
+
+    pub fn initial(&self) -> &[u8] {
+        &self.initial
+    }
+
+    pub fn log(&self) -> Vec<Stamped> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn record(&self, op: DevOp) {
+        // Stamp and append under one lock, so the log is in stamp order.
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = self.clock.tick();
+        log.push(Stamped { seq, op });
+    }
+}
+
+impl Backend for Recording {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn identity(&self) -> BackendIdentity {
+        self.inner.identity()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.inner.write_at(offset, buf)?;
+        self.record(DevOp::Write {
+            off: offset,
+            data: buf.to_vec(),
+        });
+        Ok(())
+    }
+    fn flush(&self) -> Result<()> {
+        self.inner.flush()?;
+        self.record(DevOp::Flush);
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.discard(offset, len)?;
+        self.record(DevOp::Discard { off: offset, len });
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.inner.write_zeroes(offset, len)?;
+        self.record(DevOp::Zero { off: offset, len });
+        Ok(())
+    }
+}

@@ -1,0 +1,168 @@
+//! The crash shadow: a copy of the line table in a tmpfs file, updated on every
+//! entry change before the request that caused it is acknowledged.
+//!
+//! The on-disk table is only brought up to date at a FLUSH (that is what makes a
+//! power cut safe). Between flushes a daemon crash (kill -9, a bug, an upgrade
+//! gone wrong) must not lose acknowledged writes, because the guest's kernel is
+//! still running and will read them back. The shadow survives the daemon but not
+//! the host, which is exactly the difference: after a daemon crash the next
+//! attach takes the shadow (every acknowledged write is in it); after a power cut
+//! the shadow is gone and the on-disk table from the last FLUSH is used.
+//!
+//! Each update is one `pwrite` of one entry. A process is never killed in the
+//! middle of a system call's copy, so an entry cannot be torn by a daemon crash;
+//! the entry checksum guards against anything else.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use tracing::error;
+
+use crate::format::{EntryCodec, Layout, LineEntry};
+
+pub const SHADOW_DIR_ENV: &str = "UBLK_CACHE_SHADOW_DIR";
+const DEFAULT_DIR: &str = "/dev/shm/ublk-cache";
+const MAGIC: &[u8; 8] = b"UBLKSHDW";
+const HEADER: u64 = 4096;
+
+pub struct Shadow {
+    file: File,
+    path: PathBuf,
+    codec: EntryCodec,
+    entry_size: u64,
+    failed: bool,
+}
+
+pub fn shadow_dir() -> PathBuf {
+    std::env::var_os(SHADOW_DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+}
+
+fn path_for(dir: &Path, uuid: &[u8; 16]) -> PathBuf {
+    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+    dir.join(format!("{hex}.shadow"))
+}
+
+fn header(uuid: &[u8; 16], attach_gen: u64, layout: &Layout) -> Vec<u8> {
+    let mut h = Vec::with_capacity(64);
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(uuid);
+    h.extend_from_slice(&attach_gen.to_le_bytes());
+    h.extend_from_slice(&layout.nr_lines.to_le_bytes());
+    h.extend_from_slice(&layout.entry_size.to_le_bytes());
+    let crc = crc32c::crc32c(&h);
+    h.extend_from_slice(&crc.to_le_bytes());
+    h
+}
+
+impl Shadow {
+    /// Create the shadow of attach `attach_gen` holding `entries`.
+    pub fn create(
+        uuid: &[u8; 16],
+        attach_gen: u64,
+        layout: &Layout,
+        codec: EntryCodec,
+        entries: impl Iterator<Item = LineEntry>,
+    ) -> io::Result<Shadow> {
+        let dir = shadow_dir();
+        fs::create_dir_all(&dir)?;
+        let path = path_for(&dir, uuid);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        let es = layout.entry_size as u64;
+        file.set_len(HEADER + layout.nr_lines * es)?;
+        let mut buf = vec![0u8; (256 * es) as usize];
+        let (mut start, mut used) = (0u64, 0usize);
+        for (slot, e) in entries.enumerate() {
+            codec.encode(slot as u32, &e, &mut buf[used..]);
+            used += es as usize;
+            if used == buf.len() {
+                file.write_all_at(&buf, HEADER + start * es)?;
+                start = slot as u64 + 1;
+                used = 0;
+            }
+        }
+        if used > 0 {
+            file.write_all_at(&buf[..used], HEADER + start * es)?;
+        }
+        // The header last: a shadow without a valid header is never used.
+        file.write_all_at(&header(uuid, attach_gen, layout), 0)?;
+        Ok(Shadow {
+            file,
+            path,
+            codec,
+            entry_size: es,
+            failed: false,
+        })
+    }
+
+    /// Mirror one entry. A failure is logged loudly once; the server keeps
+    /// serving (the on-disk table still protects flushed data).
+    pub fn write(&mut self, slot: u32, e: &LineEntry) {
+        if self.failed {
+            return;
+        }
+        let mut buf = [0u8; 512];
+        let n = self.entry_size as usize;
+        self.codec.encode(slot, e, &mut buf[..n]);
+        if let Err(err) = self
+            .file
+            .write_all_at(&buf[..n], HEADER + slot as u64 * self.entry_size)
+        {
+            self.failed = true;
+            error!(
+                "crash shadow {} failed ({err}): until the next FLUSH, a daemon crash would lose acknowledged writes",
+                self.path.display()
+            );
+        }
+    }
+
+    /// The entries a crashed attach `attach_gen` left, if its shadow exists.
+    /// `Err` names why an existing shadow cannot be trusted.
+    pub fn load(
+        uuid: &[u8; 16],
+        attach_gen: u64,
+        layout: &Layout,
+        codec: &EntryCodec,
+    ) -> Result<Option<Vec<LineEntry>>, String> {
+        let path = path_for(&shadow_dir(), uuid);
+        let data = match fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let want = header(uuid, attach_gen, layout);
+        if data.get(..want.len()) != Some(&want[..]) {
+            return Err(format!(
+                "{} belongs to another attach of this cache (or is damaged)",
+                path.display()
+            ));
+        }
+        let es = layout.entry_size as usize;
+        let mut out = Vec::with_capacity(layout.nr_lines as usize);
+        for slot in 0..layout.nr_lines as usize {
+            let at = HEADER as usize + slot * es;
+            let bytes = data
+                .get(at..at + es)
+                .ok_or_else(|| format!("{} is truncated", path.display()))?;
+            out.push(
+                codec
+                    .decode(slot as u32, bytes)
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
+            );
+        }
+        Ok(Some(out))
+    }
+
+    /// Remove the shadow of `uuid` (at clean detach, or once it has been used).
+    pub fn remove_for(uuid: &[u8; 16]) {
+        let _ = fs::remove_file(path_for(&shadow_dir(), uuid));
+    }
+}
