@@ -46,12 +46,9 @@ fn read(e: &Engine, off: u64, len: usize) -> Vec<u8> {
 
 /// A back-mode engine whose backend refuses writes, so that written data stays
 /// only in the cache (dirty) until the test lets the flusher through.
-fn back_engine_backend_refusing() -> (
-    Arc<MemBackend>,
-    Arc<MemBackend>,
-    Arc<FaultyBackend<Arc<MemBackend>>>,
-    Arc<Engine>,
-) {
+type Refusing = Arc<FaultyBackend<Arc<MemBackend>>>;
+
+fn back_engine_backend_refusing() -> (Arc<MemBackend>, Arc<MemBackend>, Refusing, Arc<Engine>) {
     let (b, c) = (mem(8 * MIB), mem(4 * MIB));
     let fb = Arc::new(FaultyBackend::builder(b.clone()).build());
     fb.set_read_only(true);
