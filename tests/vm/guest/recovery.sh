@@ -38,7 +38,7 @@ kernel_state() {
 
 fio_bg() {  # fio_bg NAME OFFSET SIZE: verifying random read/write in the background
     fio --name="$1" --filename="$DEV" --direct=1 --ioengine=io_uring --iodepth=16 --rw=randrw \
-        --bsrange=4k-32k --offset="$2" --size="$3" --verify=crc32c --verify_fatal=1 \
+        --bsrange=4k-32k --offset="$2" --size="$3" --verify=crc32c --verify_backlog=64 --verify_fatal=1 \
         --randrepeat=0 --output="fio-$1.txt" &
     FIO_PID=$!
 }
