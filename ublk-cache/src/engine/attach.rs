@@ -120,7 +120,7 @@ impl Engine {
             closed: AtomicBool::new(false),
             reverse_writeback_for_tests: AtomicBool::new(false),
         });
-        engine.start_flusher();
+        engine.start_flusher()?;
         if let Some(c) = engine.cache.as_ref() {
             let dirty = lock(&c.st).dirty_lines;
             if dirty > 0 && !cfg.mode.holds_dirty() {

@@ -27,16 +27,22 @@ struct Item {
 }
 
 impl Engine {
-    pub(super) fn start_flusher(self: &Arc<Self>) {
+    pub(super) fn start_flusher(self: &Arc<Self>) -> EngineResult<()> {
         if self.cache.is_none() {
-            return;
+            return Ok(());
         }
         let me = Arc::clone(self);
         let h = std::thread::Builder::new()
             .name("ublk-cache-flusher".into())
             .spawn(move || me.flusher_loop())
-            .expect("spawning the flusher thread");
+            .map_err(|e| {
+                crate::error::EngineError::new(
+                    crate::error::EngineErrorKind::Config,
+                    format!("cannot start the flusher thread: {e}"),
+                )
+            })?;
         *lock(&self.flusher) = Some(h);
+        Ok(())
     }
 
     pub(super) fn stop_flusher(&self) {
@@ -109,8 +115,8 @@ impl Engine {
                 self.order
                     .next_epoch(st.oldest_dirty_epoch(), st.oldest_applying_epoch())
             };
-            if let Some(e) = epoch {
-                let tags: Vec<u64> = st.dirty[&e]
+            if let Some(set) = epoch.and_then(|e| st.dirty.get(&e)) {
+                let tags: Vec<u64> = set
                     .iter()
                     .filter(|t| !st.locked.contains(t))
                     .take(BATCH_LINES)
@@ -119,7 +125,12 @@ impl Engine {
                 if !tags.is_empty() {
                     let mut items = Vec::with_capacity(tags.len());
                     for tag in tags {
-                        let slot = st.map[&tag];
+                        let Some(&slot) = st.map.get(&tag) else {
+                            // Cannot happen (dirty lines stay mapped); never take the
+                            // flusher down over it.
+                            tracing::error!(tag, "dirty line without a slot; skipped");
+                            continue;
+                        };
                         let l = st.lines[slot as usize];
                         st.locked.insert(tag);
                         items.push(Item {
@@ -129,7 +140,9 @@ impl Engine {
                             dirty: l.dirty,
                         });
                     }
-                    return Some(items);
+                    if !items.is_empty() {
+                        return Some(items);
+                    }
                 }
             }
             st = wait(&c.cv_flusher, st, 200);
