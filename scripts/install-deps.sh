@@ -7,8 +7,12 @@ set -euo pipefail
 need_apt=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 # libclang-dev: bindgen, which libublk's build runs against the ublk uapi header.
-# pkg-config, gcc: -sys crates. fio: benchmarks and the VM scenarios.
-for p in libclang-dev pkg-config gcc fio e2fsprogs; do
+# pkg-config, gcc: -sys crates. fio: benchmarks, the VM scenarios and the NBD
+# conformance tests (its nbd engine). qemu-utils (qemu-io, qemu-img) and
+# libnbd-bin (nbdinfo, nbdcopy): the NBD conformance tests. A qemu-utils that is
+# already installed (e.g. from backports) is left alone: only missing packages
+# are installed.
+for p in libclang-dev pkg-config gcc fio e2fsprogs qemu-utils libnbd-bin; do
     have_pkg "$p" || need_apt+=("$p")
 done
 if ((${#need_apt[@]})); then

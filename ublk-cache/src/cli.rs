@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use policies::{CacheMode, WritebackOrder};
 
 use crate::size::parse_size;
-use crate::spec::BackendSpec;
+use crate::spec::{parse_mode, BackendSpec, ExportSpec};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,12 +25,15 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve a disk as /dev/ublkbN in the foreground. Prints the device path on stdout once it is live.
+    /// Serve a disk in the foreground, as /dev/ublkbN and/or over NBD. Once every export
+    /// is live, prints one line per export on stdout: the device path or the NBD URI.
     Serve(ServeArgs),
     /// Re-attach a new server to device ID after the old one died or detached (same as serve --recover ID).
     Recover {
-        /// The ublk device id (N of /dev/ublkbN).
-        id: u32,
+        /// The ublk device id (N of /dev/ublkbN). (Not named `id`: that clashes
+        /// with serve's `--id`, which clap rejects.)
+        #[arg(value_name = "ID")]
+        device: u32,
         #[command(flatten)]
         serve: ServeArgs,
     },
@@ -50,7 +53,8 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         timeout: u64,
     },
-    /// Create a sparse backend and cache in a temporary directory and serve them in back mode.
+    /// Create a sparse backend and cache in a temporary directory and serve them in back
+    /// mode as /dev/ublkbN, or over NBD on a unix socket where the kernel has no ublk.
     Demo {
         /// Where to put the backend and cache files (default: a new temporary directory).
         #[arg(long)]
@@ -69,6 +73,13 @@ pub struct ServeArgs {
     /// The slow disk: file:PATH or dev:/dev/X.
     #[arg(long)]
     pub backend: BackendSpec,
+    /// Where to serve the disk (repeatable): ublk (a /dev/ublkbN device; the default),
+    /// nbd:unix:PATH, or nbd:tcp:[HOST]:PORT (HOST defaults to 127.0.0.1, PORT to 10809).
+    #[arg(long = "export", value_name = "EXPORT")]
+    pub exports: Vec<ExportSpec>,
+    /// Permissions of NBD unix sockets, octal.
+    #[arg(long, default_value = "0600", value_parser = parse_mode)]
+    pub socket_mode: u32,
     /// The cache: a file (created and sized from --cache-size if missing) or a block device such as an LV.
     #[arg(long)]
     pub cache: Option<PathBuf>,

@@ -45,8 +45,8 @@ fn run(cli: Cli) -> Result<()> {
     let run_dir = registry::run_dir(cli.run_dir.as_deref());
     match cli.command {
         Command::Serve(args) => server::serve(&args, &run_dir),
-        Command::Recover { id, mut serve } => {
-            serve.recover = Some(id);
+        Command::Recover { device, mut serve } => {
+            serve.recover = Some(device);
             server::serve(&serve, &run_dir)
         }
         Command::List { json } => list(&run_dir, json),
@@ -74,6 +74,8 @@ struct ListRow {
     cache: String,
     state: String,
     kernel_state: String,
+    /// The device path and/or NBD URIs.
+    exports: Vec<String>,
 }
 
 fn list(run_dir: &Path, json: bool) -> Result<()> {
@@ -86,9 +88,15 @@ fn list(run_dir: &Path, json: bool) -> Result<()> {
         .into_iter()
         .map(|r| {
             let k = kernel.iter().find(|d| d.id == r.id);
+            let kernel_state = match k {
+                Some(d) => d.state.to_string(),
+                None if r.has_device() => "absent".into(),
+                None => "-".into(), // NBD only: no ublk device
+            };
             ListRow {
                 alive: registry::pid_alive(r.pid),
-                kernel_state: k.map_or("absent".into(), |d| d.state.to_string()),
+                kernel_state,
+                exports: r.exports,
                 id: r.id,
                 device: r.device,
                 pid: r.pid,
@@ -113,6 +121,7 @@ fn list(run_dir: &Path, json: bool) -> Result<()> {
                 cache: "?".into(),
                 state: "unregistered".into(),
                 kernel_state: d.state.to_string(),
+                exports: vec![d.bdev.display().to_string()],
             });
         }
     }
@@ -122,14 +131,19 @@ fn list(run_dir: &Path, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<4} {:<14} {:<8} {:<6} {:<8} {:<10} {:<9} BACKEND -> CACHE",
+        "{:<7} {:<14} {:<8} {:<6} {:<8} {:<10} {:<9} BACKEND -> CACHE",
         "ID", "DEVICE", "PID", "ALIVE", "MODE", "STATE", "KERNEL"
     );
     for r in rows {
+        let device = if r.device.is_empty() { "-" } else { &r.device };
         println!(
-            "{:<4} {:<14} {:<8} {:<6} {:<8} {:<10} {:<9} {} -> {}",
-            r.id, r.device, r.pid, r.alive, r.mode, r.state, r.kernel_state, r.backend, r.cache
+            "{:<7} {:<14} {:<8} {:<6} {:<8} {:<10} {:<9} {} -> {}",
+            r.id, device, r.pid, r.alive, r.mode, r.state, r.kernel_state, r.backend, r.cache
         );
+        // NBD exports on their own lines: URIs are long.
+        for e in r.exports.iter().filter(|e| **e != r.device) {
+            println!("        export {e}");
+        }
     }
     Ok(())
 }
@@ -144,7 +158,8 @@ fn parse_target(target: &str) -> Result<u32> {
 
 fn stop(run_dir: &Path, target: &str, detach: bool, timeout: u64) -> Result<()> {
     let id = parse_target(target)?;
-    let pid = match registry::read(run_dir, id)? {
+    let record = registry::read(run_dir, id)?;
+    let pid = match &record {
         Some(r) => r.pid,
         None => match fe::device_info(id) {
             Ok(d) if d.daemon_pid > 0 => d.daemon_pid as u32,
@@ -155,6 +170,9 @@ fn stop(run_dir: &Path, target: &str, detach: bool, timeout: u64) -> Result<()> 
         },
     };
     if !registry::pid_alive(pid) {
+        if record.as_ref().is_some_and(|r| !r.has_device()) {
+            bail!("the NBD server {id} (pid {pid}) is not running; start `ublk-cache serve` again on the same cache to recover its data");
+        }
         bail!("the server of device {id} (pid {pid}) is not running; use `ublk-cache recover {id}` to take over the device");
     }
     let sig = if detach { libc::SIGUSR1 } else { libc::SIGTERM };
@@ -178,13 +196,15 @@ fn stop(run_dir: &Path, target: &str, detach: bool, timeout: u64) -> Result<()> 
 }
 
 fn demo(dir: Option<&Path>, size: u64, cache_size: u64, run_dir: &Path) -> Result<()> {
-    if let Err(e) = fe::check_control() {
-        bail!(
-            "{e}\n\nThe demo serves a disk as /dev/ublkbN, which needs the kernel's ublk driver (Linux 6.0 or newer \
-             with CONFIG_BLK_DEV_UBLK). Load it with `modprobe ublk_drv` as root. On a kernel without ublk, run the \
-             VM test bed instead (tests/vm/run-suite.sh), which boots a kernel that has it."
-        );
-    }
+    // Without the ublk driver the demo serves over NBD; any other problem with
+    // /dev/ublk-control (permissions) is reported as it is.
+    let over_nbd = match fe::check_control() {
+        Ok(()) => false,
+        Err(fe::UblkError::ControlMissing) => true,
+        Err(e) => bail!(
+            "{e}\n\nThe demo serves a disk as /dev/ublkbN, which needs access to the kernel's ublk driver."
+        ),
+    };
     let base = match dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
@@ -206,8 +226,29 @@ fn demo(dir: Option<&Path>, size: u64, cache_size: u64, run_dir: &Path) -> Resul
         backend.display(),
         cache.display()
     );
+    let mut exports = vec![spec::ExportSpec::Ublk];
+    if over_nbd {
+        let sock = base.join("nbd.sock");
+        let uri = ublk_cache::frontend::nbd::uri_for_unix(&sock);
+        eprintln!(
+            "ublk-cache demo: /dev/ublk-control is missing (this kernel has no ublk driver), so the disk is \
+             served over NBD on {} instead. Connect with, for example:\n\
+             \x20   nbdinfo '{uri}'\n\
+             \x20   qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' '{uri}'\n\
+             \x20   qemu-img info '{uri}'\n\
+             \x20   qemu-system-x86_64 ... -drive file={uri},format=raw,if=virtio\n\
+             (For /dev/ublkbN: load the ublk driver with `modprobe ublk_drv` on Linux 6.0 or newer, or use \
+             the VM test bed, tests/vm/run-suite.sh.)",
+            sock.display()
+        );
+        exports = vec![spec::ExportSpec::Nbd(
+            ublk_cache::frontend::nbd::ListenSpec::Unix(sock),
+        )];
+    }
     let args = ServeArgs {
         backend: spec::BackendSpec::File(backend),
+        exports,
+        socket_mode: 0o600,
         cache: Some(cache),
         cache_size: Some(cache_size),
         mode: policies::CacheMode::Back,

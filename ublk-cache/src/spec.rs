@@ -1,8 +1,11 @@
 //! Backend specifications: `file:PATH`, `dev:/dev/X` (and `rbd:POOL/IMAGE` once the
-//! RBD backend is built in).
+//! RBD backend is built in), and export specifications: `ublk`, `nbd:unix:PATH`,
+//! `nbd:tcp:[HOST]:PORT`.
 
 use std::fmt;
 use std::path::PathBuf;
+
+use ublk_cache::frontend::nbd::{ListenSpec, DEFAULT_PORT};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendSpec {
@@ -42,9 +45,139 @@ impl std::str::FromStr for BackendSpec {
     }
 }
 
+/// Where `serve` makes the disk available.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportSpec {
+    /// A `/dev/ublkbN` block device.
+    Ublk,
+    /// An NBD listener.
+    Nbd(ListenSpec),
+}
+
+impl fmt::Display for ExportSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExportSpec::Ublk => f.write_str("ublk"),
+            ExportSpec::Nbd(ListenSpec::Unix(p)) => write!(f, "nbd:unix:{}", p.display()),
+            ExportSpec::Nbd(ListenSpec::Tcp { host, port }) if host.contains(':') => {
+                write!(f, "nbd:tcp:[{host}]:{port}")
+            }
+            ExportSpec::Nbd(ListenSpec::Tcp { host, port }) => write!(f, "nbd:tcp:{host}:{port}"),
+        }
+    }
+}
+
+impl std::str::FromStr for ExportSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let usage = "expected ublk, nbd:unix:PATH or nbd:tcp:[HOST]:PORT";
+        if s == "ublk" {
+            return Ok(ExportSpec::Ublk);
+        }
+        if let Some(path) = s.strip_prefix("nbd:unix:") {
+            if path.is_empty() {
+                return Err(format!("export '{s}': the socket path is empty"));
+            }
+            return Ok(ExportSpec::Nbd(ListenSpec::Unix(PathBuf::from(path))));
+        }
+        let Some(addr) = s.strip_prefix("nbd:tcp:") else {
+            return Err(format!("export '{s}': {usage}"));
+        };
+        // HOST may be empty (loopback), a name, an IPv4 address or a bracketed
+        // IPv6 address; PORT may be empty (the NBD port, 10809).
+        let (host, port) = if let Some(rest) = addr.strip_prefix('[') {
+            let (h, p) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("export '{s}': unclosed '[' in the IPv6 address"))?;
+            let p = match p {
+                "" => "",
+                p => p
+                    .strip_prefix(':')
+                    .ok_or_else(|| format!("export '{s}': expected ':PORT' after ']'"))?,
+            };
+            (h, p)
+        } else {
+            match addr.rsplit_once(':') {
+                Some((h, _)) if h.contains(':') => {
+                    return Err(format!(
+                        "export '{s}': put an IPv6 address in brackets, e.g. nbd:tcp:[::1]:10809"
+                    ))
+                }
+                Some((h, p)) => (h, p),
+                None => (addr, ""),
+            }
+        };
+        let port = if port.is_empty() {
+            DEFAULT_PORT
+        } else {
+            port.parse()
+                .map_err(|_| format!("export '{s}': bad port '{port}'"))?
+        };
+        Ok(ExportSpec::Nbd(ListenSpec::Tcp {
+            host: host.to_string(),
+            port,
+        }))
+    }
+}
+
+/// An octal permission mode such as `0600` or `660`.
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|_| format!("mode '{s}': expected an octal mode such as 0600"))?;
+    if m > 0o777 {
+        return Err(format!("mode '{s}': only permission bits (at most 0777)"));
+    }
+    Ok(m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn export_specs() {
+        let tcp = |h: &str, port| {
+            ExportSpec::Nbd(ListenSpec::Tcp {
+                host: h.into(),
+                port,
+            })
+        };
+        for (s, want) in [
+            ("ublk", ExportSpec::Ublk),
+            (
+                "nbd:unix:/run/x.sock",
+                ExportSpec::Nbd(ListenSpec::Unix("/run/x.sock".into())),
+            ),
+            ("nbd:tcp::10809", tcp("", 10809)),
+            ("nbd:tcp:", tcp("", 10809)),
+            ("nbd:tcp:0.0.0.0:99", tcp("0.0.0.0", 99)),
+            ("nbd:tcp:localhost", tcp("localhost", 10809)),
+            ("nbd:tcp:[::1]:5", tcp("::1", 5)),
+            ("nbd:tcp:[::]", tcp("::", 10809)),
+        ] {
+            assert_eq!(s.parse::<ExportSpec>().unwrap(), want, "{s}");
+            // Display gives back something that parses to the same.
+            assert_eq!(want.to_string().parse::<ExportSpec>().unwrap(), want);
+        }
+        for (s, err) in [
+            ("nbd:unix:", "empty"),
+            ("nbd:tcp::x", "bad port"),
+            ("nbd:tcp::70000", "bad port"),
+            ("nbd:tcp:::1:5", "brackets"),
+            ("nbd:tcp:[::1", "unclosed"),
+            ("nbd:tcp:[::1]5", "':PORT'"),
+            ("nbd", "expected ublk"),
+            ("iscsi:x", "expected ublk"),
+        ] {
+            let e = s.parse::<ExportSpec>().unwrap_err();
+            assert!(e.contains(err), "{s}: {e}");
+        }
+        assert_eq!(parse_mode("0600").unwrap(), 0o600);
+        assert_eq!(parse_mode("660").unwrap(), 0o660);
+        assert!(parse_mode("0999").is_err());
+        assert!(parse_mode("1777").is_err());
+    }
 
     #[test]
     fn parses_and_refuses() {

@@ -3,8 +3,15 @@
 
 use std::process::{Command, Output};
 
+#[path = "common/nbd_client.rs"]
+mod nbd_client;
+#[path = "common/serve.rs"]
+mod serve;
+
+use nbd_client::Client;
+
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ublk-cache"))
+    serve::bin()
 }
 
 fn run(args: &[&str]) -> Output {
@@ -13,6 +20,17 @@ fn run(args: &[&str]) -> Output {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The command fails, and its error message contains `want`.
+fn assert_refused(args: &[&str], want: &str) {
+    let o = run(args);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert!(
+        stderr(&o).contains(want),
+        "{args:?}: stderr was {}",
+        stderr(&o)
+    );
 }
 
 fn has_ublk() -> bool {
@@ -45,13 +63,7 @@ fn bad_arguments_are_named() {
             "--mode offline is not available",
         ),
     ] {
-        let o = run(&args);
-        assert!(!o.status.success(), "{args:?} succeeded");
-        assert!(
-            stderr(&o).contains(want),
-            "{args:?}: stderr was {}",
-            stderr(&o)
-        );
+        assert_refused(&args, want);
     }
 }
 
@@ -87,17 +99,141 @@ fn serve_without_the_ublk_driver_says_what_to_do_and_creates_nothing() {
 }
 
 #[test]
-fn demo_without_the_ublk_driver_explains_why() {
+fn demo_without_the_ublk_driver_serves_over_nbd() {
     if has_ublk() {
-        println!("SKIP: /dev/ublk-control exists here; the demo would really serve");
+        println!("SKIP: /dev/ublk-control exists here; the demo would serve /dev/ublkbN");
         return;
     }
-    let o = run(&["demo"]);
-    assert!(!o.status.success());
-    let e = stderr(&o);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("demo");
+    let mut cmd = bin();
+    cmd.arg("--run-dir")
+        .arg(d.path().join("run"))
+        .args(["demo", "--size", "64M", "--cache-size", "16M", "--dir"])
+        .arg(&dir);
+    let srv = serve::start(cmd, 1, d.path().join("demo.log"));
+    let sock = dir.join("nbd.sock");
+    assert_eq!(
+        srv.uris[0],
+        format!("nbd+unix:///?socket={}", sock.display())
+    );
+    let log = srv.log();
     assert!(
-        e.contains("modprobe ublk_drv") && e.contains("tests/vm"),
-        "{e}"
+        log.contains("/dev/ublk-control is missing")
+            && log.contains("nbdinfo")
+            && log.contains("qemu-io"),
+        "the demo says how to connect:\n{log}"
+    );
+    // A client connects, writes and reads back.
+    let mut c = Client::connect_uri(&srv.uris[0]).unwrap();
+    assert_eq!(c.size, 64 << 20);
+    c.write(1 << 20, &[0xab; 65536], false).unwrap().unwrap();
+    c.flush().unwrap().unwrap();
+    assert_eq!(c.read(1 << 20, 65536).unwrap().unwrap(), vec![0xab; 65536]);
+    c.disconnect().unwrap();
+    if let Some(nbdinfo) = serve::tool("nbdinfo") {
+        let out = serve::run(std::process::Command::new(nbdinfo).arg(&srv.uris[0]));
+        assert!(out.contains("export-size: 67108864"), "{out}");
+    }
+    // SIGTERM: clean stop, exit 0, data written back, socket gone.
+    srv.stop();
+    assert!(!sock.exists());
+    let b = std::fs::read(dir.join("backend.img")).unwrap();
+    assert!(b[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0xab));
+}
+
+#[test]
+fn export_options_are_checked() {
+    for (args, want) in [
+        (
+            vec!["serve", "--backend", "file:/x", "--export", "nbd:udp:1"],
+            "expected ublk, nbd:unix:PATH or nbd:tcp",
+        ),
+        (
+            vec![
+                "serve",
+                "--backend",
+                "file:/x",
+                "--export",
+                "nbd:tcp::99999",
+            ],
+            "bad port",
+        ),
+        (
+            vec!["serve", "--backend", "file:/x", "--socket-mode", "999"],
+            "octal mode",
+        ),
+        (
+            vec![
+                "serve",
+                "--backend",
+                "file:/x",
+                "--export",
+                "nbd:unix:/tmp/x.sock",
+                "--id",
+                "3",
+            ],
+            "--id is the ublk device id",
+        ),
+        (
+            vec![
+                "serve",
+                "--backend",
+                "file:/x",
+                "--export",
+                "nbd:unix:/tmp/x.sock",
+                "--export",
+                "nbd:unix:/tmp/x.sock",
+            ],
+            "given twice",
+        ),
+        (
+            vec![
+                "recover",
+                "3",
+                "--backend",
+                "file:/x",
+                "--export",
+                "nbd:tcp::0",
+            ],
+            "needs --export ublk",
+        ),
+    ] {
+        assert_refused(&args, want);
+    }
+}
+
+#[test]
+fn nbd_serve_refuses_a_busy_socket_before_touching_data() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("busy.sock");
+    let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let backend = d.path().join("b.img");
+    std::fs::File::create(&backend)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let cache = d.path().join("c.img");
+    let o = run(&[
+        "serve",
+        "--backend",
+        &format!("file:{}", backend.display()),
+        "--cache",
+        cache.to_str().unwrap(),
+        "--cache-size",
+        "4M",
+        "--export",
+        &format!("nbd:unix:{}", sock.display()),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("another server is listening"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !cache.exists(),
+        "the cache was created although nothing is served"
     );
 }
 

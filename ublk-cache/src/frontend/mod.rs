@@ -1,3 +1,4 @@
 //! Frontends: what turns kernel or network requests into [`crate::target::BlockTarget`] calls.
 
+pub mod nbd;
 pub mod ublk;

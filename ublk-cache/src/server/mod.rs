@@ -1,24 +1,72 @@
-//! The `serve` flow: open backend and cache, attach the engine, run the ublk
-//! frontend until a signal, then stop cleanly (write back, persist, remove the
-//! device) or detach (leave the device for `recover`).
+//! The `serve` flow: open backend and cache, attach the engine, serve it as a
+//! ublk device and/or over NBD until a signal, then stop cleanly (finish I/O,
+//! write back, persist, remove the device) or detach (dirty data stays in the
+//! cache; a ublk device stays for `recover`).
 
 pub mod open;
 pub mod registry;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use tracing::{error, info, warn};
-use ublk_cache::frontend::ublk::{self as fe, ServeOutcome, StopHandle, UblkOptions};
+use ublk_cache::frontend::nbd::{ListenSpec, Listeners, NbdOptions, NbdServer};
+use ublk_cache::frontend::ublk::{self as fe, ServeOutcome, StopHandle, StopKind, UblkOptions};
 use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig};
 
 use crate::cli::ServeArgs;
+use crate::spec::ExportSpec;
 use registry::Record;
+
+/// The exports of a `serve`, checked: `ublk` when none is given, at most one
+/// `ublk`, no unix socket path twice.
+fn exports_of(args: &ServeArgs) -> Result<Vec<ExportSpec>> {
+    if args.exports.is_empty() {
+        return Ok(vec![ExportSpec::Ublk]);
+    }
+    for (i, e) in args.exports.iter().enumerate() {
+        if args.exports[..i].contains(e) {
+            bail!("--export {e} is given twice");
+        }
+    }
+    Ok(args.exports.clone())
+}
+
+/// The stdout lines: one per export, in `--export` order.
+fn export_lines(exports: &[ExportSpec], device: &str, uris: &[String]) -> Vec<String> {
+    let mut uris = uris.iter();
+    exports
+        .iter()
+        .map(|e| match e {
+            ExportSpec::Ublk => device.to_string(),
+            ExportSpec::Nbd(_) => uris.next().cloned().unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Print what the drivers and tests wait for, all at once.
+fn announce(lines: &[String]) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for l in lines {
+        let _ = writeln!(out, "{l}");
+    }
+    let _ = out.flush();
+}
 
 /// Run a server in the foreground until it is stopped.
 pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
+    let exports = exports_of(args)?;
+    let with_ublk = exports.contains(&ExportSpec::Ublk);
+    if !with_ublk && args.recover.is_some() {
+        bail!("recover re-attaches a ublk device; it needs --export ublk");
+    }
+    if !with_ublk && args.id.is_some() {
+        bail!("--id is the ublk device id; it needs --export ublk");
+    }
     let line_size = match args.line_size {
         Some(ls) if ls > u32::MAX as u64 => anyhow::bail!("--line-size {ls} is too large"),
         Some(ls) => Some(ls as u32),
@@ -36,8 +84,22 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
     if args.mode.uses_cache() && args.cache.is_none() {
         anyhow::bail!("--mode {} needs --cache", args.mode);
     }
-    // Check the kernel side first, before touching any data.
-    fe::check_control()?;
+    // Check the kernel side and bind the sockets first, before touching any data.
+    if with_ublk {
+        fe::check_control()?;
+    }
+    let nbd_specs: Vec<ListenSpec> = exports
+        .iter()
+        .filter_map(|e| match e {
+            ExportSpec::Nbd(l) => Some(l.clone()),
+            ExportSpec::Ublk => None,
+        })
+        .collect();
+    let listeners = if nbd_specs.is_empty() {
+        None
+    } else {
+        Some(Listeners::bind(&nbd_specs, args.socket_mode)?)
+    };
     let (backend, _backend_lock) = open::open_backend(&args.backend)?;
     let mut cache = None;
     let mut _cache_lock = None;
@@ -58,19 +120,25 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
         accept_backend_change: args.accept_backend_change,
     };
     let engine = Engine::open(backend, cache, cfg).context("attaching the cache")?;
-    let mut opts = UblkOptions {
-        depth: args.depth,
-        ..UblkOptions::default()
-    };
-    if let Some(q) = args.queues {
-        opts.queues = q;
-    }
-    opts.id = args.recover.or(args.id).map(|i| i as i32);
 
     let stop = StopHandle::new();
-    install_signals(stop.clone())?;
+    if let Err(e) = install_signals(stop.clone()) {
+        shutdown_after_failure(&engine, None);
+        return Err(e);
+    }
     let target: Arc<dyn BlockTarget> = engine.clone();
-    let mut record = Record {
+    let nbd = match listeners {
+        None => None,
+        Some(l) => match NbdServer::start(l, Arc::clone(&target), NbdOptions::default()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                shutdown_after_failure(&engine, None);
+                return Err(e.into());
+            }
+        },
+    };
+    let uris: Vec<String> = nbd.as_ref().map(|n| n.uris().to_vec()).unwrap_or_default();
+    let record = Record {
         id: 0,
         device: String::new(),
         pid: std::process::id(),
@@ -82,20 +150,80 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
         state: "serving".into(),
+        exports: Vec::new(),
     };
+    let running = Running {
+        args,
+        run_dir,
+        engine,
+        nbd,
+        exports,
+        uris,
+        record,
+        stop,
+    };
+    if with_ublk {
+        serve_with_ublk(running, target)
+    } else {
+        serve_nbd_only(running)
+    }
+}
+
+/// A server with its engine attached and its NBD listeners (if any) accepting.
+struct Running<'a> {
+    args: &'a ServeArgs,
+    run_dir: &'a Path,
+    engine: Arc<Engine>,
+    nbd: Option<NbdServer>,
+    exports: Vec<ExportSpec>,
+    /// The NBD URIs, in `--export` order.
+    uris: Vec<String>,
+    record: Record,
+    stop: StopHandle,
+}
+
+/// Take down what was started when serving failed: NBD connections finish, then
+/// the engine writes back and persists (nothing acknowledged is lost).
+fn shutdown_after_failure(engine: &Engine, nbd: Option<NbdServer>) {
+    if let Some(n) = nbd {
+        n.stop();
+    }
+    if let Err(e) = engine.shutdown() {
+        error!("stopping the engine after a failure: {e}");
+    }
+}
+
+fn serve_with_ublk(r: Running<'_>, target: Arc<dyn BlockTarget>) -> Result<()> {
+    let Running {
+        args,
+        run_dir,
+        engine,
+        nbd,
+        exports,
+        uris,
+        mut record,
+        stop,
+    } = r;
+    let mut opts = UblkOptions {
+        depth: args.depth,
+        ..UblkOptions::default()
+    };
+    if let Some(q) = args.queues {
+        opts.queues = q;
+    }
+    opts.id = args.recover.or(args.id).map(|i| i as i32);
     let on_live = |info: &fe::DeviceInfo| {
         record.id = info.id;
         record.device = info.bdev.display().to_string();
+        record.exports = export_lines(&exports, &record.device, &uris);
         if let Err(e) = registry::write(run_dir, &record) {
             warn!(
                 "could not write the registry record in {}: {e}",
                 run_dir.display()
             );
         }
-        // The one line on stdout: what the drivers wait for.
-        println!("{}", info.bdev.display());
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
+        // The lines on stdout: what the drivers wait for.
+        announce(&record.exports);
         info!(device = %info.bdev.display(), mode = %args.mode, "serving");
     };
     let outcome = match args.recover {
@@ -105,13 +233,16 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
-            // Nothing was served (or the device is gone): keep the cache consistent.
-            if let Err(se) = engine.shutdown() {
-                error!("stopping the engine after a frontend failure: {se}");
-            }
+            // Nothing was served over ublk (or the device is gone): keep the cache
+            // consistent.
+            shutdown_after_failure(&engine, nbd);
             return Err(e.into());
         }
     };
+    // The device no longer takes requests; NBD clients finish theirs too.
+    if let Some(n) = nbd {
+        n.stop();
+    }
     match outcome {
         ServeOutcome::Stopped { device, reason } => {
             info!(
@@ -142,6 +273,69 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn serve_nbd_only(r: Running<'_>) -> Result<()> {
+    let Running {
+        args,
+        run_dir,
+        engine,
+        nbd,
+        exports,
+        uris,
+        mut record,
+        stop,
+    } = r;
+    record.exports = export_lines(&exports, "", &uris);
+    let registered = match registry::claim(run_dir, registry::NBD_ONLY_ID_BASE, &mut record) {
+        Ok(id) => {
+            info!(id, "registered (NBD only; `ublk-cache stop {id}` stops it)");
+            true
+        }
+        Err(e) => {
+            warn!(
+                "could not write the registry record in {}: {e}",
+                run_dir.display()
+            );
+            false
+        }
+    };
+    announce(&record.exports);
+    info!(mode = %args.mode, "serving over NBD only (no ublk device)");
+    let kind = loop {
+        if let Some(k) = stop.requested() {
+            break k;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    if let Some(n) = nbd {
+        n.stop();
+    }
+    let res = match kind {
+        StopKind::Stop => {
+            info!("NBD stopped; writing back and detaching the cache");
+            record.state = "stopping".into();
+            if registered {
+                let _ = registry::write(run_dir, &record);
+            }
+            engine.shutdown().context(
+                "clean stop: dirty data stays in the cache and is written back at the next start",
+            )
+        }
+        StopKind::Detach => engine
+            .detach_keep_dirty()
+            .context("detaching the cache")
+            .map(|()| {
+                info!("detached: dirty data stays in the cache; the next `serve` on it continues")
+            }),
+    };
+    // No device is left behind, so no record either.
+    if registered {
+        let _ = registry::remove(run_dir, record.id);
+    }
+    res?;
+    info!("stopped cleanly");
     Ok(())
 }
 

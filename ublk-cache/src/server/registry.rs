@@ -10,6 +10,10 @@ use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_RUN_DIR: &str = "/run/ublk-cache";
 pub const RUN_DIR_ENV: &str = "UBLK_CACHE_RUN_DIR";
+/// Servers without a ublk device (NBD only) are registered under ids from here
+/// on. The kernel's ublk device ids are below 2^20 (its minor number space), so
+/// the two never collide.
+pub const NBD_ONLY_ID_BASE: u32 = 1 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Record {
@@ -21,6 +25,16 @@ pub struct Record {
     pub cache: String,
     /// "serving", "stopping" or "detached".
     pub state: String,
+    /// Where the disk is served: the device path and/or NBD URIs, in `--export` order.
+    #[serde(default)]
+    pub exports: Vec<String>,
+}
+
+impl Record {
+    /// Whether this server has a ublk device (else it is NBD only).
+    pub fn has_device(&self) -> bool {
+        self.id < NBD_ONLY_ID_BASE
+    }
 }
 
 pub fn run_dir(explicit: Option<&Path>) -> PathBuf {
@@ -42,6 +56,50 @@ pub fn write(dir: &Path, rec: &Record) -> io::Result<()> {
     f.write_all(serde_json::to_string_pretty(rec)?.as_bytes())?;
     f.sync_all()?;
     fs::rename(tmp, path_of(dir, rec.id))
+}
+
+/// Claim the lowest free id from `base` for a server without a ublk device and
+/// write `rec` under it. A record whose server is gone is taken over.
+pub fn claim(dir: &Path, base: u32, rec: &mut Record) -> io::Result<u32> {
+    fs::create_dir_all(dir)?;
+    for id in base..base.saturating_add(100_000) {
+        let path = path_of(dir, id);
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(_) => {
+                rec.id = id;
+                write(dir, rec)?;
+                return Ok(id);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // Taken, unless its server is gone. (An unreadable or empty file
+                // may be a claim in progress: left alone.)
+                if let Ok(Some(old)) = read(dir, id) {
+                    if !pid_alive(old.pid) {
+                        let _ = fs::remove_file(&path);
+                        if fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .open(&path)
+                            .is_ok()
+                        {
+                            rec.id = id;
+                            write(dir, rec)?;
+                            return Ok(id);
+                        }
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other(format!(
+        "no free registry id from {base} in {}",
+        dir.display()
+    )))
 }
 
 pub fn remove(dir: &Path, id: u32) -> io::Result<()> {
@@ -91,7 +149,20 @@ pub fn all(dir: &Path) -> (Vec<Record>, Vec<String>) {
 
 pub fn pid_alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 only checks that the process exists.
-    pid > 0 && unsafe { libc::kill(pid as i32, 0) } == 0
+    let exists = pid > 0 && unsafe { libc::kill(pid as i32, 0) } == 0;
+    // A zombie has exited; only its parent has not collected it yet.
+    exists && !is_zombie(pid)
+}
+
+fn is_zombie(pid: u32) -> bool {
+    // /proc/PID/stat: "PID (comm) STATE ..."; comm may contain spaces or ')'.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .and_then(|i| s[i + 1..].split_whitespace().next().map(|st| st == "Z"))
+        })
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -109,6 +180,7 @@ mod tests {
             backend: "file:/x".into(),
             cache: "/c".into(),
             state: "serving".into(),
+            exports: vec!["/dev/ublkb3".into()],
         };
         write(d.path(), &r).unwrap();
         assert_eq!(read(d.path(), 3).unwrap(), Some(r.clone()));
@@ -121,5 +193,54 @@ mod tests {
         remove(d.path(), 3).unwrap();
         assert_eq!(read(d.path(), 3).unwrap(), None);
         assert!(pid_alive(std::process::id()));
+    }
+
+    #[test]
+    fn claim_takes_free_or_stale_ids_and_old_records_still_parse() {
+        let d = tempfile::tempdir().unwrap();
+        let mut r = Record {
+            id: 0,
+            device: String::new(),
+            pid: std::process::id(),
+            mode: "back".into(),
+            backend: "file:/x".into(),
+            cache: "/c".into(),
+            state: "serving".into(),
+            exports: vec!["nbd+unix:///?socket=/s".into()],
+        };
+        assert_eq!(
+            claim(d.path(), NBD_ONLY_ID_BASE, &mut r).unwrap(),
+            NBD_ONLY_ID_BASE
+        );
+        assert!(!r.has_device());
+        let mut r2 = r.clone();
+        assert_eq!(
+            claim(d.path(), NBD_ONLY_ID_BASE, &mut r2).unwrap(),
+            NBD_ONLY_ID_BASE + 1
+        );
+        // A record of a dead server is taken over.
+        let mut dead = r.clone();
+        dead.id = NBD_ONLY_ID_BASE + 2;
+        dead.pid = 999_999_999;
+        write(d.path(), &dead).unwrap();
+        let mut r3 = r.clone();
+        assert_eq!(
+            claim(d.path(), NBD_ONLY_ID_BASE + 2, &mut r3).unwrap(),
+            NBD_ONLY_ID_BASE + 2
+        );
+        assert_eq!(
+            read(d.path(), NBD_ONLY_ID_BASE + 2).unwrap().unwrap().pid,
+            std::process::id()
+        );
+        // Records written before `exports` existed still parse.
+        fs::write(
+            d.path().join("5.json"),
+            r#"{"id":5,"device":"/dev/ublkb5","pid":1,"mode":"back","backend":"file:/b","cache":"/c","state":"serving"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            read(d.path(), 5).unwrap().unwrap().exports,
+            Vec::<String>::new()
+        );
     }
 }

@@ -1,0 +1,250 @@
+//! Running the real binary as an NBD server in tests, and the real NBD clients
+//! (qemu-io, qemu-img, nbdinfo, nbdcopy, fio) against it.
+//!
+//! A missing client tool prints `SKIP: ...` and the test returns, unless
+//! `UBLK_CACHE_REQUIRE_NBD_CLIENTS=1` (scripts/test.sh, i.e. CI, sets it after
+//! installing them): then it fails.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ublk-cache"))
+}
+
+/// The path of `tool`, or `None` after printing why the test is skipped.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    // /usr/bin first: a pyenv python earlier on PATH breaks Debian's python tools.
+    let path = format!(
+        "/usr/bin:/usr/sbin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for dir in std::env::split_paths(&path) {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    let why = format!("{name} is not installed (scripts/install-deps.sh installs it)");
+    if std::env::var("UBLK_CACHE_REQUIRE_NBD_CLIENTS").as_deref() == Ok("1") {
+        panic!("{why}, and UBLK_CACHE_REQUIRE_NBD_CLIENTS=1");
+    }
+    println!("SKIP: {why}");
+    None
+}
+
+/// Run a command; fail the test with its output if it fails. Returns stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    check(cmd, &o);
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn check(cmd: &Command, o: &Output) {
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed ({}):\nstdout:\n{out}\nstderr:\n{err}",
+        o.status
+    );
+}
+
+/// qemu-io on `uri` with these commands; fails on any error or pattern mismatch.
+pub fn qemu_io(qemu_io: &Path, uri: &str, cmds: &[String]) -> String {
+    let mut c = Command::new(qemu_io);
+    c.args(["-f", "raw"]);
+    for x in cmds {
+        c.arg("-c").arg(x);
+    }
+    c.arg(uri);
+    let out = run(&mut c);
+    assert!(
+        !out.contains("failed") && !out.contains("error"),
+        "qemu-io reported a failure:\n{out}"
+    );
+    out
+}
+
+/// A `ublk-cache serve` process with NBD exports.
+pub struct Server {
+    pub child: Child,
+    /// The lines it printed on stdout (one per export).
+    pub uris: Vec<String>,
+    pub log: PathBuf,
+}
+
+/// Files of one test disk.
+pub struct Disk {
+    pub dir: PathBuf,
+    pub backend: PathBuf,
+    pub cache: PathBuf,
+    pub sock: PathBuf,
+    pub run_dir: PathBuf,
+}
+
+impl Disk {
+    pub fn new(dir: &Path, size: u64) -> Self {
+        let backend = dir.join("backend.img");
+        std::fs::File::create(&backend)
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        Self {
+            dir: dir.to_path_buf(),
+            backend,
+            cache: dir.join("cache.img"),
+            sock: dir.join("nbd.sock"),
+            run_dir: dir.join("run"),
+        }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.sock.display())
+    }
+
+    /// `serve` in `mode` with a cache of `cache_size`, exported on the unix
+    /// socket plus `extra` exports; waits until it printed its URIs.
+    pub fn serve(&self, mode: &str, cache_size: &str, extra: &[&str]) -> Server {
+        let log = self.dir.join(format!("serve-{}.log", std::process::id()));
+        let log = unique(log);
+        let mut cmd = bin();
+        cmd.arg("--run-dir")
+            .arg(&self.run_dir)
+            .arg("serve")
+            .arg("--backend")
+            .arg(format!("file:{}", self.backend.display()))
+            .arg("--mode")
+            .arg(mode)
+            .arg("--export")
+            .arg(format!("nbd:unix:{}", self.sock.display()));
+        if mode != "none" {
+            cmd.arg("--cache")
+                .arg(&self.cache)
+                .arg("--cache-size")
+                .arg(cache_size)
+                .args(["--line-size", "64K"]);
+        }
+        for e in extra {
+            cmd.arg("--export").arg(e);
+        }
+        let exports = 1 + extra.len();
+        start(cmd, exports, log)
+    }
+}
+
+fn unique(p: PathBuf) -> PathBuf {
+    let mut n = 0;
+    loop {
+        let q = p.with_extension(format!("{n}.log"));
+        if !q.exists() {
+            return q;
+        }
+        n += 1;
+    }
+}
+
+/// Spawn `cmd` (stderr to `log`) and wait for `lines` lines on its stdout.
+pub fn start(mut cmd: Command, lines: usize, log: PathBuf) -> Server {
+    let err = std::fs::File::create(&log).unwrap();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(err)
+        .spawn()
+        .expect("spawn ublk-cache");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        for _ in 0..lines {
+            let mut l = String::new();
+            if r.read_line(&mut l).unwrap_or(0) == 0 {
+                break;
+            }
+            let _ = tx.send(l.trim_end().to_string());
+        }
+        // Keep reading so the server never blocks on a full pipe.
+        let mut sink = String::new();
+        while r.read_line(&mut sink).unwrap_or(0) > 0 {
+            sink.clear();
+        }
+    });
+    let mut uris = Vec::new();
+    for _ in 0..lines {
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(l) => uris.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the server printed no URI; its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        }
+    }
+    Server { child, uris, log }
+}
+
+impl Server {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: sending a signal to our own child process; no memory involved.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// SIGTERM; the server must exit 0 (write-back done).
+    pub fn stop(mut self) {
+        self.signal(libc::SIGTERM);
+        let st = self.child.wait().unwrap();
+        assert!(
+            st.success(),
+            "server exited with {st}; log:\n{}",
+            self.log()
+        );
+    }
+
+    /// kill -9: a crash.
+    pub fn kill9(mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // A failing test must not leave a server behind.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A small deterministic PRNG (xorshift64*), so workloads are reproducible.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}

@@ -1,0 +1,384 @@
+//! Conformance of the NBD export with real clients (qemu-io, qemu-img, nbdinfo,
+//! nbdcopy, fio), run against the real binary. This is how the whole engine is
+//! exercised end to end on a kernel without ublk.
+//!
+//! A missing client prints `SKIP:` (or fails under
+//! `UBLK_CACHE_REQUIRE_NBD_CLIENTS=1`, which scripts/test.sh sets).
+
+#[path = "common/nbd_client.rs"]
+mod nbd_client;
+#[path = "common/serve.rs"]
+mod serve;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use nbd_client::Client;
+use serve::{qemu_io, run, tool, Disk, Rng};
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn nbdinfo_shows_size_flags_and_the_export_list() {
+    let Some(nbdinfo) = tool("nbdinfo") else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let disk = Disk::new(d.path(), 64 * MIB);
+    let srv = disk.serve("back", "16M", &["nbd:tcp::0"]);
+    assert_eq!(srv.uris[0], disk.uri());
+    for uri in &srv.uris {
+        let out = run(Command::new(&nbdinfo).arg(uri));
+        for want in [
+            "export-size: 67108864",
+            "can_flush: true",
+            "can_fua: true",
+            "can_trim: true",
+            "can_zero: true",
+            "can_multi_conn: true",
+            "is_read_only: false",
+            "block_size_minimum: 512",
+            "block_size_preferred: 4096",
+            "block_size_maximum: 33554432",
+        ] {
+            assert!(out.contains(want), "nbdinfo {uri}: no '{want}' in:\n{out}");
+        }
+    }
+    // NBD_OPT_LIST: one export, the default one.
+    let out = run(Command::new(&nbdinfo).arg("--list").arg(disk.uri()));
+    assert!(out.contains("export=\"\""), "{out}");
+    let out = run(Command::new(&nbdinfo).arg("--size").arg(disk.uri()));
+    assert_eq!(out.trim(), "67108864");
+    srv.stop();
+}
+
+#[test]
+fn qemu_io_patterns_discard_write_zeroes_flush_over_unix_and_tcp() {
+    let Some(qio) = tool("qemu-io") else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let disk = Disk::new(d.path(), 64 * MIB);
+    let srv = disk.serve("back", "8M", &["nbd:tcp::0"]);
+    let s = |x: &str| x.to_string();
+    qemu_io(
+        &qio,
+        &srv.uris[0],
+        &[
+            s("write -P 0xab 0 4M"),
+            s("write -f -P 0xcd 4M 1M"), // FUA
+            s("read -P 0xab 0 4M"),
+            s("read -P 0xcd 4M 1M"),
+            s("discard 1M 1M"),
+            s("read -P 0 1M 1M"),
+            s("write -z 2M 512k"),
+            s("read -P 0 2M 512k"),
+            s("write -z -u 3M 64k"),
+            s("read -P 0 3M 64k"),
+            s("flush"),
+            s("read -P 0xab 0 1M"),
+            s("write -P 0x11 63M 1M"),
+            s("read -P 0x11 63M 1M"),
+            s("write -P 0x22 1536 512"), // 512-byte granularity
+            s("read -P 0x22 1536 512"),
+            s("read -P 0xab 2560k 512k"),
+        ],
+    );
+    // The other connection (TCP) sees the same data.
+    qemu_io(
+        &qio,
+        &srv.uris[1],
+        &[s("read -P 0xcd 4M 1M"), s("read -P 0 2M 512k")],
+    );
+    // Writes past the end are refused (qemu-io reports an error).
+    let o = Command::new(&qio)
+        .args(["-f", "raw", "-c", "write -P 1 64M 512"])
+        .arg(&srv.uris[0])
+        .output()
+        .unwrap();
+    let all = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        all.contains("error") || all.contains("out of bounds") || !o.status.success(),
+        "{all}"
+    );
+    srv.stop();
+}
+
+/// One step of the random workload.
+enum Op {
+    Write { off: u64, len: u64, pat: u8 },
+    Zero { off: u64, len: u64 },
+    Discard { off: u64, len: u64 },
+    Flush,
+}
+
+fn workload(seed: u64, size: u64, n: usize) -> Vec<Op> {
+    let mut r = Rng(seed);
+    (0..n)
+        .map(|_| {
+            let off = r.below(size / 512) * 512;
+            let len = ((1 + r.below(256)) * 512).min(size - off);
+            match r.below(20) {
+                0..=13 => Op::Write {
+                    off,
+                    len,
+                    pat: 1 + r.below(254) as u8,
+                },
+                14..=16 => Op::Zero { off, len },
+                17..=18 => {
+                    // Whole 4 KiB blocks, so the file backend's hole reads back as zeroes.
+                    let off = off / 4096 * 4096;
+                    let len = (len.div_ceil(4096) * 4096).min(size - off);
+                    Op::Discard { off, len }
+                }
+                _ => Op::Flush,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn qemu_img_compare_after_a_random_workload_in_every_mode() {
+    let (Some(qio), Some(qimg)) = (tool("qemu-io"), tool("qemu-img")) else {
+        return;
+    };
+    let size = 32 * MIB;
+    for (i, mode) in ["none", "around", "through", "back"].iter().enumerate() {
+        let d = tempfile::tempdir().unwrap();
+        let disk = Disk::new(d.path(), size);
+        let ops = workload(0x5eed + i as u64, size, 300);
+        let mut reference = vec![0u8; size as usize];
+        let mut cmds = Vec::new();
+        for op in &ops {
+            match *op {
+                Op::Write { off, len, pat } => {
+                    cmds.push(format!("write -P {pat} {off} {len}"));
+                    reference[off as usize..(off + len) as usize].fill(pat);
+                }
+                Op::Zero { off, len } => {
+                    cmds.push(format!("write -z {off} {len}"));
+                    reference[off as usize..(off + len) as usize].fill(0);
+                }
+                Op::Discard { off, len } => {
+                    cmds.push(format!("discard {off} {len}"));
+                    reference[off as usize..(off + len) as usize].fill(0);
+                }
+                Op::Flush => cmds.push("flush".into()),
+            }
+        }
+        let ref_img = d.path().join("reference.img");
+        std::fs::write(&ref_img, &reference).unwrap();
+        // A cache of 3 MiB of data lines against 32 MiB of disk: eviction and
+        // (in back mode) write-back under pressure.
+        let srv = disk.serve(mode, "4M", &[]);
+        for chunk in cmds.chunks(100) {
+            qemu_io(&qio, &srv.uris[0], chunk);
+        }
+        run(Command::new(&qimg)
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&ref_img)
+            .arg(&srv.uris[0]));
+        srv.stop();
+        // After a clean stop the backend alone holds the disk.
+        run(Command::new(&qimg)
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&ref_img)
+            .arg(&disk.backend));
+    }
+}
+
+#[test]
+fn nbdcopy_a_file_in_and_back_out() {
+    let Some(nbdcopy) = tool("nbdcopy") else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let disk = Disk::new(d.path(), 32 * MIB);
+    let mut r = Rng(42);
+    let src: Vec<u8> = (0..32 * MIB).map(|_| r.next() as u8).collect();
+    let src_path = d.path().join("src.bin");
+    std::fs::write(&src_path, &src).unwrap();
+    let srv = disk.serve("back", "8M", &[]);
+    // nbdcopy uses several connections (multi-conn is advertised) and flushes.
+    run(Command::new(&nbdcopy).arg(&src_path).arg(&srv.uris[0]));
+    let out_path = d.path().join("out.bin");
+    std::fs::File::create(&out_path).unwrap();
+    run(Command::new(&nbdcopy).arg(&srv.uris[0]).arg(&out_path));
+    let out = std::fs::read(&out_path).unwrap();
+    assert_eq!(out.len(), src.len());
+    assert!(out == src, "nbdcopy round trip differs");
+    srv.stop();
+    assert!(
+        std::fs::read(&disk.backend).unwrap() == src,
+        "backend after stop"
+    );
+}
+
+#[test]
+fn fio_writes_and_verifies_in_every_mode() {
+    let Some(fio) = tool("fio") else {
+        return;
+    };
+    let out = Command::new(&fio).arg("--enghelp").output().unwrap();
+    if !String::from_utf8_lossy(&out.stdout).contains("nbd") {
+        assert!(
+            std::env::var("UBLK_CACHE_REQUIRE_NBD_CLIENTS").as_deref() != Ok("1"),
+            "this fio has no nbd engine"
+        );
+        println!("SKIP: this fio has no nbd engine");
+        return;
+    }
+    for mode in ["none", "around", "through", "back"] {
+        let d = tempfile::tempdir().unwrap();
+        let disk = Disk::new(d.path(), 32 * MIB);
+        // 3 MiB of cache lines for 24 MiB written: eviction, and in back mode
+        // write-back under backpressure.
+        let srv = disk.serve(mode, "4M", &[]);
+        let o = Command::new(&fio)
+            .args([
+                "--name=verify",
+                "--ioengine=nbd",
+                "--rw=randwrite",
+                "--bsrange=4k-64k",
+                "--size=24m",
+                "--iodepth=8",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                "--randseed=7",
+            ])
+            .arg(format!("--uri={}", srv.uris[0]))
+            // fio leaves a verify state file in its working directory.
+            .current_dir(d.path())
+            .output()
+            .unwrap();
+        let text =
+            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() && !text.contains("verify: bad"),
+            "fio in mode {mode} failed:\n{text}\nserver log:\n{}",
+            srv.log()
+        );
+        srv.stop();
+    }
+}
+
+#[test]
+fn a_killed_server_restarts_on_its_cache_and_keeps_flushed_data() {
+    let Some(qio) = tool("qemu-io") else {
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let disk = Disk::new(d.path(), 64 * MIB);
+    let srv = disk.serve("back", "16M", &[]);
+    let s = |x: &str| x.to_string();
+    qemu_io(
+        &qio,
+        &srv.uris[0],
+        &[
+            s("write -P 0x5a 0 4M"),
+            s("write -P 0x6b 8M 2M"),
+            s("flush"),
+            s("write -f -P 0x7c 20M 1M"), // FUA: durable without a flush
+        ],
+    );
+    srv.kill9();
+    // The socket file and the registry record are stale now; serve again.
+    assert!(disk.sock.exists());
+    let srv = disk.serve("back", "16M", &[]);
+    assert!(
+        srv.log().contains("stale NBD socket"),
+        "log:\n{}",
+        srv.log()
+    );
+    qemu_io(
+        &qio,
+        &srv.uris[0],
+        &[
+            s("read -P 0x5a 0 4M"),
+            s("read -P 0x6b 8M 2M"),
+            s("read -P 0x7c 20M 1M"),
+            s("read -P 0 4M 4M"),
+        ],
+    );
+    srv.stop();
+    let b = std::fs::read(&disk.backend).unwrap();
+    assert!(b[..4 << 20].iter().all(|&x| x == 0x5a));
+    assert!(b[8 << 20..10 << 20].iter().all(|&x| x == 0x6b));
+    assert!(b[20 << 20..21 << 20].iter().all(|&x| x == 0x7c));
+}
+
+#[test]
+fn a_malformed_handshake_gets_closed_and_a_good_connection_still_works() {
+    let d = tempfile::tempdir().unwrap();
+    let disk = Disk::new(d.path(), 16 * MIB);
+    let srv = disk.serve("through", "4M", &[]);
+    let mut good = Client::connect_uri(&srv.uris[0]).unwrap();
+    good.write(0, &[3; 4096], true).unwrap().unwrap();
+    // `printf garbage | nc -U SOCKET`, in Rust.
+    let mut s = UnixStream::connect(&disk.sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"garbage\n").unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    assert!(got.starts_with(b"NBDMAGICIHAVEOPT"), "{got:?}");
+    // The log names the problem.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !srv.log().contains("client flags") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        srv.log().contains("protocol error: client flags"),
+        "log:\n{}",
+        srv.log()
+    );
+    // The open connection and a new one are unaffected.
+    assert_eq!(good.read(0, 4096).unwrap().unwrap(), vec![3; 4096]);
+    let mut again = Client::connect_uri(&srv.uris[0]).unwrap();
+    assert_eq!(again.read(0, 4096).unwrap().unwrap(), vec![3; 4096]);
+    if let Some(qio) = tool("qemu-io") {
+        qemu_io(&qio, &srv.uris[0], &["read -P 3 0 4k".to_string()]);
+    }
+    good.disconnect().unwrap();
+    again.disconnect().unwrap();
+    srv.stop();
+}
+
+#[test]
+fn list_shows_the_nbd_export_and_stop_by_id_works() {
+    let d = tempfile::tempdir().unwrap();
+    let disk = Disk::new(d.path(), 16 * MIB);
+    let srv = disk.serve("back", "4M", &[]);
+    let out = run(serve::bin()
+        .arg("--run-dir")
+        .arg(&disk.run_dir)
+        .args(["list", "--json"]));
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let row = &rows[0];
+    assert_eq!(row["exports"][0], disk.uri().as_str(), "{rows}");
+    assert_eq!(row["alive"], true);
+    assert_eq!(row["kernel_state"], "-");
+    let id = row["id"].as_u64().unwrap();
+    assert!(
+        id >= 1 << 20,
+        "NBD-only ids do not collide with ublk ids: {id}"
+    );
+    let text = run(serve::bin().arg("--run-dir").arg(&disk.run_dir).arg("list"));
+    assert!(text.contains(&disk.uri()), "{text}");
+    // `stop ID` signals the server, which exits 0 after write-back.
+    let mut srv = srv;
+    run(serve::bin()
+        .arg("--run-dir")
+        .arg(&disk.run_dir)
+        .args(["stop", &id.to_string()]));
+    let st = srv.child.wait().unwrap();
+    assert!(st.success(), "{st}; log:\n{}", srv.log());
+    assert!(!disk.sock.exists(), "socket removed");
+    let out = run(serve::bin()
+        .arg("--run-dir")
+        .arg(&disk.run_dir)
+        .args(["list", "--json"]));
+    assert_eq!(out.trim(), "[]");
+}
