@@ -8,7 +8,9 @@ need_apt=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 # libclang-dev: bindgen, which libublk's build runs against the ublk uapi header.
 # pkg-config, gcc: -sys crates. fio: benchmarks and the VM scenarios.
-for p in libclang-dev pkg-config gcc fio e2fsprogs; do
+# librbd-dev, librados-dev: the RBD backend (the default `rbd` feature links them).
+# The Ceph daemons for the RBD tests come with scripts/ceph-cluster.sh.
+for p in libclang-dev pkg-config gcc fio e2fsprogs librbd-dev librados-dev; do
     have_pkg "$p" || need_apt+=("$p")
 done
 if ((${#need_apt[@]})); then

@@ -208,6 +208,11 @@ fn demo(dir: Option<&Path>, size: u64, cache_size: u64, run_dir: &Path) -> Resul
     );
     let args = ServeArgs {
         backend: spec::BackendSpec::File(backend),
+        ceph: cli::CephArgs {
+            ceph_conf: None,
+            ceph_id: "admin".into(),
+            ceph_keyring: None,
+        },
         cache: Some(cache),
         cache_size: Some(cache_size),
         mode: policies::CacheMode::Back,

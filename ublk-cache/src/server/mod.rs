@@ -38,7 +38,7 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
     }
     // Check the kernel side first, before touching any data.
     fe::check_control()?;
-    let (backend, _backend_lock) = open::open_backend(&args.backend)?;
+    let (backend, _backend_lock) = open::open_backend(&args.backend, &args.ceph)?;
     let mut cache = None;
     let mut _cache_lock = None;
     let mut created = false;
