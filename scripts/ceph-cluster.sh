@@ -142,6 +142,7 @@ osd crush chooseleaf type = 0
 mon allow pool size one = true
 mon allow pool delete = true
 mon warn on pool no redundancy = false
+mon warn on insecure global id reclaim allowed = false
 mon data avail warn = 1
 mon data avail crit = 0
 paxos propose interval = 0.1
