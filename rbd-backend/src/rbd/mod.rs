@@ -64,6 +64,9 @@ pub struct RbdBackend {
 struct Watcher {
     watch: UpdateWatch,
     thread: JoinHandle<()>,
+    /// Ends the thread even if the watch could not be unregistered (its closure,
+    /// and so the channel's sender, is then leaked rather than freed).
+    stop: Arc<AtomicBool>,
 }
 
 fn unavailable(msg: String, e: Errno) -> BackendError {
@@ -365,10 +368,17 @@ impl RbdBackend {
         let seen = Arc::clone(&self.seen_size);
         let opened = self.size;
         let name = self.spec.to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name("rbd-watch".into())
-            .spawn(move || {
-                while rx.recv().is_ok() {
+            .spawn(move || loop {
+                match rx.recv_timeout(std::time::Duration::from_millis(500)) {
+                    Ok(()) => {}
+                    Err(mpsc::RecvTimeoutError::Timeout) if !stopped.load(Ordering::Acquire) => continue,
+                    Err(_) => break,
+                }
+                {
                     while rx.try_recv().is_ok() {}
                     let Ok(now) = image.size() else { continue };
                     let before = seen.swap(now, Ordering::AcqRel);
@@ -383,8 +393,11 @@ impl RbdBackend {
             });
         match thread {
             Ok(thread) => {
-                *self.watcher.lock().unwrap_or_else(PoisonError::into_inner) =
-                    Some(Watcher { watch, thread });
+                *self.watcher.lock().unwrap_or_else(PoisonError::into_inner) = Some(Watcher {
+                    watch,
+                    thread,
+                    stop,
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start the rbd-watch thread; resizes go unnoticed")
@@ -682,6 +695,7 @@ impl Drop for RbdBackend {
             .take();
         if let Some(w) = w {
             drop(w.watch);
+            w.stop.store(true, Ordering::Release);
             let _ = w.thread.join();
         }
         if self.locked.swap(false, Ordering::AcqRel) {
