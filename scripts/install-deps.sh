@@ -11,8 +11,10 @@ have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok
 # conformance tests (its nbd engine). qemu-utils (qemu-io, qemu-img) and
 # libnbd-bin (nbdinfo, nbdcopy): the NBD conformance tests. A qemu-utils that is
 # already installed (e.g. from backports) is left alone: only missing packages
-# are installed.
-for p in libclang-dev pkg-config gcc fio e2fsprogs qemu-utils libnbd-bin; do
+# are installed. librbd-dev, librados-dev: the RBD backend (the default `rbd`
+# feature links them); the Ceph daemons for the RBD tests come with
+# scripts/ceph-cluster.sh.
+for p in libclang-dev pkg-config gcc fio e2fsprogs qemu-utils libnbd-bin librbd-dev librados-dev; do
     have_pkg "$p" || need_apt+=("$p")
 done
 if ((${#need_apt[@]})); then

@@ -4,6 +4,8 @@
 # nbdcopy, fio), and the end-to-end scenarios on a real ublk kernel in a QEMU guest.
 #   scripts/test.sh                 # everything (what CI runs)
 #   UBLK_CACHE_SKIP_VM=1 scripts/test.sh   # host tests only (says SKIP loudly)
+# The RBD tests run against a throw-away single-node Ceph cluster that this
+# script starts (scripts/ceph-cluster.sh) and stops again.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -17,8 +19,25 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo clippy, without the rbd feature (builds with no librbd)"
+cargo clippy --workspace --all-targets --no-default-features -- -D warnings
+
+echo "== Ceph test cluster"
+ceph_dir=$(mktemp -d /tmp/ublk-cache-ceph.XXXXXX)
+trap 'scripts/ceph-cluster.sh stop "$ceph_dir" || true' EXIT
+if scripts/ceph-cluster.sh start "$ceph_dir"; then
+    eval "$(scripts/ceph-cluster.sh env "$ceph_dir")"
+    # Every RBD test must run: none may skip for want of a cluster.
+    export UBLK_CACHE_REQUIRE_CEPH=1
+else
+    echo "SKIP: the Ceph test cluster did not start (logs in $ceph_dir/log): the RBD backend was NOT tested"
+    CEPH_CLUSTER_KEEP=1 scripts/ceph-cluster.sh stop "$ceph_dir" || true
+    trap - EXIT
+fi
 echo "== cargo test"
 cargo test --workspace
+scripts/ceph-cluster.sh stop "$ceph_dir" || true
+trap - EXIT
 echo "== crash-state harness (fixed seeds, at least 100000 states; CRASH_SOAK=1 for a long soak)"
 cargo run --release -q -p ublk-cache-tests --bin crash-harness
 if [[ ${UBLK_CACHE_SKIP_VM:-0} == 1 ]]; then

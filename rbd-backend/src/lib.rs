@@ -1,6 +1,7 @@
 //! The slow, shared disk behind the cache: the [`Backend`] trait, its error type,
 //! and the file / block-device backend with its I/O engines, plus in-memory and
-//! fault-injecting backends for tests and benchmarks.
+//! fault-injecting backends for tests and benchmarks, and (feature `rbd`) the
+//! RBD backend over librbd.
 
 pub mod aligned;
 pub mod backend;
@@ -9,6 +10,8 @@ pub mod fault;
 pub mod file;
 pub mod io_engine;
 pub mod mem;
+#[cfg(feature = "rbd")]
+pub mod rbd;
 mod sys;
 
 pub use aligned::AlignedBuf;
@@ -20,3 +23,5 @@ pub use io_engine::{
     open_engine, EngineChoice, EngineKind, IoEngine, SyncEngine, UringEngine, ENGINE_ENV,
 };
 pub use mem::{MemBackend, MemBackendBuilder};
+#[cfg(feature = "rbd")]
+pub use rbd::{RbdAdmin, RbdBackend, RbdOptions, RbdRawImage, RbdSpec};

@@ -70,7 +70,7 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// The slow disk: file:PATH or dev:/dev/X.
+    /// The slow disk: file:PATH, dev:/dev/X, or rbd:POOL/IMAGE[@SNAP] (a snapshot is served read-only).
     #[arg(long)]
     pub backend: BackendSpec,
     /// Where to serve the disk (repeatable): ublk (a /dev/ublkbN device; the default),
@@ -80,6 +80,8 @@ pub struct ServeArgs {
     /// Permissions of NBD unix sockets, octal.
     #[arg(long, default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
+    #[command(flatten)]
+    pub ceph: CephArgs,
     /// The cache: a file (created and sized from --cache-size if missing) or a block device such as an LV.
     #[arg(long)]
     pub cache: Option<PathBuf>,
@@ -118,4 +120,18 @@ pub struct ServeArgs {
     /// detached; the backend's newer data in those ranges is overwritten.
     #[arg(long)]
     pub accept_backend_change: bool,
+}
+
+/// How an rbd: backend reaches its cluster (ignored by other backends).
+#[derive(Debug, Clone, Args)]
+pub struct CephArgs {
+    /// ceph.conf of the cluster (default: $CEPH_CONF, then /etc/ceph/ceph.conf).
+    #[arg(long, value_name = "PATH")]
+    pub ceph_conf: Option<PathBuf>,
+    /// Ceph client name, without "client.".
+    #[arg(long, value_name = "NAME", default_value = "admin")]
+    pub ceph_id: String,
+    /// Keyring with the client's key (default: the one ceph.conf names).
+    #[arg(long, value_name = "PATH")]
+    pub ceph_keyring: Option<PathBuf>,
 }

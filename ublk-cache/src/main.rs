@@ -249,6 +249,11 @@ fn demo(dir: Option<&Path>, size: u64, cache_size: u64, run_dir: &Path) -> Resul
         backend: spec::BackendSpec::File(backend),
         exports,
         socket_mode: 0o600,
+        ceph: cli::CephArgs {
+            ceph_conf: None,
+            ceph_id: "admin".into(),
+            ceph_keyring: None,
+        },
         cache: Some(cache),
         cache_size: Some(cache_size),
         mode: policies::CacheMode::Back,

@@ -1,16 +1,20 @@
-//! Backend specifications: `file:PATH`, `dev:/dev/X` (and `rbd:POOL/IMAGE` once the
-//! RBD backend is built in), and export specifications: `ublk`, `nbd:unix:PATH`,
-//! `nbd:tcp:[HOST]:PORT`.
+//! Backend specifications: `file:PATH`, `dev:/dev/X`, and `rbd:POOL/IMAGE[@SNAP]`
+//! (in builds with the `rbd` feature, the default), and export specifications:
+//! `ublk`, `nbd:unix:PATH`, `nbd:tcp:[HOST]:PORT`.
 
 use std::fmt;
 use std::path::PathBuf;
 
+#[cfg(feature = "rbd")]
+use rbd_backend::RbdSpec;
 use ublk_cache::frontend::nbd::{ListenSpec, DEFAULT_PORT};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendSpec {
     File(PathBuf),
     Dev(PathBuf),
+    #[cfg(feature = "rbd")]
+    Rbd(RbdSpec),
 }
 
 impl fmt::Display for BackendSpec {
@@ -18,9 +22,16 @@ impl fmt::Display for BackendSpec {
         match self {
             BackendSpec::File(p) => write!(f, "file:{}", p.display()),
             BackendSpec::Dev(p) => write!(f, "dev:{}", p.display()),
+            #[cfg(feature = "rbd")]
+            BackendSpec::Rbd(r) => write!(f, "rbd:{r}"),
         }
     }
 }
+
+#[cfg(feature = "rbd")]
+const KINDS: &str = "file:PATH, dev:/dev/X or rbd:POOL/IMAGE[@SNAP]";
+#[cfg(not(feature = "rbd"))]
+const KINDS: &str = "file:PATH or dev:/dev/X";
 
 impl std::str::FromStr for BackendSpec {
     type Err = String;
@@ -28,18 +39,21 @@ impl std::str::FromStr for BackendSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (kind, rest) = s
             .split_once(':')
-            .ok_or_else(|| format!("backend '{s}': expected file:PATH or dev:/dev/X"))?;
+            .ok_or_else(|| format!("backend '{s}': expected {KINDS}"))?;
         if rest.is_empty() {
             return Err(format!("backend '{s}': the path is empty"));
         }
         match kind {
             "file" => Ok(BackendSpec::File(PathBuf::from(rest))),
             "dev" => Ok(BackendSpec::Dev(PathBuf::from(rest))),
+            #[cfg(feature = "rbd")]
+            "rbd" => RbdSpec::parse(rest).map(BackendSpec::Rbd),
+            #[cfg(not(feature = "rbd"))]
             "rbd" => Err(format!(
-                "backend '{s}': this build has no RBD backend (librbd support is not built in)"
+                "backend '{s}': this build has no RBD backend (built without the `rbd` feature)"
             )),
             other => Err(format!(
-                "backend '{s}': unknown kind '{other}' (expected file or dev)"
+                "backend '{s}': unknown kind '{other}' (expected {KINDS})"
             )),
         }
     }
@@ -201,5 +215,27 @@ mod tests {
             .parse::<BackendSpec>()
             .unwrap_err()
             .contains("empty"));
+    }
+
+    #[cfg(feature = "rbd")]
+    #[test]
+    fn rbd_specs() {
+        let s: BackendSpec = "rbd:one/one-7-42-0".parse().unwrap();
+        assert_eq!(s.to_string(), "rbd:one/one-7-42-0");
+        let s: BackendSpec = "rbd:one/one-7@snap".parse().unwrap();
+        assert!(matches!(&s, BackendSpec::Rbd(r) if r.snap.as_deref() == Some("snap")));
+        assert!("rbd:justimage"
+            .parse::<BackendSpec>()
+            .unwrap_err()
+            .contains("expected rbd:POOL/IMAGE"));
+    }
+
+    #[cfg(not(feature = "rbd"))]
+    #[test]
+    fn rbd_refused_without_the_feature() {
+        assert!("rbd:a/b"
+            .parse::<BackendSpec>()
+            .unwrap_err()
+            .contains("no RBD backend"));
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use rbd_backend::{Backend, FileBackend, OpenOptions};
 
+use crate::cli::CephArgs;
 use crate::spec::BackendSpec;
 
 /// An advisory exclusive lock held for the life of the server.
@@ -36,11 +37,32 @@ pub fn lock_path(path: &Path, what: &str) -> Result<PathLock> {
     Ok(PathLock { _file: file })
 }
 
-pub fn open_backend(spec: &BackendSpec) -> Result<(Arc<dyn Backend>, PathLock)> {
+/// Opens the backend and takes what keeps a second server off it: an flock on a
+/// file or device, the image's exclusive lock for RBD (held by the backend
+/// itself, so no `PathLock`).
+pub fn open_backend(
+    spec: &BackendSpec,
+    ceph: &CephArgs,
+) -> Result<(Arc<dyn Backend>, Option<PathLock>)> {
     let (path, want_dev) = match spec {
         BackendSpec::File(p) => (p, false),
         BackendSpec::Dev(p) => (p, true),
+        #[cfg(feature = "rbd")]
+        BackendSpec::Rbd(r) => {
+            let opts = rbd_backend::RbdOptions {
+                conf: ceph.ceph_conf.clone(),
+                id: ceph.ceph_id.clone(),
+                keyring: ceph.ceph_keyring.clone(),
+                ..rbd_backend::RbdOptions::default()
+            };
+            let b = rbd_backend::RbdBackend::open(r, &opts)
+                .with_context(|| format!("backend {spec}"))?;
+            return Ok((Arc::new(b), None));
+        }
     };
+    if ceph.ceph_conf.is_some() || ceph.ceph_keyring.is_some() {
+        bail!("backend {spec}: --ceph-conf and --ceph-keyring apply to rbd: backends only");
+    }
     let meta = std::fs::metadata(path).with_context(|| format!("backend {spec}: cannot stat"))?;
     let is_dev = meta.file_type().is_block_device();
     if want_dev && !is_dev {
@@ -58,7 +80,7 @@ pub fn open_backend(spec: &BackendSpec) -> Result<(Arc<dyn Backend>, PathLock)> 
     let lock = lock_path(path, "backend")?;
     let b = FileBackend::open(path, OpenOptions::default())
         .with_context(|| format!("backend {spec}"))?;
-    Ok((Arc::new(b), lock))
+    Ok((Arc::new(b), Some(lock)))
 }
 
 /// Open the cache, creating a file of `size` bytes if nothing is there yet.

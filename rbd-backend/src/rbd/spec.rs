@@ -1,0 +1,116 @@
+//! `rbd:POOL[/NAMESPACE]/IMAGE[@SNAP]` and the connection options.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// Which image (or snapshot) to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdSpec {
+    pub pool: String,
+    /// A RADOS namespace inside the pool, if any.
+    pub namespace: Option<String>,
+    pub image: String,
+    /// A snapshot: served read-only.
+    pub snap: Option<String>,
+}
+
+impl RbdSpec {
+    /// Parses `POOL/IMAGE`, `POOL/NAMESPACE/IMAGE`, each optionally with `@SNAP`
+    /// (without the `rbd:` prefix).
+    pub fn parse(s: &str) -> Result<RbdSpec, String> {
+        let (path, snap) = match s.split_once('@') {
+            Some((p, snap)) => {
+                if snap.is_empty() || snap.contains(['@', '/']) {
+                    return Err(format!("rbd:{s}: bad snapshot name '{snap}'"));
+                }
+                (p, Some(snap.to_string()))
+            }
+            None => (s, None),
+        };
+        let parts: Vec<&str> = path.split('/').collect();
+        if parts.iter().any(|p| p.is_empty()) || !(2..=3).contains(&parts.len()) {
+            return Err(format!(
+                "rbd:{s}: expected rbd:POOL/IMAGE or rbd:POOL/NAMESPACE/IMAGE, optionally with @SNAP"
+            ));
+        }
+        if s.contains('\0') {
+            return Err(format!("rbd:{s}: contains a NUL byte"));
+        }
+        let (pool, namespace, image) = match parts[..] {
+            [p, i] => (p, None, i),
+            [p, n, i] => (p, Some(n.to_string()), i),
+            _ => unreachable!("length checked above"),
+        };
+        Ok(RbdSpec {
+            pool: pool.to_string(),
+            namespace,
+            image: image.to_string(),
+            snap,
+        })
+    }
+
+    /// `pool/[namespace/]image`, without the snapshot.
+    pub fn image_path(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{}/{ns}/{}", self.pool, self.image),
+            None => format!("{}/{}", self.pool, self.image),
+        }
+    }
+}
+
+impl fmt::Display for RbdSpec {
+    /// `pool/[namespace/]image[@snap]`: the backend's name in the cache superblock.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.image_path())?;
+        if let Some(s) = &self.snap {
+            write!(f, "@{s}")?;
+        }
+        Ok(())
+    }
+}
+
+/// How to reach the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdOptions {
+    /// ceph.conf to read; `None` uses librados' search ($CEPH_CONF, /etc/ceph/ceph.conf).
+    pub conf: Option<PathBuf>,
+    /// Client name without `client.` (default `admin`).
+    pub id: String,
+    /// Keyring file; `None` takes the one ceph.conf names (or the default places).
+    pub keyring: Option<PathBuf>,
+    /// Seconds to wait for the monitors at connect (librados' client_mount_timeout).
+    pub connect_timeout_secs: u32,
+}
+
+impl Default for RbdOptions {
+    fn default() -> Self {
+        Self {
+            conf: None,
+            id: "admin".into(),
+            keyring: None,
+            connect_timeout_secs: 30,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse() {
+        let s = RbdSpec::parse("rbd/one-7").unwrap();
+        assert_eq!((s.pool.as_str(), s.image.as_str()), ("rbd", "one-7"));
+        assert_eq!(s.namespace, None);
+        assert_eq!(s.snap, None);
+        assert_eq!(s.to_string(), "rbd/one-7");
+        let s = RbdSpec::parse("pool/ns/img@snap1").unwrap();
+        assert_eq!(s.namespace.as_deref(), Some("ns"));
+        assert_eq!(s.snap.as_deref(), Some("snap1"));
+        assert_eq!(s.to_string(), "pool/ns/img@snap1");
+        assert_eq!(s.image_path(), "pool/ns/img");
+        for bad in ["img", "/img", "pool/", "a/b/c/d", "p/i@", "p/i@a@b", "p//i"] {
+            assert!(RbdSpec::parse(bad).is_err(), "{bad} must be refused");
+        }
+    }
+}

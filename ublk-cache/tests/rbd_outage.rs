@@ -1,0 +1,190 @@
+//! A backend outage under a `back` workload: the only OSD of the test cluster is
+//! frozen (SIGSTOP) while the guest keeps writing and flushing. Writes keep
+//! completing from the cache; after SIGCONT the dirty data drains, and `rbd
+//! export` of the image equals the reference disk.
+//!
+//! In `ordered` write-back an overwrite of data dirty since before a FLUSH waits
+//! until that older epoch is on the backend (README: write-back order), so the
+//! ordered part rewrites no such data; the `relaxed` part overwrites freely.
+//!
+//! Alone in its own test binary: freezing the OSD stalls every client of the
+//! cluster, so nothing else may run meanwhile.
+#![cfg(feature = "rbd")]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use policies::{CacheMode, WritebackOrder};
+use rbd_backend::rbd::testing::{cluster, pattern, watchdog, TestCluster};
+use rbd_backend::{Backend, FaultyBackend, MemBackend, RbdBackend};
+use ublk_cache::target::BlockTarget;
+use ublk_cache::{Engine, EngineConfig};
+
+const LINE: u64 = 65536;
+
+/// Freezes a process; thaws it on drop (even when the test panics) and after
+/// 10 s at the latest (even when the test process is aborted). Longer freezes
+/// leave the single OSD's placement groups stuck (their read leases lapse).
+struct Frozen(i32);
+
+impl Frozen {
+    fn new(pid: i32) -> Frozen {
+        // The dead man's switch: a shell outlives an aborted test process.
+        let _ = std::process::Command::new("sh")
+            .args([
+                "-c",
+                &format!("(sleep 10; kill -CONT {pid}) >/dev/null 2>&1 &"),
+            ])
+            .status();
+        // SAFETY: kill(2) with a pid we read from the cluster's pid file.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP osd");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: as above; SIGCONT on a running process is harmless.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+#[test]
+fn rbd_back_mode_rides_out_an_osd_outage() {
+    let Some(c) = cluster("osd_outage") else {
+        return;
+    };
+    let Some(osd) = c.osd_pid() else {
+        panic!("osd_outage: UBLK_CACHE_CEPH_DIR does not lead to the OSD's pid file");
+    };
+    let _wd = watchdog("osd_outage", 240);
+    for order in [WritebackOrder::Relaxed, WritebackOrder::Ordered] {
+        outage(&c, osd, order);
+    }
+}
+
+fn outage(c: &TestCluster, osd: i32, order: WritebackOrder) {
+    let disk = 8u64 << 20;
+    let img = c.image("outage", disk);
+    let cache = Arc::new(MemBackend::new((1 << 20) + 64 * LINE as usize));
+    let cfg = EngineConfig {
+        mode: CacheMode::Back,
+        order,
+        line_size: Some(LINE as u32),
+        ..EngineConfig::default()
+    };
+    let rbd = RbdBackend::open(&img.spec, &c.opts()).expect("open");
+    let b = Arc::new(FaultyBackend::new(rbd));
+    let e = Engine::open(
+        b.clone() as Arc<dyn Backend>,
+        Some(cache as Arc<dyn Backend>),
+        cfg,
+    )
+    .expect("attach");
+    let mut model = vec![0u8; disk as usize];
+    let first = pattern(1, 2 << 20);
+    e.write(0, &first, false).expect("write");
+    e.flush().expect("flush");
+    model[..first.len()].copy_from_slice(&first);
+    // Let the flusher write that back, so the outage starts with a clean cache.
+    let t = Instant::now();
+    while e.stats().dirty_lines > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "write-back did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    eprintln!("{order:?}: clean; freezing the OSD");
+    let frozen = Frozen::new(osd);
+    let t0 = Instant::now();
+    let before = b.stats();
+    let mut rounds = 0u64;
+    let mut worst = Duration::ZERO;
+    while t0.elapsed() < Duration::from_secs(3) {
+        let seed = 100 + rounds;
+        // relaxed: anywhere in 32 lines of the 64-line cache, flushing often.
+        // ordered: each epoch (ended by a flush every 4 rounds) writes a line of
+        // its own, 32 epochs over lines 32..64, so nothing dirty from an older
+        // epoch is overwritten.
+        let line = match order {
+            WritebackOrder::Relaxed => seed * 7919 % 32,
+            WritebackOrder::Ordered => 32 + (rounds / 4) % 32,
+        };
+        if order == WritebackOrder::Ordered && rounds >= 4 * 32 {
+            // Out of fresh lines: keep reading cached data until the 3 s are up.
+            let mut got = vec![0u8; LINE as usize];
+            e.read((rounds % 32) * LINE, &mut got)
+                .expect("a cached read during the outage");
+            rounds += 1;
+            continue;
+        }
+        let off = line * LINE + (seed % 8) * 4096;
+        let len = 4096 * (1 + seed % 8) as usize;
+        let data = pattern(seed, len);
+        let t = Instant::now();
+        if std::env::var_os("OUTAGE_TRACE").is_some() {
+            eprintln!("round {rounds}: write {off}+{len}");
+        }
+        e.write(off, &data, seed.is_multiple_of(5))
+            .expect("a write during the outage");
+        if rounds % 4 == 3 {
+            e.flush().expect("a flush during the outage");
+        }
+        let mut got = vec![0u8; len];
+        e.read(off, &mut got)
+            .expect("a cached read during the outage");
+        assert!(got == data);
+        worst = worst.max(t.elapsed());
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+        rounds += 1;
+    }
+    let during = b.stats();
+    eprintln!(
+        "{order:?}: during the outage: {rounds} write+read rounds in {:?}, worst {worst:?}; backend writes completed: {}",
+        t0.elapsed(),
+        during.writes - before.writes
+    );
+    assert!(
+        rounds > 50,
+        "the guest must keep going while the OSD is frozen ({rounds} rounds)"
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "a write waited for the frozen backend ({worst:?})"
+    );
+    assert!(
+        e.stats().dirty_lines > 0,
+        "the outage must leave dirty data to drain"
+    );
+    assert_eq!(
+        during.writes, before.writes,
+        "no backend write can complete while the OSD is frozen"
+    );
+    drop(frozen);
+
+    let t1 = Instant::now();
+    e.shutdown().expect("drain after the outage");
+    eprintln!("{order:?}: drained in {:?} after SIGCONT", t1.elapsed());
+    drop(e);
+    drop(b);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("export.img");
+    let o = c.rbd(&[
+        "export",
+        &img.spec.to_string(),
+        out.to_str().expect("utf-8 path"),
+    ]);
+    assert!(
+        o.status.success(),
+        "rbd export: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let exported = std::fs::read(&out).expect("read export");
+    assert!(
+        exported == model,
+        "{order:?}: rbd export differs from the reference disk"
+    );
+}
