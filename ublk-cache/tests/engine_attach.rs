@@ -250,14 +250,19 @@ fn backend_changed_with_dirty_data_is_refused_naming_both_ways_forward() {
             rbd_backend::FileBackend::open(&bpath, rbd_backend::OpenOptions::default()).unwrap(),
         )
     };
+    // The backend refuses writes while attached, so the data is certainly still
+    // dirty at detach (the flusher would otherwise race the test and clean it).
+    let refusing = Arc::new(FaultyBackend::builder(open_file()).build());
+    refusing.set_read_only(true);
     let e = Engine::open(
-        open_file(),
+        refusing.clone(),
         Some(c.clone() as Arc<dyn Backend>),
         cfg(CacheMode::Back),
     )
     .unwrap();
     e.write(0, &fill(5, 65536), false).unwrap();
     e.detach_keep_dirty().unwrap();
+    assert_eq!(e.stats().dirty_lines, 1);
     std::thread::sleep(Duration::from_millis(20));
     std::fs::write(&bpath, vec![1u8; 4 * MIB as usize]).unwrap();
     let err = Engine::open(
