@@ -83,6 +83,20 @@ pub trait Backend: Send + Sync {
 
     /// Make the range read back as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
+
+    /// Live-migration handover, source side: stop holding the backend's
+    /// exclusive lock between requests, so that the destination can take it,
+    /// while this side keeps writing (each write holds the lock only while it is
+    /// in flight). Backends without a lock have nothing to do.
+    fn release_lock(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Hold the exclusive lock again for good (an aborted migration). Fails,
+    /// naming the holder, if another client holds it.
+    fn acquire_lock(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Lets shared or boxed backends (e.g. `Arc<dyn Backend>`, or an `Arc<MemBackend>` a
@@ -122,6 +136,12 @@ macro_rules! forward_backend {
             }
             fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
                 (**self).write_zeroes(offset, len)
+            }
+            fn release_lock(&self) -> Result<()> {
+                (**self).release_lock()
+            }
+            fn acquire_lock(&self) -> Result<()> {
+                (**self).acquire_lock()
             }
         }
     };

@@ -323,6 +323,14 @@ impl<B: Backend> Backend for FaultyBackend<B> {
         self.inner.changes_since(marker)
     }
 
+    fn release_lock(&self) -> Result<()> {
+        self.inner.release_lock()
+    }
+
+    fn acquire_lock(&self) -> Result<()> {
+        self.inner.acquire_lock()
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
         self.before(OpKind::Read, offset, len)?;

@@ -53,6 +53,32 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         timeout: u64,
     },
+    /// Talk to a running server through its control socket.
+    Ctl {
+        /// Server id (as in `ublk-cache list`) or /dev/ublkbN.
+        target: String,
+        #[command(subcommand)]
+        verb: CtlVerb,
+        /// Print the result as JSON (progress lines on stderr are JSON too).
+        #[arg(long, global = true)]
+        json: bool,
+    },
+    /// Live migration, source side (premigrate): switch to write-through, write all
+    /// dirty data back, flush the backend, release the backend's lock, keep serving.
+    MigrateOut {
+        /// Server id or /dev/ublkbN.
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Undo migrate-out (failmigrate): take the backend's lock back, return to the
+    /// previous mode.
+    MigrateAbort {
+        /// Server id or /dev/ublkbN.
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Create a sparse backend and cache in a temporary directory and serve them in back
     /// mode as /dev/ublkbN, or over NBD on a unix socket where the kernel has no ublk.
     Demo {
@@ -68,8 +94,31 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum CtlVerb {
+    /// Counters, rates and latency percentiles.
+    Stats,
+    /// Switch the cache mode live (leaving back/offline writes everything back first).
+    Mode {
+        /// none, around, through or back.
+        mode: CacheMode,
+    },
+    /// Write all dirty data back and flush the backend; returns when it is durable there.
+    Flush,
+    /// Read a range into the cache: LEN (from the start) or OFFSET+LEN, e.g. 512M or 1G+256M
+    /// (default: the server's --preload ranges).
+    Preload { range: Option<String> },
+    /// Drop all clean cached data (refused while dirty data remains).
+    Invalidate,
+}
+
 #[derive(Debug, Clone, Args)]
+#[command(args_override_self = true)]
 pub struct ServeArgs {
+    /// A TOML file of serve options: keys are the long option names (backend = "file:/x",
+    /// cache-size = "20G", export = ["ublk"], …). Options on the command line win.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// The slow disk: file:PATH, dev:/dev/X, or rbd:POOL/IMAGE[@SNAP] (a snapshot is served read-only).
     #[arg(long)]
     pub backend: BackendSpec,
@@ -120,6 +169,28 @@ pub struct ServeArgs {
     /// detached; the backend's newer data in those ranges is overwritten.
     #[arg(long)]
     pub accept_backend_change: bool,
+    /// Read the first SIZE of the disk into the cache at start (in the background
+    /// unless --preload-wait).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub preload: Option<u64>,
+    /// Preload the ranges listed in FILE instead: one `OFFSET LEN` (or `OFFSET+LEN`)
+    /// per line, sizes like 4K/1M/2G, `#` comments.
+    #[arg(long, value_name = "FILE")]
+    pub preload_ranges: Option<PathBuf>,
+    /// Preload (and offline hydration) backend bytes per second at most, e.g. 100M.
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    pub preload_rate: Option<u64>,
+    /// Make the device appear only after the preload is done.
+    #[arg(long)]
+    pub preload_wait: bool,
+    /// Serve the stats in Prometheus text format at http://ADDR/metrics (PORT or HOST:PORT;
+    /// HOST defaults to 127.0.0.1).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Live migration, destination side: start with a cold cache (clean data from an
+    /// earlier stay on this host may be older than the source's last write).
+    #[arg(long)]
+    pub migrate_in: bool,
 }
 
 /// How an rbd: backend reaches its cluster (ignored by other backends).

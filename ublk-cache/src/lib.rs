@@ -8,6 +8,7 @@ pub mod error;
 pub mod format;
 pub mod frontend;
 pub mod target;
+pub mod unix_socket;
 
 pub use engine::{Engine, EngineConfig};
 pub use error::{EngineError, EngineErrorKind};

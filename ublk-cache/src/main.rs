@@ -1,6 +1,10 @@
 //! The `ublk-cache` binary: command line, logging, and the commands.
 
 mod cli;
+mod config;
+mod control;
+mod progress;
+mod ranges;
 mod server;
 mod size;
 mod spec;
@@ -17,7 +21,13 @@ use cli::{Cli, Command, ServeArgs};
 use server::registry;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_cli() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ublk-cache: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     init_logging();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -26,6 +36,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Parse the command line; for `serve`/`recover --config FILE`, parse again with
+/// the file's options added (those not given on the command line).
+fn parse_cli() -> Result<Cli> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = Cli::parse_from(&argv);
+    let config = match &cli.command {
+        Command::Serve(a) | Command::Recover { serve: a, .. } => a.config.clone(),
+        _ => None,
+    };
+    let Some(path) = config else {
+        return Ok(cli);
+    };
+    let mut full = argv.clone();
+    full.extend(config::config_args(&path, &argv)?);
+    Cli::try_parse_from(&full)
+        .map_err(|e| anyhow::anyhow!("with the options from config {}: {e}", path.display()))
 }
 
 fn init_logging() {
@@ -60,6 +88,140 @@ fn run(cli: Cli) -> Result<()> {
             size,
             cache_size,
         } => demo(dir.as_deref(), size, cache_size, &run_dir),
+        Command::Ctl { target, verb, json } => ctl(&run_dir, &target, verb, json),
+        Command::MigrateOut { target, json } => {
+            control_call(&run_dir, &target, control::Request::MigrateOut, json)
+        }
+        Command::MigrateAbort { target, json } => {
+            control_call(&run_dir, &target, control::Request::MigrateAbort, json)
+        }
+    }
+}
+
+fn ctl(run_dir: &Path, target: &str, verb: cli::CtlVerb, json: bool) -> Result<()> {
+    use cli::CtlVerb;
+    use control::Request;
+    let req = match verb {
+        CtlVerb::Stats => Request::Stats,
+        CtlVerb::Mode { mode } => Request::Mode {
+            mode: mode.to_string(),
+        },
+        CtlVerb::Flush => Request::Flush,
+        CtlVerb::Preload { range } => Request::Preload {
+            ranges: range
+                .map(|r| ranges::parse_range(&r))
+                .transpose()?
+                .map(|r| vec![r]),
+        },
+        CtlVerb::Invalidate => Request::Invalidate,
+    };
+    control_call(run_dir, target, req, json)
+}
+
+/// Send one request to a server's control socket; progress goes to stderr, the
+/// result to stdout (JSON with --json, else a readable form).
+fn control_call(run_dir: &Path, target: &str, req: control::Request, json: bool) -> Result<()> {
+    let id = parse_target(target)?;
+    let path = control::socket_path(run_dir, id);
+    let view = progress::ProgressView::new(json);
+    let is_stats = matches!(req, control::Request::Stats);
+    let result = control::client::call(&path, &req, |p| view.show(p))?;
+    if json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else if is_stats {
+        print_stats(&result);
+    } else {
+        println!("{}", human_result(&result));
+    }
+    Ok(())
+}
+
+/// `key=value` pairs of a flat JSON object, one line.
+fn human_result(v: &serde_json::Value) -> String {
+    match v.as_object() {
+        Some(o) => o
+            .iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => format!("{k}={s}"),
+                other => format!("{k}={other}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => v.to_string(),
+    }
+}
+
+fn print_stats(v: &serde_json::Value) {
+    let g = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("?").to_string();
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64);
+    println!(
+        "disk {}  mode {} ({})  backend {}  cache {}",
+        g("id"),
+        s("mode"),
+        s("order"),
+        s("backend"),
+        s("cache")
+    );
+    println!(
+        "cache: {} of {} used, {} dirty, line {} KiB, epoch {}",
+        mib(g("valid_bytes")),
+        mib(g("cache_lines") * g("line_size")),
+        mib(g("dirty_bytes")),
+        g("line_size") >> 10,
+        g("epoch")
+    );
+    println!(
+        "reads:  {} hits, {} misses, {} partial; {} from cache, {} from backend",
+        g("read_hits"),
+        g("read_misses"),
+        g("read_partial"),
+        mib(g("read_hit_bytes")),
+        mib(g("read_miss_bytes"))
+    );
+    println!(
+        "writes: {} hits, {} misses, {} partial; {} written",
+        g("write_hits"),
+        g("write_misses"),
+        g("write_partial"),
+        mib(g("write_bytes"))
+    );
+    let rate = |k: &str| {
+        v.get("rates")
+            .and_then(|r| r.get(k))
+            .and_then(|x| x.as_u64())
+            .unwrap_or(0)
+    };
+    println!(
+        "backend: {} read, {} written ({} write-back, {}/s now); errors {}, write-back retries {}",
+        mib(g("backend_read_bytes")),
+        mib(g("backend_write_bytes")),
+        mib(g("writeback_bytes")),
+        mib(rate("writeback_bps")),
+        g("backend_errors"),
+        g("writeback_retries")
+    );
+    println!(
+        "cache device: {} read, {} written; errors {}; preload fetched {}",
+        mib(g("cache_read_bytes")),
+        mib(g("cache_write_bytes")),
+        g("cache_errors"),
+        mib(g("preload_bytes"))
+    );
+    if let Some(lat) = v.get("latency").and_then(|l| l.as_array()) {
+        println!("latency (µs)   count      p50      p90      p99    p99.9");
+        for l in lat {
+            let f = |k: &str| l.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+            println!(
+                "  {:<8} {:>9} {:>8} {:>8} {:>8} {:>8}",
+                l.get("op").and_then(|x| x.as_str()).unwrap_or("?"),
+                f("count"),
+                f("p50_us"),
+                f("p90_us"),
+                f("p99_us"),
+                f("p999_us")
+            );
+        }
     }
 }
 
@@ -266,6 +428,13 @@ fn demo(dir: Option<&Path>, size: u64, cache_size: u64, run_dir: &Path) -> Resul
         format: false,
         discard_dirty: false,
         accept_backend_change: false,
+        config: None,
+        preload: None,
+        preload_ranges: None,
+        preload_rate: None,
+        preload_wait: false,
+        metrics: None,
+        migrate_in: false,
     };
     server::serve(&args, run_dir)
 }

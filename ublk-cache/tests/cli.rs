@@ -60,7 +60,58 @@ fn bad_arguments_are_named() {
         ),
         (
             vec!["serve", "--backend", "file:/x", "--mode", "offline"],
-            "--mode offline is not available",
+            "--mode offline needs --cache",
+        ),
+        (
+            vec![
+                "serve",
+                "--backend",
+                "file:/x",
+                "--preload",
+                "1M",
+                "--preload-ranges",
+                "/r",
+            ],
+            "--preload and --preload-ranges exclude each other",
+        ),
+        (
+            vec!["serve", "--backend", "file:/x", "--preload-wait"],
+            "--preload-wait needs --preload",
+        ),
+        (
+            vec![
+                "serve",
+                "--backend",
+                "file:/x",
+                "--mode",
+                "none",
+                "--preload",
+                "1M",
+            ],
+            "mode 'none' uses none",
+        ),
+        (
+            vec!["serve", "--backend", "file:/x", "--metrics", "no:such:addr"],
+            "--metrics no:such:addr",
+        ),
+        (
+            vec!["ctl", "7", "stats"],
+            "cannot reach the server's control socket",
+        ),
+        (vec!["ctl", "7", "preload", "1X"], "unknown unit"),
+        (
+            vec!["migrate-out", "/dev/sda"],
+            "neither a device id nor /dev/ublkbN",
+        ),
+        (
+            vec![
+                "serve",
+                "--backend",
+                "file:/x",
+                "--config",
+                "/nonexistent.toml",
+            ],
+            "config /nonexistent.toml: cannot read it",
         ),
     ] {
         assert_refused(&args, want);

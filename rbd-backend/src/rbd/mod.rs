@@ -511,6 +511,23 @@ impl Backend for RbdBackend {
         self.size
     }
 
+    /// Refused for now: after `rbd_lock_acquire`, librbd lets this client write
+    /// only while it holds the lock, so releasing it would fail the source's
+    /// writes during the migration (EROFS). Lending the lock per write is the
+    /// planned way; until then, migrate RBD disks cold (stop the source first).
+    fn release_lock(&self) -> Result<()> {
+        Err(BackendError::new(
+            ErrorKind::Unsupported,
+            format!(
+                "rbd:{}: handing the exclusive lock to a live-migration destination is not supported yet \
+                 (this client could not write again without it); stop this server before starting the \
+                 destination (cold migration)",
+                self.spec
+            ),
+            io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+        ))
+    }
+
     fn identity(&self) -> BackendIdentity {
         BackendIdentity {
             kind: "rbd".into(),

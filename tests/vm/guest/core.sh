@@ -5,6 +5,8 @@
 #    size, so eviction and (in back) write-back and backpressure run;
 #  - ext4: mkfs, files, checksums; clean stop; warm serve; checksums again;
 #  - back: after a clean stop the backend disk alone holds what the guest saw;
+#  - the control socket: a live back -> through switch under fio, flush,
+#    invalidate, preload;
 #  - the CLI refuses a missing backend, a busy or foreign cache, a changed
 #    cache size and a device holding other data, naming the problem.
 set -uo pipefail
@@ -95,10 +97,45 @@ cli_errors() {
     wipe_cache "$C"
 }
 
+# The control socket on the ublk path: stats, a live switch from back to
+# through with fio writes in flight (nothing may fail, nothing stays dirty),
+# flush, preload, invalidate; the device then equals the backend.
+live_ops() {
+    wipe_cache "$C"
+    start_server server-live.log --backend "dev:$B" --cache "$C" --cache-size "$CACHE_SIZE" --mode back --queues 2
+    local id=${DEV#/dev/ublkb}
+    [[ -S $RUN_DIR/$id.ctl ]] || { bad "no control socket $RUN_DIR/$id.ctl"; return 1; }
+    fio --name=live --filename="$DEV" --direct=1 --ioengine=io_uring --iodepth=16 --rw=randwrite \
+        --bsrange=4k-64k --size=100% --io_size=48M --randrepeat=0 --verify=crc32c --do_verify=0 \
+        --output=fio-live.txt &
+    local fio_pid=$!
+    sleep 2
+    "$BIN" ctl "$id" mode through --json >mode.json || { bad "ctl mode through failed"; cat mode.json; return 1; }
+    grep -q '"previous":"back"' mode.json || { bad "unexpected switch result: $(cat mode.json)"; return 1; }
+    wait "$fio_pid" || { cat fio-live.txt; bad "fio failed during the live switch"; return 1; }
+    grep -q "err= 0" fio-live.txt || { cat fio-live.txt; bad "fio saw errors during the switch"; return 1; }
+    "$BIN" ctl "$id" stats --json >stats.json
+    grep -q '"mode":"through"' stats.json && grep -q '"dirty_bytes":0' stats.json \
+        || { bad "after the switch: $(cat stats.json)"; return 1; }
+    "$BIN" ctl "$id" stats
+    "$BIN" ctl "$id" mode back >/dev/null
+    "$BIN" ctl "$id" flush --json | grep -q '"dirty_bytes":0' || { bad "ctl flush left dirty data"; return 1; }
+    "$BIN" ctl "$id" invalidate --json | grep -q dropped_bytes || { bad "ctl invalidate failed"; return 1; }
+    "$BIN" ctl "$id" preload 16M --json | grep -q '"fetched":16777216' || { bad "ctl preload did not fetch 16M"; return 1; }
+    local seen after
+    seen=$(sha256sum <"$DEV" | cut -d' ' -f1)
+    stop_server
+    [[ -e $RUN_DIR/$id.ctl ]] && { bad "the control socket outlived the server"; return 1; }
+    after=$(sha256sum <"$B" | cut -d' ' -f1)
+    [[ $seen == "$after" ]] || { bad "the backend differs from what the guest saw ($seen vs $after)"; return 1; }
+    echo "live switch under fio, flush, invalidate, preload: device and backend agree ($after)"
+}
+
 for mode in none around through back; do
     run_case "fio-verify-$mode" fio_verify "$mode"
 done
 run_case ext4-warm-restart ext4_warm_restart
 run_case backend-exact-after-stop backend_exact_after_stop
 run_case cli-errors cli_errors
+run_case live-ops live_ops
 summary vm-core

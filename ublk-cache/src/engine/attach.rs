@@ -2,8 +2,8 @@
 //! one (refusing anything corrupt or foreign), recover after a crash, and detach.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use policies::{CacheMode, LruPolicy, WritebackOrder};
 use rbd_backend::{Backend, BackendChanges};
@@ -36,6 +36,9 @@ pub struct EngineConfig {
     /// Keep dirty data (and write it back) even though the backend changed since
     /// the cache detached; clean data is dropped.
     pub accept_backend_change: bool,
+    /// Drop all clean cached data at attach (a live-migration destination: the
+    /// source may write the backend until switchover); refuse dirty data.
+    pub cold_start: bool,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +51,7 @@ impl Default for EngineConfig {
             format: false,
             discard_dirty: false,
             accept_backend_change: false,
+            cold_start: false,
         }
     }
 }
@@ -110,7 +114,11 @@ impl Engine {
             None => None,
         };
         let engine = Arc::new(Engine {
-            mode: cfg.mode,
+            mode: AtomicU32::new(cfg.mode.code()),
+            io_gate: RwLock::new(()),
+            switch_lock: Mutex::new(()),
+            hydrated: AtomicBool::new(false),
+            started_offline: cfg.mode == CacheMode::Offline,
             order: cfg.order,
             backend,
             size,
@@ -274,6 +282,24 @@ impl Engine {
                     );
                 }
             }
+        }
+        if cfg.cold_start {
+            if state.dirty_lines > 0 {
+                return Err(refuse(
+                    EngineErrorKind::DirtyData,
+                    format!(
+                        "--migrate-in: this cache holds dirty data ({} lines) from an earlier server that did not                          write it back, and the source host may have written the same disk since. Refusing to                          serve it. If the disk's current data is on the backend, drop it with --discard-dirty",
+                        state.dirty_lines
+                    ),
+                ));
+            }
+            // The source keeps writing to the backend until switchover, so no
+            // clean data cached here before can be trusted.
+            info!(
+                cached_lines = state.map.len(),
+                "migration destination: starting with a cold cache"
+            );
+            Self::drop_clean_in(&mut state);
         }
         if from_shadow {
             info!(
@@ -565,6 +591,8 @@ impl Engine {
             releasing: HashSet::new(),
             dirty: BTreeMap::<u64, BTreeSet<u64>>::new(),
             dirty_lines: 0,
+            valid_sectors: 0,
+            dirty_sectors: 0,
             locked: HashSet::new(),
             cur_epoch: 0,
             applying: BTreeMap::new(),
@@ -594,11 +622,12 @@ impl Engine {
             }
         }
         st.cur_epoch = max_epoch + 1;
+        st.recount();
         st
     }
 
     /// Drop clean data of every line; dirty lines keep their dirty sectors only.
-    fn drop_clean_in(st: &mut State) {
+    pub(super) fn drop_clean_in(st: &mut State) {
         Self::drop_clean_where(st, |_| true);
     }
 

@@ -69,6 +69,7 @@ impl Engine {
                 Ok(bytes) => {
                     backoff = Duration::from_millis(50);
                     Stats::add(&self.stats.writeback_bytes, bytes);
+                    Stats::add(&self.stats.backend_write_bytes, bytes);
                     let mut st = lock(&c.st);
                     for it in &items {
                         let l = st.lines[it.slot as usize];
@@ -81,6 +82,7 @@ impl Engine {
                     c.cv_space.notify_all();
                 }
                 Err(e) => {
+                    Stats::add(&self.stats.writeback_retries, 1);
                     warn!(
                         "write-back of {} lines failed, data stays dirty in the cache; retrying in {:?}: {e}",
                         items.len(),
@@ -106,7 +108,7 @@ impl Engine {
             if st.stopping {
                 return None;
             }
-            let active = self.mode.writes_back_continuously() || st.drain_requests > 0;
+            let active = self.mode().writes_back_continuously() || st.drain_requests > 0;
             let epoch = if !active {
                 None
             } else if self.reverse_writeback_for_tests.load(Ordering::Relaxed) {

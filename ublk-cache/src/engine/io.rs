@@ -15,8 +15,8 @@ fn sectors(a: u64, b: u64) -> (u32, u32) {
 }
 
 impl Engine {
-    fn cache(&self) -> Option<&Cache> {
-        self.cache.as_ref().filter(|_| self.mode.uses_cache())
+    pub(super) fn cache(&self) -> Option<&Cache> {
+        self.cache.as_ref().filter(|_| self.mode().uses_cache())
     }
 
     fn backend_read(&self, offset: u64, buf: &mut [u8]) -> EngineResult<()> {
@@ -44,22 +44,36 @@ impl Engine {
 
     pub(super) fn read_impl(&self, offset: u64, buf: &mut [u8]) -> EngineResult<()> {
         let Some(c) = self.cache() else {
+            Stats::add(&self.stats.read_misses, 1);
             return self.backend_read(offset, buf);
         };
         let mut done = 0usize;
+        let (mut hit, mut miss) = (0, 0);
         for (tag, a, n) in self.split(offset, buf.len() as u64) {
             let piece = &mut buf[done..done + n as usize];
-            self.read_line(c, tag, a, piece)?;
+            let (h, m) = self.read_line(c, tag, a, piece, true)?;
+            hit += h;
+            miss += m;
             done += n as usize;
         }
+        let s = &self.stats;
+        Stats::classify(&s.read_hits, &s.read_misses, &s.read_partial, hit, miss);
         Ok(())
     }
 
     /// Read bytes `a..a+out.len()` of backend line `tag`: valid sectors from the
     /// cache, the rest from the backend, which is then promoted. Holding the line
     /// lock across the backend read means concurrent readers of the same line
-    /// wait for one fetch instead of fetching twice.
-    fn read_line(&self, c: &Cache, tag: u64, a: u64, out: &mut [u8]) -> EngineResult<()> {
+    /// wait for one fetch instead of fetching twice. Returns the bytes that were
+    /// hits and misses. `guest` false (preload) keeps the guest's counters clean.
+    pub(super) fn read_line(
+        &self,
+        c: &Cache,
+        tag: u64,
+        a: u64,
+        out: &mut [u8],
+        guest: bool,
+    ) -> EngineResult<(u64, u64)> {
         let ls = c.layout.line_size as u64;
         let b = a + out.len() as u64;
         let (s0, s1) = sectors(a, b);
@@ -75,6 +89,7 @@ impl Engine {
             }
         };
         let mut fetched: Vec<(u32, u32, Vec<u8>)> = Vec::new();
+        let (mut hit_bytes, mut miss_bytes) = (0, 0);
         for (rs, re, hit) in bits::runs(&valid, s0, s1) {
             let ra = a.max(rs as u64 * SECTOR);
             let rb = b.min(re as u64 * SECTOR);
@@ -83,20 +98,29 @@ impl Engine {
                 c.store.read(slot, ra, dst).inspect_err(|_| {
                     Stats::add(&self.stats.cache_errors, 1);
                 })?;
-                Stats::add(&self.stats.read_hit_bytes, dst.len() as u64);
+                if guest {
+                    Stats::add(&self.stats.read_hit_bytes, dst.len() as u64);
+                }
+                hit_bytes += dst.len() as u64;
             } else {
                 let start = rs as u64 * SECTOR;
                 let mut whole = vec![0u8; ((re - rs) as u64 * SECTOR) as usize];
                 self.backend_read(tag * ls + start, &mut whole)?;
                 dst.copy_from_slice(&whole[(ra - start) as usize..(rb - start) as usize]);
-                Stats::add(&self.stats.read_miss_bytes, dst.len() as u64);
+                let counter = if guest {
+                    &self.stats.read_miss_bytes
+                } else {
+                    &self.stats.preload_bytes
+                };
+                Stats::add(counter, dst.len() as u64);
+                miss_bytes += dst.len() as u64;
                 fetched.push((rs, re, whole));
             }
         }
-        if !fetched.is_empty() && self.mode.promotes_reads() {
+        if !fetched.is_empty() && self.mode().promotes_reads() {
             self.promote(c, tag, slot, &fetched);
         }
-        Ok(())
+        Ok((hit_bytes, miss_bytes))
     }
 
     /// Put sectors read from the backend into the cache. Best effort: a full
@@ -159,26 +183,36 @@ impl Engine {
     pub(super) fn write_impl(&self, offset: u64, data: &[u8]) -> EngineResult<()> {
         Stats::add(&self.stats.write_bytes, data.len() as u64);
         let Some(c) = self.cache() else {
+            Stats::add(&self.stats.write_misses, 1);
             return self.backend_write(offset, data);
         };
         let mut done = 0usize;
+        let (mut hit, mut miss) = (0, 0);
+        let route = self.mode().write_route();
         for (tag, a, n) in self.split(offset, data.len() as u64) {
             let piece = &data[done..done + n as usize];
-            match self.mode.write_route() {
+            let was_cached = match route {
                 WriteRoute::CacheDirty => self.write_line_dirty(c, tag, a, piece)?,
                 WriteRoute::BackendThenCache => self.write_line_through(c, tag, a, piece, true)?,
                 WriteRoute::BackendInvalidate => {
                     self.write_line_through(c, tag, a, piece, false)?
                 }
+            };
+            if was_cached {
+                hit += n;
+            } else {
+                miss += n;
             }
             done += n as usize;
         }
+        let s = &self.stats;
+        Stats::classify(&s.write_hits, &s.write_misses, &s.write_partial, hit, miss);
         Ok(())
     }
 
     /// Write-through (`fill`) or write-around: the backend first, so the cache
     /// never holds data the backend lacks; then the cache copy is updated or
-    /// invalidated so no later read is stale.
+    /// invalidated so no later read is stale. Returns whether the line was cached.
     fn write_line_through(
         &self,
         c: &Cache,
@@ -186,11 +220,12 @@ impl Engine {
         a: u64,
         data: &[u8],
         fill: bool,
-    ) -> EngineResult<()> {
+    ) -> EngineResult<bool> {
         let ls = c.layout.line_size as u64;
         let b = a + data.len() as u64;
         let (s0, s1) = sectors(a, b);
         let _g = c.lock_line(tag);
+        let was_cached = lock(&c.st).map.contains_key(&tag);
         if let Err(e) = self.backend_write(tag * ls + a, data) {
             // What the backend holds in the range is now unknown: drop our copy.
             self.invalidate_locked(c, tag, s0, s1);
@@ -201,18 +236,18 @@ impl Engine {
         let (f0, f1) = (a.div_ceil(SECTOR) as u32, (b / SECTOR) as u32);
         if !fill || f0 >= f1 {
             self.invalidate_locked(c, tag, s0, s1);
-            return Ok(());
+            return Ok(was_cached);
         }
         let slot = match self.alloc_line(c, tag, false) {
             Ok(Some(s)) => s,
             Ok(None) => {
                 self.invalidate_locked(c, tag, s0, s1);
-                return Ok(());
+                return Ok(was_cached);
             }
             Err(e) => {
                 warn!("write-through cache allocation failed: {e}");
                 self.invalidate_locked(c, tag, s0, s1);
-                return Ok(());
+                return Ok(was_cached);
             }
         };
         let start = f0 as u64 * SECTOR;
@@ -235,7 +270,7 @@ impl Engine {
             let dirty = bits::and_not(&l.dirty, &touched);
             st.set_bits(slot, valid, dirty, l.epoch, true);
         }
-        Ok(())
+        Ok(was_cached)
     }
 
     /// Drop sectors `s0..s1` of `tag` from the cache. The caller holds the line lock.
@@ -253,7 +288,8 @@ impl Engine {
     }
 
     /// Write-back: the data goes to the cache, marked dirty in the current epoch.
-    fn write_line_dirty(&self, c: &Cache, tag: u64, a: u64, data: &[u8]) -> EngineResult<()> {
+    /// Returns whether the line was cached already.
+    fn write_line_dirty(&self, c: &Cache, tag: u64, a: u64, data: &[u8]) -> EngineResult<bool> {
         let ls = c.layout.line_size as u64;
         let b = a + data.len() as u64;
         let (s0, s1) = sectors(a, b);
@@ -324,7 +360,7 @@ impl Engine {
             c.cv_progress.notify_all();
             drop(st);
             drop(g);
-            return Ok(());
+            return Ok(!fresh);
         }
     }
 
@@ -370,7 +406,7 @@ impl Engine {
     /// FLUSH (`guest` true) or the durability step of a FUA write.
     pub(super) fn flush_impl(&self, guest: bool) -> EngineResult<()> {
         Stats::add(&self.stats.flushes, 1);
-        let action = self.mode.flush_action();
+        let action = self.mode().flush_action();
         if let Some(c) = self.cache() {
             if action.close_epoch && guest {
                 let mut st = lock(&c.st);
@@ -396,7 +432,7 @@ impl Engine {
             return Ok(());
         }
         if let Some(c) = self.cache.as_ref() {
-            if self.mode.holds_dirty() || lock(&c.st).dirty_lines > 0 {
+            if self.mode().holds_dirty() || lock(&c.st).dirty_lines > 0 {
                 self.writeback_barrier()?;
             }
         }
@@ -420,7 +456,7 @@ impl Engine {
             // In the dirty-holding modes a guest FLUSH does not reach the backend,
             // so the backend must hold the zeroes durably before we forget the
             // range: otherwise a power cut brings back the data written back before.
-            if self.mode.holds_dirty() {
+            if self.mode().holds_dirty() {
                 self.backend_flush()?;
             }
         }

@@ -12,20 +12,25 @@ mod attach;
 pub mod bits;
 mod flusher;
 mod io;
+pub mod latency;
+mod live;
 mod persist;
 pub mod shadow;
 pub mod state;
 mod stats;
 pub mod store;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use policies::{CacheMode, WritebackOrder};
 use rbd_backend::Backend;
 
 pub use attach::EngineConfig;
+pub use latency::{LatencySnapshot, Op};
+pub use live::{PreloadOptions, PreloadReport, Progress, ProgressFn};
 pub use stats::{Stats, StatsSnapshot};
 
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
@@ -57,7 +62,17 @@ struct Cache {
 }
 
 pub struct Engine {
-    mode: CacheMode,
+    /// The cache mode's code (`CacheMode::code`); changed only by `set_mode`.
+    mode: AtomicU32,
+    /// Every request holds this shared; a mode switch holds it exclusively for
+    /// its last step, so no request sees half of one mode and half of another.
+    io_gate: RwLock<()>,
+    /// One mode switch (or invalidation) at a time.
+    switch_lock: Mutex<()>,
+    /// Offline mode: the whole image has been copied into the cache.
+    hydrated: AtomicBool,
+    /// Opened in offline mode (its hydration runs), so it may return to it.
+    started_offline: bool,
     order: WritebackOrder,
     backend: Arc<dyn Backend>,
     size: u64,
@@ -110,7 +125,20 @@ impl Cache {
 
 impl Engine {
     pub fn mode(&self) -> CacheMode {
-        self.mode
+        CacheMode::from_code(self.mode.load(Ordering::Acquire)).unwrap_or(CacheMode::None)
+    }
+
+    fn io_shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.io_gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn io_exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.io_gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a cache device is attached (whatever the current mode).
+    pub fn has_cache(&self) -> bool {
+        self.cache.is_some()
     }
 
     pub fn order(&self) -> WritebackOrder {
@@ -119,9 +147,17 @@ impl Engine {
 
     pub fn stats(&self) -> StatsSnapshot {
         let mut s = self.stats.snapshot();
+        s.mode = self.mode().to_string();
+        s.order = self.order.to_string();
+        s.size = self.size;
         if let Some(c) = &self.cache {
+            let (r, w) = c.store.io_bytes();
+            s.cache_read_bytes = r;
+            s.cache_write_bytes = w;
             let st = lock(&c.st);
             s.dirty_lines = st.dirty_lines as u64;
+            s.valid_bytes = st.valid_sectors * SECTOR;
+            s.dirty_bytes = st.dirty_sectors * SECTOR;
             s.cached_lines = st.map.len() as u64;
             s.cache_lines = c.layout.nr_lines;
             s.line_size = c.layout.line_size as u64;
@@ -183,35 +219,62 @@ impl BlockTarget for Engine {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> TargetResult<()> {
+        let t = Instant::now();
         self.check_open()?;
         self.check_range(offset, buf.len() as u64)?;
-        Ok(self.read_impl(offset, buf)?)
+        let r = {
+            let _g = self.io_shared();
+            self.read_impl(offset, buf)
+        };
+        self.stats.latency.record(Op::Read, t.elapsed());
+        Ok(r?)
     }
 
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> TargetResult<()> {
+        let t = Instant::now();
         self.check_open()?;
         self.check_range(offset, buf.len() as u64)?;
-        self.write_impl(offset, buf)?;
-        if fua {
-            self.flush_impl(false)?;
-        }
-        Ok(())
+        let r = {
+            let _g = self.io_shared();
+            self.write_impl(offset, buf)
+                .and_then(|()| if fua { self.flush_impl(false) } else { Ok(()) })
+        };
+        self.stats.latency.record(Op::Write, t.elapsed());
+        Ok(r?)
     }
 
     fn flush(&self) -> TargetResult<()> {
+        let t = Instant::now();
         self.check_open()?;
-        Ok(self.flush_impl(true)?)
+        let r = {
+            let _g = self.io_shared();
+            self.flush_impl(true)
+        };
+        self.stats.latency.record(Op::Flush, t.elapsed());
+        Ok(r?)
     }
 
     fn discard(&self, offset: u64, len: u64) -> TargetResult<()> {
+        let t = Instant::now();
         self.check_open()?;
         self.check_range(offset, len)?;
-        Ok(self.discard_impl(offset, len, false)?)
+        let r = {
+            let _g = self.io_shared();
+            self.discard_impl(offset, len, false)
+        };
+        self.stats.latency.record(Op::Discard, t.elapsed());
+        Ok(r?)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> TargetResult<()> {
+        let t = Instant::now();
         self.check_open()?;
         self.check_range(offset, len)?;
-        Ok(self.discard_impl(offset, len, true)?)
+        let r = {
+            let _g = self.io_shared();
+            self.discard_impl(offset, len, true)
+        };
+        self.stats.latency.record(Op::Discard, t.elapsed());
+        Ok(r?)
     }
 }

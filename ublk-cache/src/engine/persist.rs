@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 
 use tracing::info;
 
+use super::live::{Progress, ProgressFn};
 use super::state::Line;
 use super::store::CacheStore;
-use super::{lock, wait, Engine};
+use super::{lock, wait, Engine, SECTOR};
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
 use crate::format::{EntryCodec, Layout, META_BLOCK};
 
@@ -152,17 +153,24 @@ impl Engine {
     /// Close the current epoch and wait until it and everything before it is on
     /// the backend (and flushed there).
     pub(super) fn writeback_barrier(&self) -> EngineResult<()> {
-        self.drain_until(false)
+        self.drain_until(false, None)
     }
 
     /// Write back all dirty data and wait for it, logging progress. Used at stop,
     /// at attach in a mode that holds no dirty data, and by `ctl flush`.
     pub fn drain(&self) -> EngineResult<()> {
-        self.drain_until(true)?;
+        self.drain_until(true, None)?;
         self.persist()
     }
 
-    fn drain_until(&self, log: bool) -> EngineResult<()> {
+    /// `drain`, reporting progress (bytes of the dirty data found at the start
+    /// that are written back) about twice a second.
+    pub fn drain_with_progress(&self, progress: ProgressFn<'_>) -> EngineResult<()> {
+        self.drain_until(true, Some(progress))?;
+        self.persist()
+    }
+
+    fn drain_until(&self, log: bool, progress: Option<ProgressFn<'_>>) -> EngineResult<()> {
         let Some(c) = self.cache.as_ref() else {
             return Ok(());
         };
@@ -176,12 +184,28 @@ impl Engine {
         };
         let start = Instant::now();
         let mut last_log = Instant::now();
+        let mut last_progress = Instant::now();
         let mut st = lock(&c.st);
+        let total = st.dirty_sectors * SECTOR;
+        let report = |st: &super::state::State| {
+            if let Some(p) = progress {
+                p(&Progress {
+                    phase: "write-back".into(),
+                    done: total.saturating_sub(st.dirty_sectors * SECTOR),
+                    total,
+                });
+            }
+        };
         loop {
             let dirty_done = st.oldest_dirty_epoch().is_none_or(|e| e > target);
             let applying_done = st.oldest_applying_epoch().is_none_or(|e| e > target);
             if dirty_done && applying_done {
+                report(&st);
                 break;
+            }
+            if last_progress.elapsed() >= Duration::from_millis(500) {
+                report(&st);
+                last_progress = Instant::now();
             }
             if log && last_log.elapsed() >= Duration::from_secs(2) {
                 info!(

@@ -64,6 +64,9 @@ pub struct State {
     /// Dirty lines by epoch, by tag (so write-back goes in backend order).
     pub dirty: BTreeMap<u64, BTreeSet<u64>>,
     pub dirty_lines: usize,
+    /// 4 KiB sectors that are valid / dirty, over all lines (for stats).
+    pub valid_sectors: u64,
+    pub dirty_sectors: u64,
     /// Backend lines a request or the flusher is working on.
     pub locked: HashSet<u64>,
     /// Epoch that new writes join. A guest FLUSH closes it.
@@ -113,6 +116,28 @@ impl State {
         }
     }
 
+    /// Keep the sector counters right around a change of one line's bits.
+    fn count_out(&mut self, slot: u32) {
+        let l = &self.lines[slot as usize];
+        self.valid_sectors -= bits::count(&l.valid) as u64;
+        self.dirty_sectors -= bits::count(&l.dirty) as u64;
+    }
+
+    fn count_in(&mut self, slot: u32) {
+        let l = &self.lines[slot as usize];
+        self.valid_sectors += bits::count(&l.valid) as u64;
+        self.dirty_sectors += bits::count(&l.dirty) as u64;
+    }
+
+    /// Recount the sector counters from the line table (after loading it).
+    pub fn recount(&mut self) {
+        self.valid_sectors = 0;
+        self.dirty_sectors = 0;
+        for slot in 0..self.lines.len() as u32 {
+            self.count_in(slot);
+        }
+    }
+
     fn unindex_dirty(&mut self, slot: u32) {
         let l = self.lines[slot as usize];
         if let (true, Some(tag)) = (l.is_dirty(), l.tag) {
@@ -137,6 +162,7 @@ impl State {
         data_changed: bool,
     ) {
         self.unindex_dirty(slot);
+        self.count_out(slot);
         let tag = self.lines[slot as usize]
             .tag
             .expect("set_bits on a mapped slot");
@@ -148,6 +174,7 @@ impl State {
             l.gen += 1;
         }
         let now_dirty = l.is_dirty();
+        self.count_in(slot);
         if now_dirty {
             self.dirty.entry(epoch).or_default().insert(tag);
             self.dirty_lines += 1;
@@ -180,6 +207,7 @@ impl State {
     pub fn unmap_unused(&mut self, slot: u32) {
         let l = self.lines[slot as usize];
         debug_assert!(bits::is_empty(&l.valid));
+        self.count_out(slot);
         if let Some(tag) = l.tag {
             self.map.remove(&tag);
         }
@@ -194,6 +222,7 @@ impl State {
     /// Forget a clean line; the slot becomes reusable once that is persisted.
     pub fn release(&mut self, slot: u32) {
         self.unindex_dirty(slot);
+        self.count_out(slot);
         let tag = self.lines[slot as usize].tag;
         if let Some(tag) = tag {
             self.map.remove(&tag);

@@ -1,36 +1,72 @@
-//! Counters the engine keeps for logs, `ctl stats` and metrics.
+//! Counters the engine keeps for logs, `ctl stats` and metrics. Plain relaxed
+//! atomics: they are read for display, never to decide anything.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::latency::{Latencies, LatencySnapshot};
 
 #[derive(Default)]
 pub struct Stats {
     pub read_hit_bytes: AtomicU64,
     pub read_miss_bytes: AtomicU64,
+    /// Read requests served wholly from the cache, wholly from the backend, or both.
+    pub read_hits: AtomicU64,
+    pub read_misses: AtomicU64,
+    pub read_partial: AtomicU64,
     pub write_bytes: AtomicU64,
+    /// Write requests whose lines were all already cached, none, or some.
+    pub write_hits: AtomicU64,
+    pub write_misses: AtomicU64,
+    pub write_partial: AtomicU64,
+    /// All bytes read from / written to the backend (guest misses, preload,
+    /// write-through and write-back).
     pub backend_read_bytes: AtomicU64,
     pub backend_write_bytes: AtomicU64,
+    /// The part of `backend_write_bytes` that the flusher wrote back.
     pub writeback_bytes: AtomicU64,
+    pub writeback_retries: AtomicU64,
     pub backend_errors: AtomicU64,
     pub cache_errors: AtomicU64,
     pub flushes: AtomicU64,
+    pub preload_bytes: AtomicU64,
+    pub latency: Latencies,
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
+    pub mode: String,
+    pub order: String,
+    /// Device size in bytes.
+    pub size: u64,
     pub read_hit_bytes: u64,
     pub read_miss_bytes: u64,
+    pub read_hits: u64,
+    pub read_misses: u64,
+    pub read_partial: u64,
     pub write_bytes: u64,
+    pub write_hits: u64,
+    pub write_misses: u64,
+    pub write_partial: u64,
     pub backend_read_bytes: u64,
     pub backend_write_bytes: u64,
+    pub cache_read_bytes: u64,
+    pub cache_write_bytes: u64,
     pub writeback_bytes: u64,
+    pub writeback_retries: u64,
     pub backend_errors: u64,
     pub cache_errors: u64,
     pub flushes: u64,
+    pub preload_bytes: u64,
     pub dirty_lines: u64,
     pub cached_lines: u64,
     pub cache_lines: u64,
     pub line_size: u64,
+    /// Bytes of valid (clean or dirty) and of dirty data in the cache.
+    pub valid_bytes: u64,
+    pub dirty_bytes: u64,
+    /// The write-back epoch new writes join.
     pub epoch: u64,
+    pub latency: Vec<LatencySnapshot>,
 }
 
 impl Stats {
@@ -38,18 +74,44 @@ impl Stats {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Count one request as a hit, miss or partial hit from its cached and
+    /// uncached byte counts.
+    pub fn classify(
+        hits: &AtomicU64,
+        misses: &AtomicU64,
+        partial: &AtomicU64,
+        hit: u64,
+        miss: u64,
+    ) {
+        let c = match (hit > 0, miss > 0) {
+            (true, false) => hits,
+            (false, _) => misses,
+            (true, true) => partial,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         StatsSnapshot {
             read_hit_bytes: g(&self.read_hit_bytes),
             read_miss_bytes: g(&self.read_miss_bytes),
+            read_hits: g(&self.read_hits),
+            read_misses: g(&self.read_misses),
+            read_partial: g(&self.read_partial),
             write_bytes: g(&self.write_bytes),
+            write_hits: g(&self.write_hits),
+            write_misses: g(&self.write_misses),
+            write_partial: g(&self.write_partial),
             backend_read_bytes: g(&self.backend_read_bytes),
             backend_write_bytes: g(&self.backend_write_bytes),
             writeback_bytes: g(&self.writeback_bytes),
+            writeback_retries: g(&self.writeback_retries),
             backend_errors: g(&self.backend_errors),
             cache_errors: g(&self.cache_errors),
             flushes: g(&self.flushes),
+            preload_bytes: g(&self.preload_bytes),
+            latency: self.latency.snapshot(),
             ..Default::default()
         }
     }

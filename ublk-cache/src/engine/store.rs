@@ -1,6 +1,7 @@
 //! Cache device I/O in terms of the layout: line data by slot and sector, metadata
 //! blocks, superblock copies. Knows offsets, not policy.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rbd_backend::Backend;
@@ -13,11 +14,27 @@ use crate::format::{FormatError, Layout, Superblock, META_BLOCK};
 pub struct CacheStore {
     dev: Arc<dyn Backend>,
     layout: Layout,
+    /// Line data bytes read from / written to the cache device (for stats).
+    read_bytes: AtomicU64,
+    write_bytes: AtomicU64,
 }
 
 impl CacheStore {
     pub fn new(dev: Arc<dyn Backend>, layout: Layout) -> Self {
-        Self { dev, layout }
+        Self {
+            dev,
+            layout,
+            read_bytes: AtomicU64::new(0),
+            write_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Line data bytes read and written so far.
+    pub fn io_bytes(&self) -> (u64, u64) {
+        (
+            self.read_bytes.load(Ordering::Relaxed),
+            self.write_bytes.load(Ordering::Relaxed),
+        )
     }
 
     pub fn layout(&self) -> &Layout {
@@ -32,6 +49,8 @@ impl CacheStore {
     /// Read bytes of a line; `in_line` is the byte offset within the line.
     pub fn read(&self, slot: u32, in_line: u64, buf: &mut [u8]) -> EngineResult<()> {
         let off = self.data_offset(slot, in_line, buf.len());
+        self.read_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.dev
             .read_at(off, buf)
             .map_err(|e| EngineError::cache(&format!("read of line slot {slot}"), e))
@@ -39,6 +58,8 @@ impl CacheStore {
 
     pub fn write(&self, slot: u32, in_line: u64, buf: &[u8]) -> EngineResult<()> {
         let off = self.data_offset(slot, in_line, buf.len());
+        self.write_bytes
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         self.dev
             .write_at(off, buf)
             .map_err(|e| EngineError::cache(&format!("write of line slot {slot}"), e))

@@ -5,6 +5,7 @@
 
 pub mod open;
 pub mod registry;
+pub mod services;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,8 +19,10 @@ use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig};
 
 use crate::cli::ServeArgs;
+use crate::control::server::ControlContext;
 use crate::spec::ExportSpec;
 use registry::Record;
+use services::{Background, Endpoints, PreloadPlan};
 
 /// The exports of a `serve`, checked: `ublk` when none is given, at most one
 /// `ublk`, no unix socket path twice.
@@ -60,6 +63,12 @@ fn announce(lines: &[String]) {
 /// Run a server in the foreground until it is stopped.
 pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
     let exports = exports_of(args)?;
+    let plan = PreloadPlan::from_args(args)?;
+    let metrics = args
+        .metrics
+        .as_deref()
+        .map(crate::control::metrics::parse_addr)
+        .transpose()?;
     let with_ublk = exports.contains(&ExportSpec::Ublk);
     if !with_ublk && args.recover.is_some() {
         bail!("recover re-attaches a ublk device; it needs --export ublk");
@@ -72,15 +81,6 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
         Some(ls) => Some(ls as u32),
         None => None,
     };
-    if args.mode == policies::CacheMode::Offline {
-        // Offline mode needs whole-image hydration at start and write-back of only
-        // the dirty extents at stop; until that exists, refuse rather than serve a
-        // mode that does not do what its name promises.
-        anyhow::bail!(
-            "--mode offline is not available in this version (whole-image hydration is not built yet); \
-             use --mode back"
-        );
-    }
     if args.mode.uses_cache() && args.cache.is_none() {
         anyhow::bail!("--mode {} needs --cache", args.mode);
     }
@@ -100,7 +100,7 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
     } else {
         Some(Listeners::bind(&nbd_specs, args.socket_mode)?)
     };
-    let (backend, _backend_lock) = open::open_backend(&args.backend, &args.ceph)?;
+    let (backend, backend_lock) = open::open_backend(&args.backend, &args.ceph)?;
     let mut cache = None;
     let mut _cache_lock = None;
     let mut created = false;
@@ -118,8 +118,15 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
         format: args.format || created,
         discard_dirty: args.discard_dirty,
         accept_backend_change: args.accept_backend_change,
+        cold_start: args.migrate_in,
     };
     let engine = Engine::open(backend, cache, cfg).context("attaching the cache")?;
+    if plan.wait {
+        if let Err(e) = plan.run_now(&engine) {
+            shutdown_after_failure(&engine, None);
+            return Err(e.context("--preload-wait: the device was not started"));
+        }
+    }
 
     let stop = StopHandle::new();
     if let Err(e) = install_signals(stop.clone()) {
@@ -136,6 +143,13 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
                 return Err(e.into());
             }
         },
+    };
+    let background = match Background::start(&engine, &plan, args.mode) {
+        Ok(b) => b,
+        Err(e) => {
+            shutdown_after_failure(&engine, nbd);
+            return Err(e);
+        }
     };
     let uris: Vec<String> = nbd.as_ref().map(|n| n.uris().to_vec()).unwrap_or_default();
     let record = Record {
@@ -161,6 +175,12 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
         uris,
         record,
         stop,
+        extras: Extras {
+            plan,
+            metrics,
+            backend_lock,
+            background,
+        },
     };
     if with_ublk {
         serve_with_ublk(running, target)
@@ -180,6 +200,58 @@ struct Running<'a> {
     uris: Vec<String>,
     record: Record,
     stop: StopHandle,
+    extras: Extras,
+}
+
+/// What runs beside the data path, and what the control socket needs.
+struct Extras {
+    plan: PreloadPlan,
+    metrics: Option<std::net::SocketAddr>,
+    backend_lock: Option<open::PathLock>,
+    background: Background,
+}
+
+impl Extras {
+    /// Start the control socket and metrics for server `id`.
+    fn endpoints(
+        plan: &PreloadPlan,
+        metrics: Option<std::net::SocketAddr>,
+        backend_lock: Option<open::PathLock>,
+        args: &ServeArgs,
+        run_dir: &Path,
+        engine: &Arc<Engine>,
+        id: u32,
+    ) -> Option<Endpoints> {
+        let ctx = ControlContext::new(
+            id,
+            Arc::clone(engine),
+            args.backend.to_string(),
+            args.cache
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            plan.ranges.clone(),
+            plan.rate,
+            backend_lock,
+        );
+        match Endpoints::start(ctx, run_dir, metrics) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                error!("{e:#}");
+                None
+            }
+        }
+    }
+}
+
+/// Stop what runs beside the data path before the engine stops. Returns what
+/// must live until the engine is detached (it holds the backend's lock).
+fn stop_extras(
+    background: Background,
+    endpoints: Option<Endpoints>,
+) -> Option<Arc<ControlContext>> {
+    background.stop();
+    endpoints.map(Endpoints::stop)
 }
 
 /// Take down what was started when serving failed: NBD connections finish, then
@@ -203,7 +275,14 @@ fn serve_with_ublk(r: Running<'_>, target: Arc<dyn BlockTarget>) -> Result<()> {
         uris,
         mut record,
         stop,
+        extras,
     } = r;
+    let Extras {
+        plan,
+        metrics,
+        backend_lock,
+        background,
+    } = extras;
     let mut opts = UblkOptions {
         depth: args.depth,
         ..UblkOptions::default()
@@ -212,6 +291,7 @@ fn serve_with_ublk(r: Running<'_>, target: Arc<dyn BlockTarget>) -> Result<()> {
         opts.queues = q;
     }
     opts.id = args.recover.or(args.id).map(|i| i as i32);
+    let mut endpoints = None;
     let on_live = |info: &fe::DeviceInfo| {
         record.id = info.id;
         record.device = info.bdev.display().to_string();
@@ -222,6 +302,15 @@ fn serve_with_ublk(r: Running<'_>, target: Arc<dyn BlockTarget>) -> Result<()> {
                 run_dir.display()
             );
         }
+        endpoints = Extras::endpoints(
+            &plan,
+            metrics,
+            backend_lock,
+            args,
+            run_dir,
+            &engine,
+            info.id,
+        );
         // The lines on stdout: what the drivers wait for.
         announce(&record.exports);
         info!(device = %info.bdev.display(), mode = %args.mode, "serving");
@@ -230,12 +319,15 @@ fn serve_with_ublk(r: Running<'_>, target: Arc<dyn BlockTarget>) -> Result<()> {
         Some(_) => fe::recover(target, &opts, on_live, stop),
         None => fe::serve(target, &opts, on_live, stop),
     };
+    // Whatever happened, nothing preloads or answers control requests any more.
+    let ctx = stop_extras(background, endpoints.take());
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
             // Nothing was served over ublk (or the device is gone): keep the cache
             // consistent.
             shutdown_after_failure(&engine, nbd);
+            drop(ctx);
             return Err(e.into());
         }
     };
@@ -252,6 +344,7 @@ fn serve_with_ublk(r: Running<'_>, target: Arc<dyn BlockTarget>) -> Result<()> {
             record.state = "stopping".into();
             let _ = registry::write(run_dir, &record);
             let res = engine.shutdown();
+            drop(ctx);
             if let Err(e) = device.delete() {
                 warn!("removing the ublk device: {e}");
             }
@@ -262,9 +355,9 @@ fn serve_with_ublk(r: Running<'_>, target: Arc<dyn BlockTarget>) -> Result<()> {
             info!("stopped cleanly");
         }
         ServeOutcome::Detached { id } => {
-            engine
-                .detach_keep_dirty()
-                .context("detaching the cache for a successor")?;
+            let res = engine.detach_keep_dirty();
+            drop(ctx);
+            res.context("detaching the cache for a successor")?;
             record.state = "detached".into();
             let _ = registry::write(run_dir, &record);
             info!(
@@ -286,6 +379,7 @@ fn serve_nbd_only(r: Running<'_>) -> Result<()> {
         uris,
         mut record,
         stop,
+        extras,
     } = r;
     record.exports = export_lines(&exports, "", &uris);
     let registered = match registry::claim(run_dir, registry::NBD_ONLY_ID_BASE, &mut record) {
@@ -301,6 +395,30 @@ fn serve_nbd_only(r: Running<'_>) -> Result<()> {
             false
         }
     };
+    let Extras {
+        plan,
+        metrics,
+        backend_lock,
+        background,
+    } = extras;
+    // Without a record there is no id for the control socket; the backend
+    // lock then lives here until the engine is detached.
+    let (endpoints, kept_lock) = if registered {
+        (
+            Extras::endpoints(
+                &plan,
+                metrics,
+                backend_lock,
+                args,
+                run_dir,
+                &engine,
+                record.id,
+            ),
+            None,
+        )
+    } else {
+        (None, backend_lock)
+    };
     announce(&record.exports);
     info!(mode = %args.mode, "serving over NBD only (no ublk device)");
     let kind = loop {
@@ -312,6 +430,7 @@ fn serve_nbd_only(r: Running<'_>) -> Result<()> {
     if let Some(n) = nbd {
         n.stop();
     }
+    let ctx = stop_extras(background, endpoints);
     let res = match kind {
         StopKind::Stop => {
             info!("NBD stopped; writing back and detaching the cache");
@@ -330,6 +449,8 @@ fn serve_nbd_only(r: Running<'_>) -> Result<()> {
                 info!("detached: dirty data stays in the cache; the next `serve` on it continues")
             }),
     };
+    drop(ctx);
+    drop(kept_lock);
     // No device is left behind, so no record either.
     if registered {
         let _ = registry::remove(run_dir, record.id);

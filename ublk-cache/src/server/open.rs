@@ -16,6 +16,13 @@ use crate::spec::BackendSpec;
 /// An advisory exclusive lock held for the life of the server.
 pub struct PathLock {
     _file: File,
+    path: std::path::PathBuf,
+}
+
+impl PathLock {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// Lock `path` exclusively, or say who is in the way.
@@ -34,7 +41,10 @@ pub fn lock_path(path: &Path, what: &str) -> Result<PathLock> {
         }
         return Err(err).with_context(|| format!("{what} {}: lock failed", path.display()));
     }
-    Ok(PathLock { _file: file })
+    Ok(PathLock {
+        _file: file,
+        path: path.to_path_buf(),
+    })
 }
 
 /// Opens the backend and takes what keeps a second server off it: an flock on a

@@ -113,8 +113,16 @@ impl Disk {
     /// `serve` in `mode` with a cache of `cache_size`, exported on the unix
     /// socket plus `extra` exports; waits until it printed its URIs.
     pub fn serve(&self, mode: &str, cache_size: &str, extra: &[&str]) -> Server {
-        let log = self.dir.join(format!("serve-{}.log", std::process::id()));
-        let log = unique(log);
+        let mut args = Vec::new();
+        for e in extra {
+            args.push("--export");
+            args.push(*e);
+        }
+        self.serve_with(mode, cache_size, extra.len(), &args)
+    }
+
+    /// The `serve` command line of `serve_with`, not started.
+    pub fn serve_cmd(&self, mode: &str, cache_size: &str, args: &[&str]) -> Command {
         let mut cmd = bin();
         cmd.arg("--run-dir")
             .arg(&self.run_dir)
@@ -132,11 +140,26 @@ impl Disk {
                 .arg(cache_size)
                 .args(["--line-size", "64K"]);
         }
-        for e in extra {
-            cmd.arg("--export").arg(e);
-        }
-        let exports = 1 + extra.len();
-        start(cmd, exports, log)
+        cmd.args(args);
+        cmd
+    }
+
+    /// `serve` with more options; `extra_exports` of them add exports (each
+    /// prints one more line).
+    pub fn serve_with(
+        &self,
+        mode: &str,
+        cache_size: &str,
+        extra_exports: usize,
+        args: &[&str],
+    ) -> Server {
+        let log = self.dir.join(format!("serve-{}.log", std::process::id()));
+        let log = unique(log);
+        start(
+            self.serve_cmd(mode, cache_size, args),
+            1 + extra_exports,
+            log,
+        )
     }
 }
 

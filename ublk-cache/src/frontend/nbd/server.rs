@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -170,68 +170,14 @@ fn bind_unix(path: &Path, mode: u32) -> Result<Bound, NbdError> {
         what: format!("unix socket {}", path.display()),
         detail: what,
     };
-    if mode & !0o777 != 0 {
-        return Err(err(format!(
-            "socket mode {mode:o} is not a permission mode"
-        )));
-    }
-    // An absolute path, so the URI works from any directory.
-    let path = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map_err(|e| err(format!("current directory: {e}")))?
-            .join(path)
-    };
-    // sockaddr_un holds 108 bytes including the terminating NUL.
-    if path.as_os_str().len() > 107 {
-        return Err(err(format!(
-            "the path is {} bytes long; unix socket paths are limited to 107",
-            path.as_os_str().len()
-        )));
-    }
-    match std::fs::symlink_metadata(&path) {
-        Ok(m) if m.file_type().is_socket() => match UnixStream::connect(&path) {
-            Ok(_) => {
-                return Err(err(
-                    "another server is listening on it (see `ublk-cache list`)".into(),
-                ))
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                info!(path = %path.display(), "removing stale NBD socket (nobody listens on it)");
-                std::fs::remove_file(&path)
-                    .map_err(|e| err(format!("removing stale socket: {e}")))?;
-            }
-            Err(e) => return Err(err(format!("exists and cannot be probed: {e}"))),
-        },
-        Ok(_) => {
-            return Err(err(
-                "exists and is not a socket; refusing to replace it".into()
-            ))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e.to_string())),
-    }
-    // The socket is created with 0777 & !umask. Tighten the umask around bind so
-    // it is never more permissive than asked, even for an instant; the umask is
-    // process-wide, so another thread creating a file meanwhile gets at most
-    // stricter permissions, never looser ones.
-    // SAFETY: umask only swaps the process's file-creation mask; no memory involved.
-    let old = unsafe { libc::umask(0o177) };
-    let res = UnixListener::bind(&path);
-    // SAFETY: as above; restores the previous mask.
-    unsafe { libc::umask(old) };
-    let listener = res.map_err(|e| err(format!("bind: {e}")))?;
+    let (listener, path) = crate::unix_socket::bind(path, mode, "NBD").map_err(err)?;
     let meta =
         std::fs::symlink_metadata(&path).map_err(|e| err(format!("stat after bind: {e}")))?;
-    let b = Bound::Unix {
+    Ok(Bound::Unix {
         listener,
-        path: path.clone(),
+        path,
         ident: (meta.dev(), meta.ino()),
-    };
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| err(format!("chmod {mode:o}: {e}")))?;
-    Ok(b)
+    })
 }
 
 fn bind_tcp(host: &str, port: u16) -> Result<Bound, NbdError> {

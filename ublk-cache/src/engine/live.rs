@@ -1,0 +1,355 @@
+//! Operations on a serving engine, for the control socket: a live mode switch
+//! (draining first where the new mode holds no dirty data), preload and
+//! hydration, invalidation of clean data, and the migration handover.
+//!
+//! None of these fail a guest request: they wait for requests to finish where
+//! they must (the I/O gate) and otherwise run beside them.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use policies::CacheMode;
+use tracing::{info, warn};
+
+use super::{bits, lock, Engine, SECTOR};
+use crate::error::{EngineError, EngineErrorKind, EngineResult};
+
+/// How far a long operation has come, in bytes.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// "write-back", "preload" or "hydrate".
+    pub phase: String,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// Called with progress from the thread doing the work.
+pub type ProgressFn<'a> = &'a (dyn Fn(&Progress) + Sync);
+
+/// How a preload runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PreloadOptions {
+    /// Backend bytes per second at most; `None` is unlimited.
+    pub rate: Option<u64>,
+}
+
+/// What a preload did.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct PreloadReport {
+    /// Bytes of the requested ranges (clipped to the device).
+    pub total: u64,
+    /// Bytes fetched from the backend (the rest was cached already).
+    pub fetched: u64,
+    /// Whether it stopped early (the engine stopped or it was cancelled).
+    pub interrupted: bool,
+}
+
+fn refuse(kind: EngineErrorKind, msg: impl Into<String>) -> EngineError {
+    EngineError::new(kind, msg)
+}
+
+impl Engine {
+    /// Switch to `new` while serving. Leaving a mode that holds dirty data for
+    /// one that does not first writes everything back (reporting progress),
+    /// with guest I/O going on; then, with requests held for a moment, writes
+    /// back what arrived meanwhile and switches. No request fails. Returns the
+    /// previous mode.
+    pub fn set_mode(
+        &self,
+        new: CacheMode,
+        progress: Option<ProgressFn<'_>>,
+    ) -> EngineResult<CacheMode> {
+        let _one = lock(&self.switch_lock);
+        self.check_open()?;
+        let old = self.mode();
+        if old == new {
+            return Ok(old);
+        }
+        if new.uses_cache() && self.cache.is_none() {
+            return Err(refuse(
+                EngineErrorKind::Config,
+                format!("mode '{new}' needs a cache device, and this server runs without one"),
+            ));
+        }
+        if new == CacheMode::Offline {
+            let capacity = self
+                .cache
+                .as_ref()
+                .map_or(0, |c| c.layout.nr_lines * c.layout.line_size as u64);
+            if capacity < self.size {
+                return Err(refuse(
+                    EngineErrorKind::Config,
+                    format!(
+                        "offline mode keeps the whole image in the cache, but the cache holds {capacity} bytes of \
+                         data and the image is {} bytes",
+                        self.size
+                    ),
+                ));
+            }
+            if !self.started_offline {
+                // The copy-in runs only for a server started offline.
+                return Err(refuse(
+                    EngineErrorKind::Config,
+                    "offline mode needs the whole image in the cache, which only a server started with \
+                     --mode offline copies in; restart the server with --mode offline",
+                ));
+            }
+        }
+        let leaving_dirty = old.holds_dirty() && !new.holds_dirty();
+        if leaving_dirty {
+            info!(from = %old, to = %new, "mode switch: writing back dirty data first");
+            match progress {
+                Some(p) => self.drain_with_progress(p)?,
+                None => self.drain()?,
+            }
+        }
+        {
+            let _held = self.io_exclusive();
+            if leaving_dirty {
+                // Only what arrived during the drain above is left.
+                self.writeback_barrier()?;
+            }
+            if !new.uses_cache() {
+                // Pass-through writes would leave cached copies stale.
+                self.drop_clean_lines();
+            }
+            self.mode.store(new.code(), Ordering::Release);
+            if let Some(c) = self.cache.as_ref() {
+                lock(&c.sb).mode = new.code();
+                c.cv_flusher.notify_all();
+            }
+            self.persist()?;
+        }
+        info!(from = %old, to = %new, "cache mode switched");
+        Ok(old)
+    }
+
+    /// `ctl flush`: write back all dirty data (with progress) and flush the
+    /// backend, so everything acknowledged so far is durable there.
+    pub fn flush_to_backend(&self, progress: Option<ProgressFn<'_>>) -> EngineResult<()> {
+        self.check_open()?;
+        match progress {
+            Some(p) => self.drain_with_progress(p)?,
+            None => self.drain()?,
+        }
+        self.backend_flush()
+    }
+
+    /// Drop all clean cached data. Refuses while dirty data remains: that must
+    /// reach the backend first (`ctl flush`), or it would be lost.
+    pub fn invalidate_clean(&self) -> EngineResult<u64> {
+        let _one = lock(&self.switch_lock);
+        self.check_open()?;
+        let Some(c) = self.cache.as_ref() else {
+            return Ok(0);
+        };
+        let _held = self.io_exclusive();
+        let dropped = {
+            let mut st = lock(&c.st);
+            if st.dirty_lines > 0 {
+                return Err(refuse(
+                    EngineErrorKind::DirtyData,
+                    format!(
+                        "{} lines hold dirty data that is not on the backend yet; write it back first \
+                         (`ctl flush`), then invalidate",
+                        st.dirty_lines
+                    ),
+                ));
+            }
+            let before = st.valid_sectors * SECTOR;
+            Self::drop_clean_in(&mut st);
+            before
+        };
+        self.persist()?;
+        info!(bytes = dropped, "clean cached data invalidated");
+        Ok(dropped)
+    }
+
+    /// Read `[offset, offset+len)` into the cache, fetching only what is not
+    /// cached yet. Runs beside guest I/O: a guest read of a line being fetched
+    /// waits for that fetch (the line lock) instead of fetching it again.
+    pub fn preload(
+        &self,
+        offset: u64,
+        len: u64,
+        opts: PreloadOptions,
+        cancel: Option<&AtomicBool>,
+        progress: Option<ProgressFn<'_>>,
+    ) -> EngineResult<PreloadReport> {
+        self.preload_as("preload", offset, len, opts, cancel, progress)
+    }
+
+    pub(super) fn preload_as(
+        &self,
+        phase: &'static str,
+        offset: u64,
+        len: u64,
+        opts: PreloadOptions,
+        cancel: Option<&AtomicBool>,
+        progress: Option<ProgressFn<'_>>,
+    ) -> EngineResult<PreloadReport> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut rep = PreloadReport {
+            total: end.saturating_sub(offset),
+            ..Default::default()
+        };
+        if rep.total == 0 {
+            return Ok(rep);
+        }
+        if self.cache.is_none() || !self.mode().uses_cache() {
+            return Err(refuse(
+                EngineErrorKind::Config,
+                format!(
+                    "mode '{}' caches nothing, so there is nothing to preload into",
+                    self.mode()
+                ),
+            ));
+        }
+        let ls = self.line_size();
+        let start = Instant::now();
+        let mut last_report = Instant::now();
+        let mut done = 0u64;
+        let report = |done: u64| {
+            if let Some(p) = progress {
+                p(&Progress {
+                    phase: phase.into(),
+                    done,
+                    total: rep.total,
+                });
+            }
+        };
+        let mut buf = vec![0u8; ls as usize];
+        for (tag, a, n) in self.split(offset, rep.total) {
+            if self.closed.load(Ordering::Acquire)
+                || cancel.is_some_and(|c| c.load(Ordering::Acquire))
+            {
+                rep.interrupted = true;
+                break;
+            }
+            let fetched = {
+                let _g = self.io_shared();
+                // The mode may have changed since the last line.
+                let Some(c) = self.cache() else {
+                    rep.interrupted = true;
+                    break;
+                };
+                if self.line_range_valid(c, tag, a, a + n) {
+                    0
+                } else {
+                    self.read_line(c, tag, a, &mut buf[..n as usize], false)?.1
+                }
+            };
+            rep.fetched += fetched;
+            done += n;
+            if let Some(rate) = opts.rate.filter(|&r| r > 0) {
+                // Sleep until the bytes fetched so far fit the rate.
+                let due = Duration::from_secs_f64(rep.fetched as f64 / rate as f64);
+                if let Some(ahead) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(ahead.min(Duration::from_secs(5)));
+                }
+            }
+            if last_report.elapsed() >= Duration::from_millis(500) {
+                report(done);
+                last_report = Instant::now();
+            }
+        }
+        report(done);
+        info!(
+            phase,
+            total = rep.total,
+            fetched = rep.fetched,
+            interrupted = rep.interrupted,
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "{phase} finished"
+        );
+        Ok(rep)
+    }
+
+    /// Offline mode: copy the whole image into the cache. Lines already valid
+    /// (from before a restart) are skipped, so a restarted hydration continues
+    /// where it stopped and never skips what is missing.
+    pub fn hydrate(
+        &self,
+        opts: PreloadOptions,
+        cancel: Option<&AtomicBool>,
+        progress: Option<ProgressFn<'_>>,
+    ) -> EngineResult<PreloadReport> {
+        let rep = self.preload_as("hydrate", 0, self.size, opts, cancel, progress)?;
+        if !rep.interrupted {
+            // Make the copy durable, so a restart after a power cut finds it.
+            self.persist()?;
+            self.hydrated.store(true, Ordering::Release);
+        }
+        Ok(rep)
+    }
+
+    /// Whether bytes `a..b` of line `tag` are all in the cache.
+    fn line_range_valid(&self, c: &super::Cache, tag: u64, a: u64, b: u64) -> bool {
+        let st = lock(&c.st);
+        let Some(&slot) = st.map.get(&tag) else {
+            return false;
+        };
+        let valid = st.lines[slot as usize].valid;
+        let (s0, s1) = ((a / SECTOR) as u32, b.div_ceil(SECTOR) as u32);
+        (s0..s1).all(|s| bits::test(&valid, s))
+    }
+
+    /// Source side of a live migration: switch to write-through (writing all
+    /// dirty data back), flush the backend, and release the backend's exclusive
+    /// lock (if it has one) so the destination can take it. Keeps serving; from
+    /// here on every write reaches the backend before it is acknowledged.
+    /// Returns the mode to go back to on abort.
+    pub fn migrate_out(&self, progress: Option<ProgressFn<'_>>) -> EngineResult<CacheMode> {
+        let old = self.mode();
+        let target = if self.cache.is_some() {
+            CacheMode::Through
+        } else {
+            CacheMode::None
+        };
+        let prev = if old.holds_dirty() || old == target {
+            self.set_mode(target, progress)?
+        } else {
+            // around/none already write every request to the backend.
+            old
+        };
+        let released = self.backend_flush().and_then(|()| {
+            self.backend
+                .release_lock()
+                .map_err(|e| EngineError::backend("releasing the exclusive lock for migration", e))
+        });
+        if let Err(e) = released {
+            // Not migrated out: go back to where we were, so nothing changes for the guest.
+            if prev != self.mode() {
+                if let Err(e2) = self.set_mode(prev, None) {
+                    warn!("migrate-out failed, and returning to mode '{prev}' failed too: {e2}");
+                }
+            }
+            return Err(e);
+        }
+        info!(previous_mode = %prev, "migrate-out: nothing dirty, backend flushed, lock released; serving write-through");
+        Ok(prev)
+    }
+
+    /// Undo `migrate_out`: take the backend's lock back and return to `prev`.
+    pub fn migrate_abort(&self, prev: CacheMode) -> EngineResult<()> {
+        self.backend.acquire_lock().map_err(|e| {
+            EngineError::backend(
+                "taking the exclusive lock back after an aborted migration",
+                e,
+            )
+        })?;
+        if prev != self.mode() {
+            if let Err(e) = self.set_mode(prev, None) {
+                warn!("migrate-abort: lock taken back, but returning to mode '{prev}' failed: {e}");
+                return Err(e);
+            }
+        }
+        info!(mode = %prev, "migrate-abort: lock taken back, previous mode restored");
+        Ok(())
+    }
+
+    /// Whether offline mode's hydration has copied the whole image in.
+    pub fn hydration_done(&self) -> bool {
+        self.hydrated.load(Ordering::Acquire)
+    }
+}

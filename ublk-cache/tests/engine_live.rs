@@ -1,0 +1,426 @@
+//! Live operations on a serving engine: mode switches under concurrent writes,
+//! preload, offline hydration and its resumption, invalidation, and the
+//! migration handover, each checked against a plain reference of what was written.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use policies::CacheMode;
+use rbd_backend::{Backend, FaultyBackend, MemBackend};
+use ublk_cache::engine::PreloadOptions;
+use ublk_cache::target::BlockTarget;
+use ublk_cache::{Engine, EngineConfig, EngineErrorKind};
+
+const MIB: u64 = 1 << 20;
+
+fn cfg(mode: CacheMode) -> EngineConfig {
+    EngineConfig {
+        mode,
+        line_size: Some(64 * 1024),
+        ..EngineConfig::default()
+    }
+}
+
+fn open(b: &Arc<MemBackend>, c: &Arc<MemBackend>, cfg: EngineConfig) -> Arc<Engine> {
+    Engine::open(
+        b.clone() as Arc<dyn Backend>,
+        Some(c.clone() as Arc<dyn Backend>),
+        cfg,
+    )
+    .expect("open")
+}
+
+fn read(e: &Engine, off: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    e.read(off, &mut buf).expect("read");
+    buf
+}
+
+/// Random 4 KiB-aligned writes from `threads` threads while `during` runs;
+/// every write must succeed. Returns the reference image.
+fn writes_during(e: &Arc<Engine>, size: u64, threads: u64, during: impl FnOnce()) -> Vec<u8> {
+    let reference = Arc::new(Mutex::new(vec![0u8; size as usize]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut hs = Vec::new();
+    for t in 0..threads {
+        let (e, r, s) = (e.clone(), reference.clone(), stop.clone());
+        hs.push(std::thread::spawn(move || {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
+            let mut n = 0u64;
+            // Each thread owns every `threads`-th 4 KiB block, so the reference
+            // order per block is the thread's own order.
+            while !s.load(Ordering::Acquire) || n < 64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let blocks = size / 4096 / threads;
+                let blk = (x % blocks) * threads + t;
+                let len = 4096 * (1 + (x >> 40) % 3).min(1);
+                let data = vec![(x >> 24) as u8 | 1; len as usize];
+                e.write(blk * 4096, &data, false)
+                    .expect("write during the switch");
+                r.lock().unwrap()[(blk * 4096) as usize..(blk * 4096 + len) as usize]
+                    .copy_from_slice(&data);
+                if n.is_multiple_of(16) {
+                    e.flush().expect("flush during the switch");
+                }
+                n += 1;
+            }
+        }));
+    }
+    during();
+    stop.store(true, Ordering::Release);
+    for h in hs {
+        h.join().unwrap();
+    }
+    let r = reference.lock().unwrap().clone();
+    r
+}
+
+#[test]
+fn switching_from_back_drains_with_writes_going_on_and_loses_nothing() {
+    let size = 8 * MIB;
+    let (b, c) = (
+        Arc::new(MemBackend::new(size as usize)),
+        Arc::new(MemBackend::new(4 * MIB as usize)),
+    );
+    let e = open(&b, &c, cfg(CacheMode::Back));
+    let progress = Mutex::new(Vec::new());
+    let reference = writes_during(&e, size, 2, || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let prev = e
+            .set_mode(
+                CacheMode::Through,
+                Some(&|p| progress.lock().unwrap().push(p.clone())),
+            )
+            .expect("switch to through");
+        assert_eq!(prev, CacheMode::Back);
+        // From here every write goes through, so nothing new is dirty.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(e.stats().dirty_bytes, 0);
+    });
+    assert_eq!(e.mode(), CacheMode::Through);
+    assert_eq!(
+        e.stats().dirty_bytes,
+        0,
+        "write-through leaves nothing dirty"
+    );
+    let p = progress.lock().unwrap();
+    assert!(
+        !p.is_empty()
+            && p.iter()
+                .all(|x| x.phase == "write-back" && x.done <= x.total)
+    );
+    assert_eq!(b.snapshot(), reference, "the backend holds every write");
+    assert_eq!(read(&e, 0, size as usize), reference);
+    // none drops the cache; back again starts from the backend.
+    e.set_mode(CacheMode::None, None).unwrap();
+    assert_eq!(
+        e.stats().valid_bytes,
+        0,
+        "pass-through keeps no cached copy to go stale"
+    );
+    e.write(0, &[7u8; 4096], false).unwrap();
+    e.set_mode(CacheMode::Back, None).unwrap();
+    assert_eq!(read(&e, 0, 4096), vec![7u8; 4096]);
+    e.write(4096, &[9u8; 4096], false).unwrap();
+    assert!(e.stats().dirty_bytes > 0);
+    e.shutdown().unwrap();
+    let snap = b.snapshot();
+    assert_eq!(&snap[..4096], &[7u8; 4096][..]);
+    assert_eq!(&snap[4096..8192], &[9u8; 4096][..]);
+}
+
+#[test]
+fn a_switch_to_offline_or_without_a_cache_is_refused_by_name() {
+    let (b, c) = (
+        Arc::new(MemBackend::new(4 * MIB as usize)),
+        Arc::new(MemBackend::new(4 * MIB as usize)),
+    );
+    let e = open(&b, &c, cfg(CacheMode::Through));
+    let err = e.set_mode(CacheMode::Offline, None).unwrap_err();
+    assert!(err.to_string().contains("offline"), "{err}");
+    assert_eq!(e.mode(), CacheMode::Through);
+    let none = Engine::open(b.clone() as Arc<dyn Backend>, None, cfg(CacheMode::None)).unwrap();
+    let err = none.set_mode(CacheMode::Back, None).unwrap_err();
+    assert_eq!(err.kind(), EngineErrorKind::Config);
+    assert!(err.to_string().contains("cache device"), "{err}");
+}
+
+#[test]
+fn preload_fetches_each_line_once_and_guest_reads_then_hit() {
+    let size = 8 * MIB;
+    let b = Arc::new(
+        MemBackend::builder()
+            .data((0..size).map(|i| (i / 4096) as u8).collect())
+            .build(),
+    );
+    let c = Arc::new(MemBackend::new(4 * MIB as usize));
+    let e = open(&b, &c, cfg(CacheMode::Back));
+    // A guest read of part of the range first: the preload must not fetch it again.
+    assert_eq!(read(&e, 0, 65536), b.snapshot()[..65536].to_vec());
+    let rep = e
+        .preload(0, MIB, PreloadOptions::default(), None, None)
+        .unwrap();
+    assert_eq!(rep.total, MIB);
+    assert_eq!(
+        rep.fetched,
+        MIB - 65536,
+        "already-cached data is not fetched twice"
+    );
+    let s = e.stats();
+    assert_eq!(s.preload_bytes, MIB - 65536);
+    let before = (s.read_hits, s.read_misses, s.backend_read_bytes);
+    assert_eq!(
+        read(&e, 0, MIB as usize),
+        b.snapshot()[..MIB as usize].to_vec()
+    );
+    let s = e.stats();
+    assert_eq!(
+        (s.read_hits, s.read_misses, s.backend_read_bytes),
+        (before.0 + 1, before.1, before.2)
+    );
+    // Past the end is clipped; a cancelled preload stops.
+    let rep = e
+        .preload(size - 4096, MIB, PreloadOptions::default(), None, None)
+        .unwrap();
+    assert_eq!(rep.total, 4096);
+    let cancel = AtomicBool::new(true);
+    let rep = e
+        .preload(MIB, MIB, PreloadOptions::default(), Some(&cancel), None)
+        .unwrap();
+    assert!(rep.interrupted && rep.fetched == 0);
+    e.shutdown().unwrap();
+}
+
+#[test]
+fn offline_hydrates_keeps_writes_local_resumes_and_writes_back_only_dirty_data() {
+    let size = 4 * MIB;
+    let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let mem = Arc::new(MemBackend::builder().data(data.clone()).build());
+    let c = Arc::new(MemBackend::new(8 * MIB as usize));
+    // Hydration stops part way (the cancel flag), as at a daemon stop. A slow
+    // backend makes sure that happens before the end.
+    let slow = Arc::new(
+        FaultyBackend::builder(mem.clone())
+            .read_delay(std::time::Duration::from_millis(15))
+            .build(),
+    );
+    let e = Engine::open(
+        slow as Arc<dyn Backend>,
+        Some(c.clone() as Arc<dyn Backend>),
+        cfg(CacheMode::Offline),
+    )
+    .unwrap();
+    let cancel = AtomicBool::new(false);
+    let seen = Mutex::new(0u64);
+    let rep = e
+        .hydrate(
+            PreloadOptions::default(),
+            Some(&cancel),
+            Some(&|p| {
+                *seen.lock().unwrap() = p.done;
+                if p.done >= size / 2 {
+                    cancel.store(true, Ordering::Release);
+                }
+            }),
+        )
+        .unwrap();
+    let first = rep.fetched;
+    assert!(rep.interrupted && first > 0 && first < size, "{rep:?}");
+    assert!(*seen.lock().unwrap() >= first);
+    e.write(MIB, &[0xeeu8; 8192], false).unwrap();
+    e.flush().unwrap();
+    e.detach_keep_dirty().unwrap();
+    drop(e);
+    assert_eq!(
+        mem.snapshot(),
+        data,
+        "offline mode writes nothing back while running"
+    );
+    // Restart: hydration continues with what is missing, and only that.
+    let fb = Arc::new(FaultyBackend::builder(mem.clone()).build());
+    let e = Engine::open(
+        fb.clone() as Arc<dyn Backend>,
+        Some(c.clone() as Arc<dyn Backend>),
+        cfg(CacheMode::Offline),
+    )
+    .unwrap();
+    let rep = e.hydrate(PreloadOptions::default(), None, None).unwrap();
+    assert!(!rep.interrupted);
+    assert_eq!(
+        rep.fetched + first,
+        size,
+        "the second run fetched exactly what the first did not"
+    );
+    assert!(e.hydration_done());
+    assert_eq!(
+        e.stats().valid_bytes,
+        size,
+        "the whole image is in the cache"
+    );
+    let mut expect = data.clone();
+    expect[MIB as usize..MIB as usize + 8192].fill(0xee);
+    assert_eq!(read(&e, 0, size as usize), expect);
+    let reads_before = fb.stats().bytes_read;
+    assert_eq!(read(&e, 0, size as usize), expect);
+    assert_eq!(
+        fb.stats().bytes_read,
+        reads_before,
+        "served from the cache alone"
+    );
+    // Stop: only the dirty extent is written back.
+    e.shutdown().unwrap();
+    assert_eq!(fb.stats().bytes_written, 8192);
+    assert_eq!(mem.snapshot(), expect);
+}
+
+#[test]
+fn offline_refuses_a_cache_smaller_than_the_image() {
+    let b = Arc::new(MemBackend::new(8 * MIB as usize));
+    let c = Arc::new(MemBackend::new(4 * MIB as usize));
+    let err = Engine::open(
+        b as Arc<dyn Backend>,
+        Some(c as Arc<dyn Backend>),
+        cfg(CacheMode::Offline),
+    )
+    .err()
+    .expect("must be refused");
+    assert!(
+        err.to_string()
+            .contains("offline mode keeps the whole image"),
+        "{err}"
+    );
+}
+
+#[test]
+fn invalidate_refuses_while_dirty_and_drops_clean_data_after_a_flush() {
+    let (b, c) = (
+        Arc::new(MemBackend::new(4 * MIB as usize)),
+        Arc::new(MemBackend::new(4 * MIB as usize)),
+    );
+    let fb = Arc::new(FaultyBackend::builder(b.clone()).build());
+    fb.set_read_only(true);
+    let e = Engine::open(
+        fb.clone() as Arc<dyn Backend>,
+        Some(c as Arc<dyn Backend>),
+        cfg(CacheMode::Back),
+    )
+    .unwrap();
+    e.write(0, &[1u8; 65536], false).unwrap();
+    let err = e.invalidate_clean().unwrap_err();
+    assert_eq!(err.kind(), EngineErrorKind::DirtyData);
+    assert!(err.to_string().contains("ctl flush"), "{err}");
+    fb.set_read_only(false);
+    e.flush_to_backend(None).unwrap();
+    assert_eq!(&b.snapshot()[..65536], &[1u8; 65536][..]);
+    assert_eq!(e.invalidate_clean().unwrap(), 65536);
+    assert_eq!(e.stats().valid_bytes, 0);
+    assert_eq!(read(&e, 0, 65536), vec![1u8; 65536]);
+    e.shutdown().unwrap();
+}
+
+#[test]
+fn migrate_out_leaves_nothing_dirty_and_abort_returns_to_the_old_mode() {
+    let (b, c) = (
+        Arc::new(MemBackend::new(4 * MIB as usize)),
+        Arc::new(MemBackend::new(4 * MIB as usize)),
+    );
+    let e = open(&b, &c, cfg(CacheMode::Back));
+    e.write(0, &[5u8; 65536], false).unwrap();
+    let prev = e.migrate_out(None).unwrap();
+    assert_eq!(prev, CacheMode::Back);
+    assert_eq!(e.mode(), CacheMode::Through);
+    assert_eq!(e.stats().dirty_bytes, 0);
+    assert_eq!(&b.snapshot()[..65536], &[5u8; 65536][..]);
+    // While migrated out, writes reach the backend before they are acknowledged.
+    e.write(65536, &[6u8; 4096], false).unwrap();
+    assert_eq!(&b.snapshot()[65536..69632], &[6u8; 4096][..]);
+    e.migrate_abort(prev).unwrap();
+    assert_eq!(e.mode(), CacheMode::Back);
+    e.shutdown().unwrap();
+}
+
+#[test]
+fn a_migration_destination_starts_cold_and_refuses_dirty_data() {
+    let (b, c) = (
+        Arc::new(MemBackend::new(4 * MIB as usize)),
+        Arc::new(MemBackend::new(4 * MIB as usize)),
+    );
+    let e = open(&b, &c, cfg(CacheMode::Back));
+    e.write(0, &[1u8; 65536], false).unwrap();
+    e.shutdown().unwrap();
+    // The cache still holds line 0 (clean). Behind its back the disk changes
+    // (the other host), in a way no change marker of a MemBackend shows.
+    let e = open(
+        &b,
+        &c,
+        EngineConfig {
+            cold_start: true,
+            ..cfg(CacheMode::Back)
+        },
+    );
+    assert_eq!(e.stats().valid_bytes, 0, "nothing cached before is trusted");
+    e.write(0, &[2u8; 4096], false).unwrap();
+    e.detach_keep_dirty().unwrap();
+    let err = Engine::open(
+        b.clone() as Arc<dyn Backend>,
+        Some(c.clone() as Arc<dyn Backend>),
+        EngineConfig {
+            cold_start: true,
+            ..cfg(CacheMode::Back)
+        },
+    )
+    .err()
+    .expect("must be refused");
+    assert_eq!(err.kind(), EngineErrorKind::DirtyData);
+    assert!(err.to_string().contains("--discard-dirty"), "{err}");
+}
+
+#[test]
+fn stats_count_hits_misses_partial_hits_and_latency() {
+    let (b, c) = (
+        Arc::new(MemBackend::new(4 * MIB as usize)),
+        Arc::new(MemBackend::new(4 * MIB as usize)),
+    );
+    let e = open(&b, &c, cfg(CacheMode::Through));
+    read(&e, 0, 65536); // miss, promoted
+    read(&e, 0, 65536); // hit
+    read(&e, 0, 131072); // partial
+    e.write(0, &[1u8; 4096], false).unwrap(); // hit
+    e.write(MIB, &[1u8; 4096], false).unwrap(); // miss
+    e.flush().unwrap();
+    let s = e.stats();
+    assert_eq!((s.read_hits, s.read_misses, s.read_partial), (1, 1, 1));
+    assert_eq!((s.write_hits, s.write_misses, s.write_partial), (1, 1, 0));
+    assert_eq!(s.mode, "through");
+    let lat: Vec<(String, u64)> = s.latency.iter().map(|l| (l.op.clone(), l.count)).collect();
+    assert_eq!(lat[0], ("read".into(), 3));
+    assert_eq!(lat[1], ("write".into(), 2));
+    assert_eq!(lat[2], ("flush".into(), 1));
+    assert!(s.latency[0].p50_us > 0);
+    assert!(s.cache_write_bytes > 0 && s.cache_read_bytes > 0);
+    e.shutdown().unwrap();
+}
+
+#[test]
+fn an_offline_server_returns_to_offline_after_an_aborted_migration() {
+    let (b, c) = (
+        Arc::new(MemBackend::new(4 * MIB as usize)),
+        Arc::new(MemBackend::new(8 * MIB as usize)),
+    );
+    let e = open(&b, &c, cfg(CacheMode::Offline));
+    e.write(0, &[3u8; 8192], false).unwrap();
+    assert_eq!(e.migrate_out(None).unwrap(), CacheMode::Offline);
+    assert_eq!(&b.snapshot()[..8192], &[3u8; 8192][..]);
+    e.migrate_abort(CacheMode::Offline).unwrap();
+    assert_eq!(e.mode(), CacheMode::Offline);
+    e.write(0, &[4u8; 4096], false).unwrap();
+    assert_eq!(
+        &b.snapshot()[..4096],
+        &[3u8; 4096][..],
+        "offline again: writes stay local"
+    );
+    e.shutdown().unwrap();
+    assert_eq!(&b.snapshot()[..4096], &[4u8; 4096][..]);
+}
