@@ -136,7 +136,14 @@ fn read_sector(base: &[u8], delta: &Delta, s: u64) -> Vec<u8> {
 pub fn run(cfg: &RunConfig) -> RunReport {
     let mut report = RunReport::default();
     let clock = Arc::new(Clock::default());
-    let cache_bytes = (1 << 20) + CACHE_LINES as usize * cfg.line_size as usize;
+    // Offline mode keeps the whole image in the cache; the others get a tiny
+    // cache so that eviction and write-back race the guest.
+    let lines = if cfg.mode == CacheMode::Offline {
+        (BACKEND_BYTES as u64).div_ceil(cfg.line_size as u64) + 1
+    } else {
+        CACHE_LINES
+    };
+    let cache_bytes = (1 << 20) + lines as usize * cfg.line_size as usize;
     let backend = Arc::new(Recording::new(BACKEND_BYTES, "backend", Arc::clone(&clock)));
     let cache = Arc::new(Recording::new(cache_bytes, "cache", Arc::clone(&clock)));
     let ecfg = EngineConfig {

@@ -203,7 +203,7 @@ fn offline_hydrates_keeps_writes_local_resumes_and_writes_back_only_dirty_data()
     // backend makes sure that happens before the end.
     let slow = Arc::new(
         FaultyBackend::builder(mem.clone())
-            .read_delay(std::time::Duration::from_millis(15))
+            .read_delay(std::time::Duration::from_millis(50))
             .build(),
     );
     let e = Engine::open(
@@ -219,17 +219,18 @@ fn offline_hydrates_keeps_writes_local_resumes_and_writes_back_only_dirty_data()
             PreloadOptions::default(),
             Some(&cancel),
             Some(&|p| {
+                // The first report comes after half a second, long before the
+                // end (64 lines at 50 ms each): stop there.
                 *seen.lock().unwrap() = p.done;
-                if p.done >= size / 2 {
-                    cancel.store(true, Ordering::Release);
-                }
+                cancel.store(true, Ordering::Release);
             }),
         )
         .unwrap();
     let first = rep.fetched;
     assert!(rep.interrupted && first > 0 && first < size, "{rep:?}");
     assert!(*seen.lock().unwrap() >= first);
-    e.write(MIB, &[0xeeu8; 8192], false).unwrap();
+    // Inside line 0, which the first run copied in (it fetched something).
+    e.write(4096, &[0xeeu8; 8192], false).unwrap();
     e.flush().unwrap();
     e.detach_keep_dirty().unwrap();
     drop(e);
@@ -260,7 +261,7 @@ fn offline_hydrates_keeps_writes_local_resumes_and_writes_back_only_dirty_data()
         "the whole image is in the cache"
     );
     let mut expect = data.clone();
-    expect[MIB as usize..MIB as usize + 8192].fill(0xee);
+    expect[4096..4096 + 8192].fill(0xee);
     assert_eq!(read(&e, 0, size as usize), expect);
     let reads_before = fb.stats().bytes_read;
     assert_eq!(read(&e, 0, size as usize), expect);
@@ -423,4 +424,31 @@ fn an_offline_server_returns_to_offline_after_an_aborted_migration() {
     );
     e.shutdown().unwrap();
     assert_eq!(&b.snapshot()[..4096], &[4u8; 4096][..]);
+}
+
+/// In offline mode nothing writes back while serving, so an overwrite of data
+/// dirty since before a FLUSH must not wait for write-back (it would wait
+/// forever): it goes in place.
+#[test]
+fn offline_overwrites_after_a_flush_do_not_wait_for_write_back() {
+    let (b, c) = (
+        Arc::new(MemBackend::new(4 * MIB as usize)),
+        Arc::new(MemBackend::new(8 * MIB as usize)),
+    );
+    let e = open(&b, &c, cfg(CacheMode::Offline));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let e2 = e.clone();
+    std::thread::spawn(move || {
+        for round in 1..=5u8 {
+            e2.write(0, &[round; 65536], false).unwrap();
+            e2.flush().unwrap();
+        }
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("an overwrite after a flush hung in offline mode");
+    assert_eq!(read(&e, 0, 65536), vec![5u8; 65536]);
+    assert_eq!(&b.snapshot()[..65536], &[0u8; 65536][..]);
+    e.shutdown().unwrap();
+    assert_eq!(&b.snapshot()[..65536], &[5u8; 65536][..]);
 }

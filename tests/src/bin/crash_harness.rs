@@ -27,6 +27,7 @@ fn main() {
         (CacheMode::Through, WritebackOrder::Ordered, 4096),
         (CacheMode::Around, WritebackOrder::Ordered, 4096),
         (CacheMode::None, WritebackOrder::Ordered, 4096),
+        (CacheMode::Offline, WritebackOrder::Ordered, 4096),
     ];
     let started = std::time::Instant::now();
     let (mut states, mut runs, mut failed_runs) = (0u64, 0u64, 0u64);

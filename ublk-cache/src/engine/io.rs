@@ -299,7 +299,10 @@ impl Engine {
             let (slot, fresh) = match st.map.get(&tag).copied() {
                 Some(s) => {
                     let l = st.lines[s as usize];
+                    // Offline mode writes back only at stop, so nothing would come
+                    // to take the line: it overwrites in place (see README, offline).
                     if self.order.overwrite_waits_for_older_epoch()
+                        && self.mode().writes_back_continuously()
                         && l.is_dirty()
                         && l.epoch < st.cur_epoch
                     {
