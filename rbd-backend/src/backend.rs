@@ -38,6 +38,14 @@ pub trait Backend: Send + Sync {
     /// Size in bytes. Requests never reach past it.
     fn size(&self) -> u64;
 
+    /// The backend's size now, where it can change under a running server (an
+    /// RBD image resized by someone else); [`Backend::size`] stays what it was at
+    /// open. When it is smaller (a shrink), requests beyond it fail with EIO,
+    /// and the engine refuses guest requests there even when they are cached.
+    fn current_size(&self) -> u64 {
+        self.size()
+    }
+
     /// Logical block size the backend requires for offsets and lengths (512 or 4096).
     fn block_size(&self) -> u32 {
         512
@@ -106,6 +114,9 @@ macro_rules! forward_backend {
         impl<T: Backend + ?Sized> Backend for $ptr<T> {
             fn size(&self) -> u64 {
                 (**self).size()
+            }
+            fn current_size(&self) -> u64 {
+                (**self).current_size()
             }
             fn block_size(&self) -> u32 {
                 (**self).block_size()

@@ -303,6 +303,10 @@ impl<B: Backend> Backend for FaultyBackend<B> {
         self.inner.size()
     }
 
+    fn current_size(&self) -> u64 {
+        self.inner.current_size()
+    }
+
     fn block_size(&self) -> u32 {
         self.inner.block_size()
     }

@@ -508,3 +508,88 @@ fn a_dead_holders_lock_is_taken_over() {
     assert!(b.owns_lock());
     b.write_at(0, &[5u8; 4096]).expect("write after takeover");
 }
+
+/// The wait for a dead holder's lock is bounded (`RbdOptions::lock_timeout`):
+/// before the holder's watch expires (10 s in the test cluster) the open gives
+/// up, naming the holder and what to do. The abandoned attempt gives a late
+/// lock straight back, so a later open takes it over.
+#[test]
+fn the_wait_for_a_dead_holders_lock_is_bounded() {
+    let Some((c, _wd)) = rbd_test("dead_holder_bounded", 180) else {
+        return;
+    };
+    let img = c.image("deadb", 8 * MIB);
+    let mut cmd = std::process::Command::new("rbd");
+    cmd.arg("-c").arg(&c.conf);
+    if let Some(k) = &c.keyring {
+        cmd.arg("--keyring").arg(k);
+    }
+    let mut child = cmd
+        .args([
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4096",
+            "--io-total",
+            "64G",
+        ])
+        .arg(img.spec.to_string())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("rbd bench");
+    let t0 = Instant::now();
+    while c
+        .admin()
+        .lock_owners(&img.spec)
+        .unwrap_or_default()
+        .is_empty()
+    {
+        if t0.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("rbd bench never took the lock");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().expect("kill -9");
+    child.wait().expect("reap");
+
+    let opts = RbdOptions {
+        lock_timeout: Some(Duration::from_secs(2)),
+        ..c.opts()
+    };
+    let t0 = Instant::now();
+    let err = RbdBackend::open(&img.spec, &opts)
+        .expect_err("the dead holder's watch has not expired yet");
+    let waited = t0.elapsed();
+    let msg = err.to_string();
+    eprintln!("gave up after {waited:?}: {msg}");
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{msg}");
+    assert!(
+        waited < Duration::from_secs(8),
+        "the wait was not bounded: {waited:?}"
+    );
+    for want in [
+        "gave up waiting for the image's exclusive lock after 2 s",
+        "another client holds it (at 127.0.0.1:",
+        "rbd lock rm",
+        "rbd status",
+    ] {
+        assert!(msg.contains(want), "the message lacks '{want}': {msg}");
+    }
+    // Once the watch expires the lock is free again (the abandoned attempt may
+    // have taken it and given it back meanwhile): a plain open takes it.
+    let t0 = Instant::now();
+    let b = loop {
+        match RbdBackend::open(&img.spec, &c.opts()) {
+            Ok(b) => break b,
+            Err(e) if t0.elapsed() < Duration::from_secs(60) => {
+                eprintln!("open after the bounded wait: {e}; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => panic!("the lock was never free again: {e}"),
+        }
+    };
+    assert!(b.owns_lock());
+    b.write_at(0, &[6u8; 4096]).expect("write after takeover");
+}

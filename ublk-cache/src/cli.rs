@@ -205,4 +205,8 @@ pub struct CephArgs {
     /// Keyring with the client's key (default: the one ceph.conf names).
     #[arg(long, value_name = "PATH")]
     pub ceph_keyring: Option<PathBuf>,
+    /// Seconds a backend request (rbd: only) waits for the cluster before it fails
+    /// with EIO (default 30; 0 waits forever). Write-back that times out is retried.
+    #[arg(long, value_name = "SECS")]
+    pub backend_timeout: Option<u64>,
 }

@@ -415,6 +415,7 @@ fn demo(dir: Option<&Path>, size: u64, cache_size: u64, run_dir: &Path) -> Resul
             ceph_conf: None,
             ceph_id: "admin".into(),
             ceph_keyring: None,
+            backend_timeout: None,
         },
         cache: Some(cache),
         cache_size: Some(cache_size),

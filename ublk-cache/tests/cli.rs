@@ -119,6 +119,35 @@ fn bad_arguments_are_named() {
 }
 
 #[test]
+fn backend_timeout_is_for_rbd_backends_only() {
+    let d = tempfile::tempdir().unwrap();
+    let sock = d.path().join("nbd.sock");
+    let export = format!("nbd:unix:{}", sock.display());
+    let run_dir = d.path().join("run");
+    let run_dir = run_dir.to_str().unwrap();
+    assert_refused(
+        &[
+            "--run-dir",
+            run_dir,
+            "serve",
+            "--backend",
+            "file:/nonexistent.img",
+            "--mode",
+            "none",
+            "--backend-timeout",
+            "5",
+            "--export",
+            &export,
+        ],
+        "--backend-timeout applies to rbd: backends only",
+    );
+    assert_refused(
+        &["serve", "--backend", "file:/x", "--backend-timeout", "soon"],
+        "invalid value 'soon' for '--backend-timeout <SECS>'",
+    );
+}
+
+#[test]
 fn serve_without_the_ublk_driver_says_what_to_do_and_creates_nothing() {
     if has_ublk() {
         println!(

@@ -323,3 +323,121 @@ fn rbd_dirty_data_over_a_changed_range_is_refused() {
         "written back over the change"
     );
 }
+
+/// Waits until the backend's header watch has seen `size`.
+fn wait_for_size(b: &RbdBackend, size: u64) {
+    let t0 = std::time::Instant::now();
+    while b.current_size() != size {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "the resize to {size} was not noticed (still {})",
+            b.current_size()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The image is resized under a running server. Neither ublk (on kernel 6.12)
+/// nor NBD can change a live device's size, so the device keeps its size. A
+/// grow changes nothing else. After a shrink every request reaching past the
+/// new end fails with EIO, whether the data is cached or not; requests below it
+/// work. Growing the image back makes the range usable again.
+#[test]
+fn rbd_resize_under_a_running_engine() {
+    let Some((c, _wd)) = rbd_test("resize_engine", 300) else {
+        return;
+    };
+    let lines = 32u64;
+    let disk = lines * LINE;
+    let img = c.image("resize", disk);
+    let cache = Arc::new(MemBackend::new((1 << 20) + (16 * LINE) as usize));
+    let rbd = open_rbd(&c, &img.spec);
+    let e = open_engine(rbd.clone(), &cache, &back_cfg());
+    let mut model = pattern(31, disk as usize);
+    e.write(0, &model, false).expect("fill");
+    e.flush().expect("flush");
+    e.drain().expect("write back");
+    // Cache the last line (clean).
+    let last = (lines - 1) * LINE;
+    let mut got = vec![0u8; LINE as usize];
+    e.read(last, &mut got).expect("read the last line");
+    assert!(got[..] == model[last as usize..]);
+
+    // Grow: nothing changes for the device.
+    c.admin().resize(&img.spec, disk + 8 * LINE).expect("grow");
+    wait_for_size(&rbd, disk + 8 * LINE);
+    assert_eq!(e.size(), disk, "the device keeps its size");
+    e.read(last, &mut got).expect("read after the grow");
+    assert!(got[..] == model[last as usize..]);
+    let err = e.read(disk, &mut got).expect_err("past the device's end");
+    assert_eq!(err.errno, libc::EINVAL, "{}", err.message);
+    let data = pattern(32, 8192);
+    e.write(last + 4096, &data, true)
+        .expect("write after the grow");
+    model[(last + 4096) as usize..(last + 4096) as usize + data.len()].copy_from_slice(&data);
+
+    // Shrink below the last 4 lines: they fail with EIO, cached (the last line)
+    // or not, reads and writes alike; below the new end all works.
+    e.drain().expect("write back before the shrink");
+    let end = disk - 4 * LINE;
+    c.admin().resize(&img.spec, end).expect("shrink");
+    wait_for_size(&rbd, end);
+    assert_eq!(e.size(), disk, "the device keeps its size");
+    for (off, len) in [(last, LINE), (end, 4096), (end - 4096, 8192)] {
+        let mut buf = vec![0u8; len as usize];
+        let err = e.read(off, &mut buf).expect_err("a read past the new end");
+        assert_eq!(err.errno, libc::EIO, "read {off}+{len}: {}", err.message);
+        assert!(err.message.contains("shrunk"), "{}", err.message);
+        let err = e
+            .write(off, &buf, false)
+            .expect_err("a write past the new end");
+        assert_eq!(err.errno, libc::EIO, "write {off}+{len}: {}", err.message);
+        let err = e
+            .write_zeroes(off, len)
+            .expect_err("write-zeroes past the new end");
+        assert_eq!(
+            err.errno,
+            libc::EIO,
+            "write_zeroes {off}+{len}: {}",
+            err.message
+        );
+        let err = e.discard(off, len).expect_err("discard past the new end");
+        assert_eq!(err.errno, libc::EIO, "discard {off}+{len}: {}", err.message);
+    }
+    // The backend refuses too (for callers other than the engine).
+    let mut buf = vec![0u8; 4096];
+    let err = rbd
+        .read_at(end, &mut buf)
+        .expect_err("backend read past the new end");
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    let err = rbd
+        .write_at(end - 4096, &[0u8; 8192])
+        .expect_err("backend write past the new end");
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    // Below the new end everything works.
+    let data = pattern(33, 3 * LINE as usize);
+    let off = end - 3 * LINE;
+    e.write(off, &data, false).expect("write below the new end");
+    e.flush().expect("flush");
+    model[off as usize..(off as usize + data.len())].copy_from_slice(&data);
+    let mut buf = vec![0u8; end as usize];
+    e.read(0, &mut buf).expect("read below the new end");
+    assert!(buf[..] == model[..end as usize], "data below the new end");
+
+    // Grow back: the range is usable again (what lies there is what the
+    // cache still holds, else the zeroes of the grown image).
+    e.drain().expect("write back");
+    c.admin().resize(&img.spec, disk).expect("grow back");
+    wait_for_size(&rbd, disk);
+    let data = pattern(34, (disk - end) as usize);
+    e.write(end, &data, false)
+        .expect("write after growing back");
+    model[end as usize..].copy_from_slice(&data);
+    e.shutdown().expect("clean stop");
+    drop(e);
+    drop(rbd);
+    assert!(
+        c.read_image(&img.spec) == model,
+        "the image after the resizes"
+    );
+}

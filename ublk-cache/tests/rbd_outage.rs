@@ -15,39 +15,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use policies::{CacheMode, WritebackOrder};
-use rbd_backend::rbd::testing::{cluster, pattern, watchdog, TestCluster};
+use rbd_backend::rbd::testing::{cluster, pattern, watchdog, Frozen, TestCluster};
 use rbd_backend::{Backend, FaultyBackend, MemBackend, RbdBackend};
 use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig};
 
 const LINE: u64 = 65536;
-
-/// Freezes a process; thaws it on drop (even when the test panics) and after
-/// 10 s at the latest (even when the test process is aborted). Longer freezes
-/// leave the single OSD's placement groups stuck (their read leases lapse).
-struct Frozen(i32);
-
-impl Frozen {
-    fn new(pid: i32) -> Frozen {
-        // The dead man's switch: a shell outlives an aborted test process.
-        let _ = std::process::Command::new("sh")
-            .args([
-                "-c",
-                &format!("(sleep 10; kill -CONT {pid}) >/dev/null 2>&1 &"),
-            ])
-            .status();
-        // SAFETY: kill(2) with a pid we read from the cluster's pid file.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP osd");
-        Frozen(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        // SAFETY: as above; SIGCONT on a running process is harmless.
-        unsafe { libc::kill(self.0, libc::SIGCONT) };
-    }
-}
 
 #[test]
 fn rbd_back_mode_rides_out_an_osd_outage() {

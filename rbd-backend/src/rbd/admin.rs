@@ -148,7 +148,7 @@ impl RbdRawImage {
     }
 
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        match self.image.read(offset, buf) {
+        match self.image.read(offset, buf, None) {
             Ok(n) if n == buf.len() => Ok(()),
             Ok(n) => Err(err(
                 format!("rbd:{}: short read ({n})", self.name),
@@ -160,13 +160,13 @@ impl RbdRawImage {
 
     pub fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.image
-            .write(offset, buf)
+            .write(offset, buf, None)
             .map_err(|e| err(format!("rbd:{}: write at {offset}", self.name), e))
     }
 
     pub fn flush(&self) -> Result<()> {
         self.image
-            .flush()
+            .flush(None)
             .map_err(|e| err(format!("rbd:{}: flush", self.name), e))
     }
 

@@ -5,19 +5,28 @@
 //! Every `unsafe` of the RBD backend lives in this module. Outside it, the
 //! wrappers are safe to use: handles are closed exactly once (in `Drop`), a
 //! handle keeps what it was made from alive (`Image` holds its `IoCtx`, which
-//! holds its `Cluster`), and every asynchronous request is waited for before the
-//! buffer it uses can go away.
+//! holds its `Cluster`), and an asynchronous request either is waited for before
+//! the caller's buffer it uses can go away, or owns its buffer (see below).
 //!
 //! Asynchronous I/O: each request gets a small completion slot (a mutex and a
 //! condition variable). librbd calls [`on_complete`] on one of its own threads
 //! when the request is done; it stores the result and wakes the waiting caller.
 //! No thread is made per request.
+//!
+//! A request may be waited for with a timeout. librbd has no way to cancel a
+//! request, so one that times out is abandoned, not stopped: it must not use the
+//! caller's memory. Such requests read into (or write from) a buffer of their own
+//! that their slot owns; the slot is kept alive by the completion callback's
+//! reference, and when librbd finally completes the request the callback drops
+//! it, buffer and all.
 
 #![allow(non_camel_case_types)]
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 type rados_t = *mut c_void;
 type rados_ioctx_t = *mut c_void;
@@ -382,6 +391,7 @@ impl IoCtx {
         Ok(Image {
             h,
             _io: Arc::clone(self),
+            abandoned: Arc::default(),
         })
     }
 }
@@ -400,6 +410,7 @@ impl Drop for IoCtx {
 pub struct Image {
     h: rbd_image_t,
     _io: Arc<IoCtx>,
+    abandoned: Arc<Abandoned>,
 }
 
 // SAFETY: librbd's image handle serialises its own state internally; concurrent
@@ -663,45 +674,126 @@ impl Image {
     }
 
     /// Reads `buf.len()` bytes at `off`; returns the count librbd reports.
-    pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<usize, Errno> {
-        let (ptr, len) = (buf.as_mut_ptr(), buf.len());
-        // SAFETY: `buf` is borrowed mutably for this whole call, and `submit`
-        // returns only after librbd has completed the request, so librbd writes
-        // into live, exclusively borrowed memory of `len` bytes.
-        self.submit(|c| unsafe { rbd_aio_read(self.h, off, len, ptr.cast(), c) })
+    ///
+    /// With a `timeout`, librbd reads into a buffer owned by the request and the
+    /// data is copied into `buf` once it completes; if it does not complete in
+    /// time, the request is abandoned (it keeps its own buffer until librbd
+    /// completes it) and this returns [`Errno`] `ETIMEDOUT`. Without a timeout,
+    /// librbd reads straight into `buf` and this waits as long as it takes.
+    pub fn read(
+        &self,
+        off: u64,
+        buf: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> Result<usize, Errno> {
+        let len = buf.len();
+        if timeout.is_some() {
+            let own = OwnedBuf::zeroed(len);
+            let ptr = own.ptr;
+            let (rv, own) = self.submit(timeout, Some(own), |c| {
+                // SAFETY: `ptr` is the request's own buffer of `len` bytes, kept
+                // alive by its slot until librbd has completed the request, and
+                // touched by nobody else until then.
+                unsafe { rbd_aio_read(self.h, off, len, ptr.cast(), c) }
+            })?;
+            if let Some(own) = own {
+                let n = rv.min(len);
+                buf[..n].copy_from_slice(&own.as_slice()[..n]);
+            }
+            return Ok(rv);
+        }
+        let ptr = buf.as_mut_ptr();
+        // SAFETY: `buf` is borrowed mutably for this whole call, and without a
+        // timeout `submit` returns only after librbd has completed the request, so
+        // librbd writes into live, exclusively borrowed memory of `len` bytes.
+        self.submit(None, None, |c| unsafe {
+            rbd_aio_read(self.h, off, len, ptr.cast(), c)
+        })
+        .map(|(rv, _)| rv)
     }
 
     /// Writes all of `buf` at `off` (librbd reports 0, not a count, on success).
-    pub fn write(&self, off: u64, buf: &[u8]) -> Result<(), Errno> {
-        let (ptr, len) = (buf.as_ptr(), buf.len());
-        // SAFETY: `buf` is borrowed for the whole call and `submit` waits for the
-        // completion, so librbd only reads live memory of `len` bytes.
-        self.submit(|c| unsafe { rbd_aio_write(self.h, off, len, ptr.cast(), c) })
+    /// With a `timeout`, the data is first copied into a buffer the request owns
+    /// (see [`Image::read`]); a write that does not complete in time fails with
+    /// `ETIMEDOUT` (it may still land later, before any request submitted after it
+    /// to the same object).
+    pub fn write(&self, off: u64, buf: &[u8], timeout: Option<Duration>) -> Result<(), Errno> {
+        let len = buf.len();
+        if timeout.is_some() {
+            let own = OwnedBuf::copy_of(buf);
+            let ptr = own.ptr;
+            // SAFETY: `ptr` is the request's own buffer of `len` bytes, alive until
+            // librbd completes the request (the slot owns it), never written meanwhile.
+            return self
+                .submit(timeout, Some(own), |c| unsafe {
+                    rbd_aio_write(self.h, off, len, ptr.cast_const().cast(), c)
+                })
+                .map(drop);
+        }
+        let ptr = buf.as_ptr();
+        // SAFETY: `buf` is borrowed for the whole call and, without a timeout,
+        // `submit` waits for the completion, so librbd only reads live memory.
+        self.submit(None, None, |c| unsafe {
+            rbd_aio_write(self.h, off, len, ptr.cast(), c)
+        })
+        .map(drop)
+    }
+
+    pub fn flush(&self, timeout: Option<Duration>) -> Result<(), Errno> {
+        // SAFETY: live image; no buffer involved.
+        self.submit(timeout, None, |c| unsafe { rbd_aio_flush(self.h, c) })
             .map(drop)
     }
 
-    pub fn flush(&self) -> Result<(), Errno> {
+    pub fn discard(&self, off: u64, len: u64, timeout: Option<Duration>) -> Result<(), Errno> {
         // SAFETY: live image; no buffer involved.
-        self.submit(|c| unsafe { rbd_aio_flush(self.h, c) })
-            .map(drop)
+        self.submit(timeout, None, |c| unsafe {
+            rbd_aio_discard(self.h, off, len, c)
+        })
+        .map(drop)
     }
 
-    pub fn discard(&self, off: u64, len: u64) -> Result<(), Errno> {
+    pub fn write_zeroes(
+        &self,
+        off: u64,
+        len: usize,
+        timeout: Option<Duration>,
+    ) -> Result<(), Errno> {
         // SAFETY: live image; no buffer involved.
-        self.submit(|c| unsafe { rbd_aio_discard(self.h, off, len, c) })
-            .map(drop)
+        self.submit(timeout, None, |c| unsafe {
+            rbd_aio_write_zeroes(self.h, off, len, c, 0, 0)
+        })
+        .map(drop)
     }
 
-    pub fn write_zeroes(&self, off: u64, len: usize) -> Result<(), Errno> {
-        // SAFETY: live image; no buffer involved.
-        self.submit(|c| unsafe { rbd_aio_write_zeroes(self.h, off, len, c, 0, 0) })
-            .map(drop)
+    /// Requests given up on after their timeout whose completion librbd has not
+    /// delivered yet, and the bytes of buffer they hold.
+    pub fn abandoned(&self) -> (u64, u64) {
+        (
+            self.abandoned.count.load(Ordering::Acquire),
+            self.abandoned.bytes.load(Ordering::Acquire),
+        )
     }
 
     /// Makes a completion, lets `start` submit the request with it, and waits for
-    /// librbd to complete it. Returns the request's non-negative return value.
-    fn submit(&self, start: impl FnOnce(rbd_completion_t) -> c_int) -> Result<usize, Errno> {
-        let slot = Arc::new(Slot::default());
+    /// librbd to complete it (at most `timeout`, if given). Returns the request's
+    /// non-negative return value and its own buffer, or `ETIMEDOUT` when the
+    /// request was abandoned: it then stays in flight in librbd, and its slot
+    /// (with `buf`) is freed by the completion callback whenever that comes.
+    ///
+    /// A request that uses a buffer of the caller's must pass no timeout.
+    fn submit(
+        &self,
+        timeout: Option<Duration>,
+        buf: Option<OwnedBuf>,
+        start: impl FnOnce(rbd_completion_t) -> c_int,
+    ) -> Result<(usize, Option<OwnedBuf>), Errno> {
+        let slot = Arc::new(Slot {
+            st: Mutex::new(SlotState::Pending),
+            cv: Condvar::new(),
+            buf: Mutex::new(buf),
+            abandoned: Arc::clone(&self.abandoned),
+        });
         let arg = Arc::into_raw(Arc::clone(&slot)) as *mut c_void;
         let mut c: rbd_completion_t = std::ptr::null_mut();
         // SAFETY: `arg` is a leaked Arc<Slot> that `on_complete` takes back exactly
@@ -722,19 +814,36 @@ impl Image {
             }
             return Err(e);
         }
-        let rv = slot.wait();
+        let rv = slot.wait(timeout).ok_or(Errno(libc::ETIMEDOUT))?;
         if rv < 0 {
             Err(Errno(i32::try_from(-rv).unwrap_or(libc::EIO)))
         } else {
-            Ok(usize::try_from(rv).unwrap_or(usize::MAX))
+            let own = slot
+                .buf
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            Ok((usize::try_from(rv).unwrap_or(usize::MAX), own))
         }
     }
 }
 
 impl Drop for Image {
     fn drop(&mut self) {
-        // SAFETY: live image, closed once. No request is in flight (every
-        // submit waits), and UpdateWatch holds an Arc, so none is registered.
+        let (n, bytes) = self.abandoned();
+        if n > 0 {
+            // rbd_close waits for librbd's requests in flight; the abandoned ones
+            // complete (and free their buffers) once the cluster answers.
+            tracing::warn!(
+                requests = n,
+                bytes,
+                "closing the image while requests abandoned after the backend timeout are still \
+                 in flight; librbd waits for the cluster to answer them"
+            );
+        }
+        // SAFETY: live image, closed once. Requests with a caller's buffer were all
+        // waited for; abandoned ones own their buffers and slots (the callback
+        // frees them), and UpdateWatch holds an Arc, so none is registered.
         let rc = unsafe { rbd_close(self.h) };
         if rc < 0 {
             tracing::warn!(error = %Errno(-rc), "rbd_close failed");
@@ -750,28 +859,129 @@ fn from_nul_terminated(buf: &[u8]) -> String {
 // ---------------------------------------------------------------------------
 // Completions and callbacks
 
-/// Where librbd's callback leaves a request's return value for its waiter.
+/// A heap buffer owned by one request, handed to librbd as a raw pointer. It is
+/// not a `Box`/`Vec` while librbd may use it, so no Rust reference to it exists
+/// until the request has completed.
+struct OwnedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a plain heap allocation; which thread frees it does not matter.
+unsafe impl Send for OwnedBuf {}
+
+impl OwnedBuf {
+    fn zeroed(len: usize) -> OwnedBuf {
+        Self::from_box(vec![0u8; len].into_boxed_slice())
+    }
+
+    fn copy_of(data: &[u8]) -> OwnedBuf {
+        Self::from_box(data.to_vec().into_boxed_slice())
+    }
+
+    fn from_box(b: Box<[u8]>) -> OwnedBuf {
+        let len = b.len();
+        OwnedBuf {
+            ptr: Box::into_raw(b).cast::<u8>(),
+            len,
+        }
+    }
+
+    /// Only after the request that used it has completed.
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr`/`len` come from a live boxed slice; librbd no longer
+        // touches it (the completion was observed under the slot's mutex).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for OwnedBuf {
+    fn drop(&mut self) {
+        // SAFETY: made by `Box::into_raw` of a slice of `len` bytes, freed once;
+        // dropped only when librbd is done with it (after completion).
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.ptr, self.len)) });
+    }
+}
+
+/// Per image: requests abandoned after their timeout and not yet completed.
 #[derive(Default)]
+struct Abandoned {
+    count: AtomicU64,
+    bytes: AtomicU64,
+}
+
+enum SlotState {
+    Pending,
+    Done(i64),
+    /// The waiter gave up; the callback frees the slot and its buffer.
+    Abandoned,
+}
+
+/// Where librbd's callback leaves a request's return value for its waiter.
 struct Slot {
-    rv: Mutex<Option<i64>>,
+    st: Mutex<SlotState>,
     cv: Condvar,
+    /// The request's own buffer (requests with a timeout), or none.
+    buf: Mutex<Option<OwnedBuf>>,
+    abandoned: Arc<Abandoned>,
 }
 
 impl Slot {
-    fn complete(&self, rv: i64) {
-        *self.rv.lock().unwrap_or_else(PoisonError::into_inner) = Some(rv);
-        self.cv.notify_one();
+    fn buf_len(&self) -> u64 {
+        self.buf
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map_or(0, |b| b.len as u64)
     }
 
-    /// Waits without a deadline: the request's buffer is the caller's, so we may
-    /// not return before librbd is done with it.
-    fn wait(&self) -> i64 {
-        let mut g = self.rv.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if let Some(rv) = *g {
-                return rv;
+    fn complete(&self, rv: i64) {
+        let mut st = self.st.lock().unwrap_or_else(PoisonError::into_inner);
+        match *st {
+            SlotState::Abandoned => {
+                self.abandoned.count.fetch_sub(1, Ordering::AcqRel);
+                self.abandoned
+                    .bytes
+                    .fetch_sub(self.buf_len(), Ordering::AcqRel);
+                let left = self.abandoned.count.load(Ordering::Acquire);
+                tracing::info!(result = rv, still_abandoned = left,
+                    "a backend request given up on after its timeout completed late; its result is discarded");
             }
-            g = self.cv.wait(g).unwrap_or_else(PoisonError::into_inner);
+            _ => {
+                *st = SlotState::Done(rv);
+                self.cv.notify_one();
+            }
+        }
+    }
+
+    /// Waits for the completion, at most `timeout` if given. `None`: timed out;
+    /// the slot is then marked abandoned (the callback will free it).
+    fn wait(&self, timeout: Option<Duration>) -> Option<i64> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut g = self.st.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let SlotState::Done(rv) = *g {
+                return Some(rv);
+            }
+            match deadline {
+                None => g = self.cv.wait(g).unwrap_or_else(PoisonError::into_inner),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        *g = SlotState::Abandoned;
+                        self.abandoned.count.fetch_add(1, Ordering::AcqRel);
+                        self.abandoned
+                            .bytes
+                            .fetch_add(self.buf_len(), Ordering::AcqRel);
+                        return None;
+                    }
+                    g = self
+                        .cv
+                        .wait_timeout(g, d - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+            }
         }
     }
 }
@@ -788,7 +998,10 @@ extern "C" fn on_complete(c: rbd_completion_t, arg: *mut c_void) {
         rbd_aio_release(c);
         rv
     };
-    slot.complete(rv as i64);
+    // A panic must not unwind into C.
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| slot.complete(rv as i64)));
+    // Dropping `slot` here frees an abandoned request's slot and buffer: librbd
+    // has completed it, so it no longer uses the buffer.
 }
 
 /// `rbd_diff_iterate2` callback: collects `(offset, length)`.

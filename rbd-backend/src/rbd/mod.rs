@@ -15,7 +15,14 @@
 //!   attached last and count attaches and clean detaches, for operators and
 //!   for telling whether another server attached in between.
 //! - A header watch (`rbd_update_watch`) notices resizes; the device size cannot
-//!   follow while the server runs, so a resize is logged loudly.
+//!   follow while the server runs, so a resize is logged loudly, and after a
+//!   shrink every request reaching past the new end fails with EIO
+//!   ([`Backend::current_size`] lets the engine refuse cached ones too).
+//! - Every I/O request waits at most [`RbdOptions::io_timeout`] for the cluster,
+//!   then fails with EIO (kind [`ErrorKind::Timeout`]). librbd cannot cancel it:
+//!   it stays in flight with a buffer of its own and is discarded when it
+//!   completes. Writes that time out are errors, never successes, so the engine
+//!   keeps the data dirty (`back`) or returns EIO (other modes).
 
 mod admin;
 mod ffi;
@@ -27,9 +34,10 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 pub use admin::{RbdAdmin, RbdRawImage};
-pub use spec::{RbdOptions, RbdSpec};
+pub use spec::{RbdOptions, RbdSpec, DEFAULT_IO_TIMEOUT, DEFAULT_LOCK_TIMEOUT};
 
 use crate::backend::{Backend, BackendChanges, BackendIdentity};
 use crate::error::{BackendError, ErrorKind, Result};
@@ -41,6 +49,10 @@ pub const MARKER_SNAP_PREFIX: &str = "ublk-cache-";
 pub const META_OWNER: &str = "ublk-cache.owner";
 /// Image metadata key: bumped at every attach and clean detach.
 pub const META_GENERATION: &str = "ublk-cache.generation";
+/// While requests abandoned after their timeout hold this many bytes of buffer,
+/// new requests fail at once instead of piling up more (the cluster is not
+/// answering anyway); they are accepted again as the old ones complete.
+const MAX_ABANDONED_BYTES: u64 = 256 << 20;
 
 pub struct RbdBackend {
     spec: RbdSpec,
@@ -50,6 +62,8 @@ pub struct RbdBackend {
     image_id: String,
     snap_id: Option<u64>,
     read_only: bool,
+    /// Per I/O request; `None` waits forever.
+    timeout: Option<Duration>,
     locked: AtomicBool,
     /// The generation and owner found in the metadata at open, before our bump.
     found_generation: Option<u64>,
@@ -225,6 +239,7 @@ impl RbdBackend {
             image_id,
             snap_id,
             read_only,
+            timeout: opts.io_timeout.filter(|t| !t.is_zero()),
             locked: AtomicBool::new(false),
             found_generation: None,
             found_owner: None,
@@ -233,16 +248,48 @@ impl RbdBackend {
             watcher: Mutex::new(None),
         };
         if !read_only {
-            b.take_lock()?;
+            b.take_lock(opts.lock_timeout.filter(|t| !t.is_zero()))?;
             b.record_attach()?;
             b.start_watch();
         }
         tracing::info!(image = %b.spec, size, id = %b.image_id, read_only,
-            client = b.cluster.instance_id(), "opened rbd image");
+            client = b.cluster.instance_id(),
+            io_timeout_secs = b.timeout.map_or(0.0, |t| t.as_secs_f64()), "opened rbd image");
         Ok(b)
     }
 
-    fn take_lock(&mut self) -> Result<()> {
+    /// `rbd_lock_acquire`, waiting at most `timeout` (`None`: forever). librbd
+    /// cannot cancel it, so on timeout the attempt goes on in a thread of its
+    /// own, which releases the lock at once if it gets it late (and closes its
+    /// reference to the image). `None` returned: timed out.
+    fn acquire_bounded(&self, timeout: Option<Duration>) -> Option<std::result::Result<(), Errno>> {
+        let Some(timeout) = timeout else {
+            return Some(self.image.lock_acquire_exclusive());
+        };
+        let (tx, rx) = mpsc::channel();
+        let image = Arc::clone(&self.image);
+        let name = self.spec.to_string();
+        let spawned = std::thread::Builder::new()
+            .name("rbd-lock".into())
+            .spawn(move || {
+                let r = image.lock_acquire_exclusive();
+                if let Err(mpsc::SendError(r)) = tx.send(r) {
+                    // Nobody waits any more: give a late lock straight back.
+                    if r.is_ok() {
+                        let _ = image.lock_release();
+                        tracing::info!(image = %name,
+                            "got the exclusive lock after giving up waiting for it; released it again");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a thread for the lock; waiting for it without a bound");
+            return Some(self.image.lock_acquire_exclusive());
+        }
+        rx.recv_timeout(timeout).ok()
+    }
+
+    fn take_lock(&mut self, lock_timeout: Option<Duration>) -> Result<()> {
         let spec = &self.spec;
         let features = self
             .image
@@ -260,34 +307,65 @@ impl RbdBackend {
                 io::Error::from_raw_os_error(libc::EINVAL),
             ));
         }
-        match self.image.lock_acquire_exclusive() {
-            Ok(()) => {
+        let owners = || {
+            self.image
+                .lock_owners()
+                .map(|o| {
+                    if o.is_empty() {
+                        "unknown".into()
+                    } else {
+                        o.join(", ")
+                    }
+                })
+                .unwrap_or_else(|_| "unknown".into())
+        };
+        let who = || {
+            self.image
+                .metadata_get(META_OWNER)
+                .ok()
+                .flatten()
+                .map(|o| format!("; its metadata names the last ublk-cache owner: {o}"))
+                .unwrap_or_default()
+        };
+        let held_by = self.image.lock_owners().unwrap_or_default();
+        if !held_by.is_empty() {
+            tracing::warn!(image = %spec, holder = %held_by.join(", "), last_owner = %who(),
+                wait_secs = lock_timeout.map_or(0, |t| t.as_secs()),
+                "the image's exclusive lock is held by another client; asking it for the lock. A live \
+                 holder refuses at once; a dead one (kill -9, host crash) loses it when its watch \
+                 expires on the OSDs (osd_client_watch_timeout, 30 s by default)");
+        }
+        match self.acquire_bounded(lock_timeout) {
+            Some(Ok(())) => {
                 self.locked.store(true, Ordering::Release);
                 Ok(())
             }
-            Err(e) => {
-                let owners = self
-                    .image
-                    .lock_owners()
-                    .map(|o| {
-                        if o.is_empty() {
-                            "unknown".into()
-                        } else {
-                            o.join(", ")
-                        }
-                    })
-                    .unwrap_or_else(|_| "unknown".into());
+            None => {
+                let secs = lock_timeout.map_or(0, |t| t.as_secs());
+                let path = spec.image_path();
+                Err(BackendError::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "rbd:{spec}: gave up waiting for the image's exclusive lock after {secs} s: another \
+                         client holds it (at {}{}). If that client is alive (a ublk-cache, QEMU or rbd \
+                         elsewhere), stop it first. If it is dead, the lock is normally broken once its \
+                         watch expires (osd_client_watch_timeout, 30 s by default); if not, check `rbd status {path}` (watchers) and \
+                         `rbd lock ls {path}`, and remove a dead holder's lock with `rbd lock rm {path} \
+                         LOCK-ID LOCKER` (then `ceph osd blocklist add ADDRESS` so it cannot write \
+                         again), then start again",
+                        owners(),
+                        who()
+                    ),
+                    io::Error::from_raw_os_error(libc::ETIMEDOUT),
+                ))
+            }
+            Some(Err(e)) => {
+                let owners = owners();
                 let kind = match e.0 {
                     libc::EROFS | libc::EBUSY | libc::EPERM | libc::EACCES => ErrorKind::ReadOnly,
                     _ => ErrorKind::Unavailable,
                 };
-                let who = self
-                    .image
-                    .metadata_get(META_OWNER)
-                    .ok()
-                    .flatten()
-                    .map(|o| format!("; its metadata names the last ublk-cache owner: {o}"))
-                    .unwrap_or_default();
+                let who = who();
                 Err(BackendError::new(
                     kind,
                     format!(
@@ -382,12 +460,21 @@ impl RbdBackend {
                     while rx.try_recv().is_ok() {}
                     let Ok(now) = image.size() else { continue };
                     let before = seen.swap(now, Ordering::AcqRel);
-                    if now != before {
-                        tracing::warn!(image = %name, opened_size = opened, new_size = now,
-                            "the RBD image was resized while served. The device keeps its size ({opened} bytes) \
-                             until the server restarts; the cache records the size at format time, so after a \
-                             restart this cache is refused as belonging to another backend (stop cleanly and \
-                             re-create the cache)");
+                    if now == before {
+                    } else if now >= opened {
+                        tracing::warn!(image = %name, served_size = opened, new_size = now,
+                            "the RBD image was resized while served; the resize is NOT reflected: the \
+                             device keeps serving {opened} bytes (neither ublk on this kernel nor NBD can \
+                             change a live device's size). The cache records the size it was made for, so \
+                             after a restart it is refused as belonging to another backend: stop cleanly, \
+                             then delete or --format the cache");
+                    } else {
+                        tracing::error!(image = %name, served_size = opened, new_size = now,
+                            "the RBD image was SHRUNK while served: the device keeps its size ({opened} \
+                             bytes), but reads and writes from byte {now} on now FAIL with EIO, cached or \
+                             not, and dirty data there cannot be written back (it stays in the cache, and a \
+                             clean stop waits for it). Grow the image back (rbd resize --size {opened}B) to \
+                             use that range again");
                     }
                 }
             });
@@ -418,10 +505,10 @@ impl RbdBackend {
         self.read_only
     }
 
-    /// The image size last reported by the header watch (the size at open until
-    /// someone resizes the image).
-    pub fn current_size(&self) -> u64 {
-        self.seen_size.load(Ordering::Acquire)
+    /// Requests abandoned after the I/O timeout that librbd has not completed
+    /// yet, and the bytes of buffer they hold.
+    pub fn abandoned_requests(&self) -> (u64, u64) {
+        self.image.abandoned()
     }
 
     /// Whether we still own the exclusive lock (false after someone broke it).
@@ -446,14 +533,44 @@ impl RbdBackend {
             .collect())
     }
 
+    /// In range of the served size, and (after a shrink) of the image's end;
+    /// and not while abandoned requests hold too much memory.
     fn check_range(&self, op: &str, offset: u64, len: u64) -> Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(invalid(format!(
-                "rbd:{}: {op} offset={offset} len={len} reaches beyond size={}",
-                self.spec, self.size
-            ))),
+        let end = match offset.checked_add(len) {
+            Some(end) if end <= self.size => end,
+            _ => {
+                return Err(invalid(format!(
+                    "rbd:{}: {op} offset={offset} len={len} reaches beyond size={}",
+                    self.spec, self.size
+                )))
+            }
+        };
+        let now = self.current_size();
+        if end > now {
+            return Err(BackendError::new(
+                ErrorKind::Io,
+                format!(
+                    "rbd:{}: {op} offset={offset} len={len} reaches beyond the image's end at {now}: \
+                     the image was shrunk from {} bytes while served (grow it back to use this range)",
+                    self.spec, self.size
+                ),
+                io::Error::from_raw_os_error(libc::EIO),
+            ));
         }
+        let (n, bytes) = self.image.abandoned();
+        if bytes >= MAX_ABANDONED_BYTES {
+            return Err(BackendError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "rbd:{}: {op} offset={offset} len={len}: refused at once: {n} earlier requests \
+                     ({} MiB) timed out and the cluster has still not answered them",
+                    self.spec,
+                    bytes >> 20
+                ),
+                io::Error::from_raw_os_error(libc::EIO),
+            ));
+        }
+        Ok(())
     }
 
     fn check_writable(&self, op: &str) -> Result<()> {
@@ -470,6 +587,31 @@ impl RbdBackend {
     fn io_err(&self, op: &str, offset: u64, len: u64, e: Errno) -> BackendError {
         let base = format!("rbd:{}: {op} offset={offset} len={len}", self.spec);
         match e.0 {
+            // Our own deadline (ffi::Image::submit): the guest sees EIO.
+            libc::ETIMEDOUT => {
+                let secs = self.timeout.map_or(0.0, |t| t.as_secs_f64());
+                let (n, _) = self.image.abandoned();
+                let msg = format!(
+                    "{base}: the cluster did not answer within {secs} s (--backend-timeout; OSD down, \
+                     network cut?): failed with EIO. The request stays queued in librbd and is dropped \
+                     when it completes ({n} such requests outstanding)"
+                );
+                tracing::error!("{msg}");
+                BackendError::new(
+                    ErrorKind::Timeout,
+                    msg,
+                    io::Error::from_raw_os_error(libc::EIO),
+                )
+            }
+            // A request reaching past the end of a shrunk image (librbd clips or refuses it).
+            libc::EINVAL if self.current_size() < self.size => BackendError::new(
+                ErrorKind::Io,
+                format!(
+                    "{base}: refused by librbd; the image was shrunk to {} bytes while served",
+                    self.current_size()
+                ),
+                io::Error::from_raw_os_error(libc::EIO),
+            ),
             libc::EROFS => BackendError::new(
                 ErrorKind::ReadOnly,
                 format!("{base}: refused (the image's lock is not ours: another client took it?)"),
@@ -526,6 +668,12 @@ impl Backend for RbdBackend {
             ),
             io::Error::from_raw_os_error(libc::EOPNOTSUPP),
         ))
+    }
+
+    /// The image size last reported by the header watch: the size at open until
+    /// someone resizes the image.
+    fn current_size(&self) -> u64 {
+        self.seen_size.load(Ordering::Acquire)
     }
 
     fn identity(&self) -> BackendIdentity {
@@ -639,7 +787,7 @@ impl Backend for RbdBackend {
         if buf.is_empty() {
             return Ok(());
         }
-        match self.image.read(offset, buf) {
+        match self.image.read(offset, buf, self.timeout) {
             Ok(n) if n == buf.len() => Ok(()),
             Ok(n) => Err(BackendError::new(
                 ErrorKind::Io,
@@ -661,7 +809,7 @@ impl Backend for RbdBackend {
             return Ok(());
         }
         self.image
-            .write(offset, buf)
+            .write(offset, buf, self.timeout)
             .map_err(|e| self.io_err("write", offset, len, e))
     }
 
@@ -670,7 +818,7 @@ impl Backend for RbdBackend {
             return Ok(());
         }
         self.image
-            .flush()
+            .flush(self.timeout)
             .map_err(|e| self.io_err("flush", 0, 0, e))
     }
 
@@ -681,7 +829,7 @@ impl Backend for RbdBackend {
             return Ok(());
         }
         self.image
-            .discard(offset, len)
+            .discard(offset, len, self.timeout)
             .map_err(|e| self.io_err("discard", offset, len, e))
     }
 
@@ -694,7 +842,7 @@ impl Backend for RbdBackend {
         while left > 0 {
             let n = left.min(max);
             self.image
-                .write_zeroes(off, n as usize)
+                .write_zeroes(off, n as usize, self.timeout)
                 .map_err(|e| self.io_err("write_zeroes", off, n, e))?;
             off += n;
             left -= n;

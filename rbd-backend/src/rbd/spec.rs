@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Which image (or snapshot) to serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,7 +81,21 @@ pub struct RbdOptions {
     pub keyring: Option<PathBuf>,
     /// Seconds to wait for the monitors at connect (librados' client_mount_timeout).
     pub connect_timeout_secs: u32,
+    /// How long one I/O request (read, write, flush, discard, write-zeroes) may
+    /// wait for the cluster before it fails with EIO; `None` waits forever.
+    /// A request that times out is abandoned, not cancelled: it may still
+    /// complete later (see the ffi module).
+    pub io_timeout: Option<Duration>,
+    /// How long to wait at open for the image's exclusive lock (a dead holder
+    /// loses it when its watch expires, `osd_client_watch_timeout`, 30 s by
+    /// default); `None` waits forever.
+    pub lock_timeout: Option<Duration>,
 }
+
+/// The default of [`RbdOptions::io_timeout`] (and of `--backend-timeout`).
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default of [`RbdOptions::lock_timeout`]: twice the default watch timeout.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for RbdOptions {
     fn default() -> Self {
@@ -89,6 +104,8 @@ impl Default for RbdOptions {
             id: "admin".into(),
             keyring: None,
             connect_timeout_secs: 30,
+            io_timeout: Some(DEFAULT_IO_TIMEOUT),
+            lock_timeout: Some(DEFAULT_LOCK_TIMEOUT),
         }
     }
 }

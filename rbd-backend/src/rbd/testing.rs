@@ -154,6 +154,34 @@ impl TestCluster {
     }
 }
 
+/// Freezes a process (the test cluster's OSD) with SIGSTOP; thaws it on drop
+/// (even when the test panics) and after 10 s at the latest (even when the test
+/// process is aborted). Longer freezes leave the single OSD's placement groups
+/// stuck (their read leases lapse).
+pub struct Frozen(i32);
+
+impl Frozen {
+    pub fn new(pid: i32) -> Frozen {
+        // The dead man's switch: a shell outlives an aborted test process.
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                &format!("(sleep 10; kill -CONT {pid}) >/dev/null 2>&1 &"),
+            ])
+            .status();
+        // SAFETY: kill(2) with a pid read from the cluster's pid file; no memory involved.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP osd");
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: as above; SIGCONT on a running process is harmless.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
 /// A test image; removed with all its snapshots on drop.
 pub struct TestImage<'a> {
     cluster: &'a TestCluster,

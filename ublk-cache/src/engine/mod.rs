@@ -174,6 +174,16 @@ impl Engine {
 
     fn check_range(&self, offset: u64, len: u64) -> EngineResult<()> {
         match offset.checked_add(len) {
+            // A backend shrunk under us (RBD): cached or not, the range is gone.
+            Some(end) if end > self.backend.current_size() && end <= self.size => {
+                Err(EngineError::new(
+                    EngineErrorKind::BackendIo,
+                    format!(
+                        "request at {offset}+{len} reaches past the backend's end at {} (shrunk while served)",
+                        self.backend.current_size()
+                    ),
+                ))
+            }
             Some(end) if end <= self.size => Ok(()),
             _ => Err(EngineError::new(
                 EngineErrorKind::InvalidRequest,

@@ -63,6 +63,11 @@ pub fn open_backend(
                 conf: ceph.ceph_conf.clone(),
                 id: ceph.ceph_id.clone(),
                 keyring: ceph.ceph_keyring.clone(),
+                io_timeout: match ceph.backend_timeout {
+                    None => Some(rbd_backend::rbd::DEFAULT_IO_TIMEOUT),
+                    Some(0) => None,
+                    Some(s) => Some(std::time::Duration::from_secs(s)),
+                },
                 ..rbd_backend::RbdOptions::default()
             };
             let b = rbd_backend::RbdBackend::open(r, &opts)
@@ -72,6 +77,12 @@ pub fn open_backend(
     };
     if ceph.ceph_conf.is_some() || ceph.ceph_keyring.is_some() {
         bail!("backend {spec}: --ceph-conf and --ceph-keyring apply to rbd: backends only");
+    }
+    if ceph.backend_timeout.is_some() {
+        bail!(
+            "backend {spec}: --backend-timeout applies to rbd: backends only (a file or kernel \
+             block device has the kernel's own timeouts, e.g. iSCSI's replacement_timeout)"
+        );
     }
     let meta = std::fs::metadata(path).with_context(|| format!("backend {spec}: cannot stat"))?;
     let is_dev = meta.file_type().is_block_device();
