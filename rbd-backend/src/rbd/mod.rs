@@ -26,6 +26,7 @@
 
 mod admin;
 mod ffi;
+mod handover;
 mod spec;
 #[doc(hidden)]
 pub mod testing;
@@ -49,6 +50,9 @@ pub const MARKER_SNAP_PREFIX: &str = "ublk-cache-";
 pub const META_OWNER: &str = "ublk-cache.owner";
 /// Image metadata key: bumped at every attach and clean detach.
 pub const META_GENERATION: &str = "ublk-cache.generation";
+/// The change marker of a cache whose server handed the image over in a live
+/// migration: it never matches, so the next attach drops all clean data.
+pub const HANDED_OVER_MARKER: &str = "rbd-handed-over";
 /// While requests abandoned after their timeout hold this many bytes of buffer,
 /// new requests fail at once instead of piling up more (the cluster is not
 /// answering anyway); they are accepted again as the old ones complete.
@@ -65,6 +69,11 @@ pub struct RbdBackend {
     /// Per I/O request; `None` waits forever.
     timeout: Option<Duration>,
     locked: AtomicBool,
+    /// Held for good, lent per write (migration source), or to be claimed at
+    /// the first write (migration destination); see `handover`.
+    lock_state: Mutex<handover::LockState>,
+    /// How long to wait for the lock at open and during a handover.
+    lock_wait: Option<Duration>,
     /// The generation and owner found in the metadata at open, before our bump.
     found_generation: Option<u64>,
     found_owner: Option<String>,
@@ -241,13 +250,29 @@ impl RbdBackend {
             read_only,
             timeout: opts.io_timeout.filter(|t| !t.is_zero()),
             locked: AtomicBool::new(false),
+            lock_state: Mutex::new(handover::LockState {
+                mode: if opts.defer_lock && !read_only {
+                    handover::LockMode::Claim
+                } else {
+                    handover::LockMode::Held
+                },
+                inflight: 0,
+            }),
+            lock_wait: opts.lock_timeout.filter(|t| !t.is_zero()),
             found_generation: None,
             found_owner: None,
             generation: Mutex::new(0),
             seen_size: Arc::new(AtomicU64::new(size)),
             watcher: Mutex::new(None),
         };
-        if !read_only {
+        if !read_only && opts.defer_lock {
+            // A migration destination: the source still writes; the lock (and
+            // the owner record) are taken at our first write.
+            b.check_lock_feature()?;
+            b.read_previous_owner()?;
+            b.start_watch();
+            tracing::info!(image = %b.spec, "migration destination: the exclusive lock is taken at the first write");
+        } else if !read_only {
             b.take_lock(opts.lock_timeout.filter(|t| !t.is_zero()))?;
             b.record_attach()?;
             b.start_watch();
@@ -289,7 +314,7 @@ impl RbdBackend {
         rx.recv_timeout(timeout).ok()
     }
 
-    fn take_lock(&mut self, lock_timeout: Option<Duration>) -> Result<()> {
+    fn check_lock_feature(&self) -> Result<()> {
         let spec = &self.spec;
         let features = self
             .image
@@ -307,29 +332,36 @@ impl RbdBackend {
                 io::Error::from_raw_os_error(libc::EINVAL),
             ));
         }
-        let owners = || {
-            self.image
-                .lock_owners()
-                .map(|o| {
-                    if o.is_empty() {
-                        "unknown".into()
-                    } else {
-                        o.join(", ")
-                    }
-                })
-                .unwrap_or_else(|_| "unknown".into())
-        };
-        let who = || {
-            self.image
-                .metadata_get(META_OWNER)
-                .ok()
-                .flatten()
-                .map(|o| format!("; its metadata names the last ublk-cache owner: {o}"))
-                .unwrap_or_default()
-        };
+        Ok(())
+    }
+
+    fn lock_owners_text(&self) -> String {
+        self.image
+            .lock_owners()
+            .map(|o| {
+                if o.is_empty() {
+                    "unknown".into()
+                } else {
+                    o.join(", ")
+                }
+            })
+            .unwrap_or_else(|_| "unknown".into())
+    }
+
+    fn last_owner_text(&self) -> String {
+        self.image
+            .metadata_get(META_OWNER)
+            .ok()
+            .flatten()
+            .map(|o| format!("; its metadata names the last ublk-cache owner: {o}"))
+            .unwrap_or_default()
+    }
+
+    fn take_lock(&self, lock_timeout: Option<Duration>) -> Result<()> {
+        self.check_lock_feature()?;
         let held_by = self.image.lock_owners().unwrap_or_default();
         if !held_by.is_empty() {
-            tracing::warn!(image = %spec, holder = %held_by.join(", "), last_owner = %who(),
+            tracing::warn!(image = %self.spec, holder = %held_by.join(", "), last_owner = %self.last_owner_text(),
                 wait_secs = lock_timeout.map_or(0, |t| t.as_secs()),
                 "the image's exclusive lock is held by another client; asking it for the lock. A live \
                  holder refuses at once; a dead one (kill -9, host crash) loses it when its watch \
@@ -337,46 +369,82 @@ impl RbdBackend {
         }
         match self.acquire_bounded(lock_timeout) {
             Some(Ok(())) => {
-                self.locked.store(true, Ordering::Release);
+                self.set_lock_flag();
                 Ok(())
             }
+            other => Err(self.lock_error(other, lock_timeout.unwrap_or_default(), "")),
+        }
+    }
+
+    /// The error for a failed lock acquisition (`None`: timed out after `waited`).
+    fn lock_error(
+        &self,
+        r: Option<std::result::Result<(), Errno>>,
+        waited: Duration,
+        why: &str,
+    ) -> BackendError {
+        let spec = &self.spec;
+        let why = if why.is_empty() {
+            String::new()
+        } else {
+            format!("{why}: ")
+        };
+        match r {
+            Some(Ok(())) => BackendError::new(
+                ErrorKind::Io,
+                format!("rbd:{spec}: {why}lock state confused"),
+                io::Error::from_raw_os_error(libc::EIO),
+            ),
             None => {
-                let secs = lock_timeout.map_or(0, |t| t.as_secs());
+                let secs = waited.as_secs();
                 let path = spec.image_path();
-                Err(BackendError::new(
+                BackendError::new(
                     ErrorKind::Timeout,
                     format!(
-                        "rbd:{spec}: gave up waiting for the image's exclusive lock after {secs} s: another \
+                        "rbd:{spec}: {why}gave up waiting for the image's exclusive lock after {secs} s: another \
                          client holds it (at {}{}). If that client is alive (a ublk-cache, QEMU or rbd \
                          elsewhere), stop it first. If it is dead, the lock is normally broken once its \
                          watch expires (osd_client_watch_timeout, 30 s by default); if not, check `rbd status {path}` (watchers) and \
                          `rbd lock ls {path}`, and remove a dead holder's lock with `rbd lock rm {path} \
                          LOCK-ID LOCKER` (then `ceph osd blocklist add ADDRESS` so it cannot write \
                          again), then start again",
-                        owners(),
-                        who()
+                        self.lock_owners_text(),
+                        self.last_owner_text()
                     ),
                     io::Error::from_raw_os_error(libc::ETIMEDOUT),
-                ))
+                )
             }
             Some(Err(e)) => {
-                let owners = owners();
                 let kind = match e.0 {
                     libc::EROFS | libc::EBUSY | libc::EPERM | libc::EACCES => ErrorKind::ReadOnly,
                     _ => ErrorKind::Unavailable,
                 };
-                let who = who();
-                Err(BackendError::new(
+                BackendError::new(
                     kind,
                     format!(
-                        "rbd:{spec}: the image's exclusive lock is held by another client ({owners}{who}): \
+                        "rbd:{spec}: {why}the image's exclusive lock is held by another client ({}{}): \
                          another ublk-cache, QEMU or rbd client is using it. Stop that one first \
-                         (a clean `ublk-cache stop` hands the lock over)"
+                         (a clean `ublk-cache stop` hands the lock over)",
+                        self.lock_owners_text(),
+                        self.last_owner_text()
                     ),
                     e.io_error(),
-                ))
+                )
             }
         }
+    }
+
+    fn owns_lock_flag(&self) -> bool {
+        self.locked.load(Ordering::Acquire)
+    }
+
+    fn set_lock_flag(&self) {
+        self.locked.store(true, Ordering::Release);
+    }
+
+    /// Clear the flag; returns whether we held the lock.
+    fn release_lock_flag(&self) -> bool {
+        self.locked.swap(false, Ordering::AcqRel)
     }
 
     fn owner_text(&self, state: &str) -> String {
@@ -395,6 +463,13 @@ impl RbdBackend {
 
     /// Reads the previous owner and generation, then records us.
     fn record_attach(&mut self) -> Result<()> {
+        self.read_previous_owner()?;
+        let next = self.found_generation.unwrap_or(0) + 1;
+        self.set_owner("attached", next)
+    }
+
+    /// Reads the previous owner and generation (for logs and the change check).
+    fn read_previous_owner(&mut self) -> Result<()> {
         let gen = self
             .image
             .metadata_get(META_GENERATION)
@@ -411,8 +486,7 @@ impl RbdBackend {
                      running elsewhere before its lock was broken)");
             }
         }
-        let next = self.found_generation.unwrap_or(0) + 1;
-        self.set_owner("attached", next)
+        Ok(())
     }
 
     fn set_owner(&self, state: &str, gen: u64) -> Result<()> {
@@ -653,21 +727,14 @@ impl Backend for RbdBackend {
         self.size
     }
 
-    /// Refused for now: after `rbd_lock_acquire`, librbd lets this client write
-    /// only while it holds the lock, so releasing it would fail the source's
-    /// writes during the migration (EROFS). Lending the lock per write is the
-    /// planned way; until then, migrate RBD disks cold (stop the source first).
+    /// `migrate-out`: lend the lock per write from now on (see `handover`).
     fn release_lock(&self) -> Result<()> {
-        Err(BackendError::new(
-            ErrorKind::Unsupported,
-            format!(
-                "rbd:{}: handing the exclusive lock to a live-migration destination is not supported yet \
-                 (this client could not write again without it); stop this server before starting the \
-                 destination (cold migration)",
-                self.spec
-            ),
-            io::Error::from_raw_os_error(libc::EOPNOTSUPP),
-        ))
+        self.start_lending()
+    }
+
+    /// `migrate-abort` (or a destination taking over for good).
+    fn acquire_lock(&self) -> Result<()> {
+        self.stop_lending()
     }
 
     /// The image size last reported by the header watch: the size at open until
@@ -695,6 +762,11 @@ impl Backend for RbdBackend {
     fn change_marker(&self) -> Result<Option<String>> {
         if let Some(id) = self.snap_id {
             return Ok(Some(format!("rbd-snapshot:{id}")));
+        }
+        if !self.holds_for_good() {
+            // Handed over (or never claimed): the image is another server's now,
+            // so neither a snapshot nor the owner record is ours to write.
+            return Ok(Some(HANDED_OVER_MARKER.to_string()));
         }
         self.flush()?;
         let gen = *self
@@ -732,6 +804,11 @@ impl Backend for RbdBackend {
                 Some(s) if id.parse() == Ok(s) => BackendChanges::Unchanged,
                 _ => BackendChanges::Unknown,
             });
+        }
+        if marker == HANDED_OVER_MARKER {
+            tracing::info!(image = %self.spec,
+                "this cache's server handed the image over in a live migration; treating the whole image as changed");
+            return Ok(BackendChanges::Unknown);
         }
         let Some((name, id, gen)) = Self::parse_marker(marker) else {
             tracing::warn!(image = %self.spec, marker, "unrecognised change marker; treating the whole image as changed");
@@ -808,15 +885,17 @@ impl Backend for RbdBackend {
         if buf.is_empty() {
             return Ok(());
         }
+        let _lease = self.lease()?;
         self.image
             .write(offset, buf, self.timeout)
             .map_err(|e| self.io_err("write", offset, len, e))
     }
 
     fn flush(&self) -> Result<()> {
-        if self.read_only {
+        if self.read_only || !self.flush_needed() {
             return Ok(());
         }
+        let _lease = self.lease()?;
         self.image
             .flush(self.timeout)
             .map_err(|e| self.io_err("flush", 0, 0, e))
@@ -828,6 +907,7 @@ impl Backend for RbdBackend {
         if len == 0 {
             return Ok(());
         }
+        let _lease = self.lease()?;
         self.image
             .discard(offset, len, self.timeout)
             .map_err(|e| self.io_err("discard", offset, len, e))
@@ -838,6 +918,7 @@ impl Backend for RbdBackend {
         self.check_range("write_zeroes", offset, len)?;
         // size_t is 64-bit on every target librbd supports; split anyway rather than truncate.
         let max = usize::MAX as u64 & !4095;
+        let _lease = self.lease()?;
         let (mut off, mut left) = (offset, len);
         while left > 0 {
             let n = left.min(max);

@@ -90,6 +90,10 @@ pub struct RbdOptions {
     /// loses it when its watch expires, `osd_client_watch_timeout`, 30 s by
     /// default); `None` waits forever.
     pub lock_timeout: Option<Duration>,
+    /// Live-migration destination: do not take the exclusive lock at open (the
+    /// source still writes); take it at the first write instead, waiting up to
+    /// `lock_timeout` for the source to stop writing.
+    pub defer_lock: bool,
 }
 
 /// The default of [`RbdOptions::io_timeout`] (and of `--backend-timeout`).
@@ -106,6 +110,7 @@ impl Default for RbdOptions {
             connect_timeout_secs: 30,
             io_timeout: Some(DEFAULT_IO_TIMEOUT),
             lock_timeout: Some(DEFAULT_LOCK_TIMEOUT),
+            defer_lock: false,
         }
     }
 }

@@ -100,7 +100,7 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
     } else {
         Some(Listeners::bind(&nbd_specs, args.socket_mode)?)
     };
-    let (backend, backend_lock) = open::open_backend(&args.backend, &args.ceph)?;
+    let (backend, backend_lock) = open::open_backend(&args.backend, &args.ceph, args.migrate_in)?;
     let mut cache = None;
     let mut _cache_lock = None;
     let mut created = false;

@@ -50,9 +50,12 @@ pub fn lock_path(path: &Path, what: &str) -> Result<PathLock> {
 /// Opens the backend and takes what keeps a second server off it: an flock on a
 /// file or device, the image's exclusive lock for RBD (held by the backend
 /// itself, so no `PathLock`).
+/// `migrate_in`: an RBD image's lock is taken at the first write, not at open
+/// (the migration source still writes until switchover).
 pub fn open_backend(
     spec: &BackendSpec,
     ceph: &CephArgs,
+    migrate_in: bool,
 ) -> Result<(Arc<dyn Backend>, Option<PathLock>)> {
     let (path, want_dev) = match spec {
         BackendSpec::File(p) => (p, false),
@@ -68,6 +71,7 @@ pub fn open_backend(
                     Some(0) => None,
                     Some(s) => Some(std::time::Duration::from_secs(s)),
                 },
+                defer_lock: migrate_in,
                 ..rbd_backend::RbdOptions::default()
             };
             let b = rbd_backend::RbdBackend::open(r, &opts)
@@ -75,6 +79,7 @@ pub fn open_backend(
             return Ok((Arc::new(b), None));
         }
     };
+    let _ = migrate_in; // a file or device is flock'ed; migrate-out releases that
     if ceph.ceph_conf.is_some() || ceph.ceph_keyring.is_some() {
         bail!("backend {spec}: --ceph-conf and --ceph-keyring apply to rbd: backends only");
     }
