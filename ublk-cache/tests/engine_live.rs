@@ -452,3 +452,55 @@ fn offline_overwrites_after_a_flush_do_not_wait_for_write_back() {
     e.shutdown().unwrap();
     assert_eq!(&b.snapshot()[..65536], &[5u8; 65536][..]);
 }
+
+/// Ordered write-back makes an overwrite of data dirty since before a FLUSH
+/// wait until that data is on the backend. While the backend refuses
+/// write-back, that wait must end: the guest's writes keep completing from the
+/// cache (in place, logged), and once the backend is back everything drains.
+#[test]
+fn ordered_overwrites_keep_completing_while_write_back_fails() {
+    let (b, c) = (
+        Arc::new(MemBackend::new(4 * MIB as usize)),
+        Arc::new(MemBackend::new(4 * MIB as usize)),
+    );
+    let fb = Arc::new(FaultyBackend::builder(b.clone()).build());
+    fb.set_read_only(true);
+    let e = Engine::open(
+        fb.clone() as Arc<dyn Backend>,
+        Some(c as Arc<dyn Backend>),
+        cfg(CacheMode::Back),
+    )
+    .unwrap();
+    e.write(0, &[1u8; 65536], false).unwrap();
+    e.flush().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let e2 = e.clone();
+    std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        e2.write(0, &[2u8; 4096], false).unwrap();
+        let first = t.elapsed();
+        e2.flush().unwrap();
+        let t = std::time::Instant::now();
+        e2.write(4096, &[3u8; 4096], false).unwrap();
+        tx.send((first, t.elapsed())).unwrap();
+    });
+    let (first, second) = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("an ordered overwrite hung behind a failing backend");
+    assert!(
+        first >= std::time::Duration::from_secs(1),
+        "it waited for write-back first ({first:?})"
+    );
+    assert!(
+        second < std::time::Duration::from_secs(1),
+        "once given up, overwrites go in place at once ({second:?})"
+    );
+    assert!(e.stats().ordered_overwrites_in_place >= 2);
+    let mut expect = vec![1u8; 65536];
+    expect[..4096].fill(2);
+    expect[4096..8192].fill(3);
+    assert_eq!(read(&e, 0, 65536), expect);
+    fb.set_read_only(false);
+    e.shutdown().unwrap();
+    assert_eq!(&b.snapshot()[..65536], &expect[..]);
+}

@@ -132,6 +132,12 @@ pub fn render(s: &ServerStats) -> String {
         &[("", e.writeback_retries)],
     );
     metric(
+        "ordered_overwrites_in_place_total",
+        "counter",
+        "Ordered overwrites that went in place because write-back was failing or stalled.",
+        &[("", e.ordered_overwrites_in_place)],
+    );
+    metric(
         "preload_bytes_total",
         "counter",
         "Bytes fetched by preload and hydration.",

@@ -68,6 +68,11 @@ impl Engine {
             match self.write_back(&items) {
                 Ok(bytes) => {
                     backoff = Duration::from_millis(50);
+                    self.note_writeback_progress();
+                    if self.writeback_failing.swap(false, Ordering::AcqRel) {
+                        self.warned_ordering.store(false, Ordering::Release);
+                        tracing::info!("write-back works again");
+                    }
                     Stats::add(&self.stats.writeback_bytes, bytes);
                     Stats::add(&self.stats.backend_write_bytes, bytes);
                     let mut st = lock(&c.st);
@@ -83,6 +88,7 @@ impl Engine {
                 }
                 Err(e) => {
                     Stats::add(&self.stats.writeback_retries, 1);
+                    self.writeback_failing.store(true, Ordering::Release);
                     warn!(
                         "write-back of {} lines failed, data stays dirty in the cache; retrying in {:?}: {e}",
                         items.len(),
@@ -147,6 +153,8 @@ impl Engine {
                     }
                 }
             }
+            // Nothing to take now: idle is not stalled.
+            self.note_writeback_progress();
             st = wait(&c.cv_flusher, st, 200);
         }
     }

@@ -1,6 +1,9 @@
 //! The request paths: read (hit, miss, promotion), write per mode, flush, and
 //! discard / write-zeroes.
 
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
 use policies::WriteRoute;
 use tracing::warn;
 
@@ -8,6 +11,10 @@ use super::bits;
 use super::state::Alloc;
 use super::{lock, wait, Cache, Engine, Stats, SECTOR};
 use crate::error::{EngineError, EngineResult};
+
+/// How long an ordered overwrite waits for write-back of the older epoch
+/// while write-back is failing, before it goes in place.
+const ORDERED_WAIT_DURING_OUTAGE: Duration = Duration::from_secs(2);
 
 /// Sector range `s0..s1` touched by bytes `a..b` of a line.
 fn sectors(a: u64, b: u64) -> (u32, u32) {
@@ -293,6 +300,7 @@ impl Engine {
         let ls = c.layout.line_size as u64;
         let b = a + data.len() as u64;
         let (s0, s1) = sectors(a, b);
+        let started = Instant::now();
         loop {
             let g = c.lock_line(tag);
             let mut st = lock(&c.st);
@@ -301,10 +309,13 @@ impl Engine {
                     let l = st.lines[s as usize];
                     // Offline mode writes back only at stop, so nothing would come
                     // to take the line: it overwrites in place (see README, offline).
+                    // And while the backend refuses write-back, a guest write must
+                    // not hang behind it: after a short wait it goes in place too.
                     if self.order.overwrite_waits_for_older_epoch()
                         && self.mode().writes_back_continuously()
                         && l.is_dirty()
                         && l.epoch < st.cur_epoch
+                        && !self.give_up_ordering(started)
                     {
                         // The older epoch's data must reach the backend before this
                         // overwrite replaces it in place. Let the flusher have the line.
@@ -365,6 +376,32 @@ impl Engine {
             drop(g);
             return Ok(!fresh);
         }
+    }
+
+    /// Whether an ordered overwrite that has waited since `started` should go in
+    /// place after all: only while write-back is failing or has not finished a
+    /// batch for a while (the backend is down, stalled or refusing), so that
+    /// guest writes keep completing from the cache. The
+    /// backend alone is then not crash-consistent until write-back catches up;
+    /// the cache still holds every acknowledged write.
+    fn give_up_ordering(&self, started: Instant) -> bool {
+        // Once given up, it stays so until write-back works again.
+        if !self.warned_ordering.load(Ordering::Acquire) {
+            let stalled = self.since_writeback_progress() >= ORDERED_WAIT_DURING_OUTAGE;
+            let failing = self.writeback_failing.load(Ordering::Acquire);
+            if started.elapsed() < ORDERED_WAIT_DURING_OUTAGE || !(failing || stalled) {
+                return false;
+            }
+        }
+        Stats::add(&self.stats.ordered_overwrites_in_place, 1);
+        if !self.warned_ordering.swap(true, Ordering::AcqRel) {
+            warn!(
+                "write-back is failing, so overwrites of data dirty since before a FLUSH now go in place instead \
+                 of waiting: guest writes keep completing, but until write-back catches up the backend alone \
+                 is not crash-consistent (the cache holds every acknowledged write)"
+            );
+        }
+        true
     }
 
     /// Write `data` at byte `a` of a line's slot, completing partly covered 4 KiB

@@ -73,6 +73,14 @@ pub struct Engine {
     hydrated: AtomicBool,
     /// Opened in offline mode (its hydration runs), so it may return to it.
     started_offline: bool,
+    /// The last write-back batch failed (the backend is down or refusing).
+    writeback_failing: AtomicBool,
+    /// Ordered overwrites go in place until write-back works again (logged once).
+    warned_ordering: AtomicBool,
+    /// When the engine started, and when (ms after that) write-back last
+    /// finished a batch or found nothing to do.
+    born: Instant,
+    writeback_progress_ms: std::sync::atomic::AtomicU64,
     order: WritebackOrder,
     backend: Arc<dyn Backend>,
     size: u64,
@@ -124,6 +132,19 @@ impl Cache {
 }
 
 impl Engine {
+    /// How long ago write-back last made progress (or was idle).
+    fn since_writeback_progress(&self) -> std::time::Duration {
+        let now = self.born.elapsed().as_millis() as u64;
+        std::time::Duration::from_millis(
+            now.saturating_sub(self.writeback_progress_ms.load(Ordering::Acquire)),
+        )
+    }
+
+    fn note_writeback_progress(&self) {
+        self.writeback_progress_ms
+            .store(self.born.elapsed().as_millis() as u64, Ordering::Release);
+    }
+
     pub fn mode(&self) -> CacheMode {
         CacheMode::from_code(self.mode.load(Ordering::Acquire)).unwrap_or(CacheMode::None)
     }
@@ -158,6 +179,7 @@ impl Engine {
             s.dirty_lines = st.dirty_lines as u64;
             s.valid_bytes = st.valid_sectors * SECTOR;
             s.dirty_bytes = st.dirty_sectors * SECTOR;
+            s.clean_bytes = s.valid_bytes - s.dirty_bytes;
             s.cached_lines = st.map.len() as u64;
             s.cache_lines = c.layout.nr_lines;
             s.line_size = c.layout.line_size as u64;

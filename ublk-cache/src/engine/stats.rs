@@ -25,6 +25,8 @@ pub struct Stats {
     /// The part of `backend_write_bytes` that the flusher wrote back.
     pub writeback_bytes: AtomicU64,
     pub writeback_retries: AtomicU64,
+    /// Ordered overwrites that went in place because write-back was failing.
+    pub ordered_overwrites_in_place: AtomicU64,
     pub backend_errors: AtomicU64,
     pub cache_errors: AtomicU64,
     pub flushes: AtomicU64,
@@ -53,6 +55,7 @@ pub struct StatsSnapshot {
     pub cache_write_bytes: u64,
     pub writeback_bytes: u64,
     pub writeback_retries: u64,
+    pub ordered_overwrites_in_place: u64,
     pub backend_errors: u64,
     pub cache_errors: u64,
     pub flushes: u64,
@@ -63,6 +66,7 @@ pub struct StatsSnapshot {
     pub line_size: u64,
     /// Bytes of valid (clean or dirty) and of dirty data in the cache.
     pub valid_bytes: u64,
+    pub clean_bytes: u64,
     pub dirty_bytes: u64,
     /// The write-back epoch new writes join.
     pub epoch: u64,
@@ -107,6 +111,7 @@ impl Stats {
             backend_write_bytes: g(&self.backend_write_bytes),
             writeback_bytes: g(&self.writeback_bytes),
             writeback_retries: g(&self.writeback_retries),
+            ordered_overwrites_in_place: g(&self.ordered_overwrites_in_place),
             backend_errors: g(&self.backend_errors),
             cache_errors: g(&self.cache_errors),
             flushes: g(&self.flushes),
