@@ -40,6 +40,11 @@ scripts/ceph-cluster.sh stop "$ceph_dir" || true
 trap - EXIT
 echo "== crash-state harness (fixed seeds, at least 100000 states; CRASH_SOAK=1 for a long soak)"
 cargo run --release -q -p ublk-cache-tests --bin crash-harness
+echo "== benchmark runner smoke (BENCH_SMOKE=1: tiny, checks the machinery only; its numbers mean nothing)"
+cargo build --release -q -p ublk-cache -p ublk-cache-benches
+bench_json=$(mktemp -d /tmp/ublk-cache-bench-smoke.XXXXXX)
+BENCH_SMOKE=1 BENCH_JSON="$bench_json/smoke.json" /usr/bin/python3 benches/run.py
+rm -rf "$bench_json"
 if [[ ${UBLK_CACHE_SKIP_VM:-0} == 1 ]]; then
     echo "SKIP: VM scenarios (UBLK_CACHE_SKIP_VM=1): the ublk path was NOT tested"
 else

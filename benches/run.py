@@ -1,0 +1,701 @@
+#!/usr/bin/env python3
+"""Benchmark runner: fio over NBD against our export and its peers, interleaved.
+
+Every configuration runs the same fio job in turn (A B C D, A B C D, ...), each
+run a fresh process on a server started for it, so slow drifts of a shared,
+noisy machine hit every configuration alike. Per cell it reports the median,
+min and max over the repeats, and ratios against the peer measured in the
+same run (the median of the per-repeat ratios). Prints markdown tables and
+writes JSON.
+
+Configurations (README.md, section "Benchmarks", says more):
+  local  our export (`ublk-cache serve`, back mode, warm cache) over a file
+         backend; qemu-nbd --cache=none --aio=io_uring and nbdkit file on an
+         identical raw file; fio io_uring on a raw file beside the cache (the
+         physical limit).
+  slow   a slow backend (FaultyBackend over the file: BENCH_READ_DELAY_MS
+         reads, BENCH_WRITE_DELAY_MS writes and flushes) without a cache, and
+         behind our cache in `back` and `through` (warm), and in `back` with a
+         cache formatted empty before each run (cold; read jobs only).
+  drain  write-back drain throughput (benches writeback-drain) against fio's
+         sequential 1 MiB write on the backend file; and over the slow backend
+         against the slow backend's sequential write through NBD.
+  ram    metadata RAM per GiB of cache at 64 KiB lines (benches metadata-ram).
+
+Environment (defaults in brackets):
+  BENCH_DIR [/var/tmp]  where the scratch files go (needs ~6x BENCH_SIZE free)
+  BENCH_SIZE [1G]  disk size; BENCH_RUNTIME [1.5] and BENCH_RAMP [0.5] seconds per run;
+  BENCH_REPEATS [3]; BENCH_GROUPS [local,slow,drain,ram]; BENCH_JOBS [all];
+  BENCH_READ_DELAY_MS [1]; BENCH_WRITE_DELAY_MS [2]; BENCH_DRAIN_BYTES [256M];
+  BENCH_RAM_GIB [2]; BENCH_JSON [target/bench/results-DATE.json];
+  BENCH_BIN_DIR [target/release]  where ublk-cache and the bench binaries are;
+  BENCH_LONG=1   a longer run: 4G, 20 s runs, 5 s ramp, 5 repeats, 1G drain, 4 GiB RAM probe;
+  BENCH_SMOKE=1  a tiny run that only checks the machinery (well under a minute).
+Build first: cargo build --release -p ublk-cache -p ublk-cache-benches
+"""
+
+import datetime
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIO_DIR = ROOT / "benches" / "fio"
+MIB = 1 << 20
+
+# name -> (job file, main metric). IOPS for 4 KiB jobs, MiB/s for 1 MiB jobs.
+JOBS = {
+    "randread-4k-qd32": "iops",
+    "randwrite-4k-qd32": "iops",
+    "randwrite-4k-qd1": "iops",
+    "seqread-1m-qd16": "mib_s",
+    "seqwrite-1m-qd16": "mib_s",
+    "randrw-70-30-zipf": "iops",
+}
+READ_JOBS = ["randread-4k-qd32", "seqread-1m-qd16"]
+# The slow backend's default set (BENCH_JOBS, when given, applies to it too).
+SLOW_JOBS_DEFAULT = ["randread-4k-qd32", "randwrite-4k-qd32", "randwrite-4k-qd1",
+                     "seqread-1m-qd16"]
+
+
+class BenchError(Exception):
+    pass
+
+
+def env(name, default):
+    v = os.environ.get(name)
+    return default if v is None or v == "" else v
+
+
+def parse_size(s):
+    s = s.strip()
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    mult = 1
+    if s and s[-1].upper() in units:
+        mult = units[s[-1].upper()]
+        s = s[:-1]
+    try:
+        n = int(s) * mult
+    except ValueError:
+        raise BenchError(f"size {s!r}: not a number of bytes (e.g. 1G, 256M)") from None
+    if n <= 0:
+        raise BenchError(f"size {s!r} must be positive")
+    return n
+
+
+def seconds(name, v):
+    try:
+        x = float(v)
+    except ValueError:
+        raise BenchError(f"{name}={v!r}: not a number of seconds") from None
+    if not 0 <= x < 86400:
+        raise BenchError(f"{name}={v!r}: out of range")
+    return x
+
+
+def params():
+    long_run = env("BENCH_LONG", "0") == "1"
+    smoke = env("BENCH_SMOKE", "0") == "1"
+    if smoke:
+        d = dict(size="64M", runtime="1", ramp="0", repeats="1", drain="16M", ram="1",
+                 jobs="randread-4k-qd32", groups="local,slow,drain")
+    elif long_run:
+        d = dict(size="4G", runtime="20", ramp="5", repeats="5", drain="1G", ram="4",
+                 jobs="", groups="local,slow,drain,ram")
+    else:
+        d = dict(size="1G", runtime="1.5", ramp="0.5", repeats="3", drain="256M", ram="2",
+                 jobs="", groups="local,slow,drain,ram")
+    p = {
+        "size": parse_size(env("BENCH_SIZE", d["size"])),
+        "runtime": seconds("BENCH_RUNTIME", env("BENCH_RUNTIME", d["runtime"])),
+        "ramp": seconds("BENCH_RAMP", env("BENCH_RAMP", d["ramp"])),
+        "repeats": int(env("BENCH_REPEATS", d["repeats"])),
+        "drain_bytes": parse_size(env("BENCH_DRAIN_BYTES", d["drain"])),
+        "ram_gib": int(env("BENCH_RAM_GIB", d["ram"])),
+        "read_delay_ms": float(env("BENCH_READ_DELAY_MS", "1")),
+        "write_delay_ms": float(env("BENCH_WRITE_DELAY_MS", "2")),
+        "groups": [g for g in env("BENCH_GROUPS", d["groups"]).split(",") if g],
+        "jobs": [j for j in env("BENCH_JOBS", d["jobs"]).split(",") if j] or list(JOBS),
+        "dir": env("BENCH_DIR", "/var/tmp"),
+        "bin_dir": Path(env("BENCH_BIN_DIR", str(ROOT / "target" / "release"))),
+        "smoke": smoke,
+        "long": long_run,
+    }
+    for j in p["jobs"]:
+        if j not in JOBS:
+            raise BenchError(f"BENCH_JOBS: unknown job {j!r} (known: {', '.join(JOBS)})")
+    for g in p["groups"]:
+        if g not in ("local", "slow", "drain", "ram"):
+            raise BenchError(f"BENCH_GROUPS: unknown group {g!r} (known: local, slow, drain, ram)")
+    if p["runtime"] <= 0:
+        raise BenchError("BENCH_RUNTIME must be positive")
+    if p["repeats"] < 1:
+        raise BenchError("BENCH_REPEATS must be at least 1")
+    if p["size"] % MIB:
+        raise BenchError("BENCH_SIZE must be a multiple of 1 MiB")
+    p["drain_bytes"] = min(p["drain_bytes"], p["size"])
+    if p["smoke"]:
+        p["slow_jobs"] = [j for j in p["jobs"]]
+    else:
+        p["slow_jobs"] = [j for j in p["jobs"] if j in SLOW_JOBS_DEFAULT or
+                          env("BENCH_JOBS", "") != ""]
+    return p
+
+
+def tool(name):
+    # /usr/bin first: a pyenv python earlier on PATH breaks Debian's python tools.
+    path = "/usr/bin:/usr/sbin:" + os.environ.get("PATH", "")
+    t = shutil.which(name, path=path)
+    if not t:
+        raise BenchError(f"{name} is not installed (scripts/install-deps.sh installs it)")
+    return t
+
+
+def uri_for(sock):
+    return f"nbd+unix:///?socket={sock}"
+
+
+def wait_socket(sock, proc, log, timeout=30.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise BenchError(f"server exited with {proc.returncode} before listening; "
+                             f"its log:\n{tail(log)}")
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(sock))
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise BenchError(f"server did not listen on {sock} within {timeout:.0f} s; log:\n{tail(log)}")
+
+
+def tail(path, n=20):
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+class Server:
+    """A server process for one configuration, started for one run."""
+
+    def __init__(self, argv, log, sock, stop="term", prints_uri=True, env_extra=None):
+        self.sock, self.log, self.stop_how = sock, log, stop
+        if sock.exists():
+            sock.unlink()
+        e = dict(os.environ)
+        e.update(env_extra or {})
+        self.logf = open(log, "ab")
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=self.logf, env=e,
+            stdin=subprocess.PIPE if stop == "stdin" else subprocess.DEVNULL)
+        self.uri = None
+        try:
+            if prints_uri:
+                self.uri = self._read_uri()
+            else:
+                wait_socket(sock, self.proc, log)
+                self.uri = uri_for(sock)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _read_uri(self, timeout=120.0):
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            r, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if r:
+                line = self.proc.stdout.readline().decode(errors="replace").strip()
+                if line:
+                    return line
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.proc.args[0]} exited with {self.proc.returncode} "
+                                 f"before serving; its log:\n{tail(self.log)}")
+        raise BenchError(f"no URI from {self.proc.args[0]} within {timeout:.0f} s; log:\n{tail(self.log)}")
+
+    def stop(self, timeout=900.0):
+        """Clean stop; our servers write back all dirty data first."""
+        if self.stop_how == "stdin":
+            self.proc.stdin.close()
+        else:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise BenchError(f"{self.proc.args[0]} did not stop within {timeout:.0f} s")
+        self.logf.close()
+        # qemu-nbd and nbdkit exit on SIGTERM with a signal status; ours exit 0.
+        if rc not in (0, -signal.SIGTERM):
+            raise BenchError(f"{self.proc.args[0]} exited with {rc}; log:\n{tail(self.log)}")
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.logf.close()
+
+
+class Bench:
+    def __init__(self, p, work):
+        self.p, self.work = p, work
+        self.results = {}  # group -> config -> job -> [sample]
+        self.fio = tool("fio")
+        self.bin = {n: p["bin_dir"] / n for n in
+                    ("ublk-cache", "nbd-bench-server", "writeback-drain", "metadata-ram")}
+        for n, b in self.bin.items():
+            if not b.is_file():
+                raise BenchError(f"{b} is missing: build first with "
+                                 "`cargo build --release -p ublk-cache -p ublk-cache-benches`")
+        self.shadow = Path(tempfile.mkdtemp(prefix="ublk-cache-bench-",
+                                            dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+        self.env = {"UBLK_CACHE_SHADOW_DIR": str(self.shadow),
+                    "UBLK_CACHE_RUN_DIR": str(work / "run"),
+                    # fio time values; milliseconds so that 1.5 s works too.
+                    "BENCH_RUNTIME": f"{round(p['runtime'] * 1000)}ms",
+                    "BENCH_RAMP": f"{round(p['ramp'] * 1000)}ms"}
+        self.cache_size = p["size"] + p["size"] // 4 + 16 * MIB
+        self.sock = work / "nbd.sock"
+
+    # ---- files -------------------------------------------------------------
+    def fill(self, path, size):
+        """A fully written file (no holes: reads must reach the disk)."""
+        self.fio_run(["--name=fill", f"--filename={path}", "--rw=write", "--bs=1M",
+                      f"--size={size}", "--ioengine=io_uring", "--direct=1",
+                      "--iodepth=16"], None)
+
+    def wipe_cache_header(self, path):
+        """Zero the superblocks (the first MiB): the next start formats the
+        cache afresh, empty, on the same allocated blocks."""
+        with open(path, "r+b") as f:
+            f.write(bytes(MIB))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def prepare(self):
+        w = self.work
+        g = self.p["groups"]
+        files = []
+        if "local" in g:
+            files += ["peer.img", "ours.img", "raw.img"]
+        if "slow" in g:
+            files += ["slow-peer.img", "slow-back.img", "slow-through.img"]
+        if "drain" in g:
+            files += ["drain.img"] if "slow-peer.img" not in files else []
+        for f in dict.fromkeys(files):
+            log(f"preparing {w / f} ({self.p['size'] >> 20} MiB)")
+            self.fill(w / f, self.p["size"])
+        if "slow" in g:
+            # The cold cache lives on written (allocated) storage like a real
+            # cache device, not on a fresh sparse file whose first writes pay
+            # the filesystem's block allocation.
+            log(f"preparing {w / 'cold.cache'} ({self.cache_size >> 20} MiB)")
+            self.fill(w / "cold.cache", self.cache_size)
+        # Warm caches: one sequential pass through each cached configuration.
+        warm = []
+        if "local" in g:
+            warm.append("ours-file")
+        if "slow" in g:
+            warm += ["slow-back", "slow-through"]
+        for cfg in warm:
+            log(f"warming the cache of {cfg}")
+            s = self.start(cfg)
+            try:
+                self.fio_run(["--name=warm", "--ioengine=nbd", f"--uri={s.uri}", "--rw=read",
+                              "--bs=1M", "--iodepth=16", f"--size={self.p['size']}"], None)
+            finally:
+                s.stop()
+
+    # ---- servers -----------------------------------------------------------
+    def start(self, cfg):
+        w, sock, log_ = self.work, self.sock, self.work / f"{cfg}.log"
+        rd, wd = str(self.p["read_delay_ms"]), str(self.p["write_delay_ms"])
+        if cfg == "ours-file":
+            return Server([str(self.bin["ublk-cache"]), "serve", "--backend", f"file:{w / 'ours.img'}",
+                           "--cache", str(w / "ours.cache"), "--cache-size", str(self.cache_size),
+                           "--mode", "back", "--export", f"nbd:unix:{sock}"],
+                          log_, sock, env_extra=self.env)
+        if cfg == "qemu-nbd":
+            return Server([tool("qemu-nbd"), "--persistent", "--format=raw", "--cache=none",
+                           "--aio=io_uring", f"--socket={sock}", str(w / "peer.img")],
+                          log_, sock, prints_uri=False)
+        if cfg == "nbdkit":
+            return Server([tool("nbdkit"), "--foreground", "--exit-with-parent", "--unix", str(sock),
+                           "file", str(w / "peer.img"), "cache=none"],
+                          log_, sock, prints_uri=False)
+        slow = {"slow-nocache": ("none", "slow-peer.img", None),
+                "slow-back": ("back", "slow-back.img", "slow-back.cache"),
+                "slow-through": ("through", "slow-through.img", "slow-through.cache"),
+                "slow-back-cold": ("back", "slow-peer.img", "cold.cache")}
+        if cfg in slow:
+            mode, img, cache = slow[cfg]
+            argv = [str(self.bin["nbd-bench-server"]), "--backend", str(w / img), "--socket", str(sock),
+                    "--mode", mode, "--read-delay-ms", rd, "--write-delay-ms", wd,
+                    "--flush-delay-ms", wd]
+            if cache:
+                if cfg == "slow-back-cold":
+                    self.wipe_cache_header(w / cache)
+                argv += ["--cache", str(w / cache), "--cache-size", str(self.cache_size)]
+            return Server(argv, log_, sock, stop="stdin", env_extra=self.env)
+        raise BenchError(f"unknown configuration {cfg}")
+
+    # ---- fio ---------------------------------------------------------------
+    def fio_run(self, args, jobfile):
+        out = self.work / "fio.json"
+        argv = [self.fio, "--output-format=json", f"--output={out}"] + args
+        if jobfile:
+            argv.append(str(FIO_DIR / f"{jobfile}.fio"))
+        e = dict(os.environ)
+        e.update(self.env)
+        r = subprocess.run(argv, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            raise BenchError(f"fio failed ({r.returncode}): {' '.join(argv)}\n"
+                             f"{r.stdout.decode(errors='replace')[-2000:]}\n{tail(out)}")
+        try:
+            return json.loads(out.read_text())
+        except ValueError as e:
+            raise BenchError(f"fio wrote no JSON ({e}): {tail(out)}") from None
+
+    def cell(self, group, cfg, job):
+        if cfg in ("raw", "raw-backend"):
+            f = self.work / ("raw.img" if cfg == "raw" else
+                             ("slow-peer.img" if (self.work / "slow-peer.img").exists() else "drain.img"))
+            d = self.fio_run(["--ioengine=io_uring", f"--filename={f}"], job)
+        else:
+            s = self.start(cfg)
+            try:
+                d = self.fio_run(["--ioengine=nbd", f"--uri={s.uri}"], job)
+            finally:
+                s.stop()
+        j = d["jobs"][0]
+        if j.get("error"):
+            raise BenchError(f"fio job {job} on {cfg}: error {j['error']}")
+        r, w = j["read"], j["write"]
+        sample = {
+            "iops": r["iops"] + w["iops"],
+            "mib_s": (r["bw_bytes"] + w["bw_bytes"]) / MIB,
+        }
+        main = w if w["total_ios"] >= r["total_ios"] else r
+        pct = main["clat_ns"].get("percentile", {})
+        sample["lat_mean_us"] = main["lat_ns"]["mean"] / 1000
+        sample["lat_p50_us"] = pct.get("50.000000", 0) / 1000
+        sample["lat_p99_us"] = pct.get("99.000000", 0) / 1000
+        self.results.setdefault(group, {}).setdefault(cfg, {}).setdefault(job, []).append(sample)
+        log(f"  {group:5} {cfg:15} {job:18} {sample['iops']:10.0f} IOPS {sample['mib_s']:8.1f} MiB/s "
+            f"p99 {sample['lat_p99_us']:8.0f} us")
+
+    def drain_cell(self, delay_ms):
+        img = "slow-peer.img" if (self.work / "slow-peer.img").exists() else "drain.img"
+        argv = [str(self.bin["writeback-drain"]), "--backend", str(self.work / img),
+                "--cache", str(self.work / "drain.cache"), "--bytes", str(self.p["drain_bytes"]),
+                "--write-delay-ms", str(delay_ms)]
+        e = dict(os.environ)
+        e.update(self.env)
+        r = subprocess.run(argv, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if r.returncode != 0:
+            raise BenchError(f"writeback-drain failed: {r.stderr.decode(errors='replace')[-2000:]}")
+        d = json.loads(r.stdout)
+        cfg = "drain-file" if delay_ms == 0 else "drain-slow"
+        self.results.setdefault("drain", {}).setdefault(cfg, {}).setdefault(
+            "drain", []).append({"mib_s": d["mib_s"], "bytes": d["bytes"], "seconds": d["seconds"]})
+        log(f"  drain {cfg:15} {d['bytes'] >> 20} MiB in {d['seconds']:.2f} s: {d['mib_s']:.1f} MiB/s")
+
+    # ---- the run -----------------------------------------------------------
+    def run(self):
+        p = self.p
+        self.prepare()
+        local = ["ours-file", "qemu-nbd", "nbdkit", "raw"]
+        slow = ["slow-nocache", "slow-back", "slow-through"]
+        for rep in range(p["repeats"]):
+            log(f"repeat {rep + 1}/{p['repeats']}")
+            if "local" in p["groups"]:
+                for job in p["jobs"]:
+                    for cfg in local:
+                        self.cell("local", cfg, job)
+            if "slow" in p["groups"]:
+                for job in p["slow_jobs"]:
+                    for cfg in slow + (["slow-back-cold"] if job in READ_JOBS else []):
+                        self.cell("slow", cfg, job)
+            if "drain" in p["groups"]:
+                self.cell("drain", "raw-backend", "seqwrite-1m-qd16")
+                self.drain_cell(0)
+                if "slow" in p["groups"]:
+                    self.cell("drain", "slow-nocache", "seqwrite-1m-qd16")
+                    self.drain_cell(p["write_delay_ms"])
+        ram = None
+        if "ram" in p["groups"]:
+            log(f"metadata RAM probe ({p['ram_gib']} GiB cache)")
+            e = dict(os.environ)
+            e["BENCH_DIR"] = str(self.work)
+            r = subprocess.run([str(self.bin["metadata-ram"]), "--json", str(p["ram_gib"])],
+                               env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            if r.returncode != 0:
+                raise BenchError(f"metadata-ram failed: {r.stderr.decode(errors='replace')[-2000:]}")
+            ram = json.loads(r.stdout.decode().splitlines()[0])
+        return ram
+
+
+# ---- reporting -------------------------------------------------------------
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def stat(vals):
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+
+def samples(res, group, cfg, job, metric):
+    return [s[metric] for s in res.get(group, {}).get(cfg, {}).get(job, [])]
+
+
+def paired_ratio(a, b):
+    """Median (min, max) of per-repeat ratios a[i]/b[i]: each pair was measured side by side."""
+    r = [x / y for x, y in zip(a, b) if y > 0]
+    return stat(r) if r else None
+
+
+def fmt_num(v, metric):
+    if metric in ("iops",):
+        return f"{v:.0f}"
+    if metric.startswith("lat"):
+        return f"{v:.0f}"
+    return f"{v:.1f}" if v < 1000 else f"{v:.0f}"
+
+
+def fmt_cell(vals, metric):
+    if not vals:
+        return "-"
+    s = stat(vals)
+    if len(vals) == 1:
+        return fmt_num(s["median"], metric)
+    return f"{fmt_num(s['median'], metric)} ({fmt_num(s['min'], metric)}-{fmt_num(s['max'], metric)})"
+
+
+def fmt_ratio(r):
+    if not r:
+        return "-"
+    if r["min"] == r["max"]:
+        return f"{r['median']:.2f}"
+    return f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+
+
+UNIT = {"iops": "IOPS", "mib_s": "MiB/s", "lat_p99_us": "p99 latency, us"}
+
+
+def table(res, group, configs, jobs, ratios, names, ratio_jobs=None):
+    """ratios: [(label, num cfg, den cfg)]; lower-is-better rows invert nothing: the label says."""
+    lines = []
+    head = ["job", "metric"] + [names.get(c, c) for c in configs] + [r[0] for r in ratios]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    out = []
+    for job in jobs:
+        metrics = [JOBS[job]] + (["lat_p99_us"] if job.endswith("qd1") else [])
+        for m in metrics:
+            row = [job, UNIT[m]]
+            for c in configs:
+                row.append(fmt_cell(samples(res, group, c, job, m), m))
+            for label, num, den in ratios:
+                a, b = samples(res, group, num, job, m), samples(res, group, den, job, m)
+                r = paired_ratio(a, b) if a and b else None
+                row.append(fmt_ratio(r))
+                if r:
+                    out.append({"group": group, "job": job, "metric": m, "num": num, "den": den, **r})
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines), out
+
+
+NAMES = {
+    "ours-file": "ours (back, warm)",
+    "qemu-nbd": "qemu-nbd",
+    "nbdkit": "nbdkit file",
+    "raw": "raw file (fio io_uring)",
+    "slow-nocache": "no cache",
+    "slow-back": "back, warm",
+    "slow-through": "through, warm",
+    "slow-back-cold": "back, cold",
+}
+
+
+def report(p, res, ram, started, host):
+    out = []
+    all_ratios = []
+    out.append(f"Run {started:%Y-%m-%d %H:%M} on {host['cpus']} CPUs ({host['cpu']}), kernel "
+               f"{host['kernel']}; disk {p['size'] >> 20} MiB, {p['runtime']:g} s runs after {p['ramp']:g} s ramp, "
+               f"{p['repeats']} interleaved repeats; cells are median (min-max); ratios are the median "
+               f"(min-max) of per-repeat ratios.")
+    out.append("")
+    if "local" in res:
+        out.append("Local file backend (higher is better, except latency):")
+        out.append("")
+        t, r = table(res, "local", ["ours-file", "qemu-nbd", "nbdkit", "raw"], p["jobs"],
+                     [("ours / qemu-nbd", "ours-file", "qemu-nbd"),
+                      ("ours / nbdkit", "ours-file", "nbdkit"),
+                      ("ours / raw", "ours-file", "raw")], NAMES)
+        out += [t, ""]
+        all_ratios += r
+    if "slow" in res:
+        out.append(f"Slow backend ({p['read_delay_ms']:g} ms reads, {p['write_delay_ms']:g} ms writes "
+                   f"and flushes), through our NBD export:")
+        out.append("")
+        t, r = table(res, "slow", ["slow-nocache", "slow-back", "slow-through", "slow-back-cold"],
+                     p["slow_jobs"],
+                     [("back / no cache", "slow-back", "slow-nocache"),
+                      ("through / no cache", "slow-through", "slow-nocache"),
+                      ("cold / no cache", "slow-back-cold", "slow-nocache"),
+                      ("warm / cold", "slow-back", "slow-back-cold")], NAMES)
+        out += [t, ""]
+        all_ratios += r
+    if "drain" in res:
+        d = res["drain"]
+        out.append("Write-back drain (MiB/s):")
+        out.append("")
+        out.append("| backend | backend's sequential write (fio 1 MiB QD16) | drain of dirty 64 KiB lines | drain / sequential |")
+        out.append("|---|---|---|---|")
+        rows = [("file", "raw-backend", "drain-file"),
+                (f"slow ({p['write_delay_ms']:g} ms writes and flushes; sequential write through NBD)",
+                 "slow-nocache", "drain-slow")]
+        for label, peer, cfg in rows:
+            a = [s["mib_s"] for s in d.get(cfg, {}).get("drain", [])]
+            b = [s["mib_s"] for s in d.get(peer, {}).get("seqwrite-1m-qd16", [])]
+            if not a:
+                continue
+            r = paired_ratio(a, b)
+            out.append(f"| {label} | {fmt_cell(b, 'mib_s')} | {fmt_cell(a, 'mib_s')} | {fmt_ratio(r)} |")
+            if r:
+                all_ratios.append({"group": "drain", "job": "drain", "metric": "mib_s",
+                                   "num": cfg, "den": peer, **r})
+        out += [""]
+    if ram:
+        per_gib = ram["lines"] * 65536 / (1 << 30)
+        mib = lambda x: x / MIB / per_gib
+        out.append(f"Metadata RAM at 64 KiB lines ({ram['cache_gib']} GiB cache, {ram['lines']} lines; "
+                   f"RSS growth of the process, plus the crash shadow in tmpfs): "
+                   f"{mib(ram['clean_bytes']):.2f} MiB/GiB all clean, {mib(ram['dirty_bytes']):.2f} MiB/GiB "
+                   f"all dirty, shadow {mib(ram['shadow_bytes']):.2f} MiB/GiB; the per-line record alone is "
+                   f"{ram['line_record_bytes']} bytes ({ram['line_record_bytes'] * 16384 / MIB:.2f} MiB/GiB).")
+        out.append("")
+    targets = evaluate_targets(p, res, ram, all_ratios)
+    if targets:
+        out.append("Targets (issue 5):")
+        out.append("")
+        out.append("| target | measured | met |")
+        out.append("|---|---|---|")
+        for t in targets:
+            out.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |")
+        out.append("")
+    return "\n".join(out), all_ratios, targets
+
+
+def find_ratio(ratios, num, den, job, metric):
+    for r in ratios:
+        if (r["num"], r["den"], r["job"], r["metric"]) == (num, den, job, metric):
+            return r
+    return None
+
+
+def evaluate_targets(p, res, ram, ratios):
+    t = []
+
+    def add(desc, r, goal):
+        if r:
+            t.append({"target": desc, "measured": fmt_ratio(r), "value": r["median"],
+                      "met": r["median"] >= goal})
+
+    add("warm 4k randread QD32 >= 1.3x qemu-nbd",
+        find_ratio(ratios, "ours-file", "qemu-nbd", "randread-4k-qd32", "iops"), 1.3)
+    add("warm 4k randread QD32 >= 0.8x raw fio on a file beside the cache",
+        find_ratio(ratios, "ours-file", "raw", "randread-4k-qd32", "iops"), 0.8)
+    a = samples(res, "slow", "slow-back", "randwrite-4k-qd32", "iops")
+    b = samples(res, "local", "ours-file", "randwrite-4k-qd32", "iops")
+    if a and b:
+        add(f"write-back 4k randwrite QD32 over the {p['write_delay_ms']:g} ms backend >= 0.8x the "
+            "same job over the local file", paired_ratio(a, b), 0.8)
+    r = find_ratio(ratios, "slow-back-cold", "slow-nocache", "randread-4k-qd32", "iops")
+    if r:
+        t.append({"target": "cold-miss overhead <= 5% (cold 4k randread QD32 vs the slow backend alone)",
+                  "measured": f"{(1 - r['median']) * 100:+.1f}% slower (ratio {fmt_ratio(r)})",
+                  "value": r["median"], "met": r["median"] >= 0.95})
+    add("drain >= 0.9x the backend's sequential write (file backend)",
+        find_ratio(ratios, "drain-file", "raw-backend", "drain", "mib_s"), 0.9)
+    if ram:
+        per_gib = ram["lines"] * 65536 / (1 << 30)
+        v = (ram["clean_bytes"] + ram["shadow_bytes"]) / MIB / per_gib
+        heap = ram["clean_bytes"] / MIB / per_gib
+        t.append({"target": "metadata RAM <= 1 MiB per GiB of cache at 64 KiB lines",
+                  "measured": f"{v:.2f} MiB/GiB ({heap:.2f} process + "
+                              f"{ram['shadow_bytes'] / MIB / per_gib:.2f} crash shadow in tmpfs)",
+                  "value": v, "met": v <= 1.0})
+    return t
+
+
+def host_info():
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release()}
+
+
+def main():
+    try:
+        p = params()
+    except BenchError as e:
+        log(f"run.py: {e}")
+        return 2
+    started = datetime.datetime.now()
+    Path(p["dir"]).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="ublk-cache-bench.", dir=p["dir"]))
+    (work / "run").mkdir()
+    bench = None
+    try:
+        bench = Bench(p, work)
+        ram = bench.run()
+        host = host_info()
+        text, ratios, targets = report(p, bench.results, ram, started, host)
+        print(text)
+        jpath = Path(env("BENCH_JSON", str(ROOT / "target" / "bench" /
+                                            f"results-{started:%Y%m%d-%H%M%S}.json")))
+        jpath.parent.mkdir(parents=True, exist_ok=True)
+        cells = {g: {c: {j: {"samples": s, **{m: stat([x[m] for x in s]) for m in s[0]
+                                               if isinstance(s[0][m], (int, float))}}
+                         for j, s in jobs.items()} for c, jobs in cfgs.items()}
+                 for g, cfgs in bench.results.items()}
+        doc = {"date": started.isoformat(timespec="seconds"), "host": host,
+               "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in p.items()},
+               "cells": cells, "ratios": ratios, "targets": targets, "metadata_ram": ram}
+        jpath.write_text(json.dumps(doc, indent=1) + "\n")
+        log(f"JSON: {jpath}")
+        return 0
+    except BenchError as e:
+        log(f"run.py: {e}")
+        return 1
+    except KeyboardInterrupt:
+        log("run.py: interrupted")
+        return 130
+    finally:
+        if bench is not None:
+            shutil.rmtree(bench.shadow, ignore_errors=True)
+        if env("BENCH_KEEP", "0") != "1":
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"kept {work}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
