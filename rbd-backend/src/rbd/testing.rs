@@ -158,27 +158,37 @@ impl TestCluster {
 /// (even when the test panics) and after 10 s at the latest (even when the test
 /// process is aborted). Longer freezes leave the single OSD's placement groups
 /// stuck (their read leases lapse).
-pub struct Frozen(i32);
+pub struct Frozen {
+    pid: i32,
+    /// The dead man's switch: a shell that thaws the process after 10 s. It
+    /// outlives an aborted test process; a normal drop kills it, so that it
+    /// cannot thaw a later test's freeze.
+    switch: Option<std::process::Child>,
+}
 
 impl Frozen {
     pub fn new(pid: i32) -> Frozen {
-        // The dead man's switch: a shell outlives an aborted test process.
-        let _ = Command::new("sh")
-            .args([
-                "-c",
-                &format!("(sleep 10; kill -CONT {pid}) >/dev/null 2>&1 &"),
-            ])
-            .status();
+        let switch = Command::new("sh")
+            .args(["-c", &format!("sleep 10; kill -CONT {pid}")])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok();
         // SAFETY: kill(2) with a pid read from the cluster's pid file; no memory involved.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP osd");
-        Frozen(pid)
+        Frozen { pid, switch }
     }
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
+        if let Some(mut sw) = self.switch.take() {
+            let _ = sw.kill();
+            let _ = sw.wait();
+        }
         // SAFETY: as above; SIGCONT on a running process is harmless.
-        unsafe { libc::kill(self.0, libc::SIGCONT) };
+        unsafe { libc::kill(self.pid, libc::SIGCONT) };
     }
 }
 

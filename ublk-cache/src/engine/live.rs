@@ -105,6 +105,8 @@ impl Engine {
         }
         {
             let _held = self.io_exclusive();
+            // A stop may have come in during the drain: change nothing then.
+            self.check_open()?;
             if leaving_dirty {
                 // Only what arrived during the drain above is left.
                 self.writeback_barrier()?;
