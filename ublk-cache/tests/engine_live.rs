@@ -30,6 +30,33 @@ fn open(b: &Arc<MemBackend>, c: &Arc<MemBackend>, cfg: EngineConfig) -> Arc<Engi
     .expect("open")
 }
 
+/// A backend and a cache of these sizes in MiB, both in memory.
+fn mems(backend_mib: u64, cache_mib: u64) -> (Arc<MemBackend>, Arc<MemBackend>) {
+    (
+        Arc::new(MemBackend::new((backend_mib * MIB) as usize)),
+        Arc::new(MemBackend::new((cache_mib * MIB) as usize)),
+    )
+}
+
+/// A back-mode engine over a 4 MiB backend that refuses writes (so write-back
+/// fails until the test calls `set_read_only(false)`).
+fn back_engine_refusing_write_back() -> (
+    Arc<MemBackend>,
+    Arc<FaultyBackend<Arc<MemBackend>>>,
+    Arc<Engine>,
+) {
+    let (b, c) = mems(4, 4);
+    let fb = Arc::new(FaultyBackend::builder(b.clone()).build());
+    fb.set_read_only(true);
+    let e = Engine::open(
+        fb.clone() as Arc<dyn Backend>,
+        Some(c as Arc<dyn Backend>),
+        cfg(CacheMode::Back),
+    )
+    .unwrap();
+    (b, fb, e)
+}
+
 fn read(e: &Engine, off: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     e.read(off, &mut buf).expect("read");
@@ -133,10 +160,7 @@ fn switching_from_back_drains_with_writes_going_on_and_loses_nothing() {
 
 #[test]
 fn a_switch_to_offline_or_without_a_cache_is_refused_by_name() {
-    let (b, c) = (
-        Arc::new(MemBackend::new(4 * MIB as usize)),
-        Arc::new(MemBackend::new(4 * MIB as usize)),
-    );
+    let (b, c) = mems(4, 4);
     let e = open(&b, &c, cfg(CacheMode::Through));
     let err = e.set_mode(CacheMode::Offline, None).unwrap_err();
     assert!(err.to_string().contains("offline"), "{err}");
@@ -296,18 +320,7 @@ fn offline_refuses_a_cache_smaller_than_the_image() {
 
 #[test]
 fn invalidate_refuses_while_dirty_and_drops_clean_data_after_a_flush() {
-    let (b, c) = (
-        Arc::new(MemBackend::new(4 * MIB as usize)),
-        Arc::new(MemBackend::new(4 * MIB as usize)),
-    );
-    let fb = Arc::new(FaultyBackend::builder(b.clone()).build());
-    fb.set_read_only(true);
-    let e = Engine::open(
-        fb.clone() as Arc<dyn Backend>,
-        Some(c as Arc<dyn Backend>),
-        cfg(CacheMode::Back),
-    )
-    .unwrap();
+    let (b, fb, e) = back_engine_refusing_write_back();
     e.write(0, &[1u8; 65536], false).unwrap();
     let err = e.invalidate_clean().unwrap_err();
     assert_eq!(err.kind(), EngineErrorKind::DirtyData);
@@ -323,10 +336,7 @@ fn invalidate_refuses_while_dirty_and_drops_clean_data_after_a_flush() {
 
 #[test]
 fn migrate_out_leaves_nothing_dirty_and_abort_returns_to_the_old_mode() {
-    let (b, c) = (
-        Arc::new(MemBackend::new(4 * MIB as usize)),
-        Arc::new(MemBackend::new(4 * MIB as usize)),
-    );
+    let (b, c) = mems(4, 4);
     let e = open(&b, &c, cfg(CacheMode::Back));
     e.write(0, &[5u8; 65536], false).unwrap();
     let prev = e.migrate_out(None).unwrap();
@@ -344,10 +354,7 @@ fn migrate_out_leaves_nothing_dirty_and_abort_returns_to_the_old_mode() {
 
 #[test]
 fn a_migration_destination_starts_cold_and_refuses_dirty_data() {
-    let (b, c) = (
-        Arc::new(MemBackend::new(4 * MIB as usize)),
-        Arc::new(MemBackend::new(4 * MIB as usize)),
-    );
+    let (b, c) = mems(4, 4);
     let e = open(&b, &c, cfg(CacheMode::Back));
     e.write(0, &[1u8; 65536], false).unwrap();
     e.shutdown().unwrap();
@@ -380,10 +387,7 @@ fn a_migration_destination_starts_cold_and_refuses_dirty_data() {
 
 #[test]
 fn stats_count_hits_misses_partial_hits_and_latency() {
-    let (b, c) = (
-        Arc::new(MemBackend::new(4 * MIB as usize)),
-        Arc::new(MemBackend::new(4 * MIB as usize)),
-    );
+    let (b, c) = mems(4, 4);
     let e = open(&b, &c, cfg(CacheMode::Through));
     read(&e, 0, 65536); // miss, promoted
     read(&e, 0, 65536); // hit
@@ -406,10 +410,7 @@ fn stats_count_hits_misses_partial_hits_and_latency() {
 
 #[test]
 fn an_offline_server_returns_to_offline_after_an_aborted_migration() {
-    let (b, c) = (
-        Arc::new(MemBackend::new(4 * MIB as usize)),
-        Arc::new(MemBackend::new(8 * MIB as usize)),
-    );
+    let (b, c) = mems(4, 8);
     let e = open(&b, &c, cfg(CacheMode::Offline));
     e.write(0, &[3u8; 8192], false).unwrap();
     assert_eq!(e.migrate_out(None).unwrap(), CacheMode::Offline);
@@ -431,10 +432,7 @@ fn an_offline_server_returns_to_offline_after_an_aborted_migration() {
 /// forever): it goes in place.
 #[test]
 fn offline_overwrites_after_a_flush_do_not_wait_for_write_back() {
-    let (b, c) = (
-        Arc::new(MemBackend::new(4 * MIB as usize)),
-        Arc::new(MemBackend::new(8 * MIB as usize)),
-    );
+    let (b, c) = mems(4, 8);
     let e = open(&b, &c, cfg(CacheMode::Offline));
     let (tx, rx) = std::sync::mpsc::channel();
     let e2 = e.clone();
@@ -459,18 +457,7 @@ fn offline_overwrites_after_a_flush_do_not_wait_for_write_back() {
 /// cache (in place, logged), and once the backend is back everything drains.
 #[test]
 fn ordered_overwrites_keep_completing_while_write_back_fails() {
-    let (b, c) = (
-        Arc::new(MemBackend::new(4 * MIB as usize)),
-        Arc::new(MemBackend::new(4 * MIB as usize)),
-    );
-    let fb = Arc::new(FaultyBackend::builder(b.clone()).build());
-    fb.set_read_only(true);
-    let e = Engine::open(
-        fb.clone() as Arc<dyn Backend>,
-        Some(c as Arc<dyn Backend>),
-        cfg(CacheMode::Back),
-    )
-    .unwrap();
+    let (b, fb, e) = back_engine_refusing_write_back();
     e.write(0, &[1u8; 65536], false).unwrap();
     e.flush().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();

@@ -58,25 +58,6 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn write(c: &mut Client, off: u64, data: &[u8]) {
-    for (i, chunk) in data.chunks(256 * 1024).enumerate() {
-        c.write(off + (i * 256 * 1024) as u64, chunk, false)
-            .unwrap()
-            .expect("write");
-    }
-}
-
-fn read(c: &mut Client, off: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < len {
-        let n = (len - pos).min(256 * 1024);
-        out.extend(c.read(off + pos as u64, n as u32).unwrap().expect("read"));
-        pos += n;
-    }
-    out
-}
-
 fn file_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
     let all = std::fs::read(p).unwrap();
     all[off as usize..off as usize + len].to_vec()
@@ -112,7 +93,7 @@ fn control_socket_verbs_stats_and_metrics() {
 
     let mut c = Client::connect_uri(&srv.uris[0]).unwrap();
     let p1 = pattern(1, 2 * MIB as usize);
-    write(&mut c, 0, &p1);
+    c.write_all(0, &p1);
     c.flush().unwrap().unwrap();
     let s = ctl(&disk.run_dir, id, &["stats"]);
     assert_eq!(s["mode"], "back");
@@ -142,7 +123,7 @@ fn control_socket_verbs_stats_and_metrics() {
     // Back to back; flush writes back and flushes the backend.
     ctl(&disk.run_dir, id, &["mode", "back"]);
     let p2 = pattern(2, MIB as usize);
-    write(&mut c, 4 * MIB, &p2);
+    c.write_all(4 * MIB, &p2);
     let r = ctl(&disk.run_dir, id, &["flush"]);
     assert_eq!(r["dirty_bytes"].as_u64(), Some(0));
     assert_eq!(file_range(&disk.backend, 4 * MIB, p2.len()), p2);
@@ -157,7 +138,7 @@ fn control_socket_verbs_stats_and_metrics() {
     let r = ctl(&disk.run_dir, id, &["preload", "2M"]);
     assert_eq!(r["fetched"].as_u64(), Some(2 * MIB));
     let before = ctl(&disk.run_dir, id, &["stats"]);
-    assert_eq!(read(&mut c, 0, p1.len()), p1);
+    assert_eq!(c.read_all(0, p1.len()), p1);
     let after = ctl(&disk.run_dir, id, &["stats"]);
     assert_eq!(
         after["backend_read_bytes"], before["backend_read_bytes"],
@@ -190,7 +171,7 @@ fn control_socket_verbs_stats_and_metrics() {
     let _ = raw.read_to_string(&mut reply);
     assert!(reply.contains("longer than"), "{reply}");
     assert_eq!(
-        read(&mut c, 4 * MIB, p2.len()),
+        c.read_all(4 * MIB, p2.len()),
         p2,
         "I/O goes on after bad control requests"
     );
@@ -252,7 +233,7 @@ fn live_migration_hands_the_disk_over_and_never_serves_stale_data() {
     let src_id = server_id(&a.run_dir);
     let mut c = Client::connect_uri(&src.uris[0]).unwrap();
     let p1 = pattern(1, 4 * MIB as usize);
-    write(&mut c, 0, &p1);
+    c.write_all(0, &p1);
     reference[..p1.len()].copy_from_slice(&p1);
     let dirty = ctl(&a.run_dir, src_id, &["stats"])["dirty_bytes"]
         .as_u64()
@@ -291,7 +272,7 @@ fn live_migration_hands_the_disk_over_and_never_serves_stale_data() {
     );
     // The guest still runs on A during the memory copy: its writes go through.
     let p2 = pattern(2, MIB as usize);
-    write(&mut c, 8 * MIB, &p2);
+    c.write_all(8 * MIB, &p2);
     reference[8 * MIB as usize..9 * MIB as usize].copy_from_slice(&p2);
 
     // The destination starts (cold) while the source still serves.
@@ -303,12 +284,12 @@ fn live_migration_hands_the_disk_over_and_never_serves_stale_data() {
     let dst_id = server_id(&b.run_dir);
     let mut d = Client::connect_uri(&dst.uris[0]).unwrap();
     assert_eq!(
-        read(&mut d, 0, reference.len()),
+        d.read_all(0, reference.len()),
         reference,
         "the destination serves everything the source wrote"
     );
     let p3 = pattern(3, MIB as usize);
-    write(&mut d, 0, &p3);
+    d.write_all(0, &p3);
     reference[..p3.len()].copy_from_slice(&p3);
     d.flush().unwrap().unwrap();
 
@@ -320,7 +301,7 @@ fn live_migration_hands_the_disk_over_and_never_serves_stale_data() {
     dst.stop();
     let mut c = Client::connect_uri(&back.uris[0]).unwrap();
     assert_eq!(
-        read(&mut c, 0, reference.len()),
+        c.read_all(0, reference.len()),
         reference,
         "nothing cached before the other host's writes is served"
     );
@@ -384,7 +365,7 @@ fn offline_mode_hydrates_in_the_background_and_writes_back_only_at_stop() {
     let id = server_id(&disk.run_dir);
     let mut c = Client::connect_uri(&srv.uris[0]).unwrap();
     let p = pattern(9, MIB as usize);
-    write(&mut c, 2 * MIB, &p);
+    c.write_all(2 * MIB, &p);
     c.flush().unwrap().unwrap();
     // Hydration finishes in the background.
     let mut s = ctl(&disk.run_dir, id, &["stats"]);
@@ -405,7 +386,7 @@ fn offline_mode_hydrates_in_the_background_and_writes_back_only_at_stop() {
     );
     let mut expect = base.clone();
     expect[2 * MIB as usize..3 * MIB as usize].copy_from_slice(&p);
-    assert_eq!(read(&mut c, 0, expect.len()), expect);
+    assert_eq!(c.read_all(0, expect.len()), expect);
     c.disconnect().unwrap();
     srv.stop();
     assert_eq!(
@@ -458,7 +439,7 @@ fn preload_wait_and_a_config_file() {
     );
     let mut c = Client::connect_uri(&srv.uris[0]).unwrap();
     assert_eq!(
-        read(&mut c, 4 * MIB, 512 * 1024),
+        c.read_all(4 * MIB, 512 * 1024),
         base[4 * MIB as usize..4 * MIB as usize + 512 * 1024]
     );
     let s2 = ctl(&disk.run_dir, id, &["stats"]);

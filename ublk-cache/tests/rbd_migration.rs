@@ -27,17 +27,7 @@ use serve::{run, start, Server};
 const MIB: u64 = 1 << 20;
 
 fn serve_cmd(c: &TestCluster, spec: &RbdSpec, dir: &Path, extra: &[&str]) -> Command {
-    let mut cmd = serve::bin();
-    cmd.arg("--run-dir")
-        .arg(dir.join("run"))
-        .arg("serve")
-        .arg("--backend")
-        .arg(format!("rbd:{spec}"))
-        .arg("--ceph-conf")
-        .arg(&c.conf);
-    if let Some(k) = &c.keyring {
-        cmd.arg("--ceph-keyring").arg(k);
-    }
+    let mut cmd = serve::rbd_serve_cmd(c, spec, dir);
     cmd.args([
         "--mode",
         "back",
@@ -81,27 +71,6 @@ fn cli(dir: &Path, args: &[&str]) -> Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
 }
 
-fn write(c: &mut Client, off: u64, data: &[u8]) {
-    for (i, chunk) in data.chunks(256 * 1024).enumerate() {
-        c.write(off + (i * 256 * 1024) as u64, chunk, false)
-            .unwrap()
-            .expect("write");
-    }
-}
-
-fn read(c: &mut Client, off: u64, len: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    while out.len() < len {
-        let n = (len - out.len()).min(256 * 1024);
-        out.extend(
-            c.read(off + out.len() as u64, n as u32)
-                .unwrap()
-                .expect("read"),
-        );
-    }
-    out
-}
-
 #[test]
 fn rbd_live_migration_lends_the_lock_and_serves_nothing_stale() {
     let Some((c, _wd)) = rbd_test("rbd_migration", 600) else {
@@ -116,7 +85,7 @@ fn rbd_live_migration_lends_the_lock_and_serves_nothing_stale() {
     let src_id = id_of(&ha);
     let mut a = Client::connect_uri(&src.uris[0]).unwrap();
     let p1 = pattern(1, 4 * MIB as usize);
-    write(&mut a, 0, &p1);
+    a.write_all(0, &p1);
     reference[..p1.len()].copy_from_slice(&p1);
 
     // A second plain server is refused while the source holds the lock.
@@ -142,7 +111,7 @@ fn rbd_live_migration_lends_the_lock_and_serves_nothing_stale() {
     // The destination starts while the source still serves and writes.
     let dst = serve_on(&c, &img.spec, &hb, &["--migrate-in"], "dst");
     let p2 = pattern(2, 2 * MIB as usize);
-    write(&mut a, 8 * MIB, &p2);
+    a.write_all(8 * MIB, &p2);
     reference[8 * MIB as usize..10 * MIB as usize].copy_from_slice(&p2);
     a.flush().unwrap().expect("flush while lending");
     assert_eq!(
@@ -154,9 +123,9 @@ fn rbd_live_migration_lends_the_lock_and_serves_nothing_stale() {
     a.disconnect().unwrap();
     src.stop();
     let mut b = Client::connect_uri(&dst.uris[0]).unwrap();
-    assert_eq!(read(&mut b, 0, reference.len()), reference);
+    assert_eq!(b.read_all(0, reference.len()), reference);
     let p3 = pattern(3, MIB as usize);
-    write(&mut b, 12 * MIB, &p3);
+    b.write_all(12 * MIB, &p3);
     reference[12 * MIB as usize..13 * MIB as usize].copy_from_slice(&p3);
     b.flush().unwrap().expect("flush on the destination");
     // In back mode the write reaches the image (and takes the lock) when it is
@@ -183,7 +152,7 @@ fn rbd_live_migration_lends_the_lock_and_serves_nothing_stale() {
     let r = cli(&hb, &["migrate-abort", &dst_id]);
     assert_eq!(r["mode"], "back");
     let p4 = pattern(4, MIB as usize);
-    write(&mut b, 14 * MIB, &p4);
+    b.write_all(14 * MIB, &p4);
     reference[14 * MIB as usize..15 * MIB as usize].copy_from_slice(&p4);
     let o = serve_cmd(&c, &img.spec, &ha, &[]).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -202,7 +171,7 @@ fn rbd_live_migration_lends_the_lock_and_serves_nothing_stale() {
     // Back on host A, whose cache held p1 from before: served from the image, not stale.
     let again = serve_on(&c, &img.spec, &ha, &[], "again");
     let mut a = Client::connect_uri(&again.uris[0]).unwrap();
-    assert_eq!(read(&mut a, 0, reference.len()), reference);
+    assert_eq!(a.read_all(0, reference.len()), reference);
     a.disconnect().unwrap();
     again.stop();
 }

@@ -25,17 +25,7 @@ const MIB: u64 = 1 << 20;
 
 /// `serve` over the image in `mode`, exported on `sock`.
 fn serve_rbd(c: &TestCluster, spec: &RbdSpec, mode: &str, dir: &Path, tag: &str) -> Server {
-    let mut cmd = serve::bin();
-    cmd.arg("--run-dir")
-        .arg(dir.join("run"))
-        .arg("serve")
-        .arg("--backend")
-        .arg(format!("rbd:{spec}"))
-        .arg("--ceph-conf")
-        .arg(&c.conf);
-    if let Some(k) = &c.keyring {
-        cmd.arg("--ceph-keyring").arg(k);
-    }
+    let mut cmd = serve::rbd_serve_cmd(c, spec, dir);
     cmd.arg("--backend-timeout")
         .arg("60")
         .arg("--mode")

@@ -235,6 +235,31 @@ impl Client {
         })
     }
 
+    /// Write `data` at `offset` in 256 KiB requests; any error fails the test.
+    pub fn write_all(&mut self, offset: u64, data: &[u8]) {
+        for (i, chunk) in data.chunks(256 * 1024).enumerate() {
+            let at = offset + (i * 256 * 1024) as u64;
+            self.write(at, chunk, false)
+                .unwrap_or_else(|e| panic!("write at {at}: {e}"))
+                .unwrap_or_else(|e| panic!("write at {at}: NBD error {e}"));
+        }
+    }
+
+    /// Read `len` bytes at `offset` in 256 KiB requests; any error fails the test.
+    pub fn read_all(&mut self, offset: u64, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            let at = offset + out.len() as u64;
+            let n = (len - out.len()).min(256 * 1024);
+            out.extend(
+                self.read(at, n as u32)
+                    .unwrap_or_else(|e| panic!("read at {at}: {e}"))
+                    .unwrap_or_else(|e| panic!("read at {at}: NBD error {e}")),
+            );
+        }
+        out
+    }
+
     /// NBD_CMD_DISC, then wait for the server to close.
     pub fn disconnect(mut self) -> io::Result<()> {
         self.send(DISC, 0, 0, 0, &[])?;

@@ -271,3 +271,25 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// `ublk-cache --run-dir DIR/run serve --backend rbd:SPEC` with the test
+/// cluster's conf and keyring; the caller adds the rest.
+#[cfg(feature = "rbd")]
+pub fn rbd_serve_cmd(
+    c: &rbd_backend::rbd::testing::TestCluster,
+    spec: &rbd_backend::RbdSpec,
+    dir: &Path,
+) -> Command {
+    let mut cmd = bin();
+    cmd.arg("--run-dir")
+        .arg(dir.join("run"))
+        .arg("serve")
+        .arg("--backend")
+        .arg(format!("rbd:{spec}"))
+        .arg("--ceph-conf")
+        .arg(&c.conf);
+    if let Some(k) = &c.keyring {
+        cmd.arg("--ceph-keyring").arg(k);
+    }
+    cmd
+}
