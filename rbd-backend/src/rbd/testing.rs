@@ -177,8 +177,31 @@ impl Frozen {
             .ok();
         // SAFETY: kill(2) with a pid read from the cluster's pid file; no memory involved.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP osd");
+        // kill(2) returns before every thread has stopped: wait until they
+        // have, or a request sent now could still be served.
+        let t = std::time::Instant::now();
+        while !all_threads_stopped(pid) && t.elapsed() < std::time::Duration::from_secs(2) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         Frozen { pid, switch }
     }
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T`).
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|st| {
+                // The state follows the parenthesised command name.
+                st.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.chars().next())
+            })
+            .is_some_and(|c| c == 'T' || c == 't')
+    })
 }
 
 impl Drop for Frozen {
