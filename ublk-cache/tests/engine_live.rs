@@ -360,17 +360,23 @@ fn a_migration_destination_starts_cold_and_refuses_dirty_data() {
     e.shutdown().unwrap();
     // The cache still holds line 0 (clean). Behind its back the disk changes
     // (the other host), in a way no change marker of a MemBackend shows.
-    let e = open(
-        &b,
-        &c,
+    // The backend refuses write-back this time, so the write is certainly
+    // still dirty at detach (the flusher would otherwise race the test).
+    let refusing = Arc::new(FaultyBackend::builder(b.clone()).build());
+    refusing.set_read_only(true);
+    let e = Engine::open(
+        refusing as Arc<dyn Backend>,
+        Some(c.clone() as Arc<dyn Backend>),
         EngineConfig {
             cold_start: true,
             ..cfg(CacheMode::Back)
         },
-    );
+    )
+    .unwrap();
     assert_eq!(e.stats().valid_bytes, 0, "nothing cached before is trusted");
     e.write(0, &[2u8; 4096], false).unwrap();
     e.detach_keep_dirty().unwrap();
+    assert_eq!(e.stats().dirty_bytes, 4096);
     let err = Engine::open(
         b.clone() as Arc<dyn Backend>,
         Some(c.clone() as Arc<dyn Backend>),

@@ -280,11 +280,15 @@ fn rbd_dirty_data_over_a_changed_range_is_refused() {
     let cache = Arc::new(MemBackend::new((1 << 20) + 32 * LINE as usize));
     let ours = pattern(5, LINE as usize);
     {
-        let b = open_rbd(&c, &img.spec);
+        // The image refuses our writes while attached, so the data is certainly
+        // still dirty at detach (the flusher would otherwise race the test).
+        let b = Arc::new(FaultyBackend::new(open_rbd(&c, &img.spec)));
+        b.set_read_only(true);
         let e = open_engine(b, &cache, &back_cfg());
         e.write(0, &ours, false).expect("write");
         e.flush().expect("flush");
         e.detach_keep_dirty().expect("detach keeping dirty data");
+        assert_eq!(e.stats().dirty_lines, 1);
     }
     {
         let raw = c.admin().open_raw(&img.spec).expect("raw");
