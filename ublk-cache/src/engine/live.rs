@@ -98,10 +98,7 @@ impl Engine {
         let leaving_dirty = old.holds_dirty() && !new.holds_dirty();
         if leaving_dirty {
             info!(from = %old, to = %new, "mode switch: writing back dirty data first");
-            match progress {
-                Some(p) => self.drain_with_progress(p)?,
-                None => self.drain()?,
-            }
+            self.drain_with_progress(progress)?;
         }
         {
             let _held = self.io_exclusive();
@@ -130,10 +127,7 @@ impl Engine {
     /// backend, so everything acknowledged so far is durable there.
     pub fn flush_to_backend(&self, progress: Option<ProgressFn<'_>>) -> EngineResult<()> {
         self.check_open()?;
-        match progress {
-            Some(p) => self.drain_with_progress(p)?,
-            None => self.drain()?,
-        }
+        self.drain_with_progress(progress)?;
         self.backend_flush()
     }
 

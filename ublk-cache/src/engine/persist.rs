@@ -159,14 +159,13 @@ impl Engine {
     /// Write back all dirty data and wait for it, logging progress. Used at stop,
     /// at attach in a mode that holds no dirty data, and by `ctl flush`.
     pub fn drain(&self) -> EngineResult<()> {
-        self.drain_until(true, None)?;
-        self.persist()
+        self.drain_with_progress(None)
     }
 
     /// `drain`, reporting progress (bytes of the dirty data found at the start
-    /// that are written back) about twice a second.
-    pub fn drain_with_progress(&self, progress: ProgressFn<'_>) -> EngineResult<()> {
-        self.drain_until(true, Some(progress))?;
+    /// that are written back) about twice a second when given a callback.
+    pub fn drain_with_progress(&self, progress: Option<ProgressFn<'_>>) -> EngineResult<()> {
+        self.drain_until(true, progress)?;
         self.persist()
     }
 

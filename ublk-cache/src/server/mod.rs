@@ -176,9 +176,11 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
         record,
         stop,
         extras: Extras {
-            plan,
-            metrics,
-            backend_lock,
+            control: ControlPlan {
+                plan,
+                metrics,
+                backend_lock,
+            },
             background,
         },
     };
@@ -205,18 +207,21 @@ struct Running<'a> {
 
 /// What runs beside the data path, and what the control socket needs.
 struct Extras {
-    plan: PreloadPlan,
-    metrics: Option<std::net::SocketAddr>,
-    backend_lock: Option<open::PathLock>,
+    control: ControlPlan,
     background: Background,
 }
 
-impl Extras {
+/// What the control socket and metrics need once the server's id is known.
+struct ControlPlan {
+    plan: PreloadPlan,
+    metrics: Option<std::net::SocketAddr>,
+    backend_lock: Option<open::PathLock>,
+}
+
+impl ControlPlan {
     /// Start the control socket and metrics for server `id`.
-    fn endpoints(
-        plan: &PreloadPlan,
-        metrics: Option<std::net::SocketAddr>,
-        backend_lock: Option<open::PathLock>,
+    fn start(
+        self,
         args: &ServeArgs,
         run_dir: &Path,
         engine: &Arc<Engine>,
@@ -230,11 +235,11 @@ impl Extras {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
-            plan.ranges.clone(),
-            plan.rate,
-            backend_lock,
+            self.plan.ranges,
+            self.plan.rate,
+            self.backend_lock,
         );
-        match Endpoints::start(ctx, run_dir, metrics) {
+        match Endpoints::start(ctx, run_dir, self.metrics) {
             Ok(e) => Some(e),
             Err(e) => {
                 error!("{e:#}");
@@ -278,9 +283,7 @@ fn serve_with_ublk(r: Running<'_>, target: Arc<dyn BlockTarget>) -> Result<()> {
         extras,
     } = r;
     let Extras {
-        plan,
-        metrics,
-        backend_lock,
+        control,
         background,
     } = extras;
     let mut opts = UblkOptions {
@@ -292,6 +295,9 @@ fn serve_with_ublk(r: Running<'_>, target: Arc<dyn BlockTarget>) -> Result<()> {
     }
     opts.id = args.recover.or(args.id).map(|i| i as i32);
     let mut endpoints = None;
+    // Until the control socket takes it over, the backend lock lives here (so a
+    // device that never came live still holds it while the engine shuts down).
+    let mut control = Some(control);
     let on_live = |info: &fe::DeviceInfo| {
         record.id = info.id;
         record.device = info.bdev.display().to_string();
@@ -302,15 +308,9 @@ fn serve_with_ublk(r: Running<'_>, target: Arc<dyn BlockTarget>) -> Result<()> {
                 run_dir.display()
             );
         }
-        endpoints = Extras::endpoints(
-            &plan,
-            metrics,
-            backend_lock,
-            args,
-            run_dir,
-            &engine,
-            info.id,
-        );
+        endpoints = control
+            .take()
+            .and_then(|c| c.start(args, run_dir, &engine, info.id));
         // The lines on stdout: what the drivers wait for.
         announce(&record.exports);
         info!(device = %info.bdev.display(), mode = %args.mode, "serving");
@@ -396,28 +396,15 @@ fn serve_nbd_only(r: Running<'_>) -> Result<()> {
         }
     };
     let Extras {
-        plan,
-        metrics,
-        backend_lock,
+        control,
         background,
     } = extras;
     // Without a record there is no id for the control socket; the backend
     // lock then lives here until the engine is detached.
     let (endpoints, kept_lock) = if registered {
-        (
-            Extras::endpoints(
-                &plan,
-                metrics,
-                backend_lock,
-                args,
-                run_dir,
-                &engine,
-                record.id,
-            ),
-            None,
-        )
+        (control.start(args, run_dir, &engine, record.id), None)
     } else {
-        (None, backend_lock)
+        (None, Some(control))
     };
     announce(&record.exports);
     info!(mode = %args.mode, "serving over NBD only (no ublk device)");
