@@ -7,11 +7,16 @@
 use lru::LruCache;
 
 /// A replacement policy over cache slots (indices into the line table).
-pub trait EvictionPolicy: Send {
+pub trait EvictionPolicy: Send + Sync {
     /// A slot became evictable (clean and mapped).
     fn insert(&mut self, slot: u32);
     /// A slot was used; it becomes the least likely victim.
     fn touch(&mut self, slot: u32);
+    /// A hit, recorded without exclusive access where the policy can (CLOCK sets
+    /// a bit). Returns false if the policy needs [`EvictionPolicy::touch`] instead.
+    fn hit(&self, _slot: u32) -> bool {
+        false
+    }
     /// The slot is no longer evictable (it became dirty, or was freed).
     fn remove(&mut self, slot: u32);
     /// Take the best victim for which `usable` is true, and stop tracking it.

@@ -7,7 +7,9 @@
 
 use std::sync::Arc;
 
+use crate::aio::BufSlice;
 use crate::error::Result;
+use crate::io::{ready, IoFut, WriteMode};
 
 /// What a backend is, recorded in the cache superblock so that a cache is never
 /// attached to another disk, and never serves data the backend changed behind it.
@@ -92,6 +94,40 @@ pub trait Backend: Send + Sync {
     /// Make the range read back as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()>;
 
+    // --- The asynchronous data path, on the calling thread's event loop ---
+    //
+    // The defaults carry the request out with the blocking method above, on the
+    // loop thread (correct, but it holds up the loop): the file, RBD, in-memory
+    // and fault-injecting backends implement them natively.
+
+    /// Read `dst.len()` bytes at `offset`.
+    fn read_async(&self, offset: u64, dst: BufSlice) -> IoFut<'_> {
+        // SAFETY: the request owns `dst` while it runs (the data-path contract).
+        ready(self.read_at(offset, unsafe { dst.request_bytes_mut() }))
+    }
+
+    /// Write `src` at `offset`.
+    fn write_async(&self, offset: u64, src: BufSlice, mode: WriteMode) -> IoFut<'_> {
+        // SAFETY: the request owns `src` while it runs.
+        let r = self.write_at(offset, unsafe { src.request_bytes() });
+        ready(r.and_then(|()| match mode {
+            WriteMode::Normal => Ok(()),
+            WriteMode::Durable => self.flush(),
+        }))
+    }
+
+    fn flush_async(&self) -> IoFut<'_> {
+        ready(self.flush())
+    }
+
+    fn discard_async(&self, offset: u64, len: u64) -> IoFut<'_> {
+        ready(self.discard(offset, len))
+    }
+
+    fn write_zeroes_async(&self, offset: u64, len: u64) -> IoFut<'_> {
+        ready(self.write_zeroes(offset, len))
+    }
+
     /// Live-migration handover, source side: stop holding the backend's
     /// exclusive lock between requests, so that the destination can take it,
     /// while this side keeps writing (each write holds the lock only while it is
@@ -147,6 +183,21 @@ macro_rules! forward_backend {
             }
             fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
                 (**self).write_zeroes(offset, len)
+            }
+            fn read_async(&self, offset: u64, dst: BufSlice) -> IoFut<'_> {
+                (**self).read_async(offset, dst)
+            }
+            fn write_async(&self, offset: u64, src: BufSlice, mode: WriteMode) -> IoFut<'_> {
+                (**self).write_async(offset, src, mode)
+            }
+            fn flush_async(&self) -> IoFut<'_> {
+                (**self).flush_async()
+            }
+            fn discard_async(&self, offset: u64, len: u64) -> IoFut<'_> {
+                (**self).discard_async(offset, len)
+            }
+            fn write_zeroes_async(&self, offset: u64, len: u64) -> IoFut<'_> {
+                (**self).write_zeroes_async(offset, len)
             }
             fn release_lock(&self) -> Result<()> {
                 (**self).release_lock()

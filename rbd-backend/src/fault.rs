@@ -85,6 +85,8 @@ pub struct FaultyBackend<B> {
     read_only: AtomicBool,
     stall: Mutex<Stall>,
     stall_cv: Condvar,
+    /// Wakes ops stalled on an event loop.
+    stall_ev: event_listener::Event,
     counters: Counters,
     rng: AtomicU64,
 }
@@ -107,6 +109,7 @@ impl<B: Backend> FaultyBackend<B> {
             read_only: AtomicBool::new(false),
             stall: Mutex::new(Stall::default()),
             stall_cv: Condvar::new(),
+            stall_ev: event_listener::Event::new(),
             counters: Counters::default(),
             rng: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
         }
@@ -164,6 +167,7 @@ impl<B: Backend> FaultyBackend<B> {
     pub fn release(&self) {
         lock(&self.stall).on = false;
         self.stall_cv.notify_all();
+        self.stall_ev.notify(usize::MAX);
     }
 
     /// How many ops are blocked in a stall right now.
@@ -220,7 +224,46 @@ impl<B: Backend> FaultyBackend<B> {
     /// Stall, delay and injected faults, in that order, before an op runs.
     fn before(&self, kind: OpKind, offset: u64, len: u64) -> Result<()> {
         self.wait_while_stalled();
-        self.sleep_for(kind);
+        let d = self.delay_for(kind);
+        if !d.is_zero() {
+            std::thread::sleep(d);
+        }
+        self.injected(kind, offset, len)
+    }
+
+    /// `before`, on an event loop: stalls and delays wait without blocking it.
+    async fn before_async(&self, kind: OpKind, offset: u64, len: u64) -> Result<()> {
+        if !crate::aio::in_loop() {
+            return self.before(kind, offset, len);
+        }
+        self.stalled_async().await;
+        let d = self.delay_for(kind);
+        if !d.is_zero() {
+            crate::aio::sleep(d).await;
+        }
+        self.injected(kind, offset, len)
+    }
+
+    async fn stalled_async(&self) {
+        {
+            let mut s = lock(&self.stall);
+            if !s.on {
+                return;
+            }
+            s.waiting += 1;
+            self.stall_cv.notify_all();
+        }
+        loop {
+            let l = self.stall_ev.listen();
+            if !lock(&self.stall).on {
+                break;
+            }
+            l.await;
+        }
+        lock(&self.stall).waiting -= 1;
+    }
+
+    fn injected(&self, kind: OpKind, offset: u64, len: u64) -> Result<()> {
         let injected = {
             let mut fail = lock(&self.fail);
             match &mut fail[kind.index()] {
@@ -267,7 +310,7 @@ impl<B: Backend> FaultyBackend<B> {
         s.waiting -= 1;
     }
 
-    fn sleep_for(&self, kind: OpKind) {
+    fn delay_for(&self, kind: OpKind) -> Duration {
         let base = self.delay_ns[kind.index()].load(Ordering::Relaxed);
         let jitter = self.jitter_ns[kind.index()].load(Ordering::Relaxed);
         let extra = if jitter > 0 {
@@ -275,10 +318,7 @@ impl<B: Backend> FaultyBackend<B> {
         } else {
             0
         };
-        let total = base.saturating_add(extra);
-        if total > 0 {
-            std::thread::sleep(Duration::from_nanos(total));
-        }
+        Duration::from_nanos(base.saturating_add(extra))
     }
 
     /// splitmix64 over a shared counter: cheap, lock-free, good enough for jitter.
@@ -356,6 +396,58 @@ impl<B: Backend> Backend for FaultyBackend<B> {
         self.inner.flush()?;
         self.count(OpKind::Flush, &self.counters.bytes_written, 0);
         Ok(())
+    }
+
+    fn read_async(&self, offset: u64, dst: crate::aio::BufSlice) -> crate::io::IoFut<'_> {
+        Box::pin(async move {
+            let len = dst.len() as u64;
+            self.before_async(OpKind::Read, offset, len).await?;
+            self.inner.read_async(offset, dst).await?;
+            self.count(OpKind::Read, &self.counters.bytes_read, len);
+            Ok(())
+        })
+    }
+
+    fn write_async(
+        &self,
+        offset: u64,
+        src: crate::aio::BufSlice,
+        mode: crate::io::WriteMode,
+    ) -> crate::io::IoFut<'_> {
+        Box::pin(async move {
+            let len = src.len() as u64;
+            self.before_async(OpKind::Write, offset, len).await?;
+            self.inner.write_async(offset, src, mode).await?;
+            self.count(OpKind::Write, &self.counters.bytes_written, len);
+            Ok(())
+        })
+    }
+
+    fn flush_async(&self) -> crate::io::IoFut<'_> {
+        Box::pin(async move {
+            self.before_async(OpKind::Flush, 0, 0).await?;
+            self.inner.flush_async().await?;
+            self.count(OpKind::Flush, &self.counters.bytes_written, 0);
+            Ok(())
+        })
+    }
+
+    fn discard_async(&self, offset: u64, len: u64) -> crate::io::IoFut<'_> {
+        Box::pin(async move {
+            self.before_async(OpKind::Discard, offset, len).await?;
+            self.inner.discard_async(offset, len).await?;
+            self.count(OpKind::Discard, &self.counters.bytes_zeroed, len);
+            Ok(())
+        })
+    }
+
+    fn write_zeroes_async(&self, offset: u64, len: u64) -> crate::io::IoFut<'_> {
+        Box::pin(async move {
+            self.before_async(OpKind::WriteZeroes, offset, len).await?;
+            self.inner.write_zeroes_async(offset, len).await?;
+            self.count(OpKind::WriteZeroes, &self.counters.bytes_zeroed, len);
+            Ok(())
+        })
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

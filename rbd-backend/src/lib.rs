@@ -3,11 +3,13 @@
 //! fault-injecting backends for tests and benchmarks, and (feature `rbd`) the
 //! RBD backend over librbd.
 
+pub mod aio;
 pub mod aligned;
 pub mod backend;
 pub mod error;
 pub mod fault;
 pub mod file;
+pub mod io;
 pub mod io_engine;
 pub mod mem;
 #[cfg(feature = "rbd")]
@@ -17,6 +19,7 @@ mod sys;
 pub use aligned::AlignedBuf;
 pub use backend::{Backend, BackendChanges, BackendIdentity};
 pub use error::{BackendError, ErrorKind, Result};
+pub use io::{IoFut, WriteMode};
 pub use fault::{FaultStats, FaultyBackend, FaultyBackendBuilder, OpKind};
 pub use file::{FileBackend, FileKind, OpenOptions};
 pub use io_engine::{

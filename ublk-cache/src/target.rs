@@ -1,11 +1,16 @@
 //! What a frontend (ublk, NBD) sees of the engine: a block device with byte offsets.
 //!
-//! Every method blocks the calling thread until the request is complete, and may be
-//! called from many threads at once. Frontends run requests on worker threads and
-//! turn a [`TargetError`] into `-errno` at their edge with [`TargetError::errno`].
-//! Nothing behind this trait knows which frontend called.
+//! [`AsyncTarget`] is the data path: each request is a future that runs on the
+//! event loop of the calling thread (`rbd_backend::aio`), with its memory in a
+//! [`BufSlice`] that the request owns until it completes. [`BlockTarget`] is the
+//! same device for callers that block (tools, tests, the crash harness).
+//! Frontends turn a [`TargetError`] into `-errno` at their edge with
+//! [`TargetError::errno`]. Nothing behind these traits knows which frontend called.
 
 use std::fmt;
+use std::future::Future;
+
+use rbd_backend::aio::BufSlice;
 
 /// An I/O error as a frontend needs it: an errno plus a message for the log.
 #[derive(Debug, Clone)]
@@ -38,7 +43,29 @@ impl std::error::Error for TargetError {}
 
 pub type TargetResult<T> = Result<T, TargetError>;
 
-/// The block device a frontend serves.
+/// The block device a frontend serves, asynchronously. Methods may be called from
+/// many event loops at once.
+pub trait AsyncTarget: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Read `dst.len()` bytes at `offset`.
+    fn read(&self, offset: u64, dst: BufSlice) -> impl Future<Output = TargetResult<()>>;
+    /// Write `src` at `offset`. With `fua`, it is durable when this completes.
+    fn write(
+        &self,
+        offset: u64,
+        src: BufSlice,
+        fua: bool,
+    ) -> impl Future<Output = TargetResult<()>>;
+    /// Make every write completed before this call durable.
+    fn flush(&self) -> impl Future<Output = TargetResult<()>>;
+    /// The range is unused; contents afterwards are unspecified.
+    fn discard(&self, offset: u64, len: u64) -> impl Future<Output = TargetResult<()>>;
+    /// The range reads back as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = TargetResult<()>>;
+}
+
+/// The block device a frontend serves, for callers that block.
 pub trait BlockTarget: Send + Sync {
     /// Size in bytes.
     fn size(&self) -> u64;

@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use policies::CacheMode;
 use rbd_backend::{Backend, FaultyBackend, FileBackend, OpenOptions};
-use ublk_cache::engine::state::Line;
 use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig};
 
@@ -153,7 +152,7 @@ fn main() {
     if sizes.is_empty() {
         sizes = vec![1, 4];
     }
-    let line_rec = std::mem::size_of::<Line>();
+    let line_rec = ublk_cache::engine::slot_record_bytes(64 * 1024);
     if !json {
         print_header(line_rec);
     }
@@ -173,7 +172,7 @@ fn main() {
 }
 
 fn print_header(line_rec: usize) {
-    println!("In-memory line record (`engine::state::Line`): {line_rec} bytes per line, {:.0} KiB per GiB at 64 KiB lines.", line_rec as f64 * 16384.0 / KIB);
+    println!("In-memory slot record (`engine::slots`): {line_rec} bytes per line, {:.0} KiB per GiB at 64 KiB lines.", line_rec as f64 * 16384.0 / KIB);
     println!();
     println!("| cache | lines (64 KiB) | after attach | all lines clean | all lines dirty | crash shadow (tmpfs) | per GiB: clean + shadow | per GiB: dirty + shadow |");
     println!("|---|---|---|---|---|---|---|---|");

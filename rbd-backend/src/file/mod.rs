@@ -1,6 +1,7 @@
 //! `FileBackend`: a regular file (`file:PATH`) or kernel block device (`dev:PATH`)
 //! as the backing disk.
 
+mod aio;
 mod direct;
 mod open;
 mod zero;
@@ -310,6 +311,23 @@ impl Backend for FileBackend {
         self.meta_dirty.store(true, Ordering::Release);
         self.write_io(offset, buf)
             .map_err(|e| self.io_error("write", offset, len, e))
+    }
+
+    fn read_async(&self, offset: u64, dst: crate::aio::BufSlice) -> crate::io::IoFut<'_> {
+        Box::pin(self.read_async_impl(offset, dst))
+    }
+
+    fn write_async(
+        &self,
+        offset: u64,
+        src: crate::aio::BufSlice,
+        mode: crate::io::WriteMode,
+    ) -> crate::io::IoFut<'_> {
+        Box::pin(self.write_async_impl(offset, src, mode))
+    }
+
+    fn flush_async(&self) -> crate::io::IoFut<'_> {
+        Box::pin(self.flush_async_impl())
     }
 
     fn flush(&self) -> Result<()> {

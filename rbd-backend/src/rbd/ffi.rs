@@ -788,9 +788,69 @@ impl Image {
         buf: Option<OwnedBuf>,
         start: impl FnOnce(rbd_completion_t) -> c_int,
     ) -> Result<(usize, Option<OwnedBuf>), Errno> {
+        let slot = self.start_request(buf, start)?;
+        let rv = slot.wait(timeout).ok_or(Errno(libc::ETIMEDOUT))?;
+        Self::finish(&slot, rv)
+    }
+
+    fn finish(slot: &Slot, rv: i64) -> Result<(usize, Option<OwnedBuf>), Errno> {
+        if rv < 0 {
+            Err(Errno(i32::try_from(-rv).unwrap_or(libc::EIO)))
+        } else {
+            let own = slot
+                .buf
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            Ok((usize::try_from(rv).unwrap_or(usize::MAX), own))
+        }
+    }
+
+    /// Like `submit`, for a task on an event loop: the wait does not block the
+    /// loop. Requests always use a buffer of their own here, so a request given
+    /// up on (timeout, or the future dropped) never touches the caller's memory.
+    async fn submit_async(
+        &self,
+        timeout: Option<Duration>,
+        buf: Option<OwnedBuf>,
+        start: impl FnOnce(rbd_completion_t) -> c_int,
+    ) -> Result<(usize, Option<OwnedBuf>), Errno> {
+        let slot = self.start_request(buf, start)?;
+        let wait = std::future::poll_fn(|cx| {
+            let st = slot.st.lock().unwrap_or_else(PoisonError::into_inner);
+            if let SlotState::Done(rv) = *st {
+                return std::task::Poll::Ready(rv);
+            }
+            *slot.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        });
+        let abandon = AbandonOnDrop(&slot);
+        let rv = match timeout {
+            None => wait.await,
+            Some(t) => {
+                let timed_out = async {
+                    crate::aio::sleep(t).await;
+                    i64::MIN
+                };
+                futures_lite::future::or(wait, timed_out).await
+            }
+        };
+        if rv == i64::MIN {
+            return Err(Errno(libc::ETIMEDOUT)); // `abandon` marks it abandoned
+        }
+        std::mem::forget(abandon);
+        Self::finish(&slot, rv)
+    }
+
+    fn start_request(
+        &self,
+        buf: Option<OwnedBuf>,
+        start: impl FnOnce(rbd_completion_t) -> c_int,
+    ) -> Result<Arc<Slot>, Errno> {
         let slot = Arc::new(Slot {
             st: Mutex::new(SlotState::Pending),
             cv: Condvar::new(),
+            waker: Mutex::new(None),
             buf: Mutex::new(buf),
             abandoned: Arc::clone(&self.abandoned),
         });
@@ -814,17 +874,52 @@ impl Image {
             }
             return Err(e);
         }
-        let rv = slot.wait(timeout).ok_or(Errno(libc::ETIMEDOUT))?;
-        if rv < 0 {
-            Err(Errno(i32::try_from(-rv).unwrap_or(libc::EIO)))
-        } else {
-            let own = slot
-                .buf
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            Ok((usize::try_from(rv).unwrap_or(usize::MAX), own))
-        }
+        Ok(slot)
+    }
+
+    /// Reads `len` bytes at `off` into a buffer of the request's own, on an
+    /// event loop; returns them.
+    pub async fn read_owned(
+        &self,
+        off: u64,
+        len: usize,
+        timeout: Option<Duration>,
+    ) -> Result<(usize, Vec<u8>), Errno> {
+        let own = OwnedBuf::zeroed(len);
+        let ptr = own.ptr;
+        let (rv, own) = self
+            .submit_async(timeout, Some(own), |c| {
+                // SAFETY: `ptr` is the request's own buffer of `len` bytes, kept
+                // alive by its slot until librbd has completed the request.
+                unsafe { rbd_aio_read(self.h, off, len, ptr.cast(), c) }
+            })
+            .await?;
+        Ok((rv, own.map(|b| b.as_slice().to_vec()).unwrap_or_default()))
+    }
+
+    /// Writes a copy of `data` at `off`, on an event loop.
+    pub async fn write_copy(
+        &self,
+        off: u64,
+        data: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<(), Errno> {
+        let len = data.len();
+        let own = OwnedBuf::copy_of(data);
+        let ptr = own.ptr;
+        self.submit_async(timeout, Some(own), |c| {
+            // SAFETY: the request's own copy, alive until librbd completes it.
+            unsafe { rbd_aio_write(self.h, off, len, ptr.cast_const().cast(), c) }
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn flush_async(&self, timeout: Option<Duration>) -> Result<(), Errno> {
+        // SAFETY: live image; no buffer involved.
+        self.submit_async(timeout, None, |c| unsafe { rbd_aio_flush(self.h, c) })
+            .await
+            .map(drop)
     }
 }
 
@@ -903,6 +998,24 @@ impl Drop for OwnedBuf {
     }
 }
 
+/// Marks a request abandoned if its waiter goes away before the completion
+/// (a timeout, or the task dropped): the callback then frees its slot.
+struct AbandonOnDrop<'a>(&'a Slot);
+
+impl Drop for AbandonOnDrop<'_> {
+    fn drop(&mut self) {
+        let slot = self.0;
+        let mut st = slot.st.lock().unwrap_or_else(PoisonError::into_inner);
+        if matches!(*st, SlotState::Pending) {
+            *st = SlotState::Abandoned;
+            slot.abandoned.count.fetch_add(1, Ordering::AcqRel);
+            slot.abandoned
+                .bytes
+                .fetch_add(slot.buf_len(), Ordering::AcqRel);
+        }
+    }
+}
+
 /// Per image: requests abandoned after their timeout and not yet completed.
 #[derive(Default)]
 struct Abandoned {
@@ -921,6 +1034,8 @@ enum SlotState {
 struct Slot {
     st: Mutex<SlotState>,
     cv: Condvar,
+    /// The task waiting on an event loop, if the request was made there.
+    waker: Mutex<Option<std::task::Waker>>,
     /// The request's own buffer (requests with a timeout), or none.
     buf: Mutex<Option<OwnedBuf>>,
     abandoned: Arc<Abandoned>,
@@ -950,6 +1065,11 @@ impl Slot {
             _ => {
                 *st = SlotState::Done(rv);
                 self.cv.notify_one();
+                drop(st);
+                // A wake is a message to the waiting task's loop (never runs it here).
+                if let Some(w) = self.waker.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                    w.wake();
+                }
             }
         }
     }

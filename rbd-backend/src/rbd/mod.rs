@@ -878,6 +878,73 @@ impl Backend for RbdBackend {
         }
     }
 
+    fn read_async(&self, offset: u64, dst: crate::aio::BufSlice) -> crate::io::IoFut<'_> {
+        Box::pin(async move {
+            let len = dst.len() as u64;
+            self.check_range("read", offset, len)?;
+            if len == 0 {
+                return Ok(());
+            }
+            let (n, data) = self
+                .image
+                .read_owned(offset, dst.len(), self.timeout)
+                .await
+                .map_err(|e| self.io_err("read", offset, len, e))?;
+            if n != dst.len() {
+                return Err(BackendError::new(
+                    ErrorKind::Io,
+                    format!(
+                        "rbd:{}: read offset={offset} len={len}: short read of {n} bytes",
+                        self.spec
+                    ),
+                    io::Error::from_raw_os_error(libc::EIO),
+                ));
+            }
+            // SAFETY: the request owns `dst` while it runs (the data-path contract).
+            unsafe { dst.request_bytes_mut() }.copy_from_slice(&data);
+            Ok(())
+        })
+    }
+
+    fn write_async(
+        &self,
+        offset: u64,
+        src: crate::aio::BufSlice,
+        mode: crate::io::WriteMode,
+    ) -> crate::io::IoFut<'_> {
+        Box::pin(async move {
+            let len = src.len() as u64;
+            self.check_writable("write")?;
+            self.check_range("write", offset, len)?;
+            if len > 0 {
+                let _lease = self.lease()?;
+                // SAFETY: the request owns `src` while it runs; librbd gets a copy.
+                let data = unsafe { src.request_bytes() };
+                self.image
+                    .write_copy(offset, data, self.timeout)
+                    .await
+                    .map_err(|e| self.io_err("write", offset, len, e))?;
+            }
+            if mode == crate::io::WriteMode::Durable {
+                self.flush_async().await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn flush_async(&self) -> crate::io::IoFut<'_> {
+        Box::pin(async move {
+            if self.read_only || !self.flush_needed() {
+                return Ok(());
+            }
+            let _lease = self.lease()?;
+            self.image
+                .flush_async(self.timeout)
+                .await
+                .map_err(|e| self.io_err("flush", 0, 0, e))
+        })
+    }
+
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let len = buf.len() as u64;
         self.check_writable("write")?;

@@ -1,19 +1,23 @@
 //! Attaching a cache device: format a new one, or validate and load an existing
 //! one (refusing anything corrupt or foreign), recover after a crash, and detach.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
-use policies::{CacheMode, LruPolicy, WritebackOrder};
+use parking_lot::{Mutex, RwLock};
+use policies::{CacheMode, ClockPolicy, WritebackOrder};
 use rbd_backend::{Backend, BackendChanges};
 use tracing::{info, warn};
 
-use super::persist::{encode_block, write_blocks};
+use super::map::LineMap;
+use super::persist::{encode_block, PersistCtl};
 use super::shadow::{shadow_dir, Shadow, SHADOW_DIR_ENV};
-use super::state::{Line, State};
+use super::slots::{Rec, SlotTable};
+use super::state::{Alloc, AtomicBits, Epochs, State};
 use super::store::{read_superblock, write_superblock, CacheStore};
-use super::{bits, lock, Cache, Engine, Stats};
+use super::sync::Gate;
+use super::{bits, Cache, Engine, Events, Stats};
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
 use crate::format::superblock::BackendRecord;
 use crate::format::{
@@ -113,16 +117,17 @@ impl Engine {
             }
             None => None,
         };
-        let engine = Arc::new(Engine {
+        let engine = Arc::new_cyclic(|me| Engine {
+            me: me.clone(),
             mode: AtomicU32::new(cfg.mode.code()),
-            io_gate: RwLock::new(()),
+            gate: Gate::default(),
             switch_lock: Mutex::new(()),
             hydrated: AtomicBool::new(false),
             started_offline: cfg.mode == CacheMode::Offline,
             writeback_failing: AtomicBool::new(false),
             warned_ordering: AtomicBool::new(false),
             born: std::time::Instant::now(),
-            writeback_progress_ms: std::sync::atomic::AtomicU64::new(0),
+            writeback_progress_ms: AtomicU64::new(0),
             order: cfg.order,
             backend,
             size,
@@ -134,7 +139,7 @@ impl Engine {
         });
         engine.start_flusher()?;
         if let Some(c) = engine.cache.as_ref() {
-            let dirty = lock(&c.st).dirty_lines;
+            let dirty = c.st.dirty_lines();
             if dirty > 0 && !cfg.mode.holds_dirty() {
                 info!(dirty_lines = dirty, mode = %cfg.mode, "writing back dirty data left by an earlier mode before serving");
                 engine.drain()?;
@@ -143,7 +148,7 @@ impl Engine {
                 // Pass-through writes would make any cached data stale.
                 engine.drop_clean_lines();
             }
-            engine.persist()?;
+            engine.persist_blocking()?;
         }
         Ok(engine)
     }
@@ -202,7 +207,7 @@ impl Engine {
         let codec = EntryCodec::new(layout.entry_size, layout.spl(), &sb.uuid);
         let store = CacheStore::new(Arc::clone(&dev), layout);
         let backend_lines = backend.size().div_ceil(layout.line_size as u64);
-        let mut lines = Self::lines_from_entries(
+        let mut recs = Self::recs_from_entries(
             Self::load_entries(&store, &codec, &layout)?,
             backend_lines,
             "cache metadata",
@@ -213,7 +218,7 @@ impl Engine {
         if sb.state == SbState::Active {
             match Shadow::load(&sb.uuid, sb.attach_gen, &layout, &codec) {
                 Ok(Some(entries)) => {
-                    lines = Self::lines_from_entries(entries, backend_lines, "the crash shadow")?;
+                    recs = Self::recs_from_entries(entries, backend_lines, "the crash shadow")?;
                     from_shadow = true;
                 }
                 Ok(None) => {}
@@ -225,13 +230,16 @@ impl Engine {
         if from_shadow {
             // Make the disk agree with the shadow before anything else: the shadow
             // is replaced below, and free slots must be durably free before reuse.
-            let blocks: Vec<(u32, Vec<u8>)> = (0..layout.meta_blocks() as u32)
-                .map(|b| (b, encode_block(&codec, &layout, &lines, b)))
-                .collect();
-            write_blocks(&store, &blocks)?;
+            store.sync()?;
+            let mut buf = vec![0u8; META_BLOCK as usize];
+            for b in 0..layout.meta_blocks() as u32 {
+                encode_block(&codec, &layout, |s| recs[s as usize].entry(), b, &mut buf);
+                store.write_meta_block(b, &buf)?;
+            }
+            store.sync()?;
         }
-        let mut state = Self::build_state(lines, &layout, sb.epoch);
-        let dirty = state.dirty_lines;
+        let state = Self::build_state(&recs, &layout, sb.epoch);
+        let dirty = state.dirty_lines();
         let clean_detach = sb.state == SbState::Clean;
         // Only a clean detach recorded a marker; after a crash our own unfinished
         // writes changed the backend anyway, and dirty data must win.
@@ -249,13 +257,12 @@ impl Engine {
         };
         if let Some(ranges) = &changed_ranges {
             let ls = layout.line_size as u64;
-            let dirty_hit = state.lines.iter().any(|l| {
-                l.is_dirty()
-                    && l.tag.is_some_and(|t| {
-                        ranges
-                            .iter()
-                            .any(|&(o, n)| t * ls < o.saturating_add(n) && o < (t + 1) * ls)
-                    })
+            let dirty_hit = recs.iter().any(|r| {
+                let t = r.tag;
+                r.is_dirty()
+                    && ranges
+                        .iter()
+                        .any(|&(o, n)| t * ls < o.saturating_add(n) && o < (t + 1) * ls)
             });
             if dirty_hit && !cfg.discard_dirty && !cfg.accept_backend_change {
                 return Err(refuse(
@@ -274,26 +281,27 @@ impl Engine {
                 dirty_lines = dirty,
                 "discarding dirty data as requested by --discard-dirty: these writes are lost"
             );
-            for slot in 0..state.lines.len() as u32 {
-                let l = state.lines[slot as usize];
-                if l.is_dirty() {
-                    state.set_bits(
-                        slot,
-                        bits::and_not(&l.valid, &l.dirty),
-                        bits::none(),
-                        0,
-                        true,
-                    );
+            for slot in state.mapped_slots() {
+                let r = state.slots.get(slot);
+                if r.is_dirty() {
+                    let mut sh = state.map.shard(r.tag).write();
+                    let new = Rec {
+                        valid: bits::and_not(&r.valid, &r.dirty),
+                        dirty: bits::none(),
+                        epoch: 0,
+                        ..r
+                    };
+                    state.set_rec(&mut sh, slot, new, true);
                 }
             }
         }
         if cfg.cold_start {
-            if state.dirty_lines > 0 {
+            if state.dirty_lines() > 0 {
                 return Err(refuse(
                     EngineErrorKind::DirtyData,
                     format!(
                         "--migrate-in: this cache holds dirty data ({} lines) from an earlier server that did not                          write it back, and the source host may have written the same disk since. Refusing to                          serve it. If the disk's current data is on the backend, drop it with --discard-dirty",
-                        state.dirty_lines
+                        state.dirty_lines()
                     ),
                 ));
             }
@@ -303,26 +311,26 @@ impl Engine {
                 cached_lines = state.map.len(),
                 "migration destination: starting with a cold cache"
             );
-            Self::drop_clean_in(&mut state);
+            Self::drop_clean_in(&state);
         }
         if from_shadow {
             info!(
-                dirty_lines = state.dirty_lines,
+                dirty_lines = state.dirty_lines(),
                 "recovering from a daemon crash with the crash shadow: every acknowledged write is kept"
             );
         } else if !clean_detach {
             warn!(
-                dirty_lines = state.dirty_lines,
+                dirty_lines = state.dirty_lines(),
                 "the cache was not detached cleanly and no crash shadow is left (power cut?): keeping dirty data \
                  from the last flush, dropping clean data"
             );
-            Self::drop_clean_in(&mut state);
+            Self::drop_clean_in(&state);
         } else if let Some(ranges) = &changed_ranges {
             warn!(
                 ranges = ranges.len(),
                 "the backend was modified since this cache detached: dropping clean cached data of the changed ranges"
             );
-            Self::drop_clean_ranges(&mut state, layout.line_size as u64, ranges);
+            Self::drop_clean_ranges(&state, layout.line_size as u64, ranges);
         }
         let mut sb = sb;
         let shadow = Shadow::create(
@@ -330,10 +338,10 @@ impl Engine {
             sb.attach_gen + 1,
             &layout,
             codec,
-            state.lines.iter().map(Line::entry),
+            (0..layout.nr_lines as u32).map(|s| state.slots.get(s).entry()),
         );
         match shadow {
-            Ok(sh) => state.shadow = Some(sh),
+            Ok(sh) => *state.shadow.lock() = Some(sh),
             Err(e) if cfg.mode.holds_dirty() => {
                 return Err(refuse(
                     EngineErrorKind::Config,
@@ -351,7 +359,7 @@ impl Engine {
         sb.seq += 1;
         sb.attach_gen += 1;
         sb.mode = cfg.mode.code();
-        sb.epoch = state.cur_epoch;
+        sb.epoch = state.cur_epoch();
         // Mark the cache in use before serving, so a crash from here on is seen
         // as one at the next attach.
         store.sync()?;
@@ -360,7 +368,7 @@ impl Engine {
             lines = layout.nr_lines,
             line_size = layout.line_size,
             cached = state.map.len(),
-            dirty = state.dirty_lines,
+            dirty = state.dirty_lines(),
             attach = sb.attach_gen,
             "cache attached"
         );
@@ -369,13 +377,10 @@ impl Engine {
             dev,
             layout,
             codec,
-            st: Mutex::new(state),
-            cv_locks: Condvar::new(),
-            cv_space: Condvar::new(),
-            cv_progress: Condvar::new(),
-            cv_flusher: Condvar::new(),
-            persist_lock: Mutex::new(()),
-            refill_lock: Mutex::new(()),
+            st: state,
+            ev: Events::default(),
+            persist: PersistCtl::default(),
+            refilling: AtomicBool::new(false),
             sb: Mutex::new(sb),
         })
     }
@@ -467,7 +472,7 @@ impl Engine {
         let codec = EntryCodec::new(layout.entry_size, layout.spl(), &uuid);
         // Every entry is written as an explicit free entry: an all-zero block is
         // then recognisably corrupt, never "empty".
-        let free = Line::FREE.entry();
+        let free = Rec::FREE.entry();
         let epb = layout.entries_per_block();
         let chunk_blocks = 256u32;
         let total = layout.meta_blocks() as u32;
@@ -543,28 +548,23 @@ impl Engine {
         Ok(out)
     }
 
-    /// Turn entries into lines, checking what a checksum cannot: every mapped
-    /// line lies inside the backend and is mapped once.
-    fn lines_from_entries(
+    /// Turn entries into slot records, checking what a checksum cannot: every
+    /// mapped line lies inside the backend and is mapped once.
+    fn recs_from_entries(
         entries: Vec<LineEntry>,
         backend_lines: u64,
         source: &str,
-    ) -> EngineResult<Vec<Line>> {
+    ) -> EngineResult<Vec<Rec>> {
         let mut seen: HashSet<u64> = HashSet::new();
-        let mut lines = Vec::with_capacity(entries.len());
+        let mut recs = Vec::with_capacity(entries.len());
         for (slot, e) in entries.into_iter().enumerate() {
-            let mut line = Line {
-                tag: e.tag,
-                epoch: e.epoch,
-                gen: 0,
-                valid: e.valid,
-                dirty: e.dirty,
-            };
-            if bits::is_empty(&line.valid) {
+            let mut r = Rec::from_entry(&e);
+            if bits::is_empty(&r.valid) {
                 // A slot mapped but never filled is as good as free.
-                line = Line::FREE;
+                r = Rec::FREE;
             }
-            if let Some(t) = line.tag {
+            if !r.is_free() {
+                let t = r.tag;
                 if t >= backend_lines {
                     return Err(refuse(
                         EngineErrorKind::Corrupt,
@@ -580,64 +580,68 @@ impl Engine {
                     ));
                 }
             }
-            lines.push(line);
+            recs.push(r);
         }
-        Ok(lines)
+        Ok(recs)
     }
 
-    fn build_state(lines: Vec<Line>, layout: &Layout, sb_epoch: u64) -> State {
-        let mut st = State {
-            lines,
-            map: HashMap::new(),
-            evict: Box::new(LruPolicy::new()),
-            free: Vec::new(),
-            pending_free: Vec::new(),
-            releasing: HashSet::new(),
-            dirty: BTreeMap::<u64, BTreeSet<u64>>::new(),
-            dirty_lines: 0,
-            valid_sectors: 0,
-            dirty_sectors: 0,
-            locked: HashSet::new(),
-            cur_epoch: 0,
-            applying: BTreeMap::new(),
-            meta_dirty: BTreeSet::new(),
-            drain_requests: 0,
-            stopping: false,
+    fn build_state(recs: &[Rec], layout: &Layout, sb_epoch: u64) -> State {
+        let n = recs.len();
+        let st = State {
+            slots: SlotTable::new(n, layout.spl()),
+            map: Arc::new(LineMap::new()),
+            snap: RwLock::new(()),
+            alloc: Mutex::new(Alloc::default()),
+            epochs: Mutex::new(Epochs {
+                cur: 0,
+                applying: BTreeMap::new(),
+                pending: BTreeMap::new(),
+                writing: None,
+            }),
+            evict: RwLock::new(Box::new(ClockPolicy::with_capacity(n))),
+            meta_dirty: AtomicBits::new(layout.meta_blocks() as usize),
+            cleaned: AtomicBits::new(n),
             entries_per_block: layout.entries_per_block(),
-            shadow: None,
+            shadow: Mutex::new(None),
+            valid_sectors: AtomicI64::new(0),
+            dirty_sectors: AtomicI64::new(0),
+            dirty_lines: AtomicI64::new(0),
+            stopping: AtomicBool::new(false),
+            drain_requests: AtomicU32::new(0),
         };
         let mut max_epoch = sb_epoch;
+        let mut free = Vec::new();
         // Free slots are handed out from the end of `free`: reverse so the
         // lowest slots are used first (a nicer layout to look at, nothing more).
-        for slot in (0..st.lines.len() as u32).rev() {
-            let l = st.lines[slot as usize];
-            match l.tag {
-                None => st.free.push(slot),
-                Some(tag) => {
-                    st.map.insert(tag, slot);
-                    if l.is_dirty() {
-                        max_epoch = max_epoch.max(l.epoch);
-                        st.dirty.entry(l.epoch).or_default().insert(tag);
-                        st.dirty_lines += 1;
-                    } else {
-                        st.evict.insert(slot);
-                    }
-                }
+        for slot in (0..n as u32).rev() {
+            let r = recs[slot as usize];
+            if r.is_free() {
+                free.push(slot);
+                continue;
             }
+            let mut sh = st.map.shard(r.tag).write();
+            st.slots.put(slot, &Rec { tag: r.tag, ..Rec::FREE });
+            sh.set_head(&st.slots, r.tag, slot);
+            if r.is_dirty() {
+                max_epoch = max_epoch.max(r.epoch);
+            }
+            st.set_rec(&mut sh, slot, r, false);
         }
-        st.cur_epoch = max_epoch + 1;
-        st.recount();
+        st.alloc.lock().free = free;
+        st.epochs.lock().cur = max_epoch + 1;
+        // Loading is not a change: the table on disk says all this already.
+        st.meta_dirty.clear_all();
         st
     }
 
     /// Drop clean data of every line; dirty lines keep their dirty sectors only.
-    pub(super) fn drop_clean_in(st: &mut State) {
+    pub(super) fn drop_clean_in(st: &State) {
         Self::drop_clean_where(st, |_| true);
     }
 
     /// Drop clean data of lines overlapping `ranges` (the caller has decided
     /// that dirty data wins over the backend's changes).
-    fn drop_clean_ranges(st: &mut State, line_size: u64, ranges: &[(u64, u64)]) {
+    fn drop_clean_ranges(st: &State, line_size: u64, ranges: &[(u64, u64)]) {
         Self::drop_clean_where(st, |t| {
             ranges
                 .iter()
@@ -645,26 +649,27 @@ impl Engine {
         });
     }
 
-    fn drop_clean_where(st: &mut State, hit: impl Fn(u64) -> bool) {
-        for slot in 0..st.lines.len() as u32 {
-            let l = st.lines[slot as usize];
-            let Some(t) = l.tag else { continue };
-            if !hit(t) {
+    fn drop_clean_where(st: &State, hit: impl Fn(u64) -> bool) {
+        for slot in st.mapped_slots() {
+            let r = st.slots.get(slot);
+            if !hit(r.tag) {
                 continue;
             }
-            if l.is_dirty() {
-                if l.valid != l.dirty {
-                    st.set_bits(slot, l.dirty, l.dirty, l.epoch, false);
+            let mut sh = st.map.shard(r.tag).write();
+            if r.is_dirty() {
+                if r.valid != r.dirty {
+                    let new = Rec { valid: r.dirty, ..r };
+                    st.set_rec(&mut sh, slot, new, false);
                 }
             } else {
-                st.release(slot);
+                st.release(&mut sh, slot);
             }
         }
     }
 
     pub(super) fn drop_clean_lines(&self) {
         if let Some(c) = self.cache.as_ref() {
-            Self::drop_clean_in(&mut lock(&c.st));
+            Self::drop_clean_in(&c.st);
         }
     }
 
@@ -686,28 +691,32 @@ impl Engine {
             return Ok(());
         }
         let Some(c) = self.cache.as_ref() else {
-            return self.backend_flush();
+            return self
+                .backend
+                .flush()
+                .map_err(|e| EngineError::backend("flush", e));
         };
         if write_back {
             self.drain()?;
         }
         self.stop_flusher();
-        self.backend_flush()?;
-        self.persist()?;
-        let mut sb = lock(&c.sb);
+        self.backend
+            .flush()
+            .map_err(|e| EngineError::backend("flush", e))?;
+        self.persist_blocking()?;
+        let mut sb = c.sb.lock();
         sb.state = SbState::Clean;
         sb.seq += 1;
-        sb.epoch = lock(&c.st).cur_epoch;
+        sb.epoch = c.st.cur_epoch();
         sb.backend.change_marker = self
             .backend
             .change_marker()
             .map_err(|e| EngineError::backend("change marker", e))?
             .unwrap_or_default();
         write_superblock(c.dev.as_ref(), &sb)?;
-        let st = lock(&c.st);
         info!(
-            cached_lines = st.map.len(),
-            dirty_lines = st.dirty_lines,
+            cached_lines = c.st.map.len(),
+            dirty_lines = c.st.dirty_lines(),
             "cache detached cleanly"
         );
         Ok(())
@@ -726,8 +735,8 @@ impl Engine {
     /// attach then recovers as after a power cut (tests and crash harnesses).
     pub fn forget_crash_shadow(&self) {
         if let Some(c) = self.cache.as_ref() {
-            lock(&c.st).shadow = None;
-            Shadow::remove_for(&lock(&c.sb).uuid);
+            c.st.shadow.lock().take();
+            Shadow::remove_for(&c.sb.lock().uuid);
         }
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use policies::CacheMode;
 use tracing::{info, warn};
 
-use super::{bits, lock, Engine, SECTOR};
+use super::{bits, Engine, SECTOR};
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
 
 /// How far a long operation has come, in bytes.
@@ -59,7 +59,7 @@ impl Engine {
         new: CacheMode,
         progress: Option<ProgressFn<'_>>,
     ) -> EngineResult<CacheMode> {
-        let _one = lock(&self.switch_lock);
+        let _one = self.switch_lock.lock();
         self.check_open()?;
         let old = self.mode();
         if old == new {
@@ -101,12 +101,12 @@ impl Engine {
             self.drain_with_progress(progress)?;
         }
         {
-            let _held = self.io_exclusive();
+            let _held = self.gate.close();
             // A stop may have come in during the drain: change nothing then.
             self.check_open()?;
             if leaving_dirty {
                 // Only what arrived during the drain above is left.
-                self.writeback_barrier()?;
+                super::blocking(self.writeback_barrier())?;
             }
             if !new.uses_cache() {
                 // Pass-through writes would leave cached copies stale.
@@ -114,10 +114,10 @@ impl Engine {
             }
             self.mode.store(new.code(), Ordering::Release);
             if let Some(c) = self.cache.as_ref() {
-                lock(&c.sb).mode = new.code();
-                c.cv_flusher.notify_all();
+                c.sb.lock().mode = new.code();
+                c.ev.flusher.notify(usize::MAX);
             }
-            self.persist()?;
+            self.persist_blocking()?;
         }
         info!(from = %old, to = %new, "cache mode switched");
         Ok(old)
@@ -128,35 +128,35 @@ impl Engine {
     pub fn flush_to_backend(&self, progress: Option<ProgressFn<'_>>) -> EngineResult<()> {
         self.check_open()?;
         self.drain_with_progress(progress)?;
-        self.backend_flush()
+        super::blocking(self.backend_flush())
     }
 
     /// Drop all clean cached data. Refuses while dirty data remains: that must
     /// reach the backend first (`ctl flush`), or it would be lost.
     pub fn invalidate_clean(&self) -> EngineResult<u64> {
-        let _one = lock(&self.switch_lock);
+        let _one = self.switch_lock.lock();
         self.check_open()?;
         let Some(c) = self.cache.as_ref() else {
             return Ok(0);
         };
-        let _held = self.io_exclusive();
+        let _held = self.gate.close();
         let dropped = {
-            let mut st = lock(&c.st);
-            if st.dirty_lines > 0 {
+            let st = &c.st;
+            if st.dirty_lines() > 0 {
                 return Err(refuse(
                     EngineErrorKind::DirtyData,
                     format!(
                         "{} lines hold dirty data that is not on the backend yet; write it back first \
                          (`ctl flush`), then invalidate",
-                        st.dirty_lines
+                        st.dirty_lines()
                     ),
                 ));
             }
-            let before = st.valid_sectors * SECTOR;
-            Self::drop_clean_in(&mut st);
+            let before = st.valid_sectors.load(Ordering::Relaxed).max(0) as u64 * SECTOR;
+            Self::drop_clean_in(st);
             before
         };
-        self.persist()?;
+        self.persist_blocking()?;
         info!(bytes = dropped, "clean cached data invalidated");
         Ok(dropped)
     }
@@ -214,41 +214,46 @@ impl Engine {
                 });
             }
         };
-        let mut buf = vec![0u8; ls as usize];
-        for (tag, a, n) in self.split(offset, rep.total) {
-            if self.closed.load(Ordering::Acquire)
-                || cancel.is_some_and(|c| c.load(Ordering::Acquire))
-            {
-                rep.interrupted = true;
-                break;
-            }
-            let fetched = {
-                let _g = self.io_shared();
-                // The mode may have changed since the last line.
-                let Some(c) = self.cache() else {
+        super::blocking(async {
+            let buf = rbd_backend::aio::DmaBuf::new(ls as usize);
+            for (tag, a, n) in self.split(offset, rep.total) {
+                if self.closed.load(Ordering::Acquire)
+                    || cancel.is_some_and(|c| c.load(Ordering::Acquire))
+                {
                     rep.interrupted = true;
                     break;
+                }
+                let fetched = {
+                    let _g = self.gate.enter().await;
+                    // The mode may have changed since the last line.
+                    let Some(c) = self.cache() else {
+                        rep.interrupted = true;
+                        break;
+                    };
+                    if self.line_range_valid(c, tag, a, a + n) {
+                        0
+                    } else {
+                        let lo = tag * ls + a;
+                        self.fetch_for_preload(c, lo, lo + n, buf.slice(0, n as usize))
+                            .await?
+                    }
                 };
-                if self.line_range_valid(c, tag, a, a + n) {
-                    0
-                } else {
-                    self.read_line(c, tag, a, &mut buf[..n as usize], false)?.1
+                rep.fetched += fetched;
+                done += n;
+                if let Some(rate) = opts.rate.filter(|&r| r > 0) {
+                    // Sleep until the bytes fetched so far fit the rate.
+                    let due = Duration::from_secs_f64(rep.fetched as f64 / rate as f64);
+                    if let Some(ahead) = due.checked_sub(start.elapsed()) {
+                        rbd_backend::aio::sleep(ahead.min(Duration::from_secs(5))).await;
+                    }
                 }
-            };
-            rep.fetched += fetched;
-            done += n;
-            if let Some(rate) = opts.rate.filter(|&r| r > 0) {
-                // Sleep until the bytes fetched so far fit the rate.
-                let due = Duration::from_secs_f64(rep.fetched as f64 / rate as f64);
-                if let Some(ahead) = due.checked_sub(start.elapsed()) {
-                    std::thread::sleep(ahead.min(Duration::from_secs(5)));
+                if last_report.elapsed() >= Duration::from_millis(500) {
+                    report(done);
+                    last_report = Instant::now();
                 }
             }
-            if last_report.elapsed() >= Duration::from_millis(500) {
-                report(done);
-                last_report = Instant::now();
-            }
-        }
+            Ok(())
+        })?;
         report(done);
         info!(
             phase,
@@ -273,7 +278,7 @@ impl Engine {
         let rep = self.preload_as("hydrate", 0, self.size, opts, cancel, progress)?;
         if !rep.interrupted {
             // Make the copy durable, so a restart after a power cut finds it.
-            self.persist()?;
+            self.persist_blocking()?;
             self.hydrated.store(true, Ordering::Release);
         }
         Ok(rep)
@@ -281,11 +286,10 @@ impl Engine {
 
     /// Whether bytes `a..b` of line `tag` are all in the cache.
     fn line_range_valid(&self, c: &super::Cache, tag: u64, a: u64, b: u64) -> bool {
-        let st = lock(&c.st);
-        let Some(&slot) = st.map.get(&tag) else {
+        let Some(slot) = c.st.head(tag) else {
             return false;
         };
-        let valid = st.lines[slot as usize].valid;
+        let valid = c.st.slots.valid(slot);
         let (s0, s1) = ((a / SECTOR) as u32, b.div_ceil(SECTOR) as u32);
         (s0..s1).all(|s| bits::test(&valid, s))
     }
@@ -308,7 +312,7 @@ impl Engine {
             // around/none already write every request to the backend.
             old
         };
-        let released = self.backend_flush().and_then(|()| {
+        let released = super::blocking(self.backend_flush()).and_then(|()| {
             self.backend
                 .release_lock()
                 .map_err(|e| EngineError::backend("releasing the exclusive lock for migration", e))

@@ -1,31 +1,44 @@
 //! The cache engine: mode policy, cache map, metadata persistence and the
-//! background flusher. Frontends reach it through [`crate::target::BlockTarget`];
-//! it reaches storage through the `Backend` trait (the slow disk) and
-//! [`store::CacheStore`] (the local cache device).
+//! background flusher.
 //!
-//! Locking: one mutex guards the in-memory [`state::State`]. Requests take a
-//! per-backend-line lock (one at a time, so they cannot deadlock) for the I/O of
-//! that line, and never hold the state mutex across I/O. Lock order where nested:
-//! refill lock → persist lock → state.
+//! Requests run as futures on the event loop of the thread that serves them (a
+//! ublk queue, an NBD connection; see `rbd_backend::aio`): a cache hit is one read
+//! of the cache device on that loop's ring, a miss one backend read, with no
+//! thread hand-off. [`crate::target::AsyncTarget`] is that interface;
+//! [`crate::target::BlockTarget`] is a blocking wrapper for tools and tests.
+//!
+//! Locking (see `state`): short locks only, never held across I/O; per-line async
+//! locks for requests that change a line. Lock order where nested: line lock →
+//! shard → snapshot lock → {eviction, epochs, allocator}; persist rounds are
+//! serialised by a group commit.
 
 mod attach;
 pub mod bits;
 mod flusher;
-mod io;
 pub mod latency;
 mod live;
+mod map;
 mod persist;
+mod read;
 pub mod shadow;
+mod slots;
 pub mod state;
 mod stats;
 pub mod store;
+mod sync;
+mod trim;
+mod write;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use event_listener::Event;
+use parking_lot::Mutex;
 use policies::{CacheMode, WritebackOrder};
+use rbd_backend::aio::{self, BufSlice, DmaBuf};
 use rbd_backend::Backend;
 
 pub use attach::EngineConfig;
@@ -35,11 +48,24 @@ pub use stats::{Stats, StatsSnapshot};
 
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
 use crate::format::{EntryCodec, Layout, Superblock, SECTOR_SIZE};
-use crate::target::{BlockTarget, TargetResult};
+use crate::target::{AsyncTarget, BlockTarget, TargetError, TargetResult};
+use persist::PersistCtl;
 use state::State;
 use store::CacheStore;
+use sync::Gate;
 
 const SECTOR: u64 = SECTOR_SIZE as u64;
+
+/// Wake-ups between requests, the flusher and space-makers.
+#[derive(Default)]
+struct Events {
+    /// A slot became free or clean.
+    space: Event,
+    /// The flusher finished a step (lines became clean, epochs completed).
+    progress: Event,
+    /// Work for the flusher.
+    flusher: Event,
+}
 
 /// The part of the engine that exists only when a cache device is attached.
 struct Cache {
@@ -47,40 +73,35 @@ struct Cache {
     dev: Arc<dyn Backend>,
     layout: Layout,
     codec: EntryCodec,
-    st: Mutex<State>,
-    /// A per-line lock was released.
-    cv_locks: Condvar,
-    /// A slot became free or clean.
-    cv_space: Condvar,
-    /// The flusher finished a batch (lines became clean, epochs completed).
-    cv_progress: Condvar,
-    /// Work for the flusher.
-    cv_flusher: Condvar,
-    persist_lock: Mutex<()>,
-    refill_lock: Mutex<()>,
+    st: State,
+    ev: Events,
+    persist: PersistCtl,
+    /// A background eviction is running (only one at a time).
+    refilling: AtomicBool,
     sb: Mutex<Superblock>,
 }
 
 pub struct Engine {
+    me: Weak<Engine>,
     /// The cache mode's code (`CacheMode::code`); changed only by `set_mode`.
     mode: AtomicU32,
-    /// Every request holds this shared; a mode switch holds it exclusively for
-    /// its last step, so no request sees half of one mode and half of another.
-    io_gate: RwLock<()>,
+    /// Every request passes it; a mode switch closes it for its last step, so no
+    /// request sees half of one mode and half of another.
+    gate: Gate,
     /// One mode switch (or invalidation) at a time.
     switch_lock: Mutex<()>,
     /// Offline mode: the whole image has been copied into the cache.
     hydrated: AtomicBool,
     /// Opened in offline mode (its hydration runs), so it may return to it.
     started_offline: bool,
-    /// The last write-back batch failed (the backend is down or refusing).
+    /// The last write-back step failed (the backend is down or refusing).
     writeback_failing: AtomicBool,
     /// Ordered overwrites go in place until write-back works again (logged once).
     warned_ordering: AtomicBool,
     /// When the engine started, and when (ms after that) write-back last
-    /// finished a batch or found nothing to do.
+    /// finished a step or found nothing to do.
     born: Instant,
-    writeback_progress_ms: std::sync::atomic::AtomicU64,
+    writeback_progress_ms: AtomicU64,
     order: WritebackOrder,
     backend: Arc<dyn Backend>,
     size: u64,
@@ -94,50 +115,11 @@ pub struct Engine {
     pub reverse_writeback_for_tests: AtomicBool,
 }
 
-/// Lock a mutex, recovering the data if another thread panicked while holding
-/// it: the state is kept consistent at every unlock point, and a storage daemon
-/// that stops serving because of a poisoned lock loses the guest's disk.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>, ms: u64) -> MutexGuard<'a, T> {
-    cv.wait_timeout(g, std::time::Duration::from_millis(ms))
-        .unwrap_or_else(|p| p.into_inner())
-        .0
-}
-
-/// Holds the per-line lock of one backend line; released on drop.
-struct LineGuard<'a> {
-    cache: &'a Cache,
-    tag: u64,
-}
-
-impl Drop for LineGuard<'_> {
-    fn drop(&mut self) {
-        lock(&self.cache.st).locked.remove(&self.tag);
-        self.cache.cv_locks.notify_all();
-    }
-}
-
-impl Cache {
-    fn lock_line(&self, tag: u64) -> LineGuard<'_> {
-        let mut st = lock(&self.st);
-        while st.locked.contains(&tag) {
-            st = wait(&self.cv_locks, st, 1000);
-        }
-        st.locked.insert(tag);
-        LineGuard { cache: self, tag }
-    }
-}
-
 impl Engine {
     /// How long ago write-back last made progress (or was idle).
-    fn since_writeback_progress(&self) -> std::time::Duration {
+    fn since_writeback_progress(&self) -> Duration {
         let now = self.born.elapsed().as_millis() as u64;
-        std::time::Duration::from_millis(
-            now.saturating_sub(self.writeback_progress_ms.load(Ordering::Acquire)),
-        )
+        Duration::from_millis(now.saturating_sub(self.writeback_progress_ms.load(Ordering::Acquire)))
     }
 
     fn note_writeback_progress(&self) {
@@ -149,14 +131,6 @@ impl Engine {
         CacheMode::from_code(self.mode.load(Ordering::Acquire)).unwrap_or(CacheMode::None)
     }
 
-    fn io_shared(&self) -> RwLockReadGuard<'_, ()> {
-        self.io_gate.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn io_exclusive(&self) -> RwLockWriteGuard<'_, ()> {
-        self.io_gate.write().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Whether a cache device is attached (whatever the current mode).
     pub fn has_cache(&self) -> bool {
         self.cache.is_some()
@@ -164,6 +138,10 @@ impl Engine {
 
     pub fn order(&self) -> WritebackOrder {
         self.order
+    }
+
+    fn arc(&self) -> Arc<Engine> {
+        self.me.upgrade().expect("engine used after its last handle")
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -175,15 +153,18 @@ impl Engine {
             let (r, w) = c.store.io_bytes();
             s.cache_read_bytes = r;
             s.cache_write_bytes = w;
-            let st = lock(&c.st);
-            s.dirty_lines = st.dirty_lines as u64;
-            s.valid_bytes = st.valid_sectors * SECTOR;
-            s.dirty_bytes = st.dirty_sectors * SECTOR;
-            s.clean_bytes = s.valid_bytes - s.dirty_bytes;
+            let (f, m) = c.store.meta_io();
+            s.cache_flushes = f;
+            s.meta_write_bytes = m;
+            let st = &c.st;
+            s.dirty_lines = st.dirty_lines();
+            s.valid_bytes = st.valid_sectors.load(Ordering::Relaxed).max(0) as u64 * SECTOR;
+            s.dirty_bytes = st.dirty_sectors.load(Ordering::Relaxed).max(0) as u64 * SECTOR;
+            s.clean_bytes = s.valid_bytes.saturating_sub(s.dirty_bytes);
             s.cached_lines = st.map.len() as u64;
             s.cache_lines = c.layout.nr_lines;
             s.line_size = c.layout.line_size as u64;
-            s.epoch = st.cur_epoch;
+            s.epoch = st.cur_epoch();
         }
         s
     }
@@ -197,15 +178,13 @@ impl Engine {
     fn check_range(&self, offset: u64, len: u64) -> EngineResult<()> {
         match offset.checked_add(len) {
             // A backend shrunk under us (RBD): cached or not, the range is gone.
-            Some(end) if end > self.backend.current_size() && end <= self.size => {
-                Err(EngineError::new(
-                    EngineErrorKind::BackendIo,
-                    format!(
-                        "request at {offset}+{len} reaches past the backend's end at {} (shrunk while served)",
-                        self.backend.current_size()
-                    ),
-                ))
-            }
+            Some(end) if end > self.backend.current_size() && end <= self.size => Err(EngineError::new(
+                EngineErrorKind::BackendIo,
+                format!(
+                    "request at {offset}+{len} reaches past the backend's end at {} (shrunk while served)",
+                    self.backend.current_size()
+                ),
+            )),
             Some(end) if end <= self.size => Ok(()),
             _ => Err(EngineError::new(
                 EngineErrorKind::InvalidRequest,
@@ -243,6 +222,127 @@ impl Engine {
             Some((tag, a, n))
         })
     }
+
+    /// One guest request: checks, the gate, the work, its latency.
+    async fn request<F: Future<Output = EngineResult<()>>>(
+        &self,
+        op: Op,
+        range: Option<(u64, u64)>,
+        work: impl FnOnce() -> F,
+    ) -> EngineResult<()> {
+        let t = Instant::now();
+        self.check_open()?;
+        if let Some((off, len)) = range {
+            self.check_range(off, len)?;
+        }
+        let r = {
+            let _g = self.gate.enter().await;
+            work().await
+        };
+        self.stats.latency.record(op, t.elapsed());
+        r
+    }
+
+    /// Read `dst.len()` bytes at `offset` (asynchronous, on this thread's loop).
+    pub async fn read_async(&self, offset: u64, dst: BufSlice) -> EngineResult<()> {
+        let len = dst.len() as u64;
+        self.request(Op::Read, Some((offset, len)), || self.read_impl(offset, dst))
+            .await
+    }
+
+    pub async fn write_async(&self, offset: u64, src: BufSlice, fua: bool) -> EngineResult<()> {
+        let len = src.len() as u64;
+        self.request(Op::Write, Some((offset, len)), || async move {
+            self.write_impl(offset, src).await?;
+            if fua {
+                self.flush_impl(false).await?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn flush_async(&self) -> EngineResult<()> {
+        self.request(Op::Flush, None, || self.flush_impl(true)).await
+    }
+
+    pub async fn discard_async(&self, offset: u64, len: u64) -> EngineResult<()> {
+        self.request(Op::Discard, Some((offset, len)), || {
+            self.discard_impl(offset, len, false)
+        })
+        .await
+    }
+
+    pub async fn write_zeroes_async(&self, offset: u64, len: u64) -> EngineResult<()> {
+        self.request(Op::Discard, Some((offset, len)), || {
+            self.discard_impl(offset, len, true)
+        })
+        .await
+    }
+}
+
+impl Engine {
+    /// Test hook: check the engine's internal invariants and return where each
+    /// cached 4 KiB sector lives, as (backend byte offset, cache device byte offset).
+    #[doc(hidden)]
+    pub fn check_invariants(&self) -> Result<Vec<(u64, u64)>, String> {
+        let Some(c) = self.cache.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let ls = c.layout.line_size as u64;
+        Ok(c.st
+            .check_invariants()?
+            .into_iter()
+            .map(|(tag, sec, slot)| {
+                (
+                    tag * ls + sec as u64 * SECTOR,
+                    c.layout.line_offset(slot) + sec as u64 * SECTOR,
+                )
+            })
+            .collect())
+    }
+}
+
+/// Bytes of the in-memory record of one cache slot at `line_size` (the line
+/// table; the map and the eviction policy add a few bytes per mapped line).
+pub fn slot_record_bytes(line_size: u32) -> usize {
+    slots::SlotTable::new(1, line_size / SECTOR_SIZE).bytes_per_slot()
+}
+
+/// Run engine work from a plain thread (the blocking interface).
+fn blocking<T>(f: impl Future<Output = EngineResult<T>>) -> EngineResult<T> {
+    aio::block_on(f).map_err(|e| {
+        EngineError::new(
+            EngineErrorKind::Config,
+            format!("cannot run the request on this thread's event loop: {e}"),
+        )
+    })?
+}
+
+impl AsyncTarget for Engine {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn read(&self, offset: u64, dst: BufSlice) -> TargetResult<()> {
+        Ok(self.read_async(offset, dst).await?)
+    }
+
+    async fn write(&self, offset: u64, src: BufSlice, fua: bool) -> TargetResult<()> {
+        Ok(self.write_async(offset, src, fua).await?)
+    }
+
+    async fn flush(&self) -> TargetResult<()> {
+        Ok(self.flush_async().await?)
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> TargetResult<()> {
+        Ok(self.discard_async(offset, len).await?)
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> TargetResult<()> {
+        Ok(self.write_zeroes_async(offset, len).await?)
+    }
 }
 
 impl BlockTarget for Engine {
@@ -251,62 +351,30 @@ impl BlockTarget for Engine {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> TargetResult<()> {
-        let t = Instant::now();
-        self.check_open()?;
-        self.check_range(offset, buf.len() as u64)?;
-        let r = {
-            let _g = self.io_shared();
-            self.read_impl(offset, buf)
-        };
-        self.stats.latency.record(Op::Read, t.elapsed());
-        Ok(r?)
+        let mut d = DmaBuf::new(buf.len());
+        blocking(self.read_async(offset, d.slice_all()))?;
+        buf.copy_from_slice(d.bytes_mut().ok_or_else(still_in_use)?);
+        Ok(())
     }
 
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> TargetResult<()> {
-        let t = Instant::now();
-        self.check_open()?;
-        self.check_range(offset, buf.len() as u64)?;
-        let r = {
-            let _g = self.io_shared();
-            self.write_impl(offset, buf)
-                .and_then(|()| if fua { self.flush_impl(false) } else { Ok(()) })
-        };
-        self.stats.latency.record(Op::Write, t.elapsed());
-        Ok(r?)
+        let s = DmaBuf::copy_of(buf);
+        Ok(blocking(self.write_async(offset, s.slice_all(), fua))?)
     }
 
     fn flush(&self) -> TargetResult<()> {
-        let t = Instant::now();
-        self.check_open()?;
-        let r = {
-            let _g = self.io_shared();
-            self.flush_impl(true)
-        };
-        self.stats.latency.record(Op::Flush, t.elapsed());
-        Ok(r?)
+        Ok(blocking(self.flush_async())?)
     }
 
     fn discard(&self, offset: u64, len: u64) -> TargetResult<()> {
-        let t = Instant::now();
-        self.check_open()?;
-        self.check_range(offset, len)?;
-        let r = {
-            let _g = self.io_shared();
-            self.discard_impl(offset, len, false)
-        };
-        self.stats.latency.record(Op::Discard, t.elapsed());
-        Ok(r?)
+        Ok(blocking(self.discard_async(offset, len))?)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> TargetResult<()> {
-        let t = Instant::now();
-        self.check_open()?;
-        self.check_range(offset, len)?;
-        let r = {
-            let _g = self.io_shared();
-            self.discard_impl(offset, len, true)
-        };
-        self.stats.latency.record(Op::Discard, t.elapsed());
-        Ok(r?)
+        Ok(blocking(self.write_zeroes_async(offset, len))?)
     }
+}
+
+fn still_in_use() -> TargetError {
+    TargetError::new(libc::EIO, "read buffer still in use after the request completed")
 }

@@ -1,159 +1,275 @@
-//! Making the in-memory cache state durable, finding space, and waiting for
-//! write-back.
+//! Making the in-memory cache state durable (group commit), finding space, and
+//! waiting for write-back.
 //!
 //! The one rule behind every metadata write: first make all cache data writes
 //! that completed before the snapshot durable, then write the snapshot. An entry
 //! on disk therefore never calls a sector valid whose data might not be there.
+//!
+//! Persist rounds are a group commit: a caller needs a round that *starts* after
+//! its call (so that its changes are in the snapshot). If one is running, it waits
+//! for it to end and then for the next one, which one of the waiters leads on its
+//! own event loop while the others wait; so concurrent FLUSHes from several
+//! queues or connections share one round.
 
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
+use rbd_backend::aio::DmaBuf;
 use tracing::info;
 
 use super::live::{Progress, ProgressFn};
-use super::state::Line;
-use super::store::CacheStore;
-use super::{lock, wait, Engine, SECTOR};
+use super::slots::NO_SLOT;
+use super::sync::{join_all, wait_for, Piece};
+use super::{Cache, Engine, SECTOR};
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
-use crate::format::{EntryCodec, Layout, META_BLOCK};
-
-/// Encode metadata block `b` from the line table.
-pub(super) fn encode_block(codec: &EntryCodec, layout: &Layout, lines: &[Line], b: u32) -> Vec<u8> {
-    let epb = layout.entries_per_block();
-    let mut buf = vec![0u8; META_BLOCK as usize];
-    let first = b * epb;
-    let last = (first + epb).min(layout.nr_lines as u32);
-    for slot in first..last {
-        let at = ((slot - first) * layout.entry_size) as usize;
-        codec.encode(slot, &lines[slot as usize].entry(), &mut buf[at..]);
-    }
-    buf
-}
-
-/// The persist rule in one place: sync cache data, write the blocks, sync.
-pub(super) fn write_blocks(store: &CacheStore, blocks: &[(u32, Vec<u8>)]) -> EngineResult<()> {
-    store.sync()?;
-    if !blocks.is_empty() {
-        for (b, buf) in blocks {
-            store.write_meta_block(*b, buf)?;
-        }
-        store.sync()?;
-    }
-    Ok(())
-}
+use crate::format::{EntryCodec, Layout, LineEntry, META_BLOCK};
 
 /// Clean lines evicted per refill: one metadata persist frees this many slots.
 const EVICT_BATCH: usize = 64;
 
+#[derive(Default)]
+struct Rounds {
+    started: u64,
+    finished: u64,
+    running: bool,
+    /// The last round that failed, and why.
+    failed: Option<(u64, String)>,
+}
+
+#[derive(Default)]
+pub(super) struct PersistCtl {
+    rounds: Mutex<Rounds>,
+    done: event_listener::Event,
+}
+
+/// Encode metadata block `b` from entries given by slot.
+pub(super) fn encode_block(
+    codec: &EntryCodec,
+    layout: &Layout,
+    entry: impl Fn(u32) -> LineEntry,
+    b: u32,
+    out: &mut [u8],
+) {
+    let epb = layout.entries_per_block();
+    let first = b * epb;
+    let last = (first + epb).min(layout.nr_lines as u32);
+    out.fill(0);
+    for slot in first..last {
+        let at = ((slot - first) * layout.entry_size) as usize;
+        codec.encode(slot, &entry(slot), &mut out[at..]);
+    }
+}
+
 impl Engine {
     /// Write every changed metadata block, after syncing cache data. Slots that
     /// were released become reusable once this returns.
-    pub fn persist(&self) -> EngineResult<()> {
+    pub(super) async fn persist(&self) -> EngineResult<()> {
         let Some(c) = self.cache.as_ref() else {
             return Ok(());
         };
-        let _p = lock(&c.persist_lock);
-        let epb = c.layout.entries_per_block();
-        let (blocks, freed) = {
-            let mut st = lock(&c.st);
-            let ids: Vec<u32> = std::mem::take(&mut st.meta_dirty).into_iter().collect();
+        let target = c.persist.rounds.lock().started + 1;
+        loop {
+            let lead = {
+                let mut r = c.persist.rounds.lock();
+                if r.finished >= target {
+                    return match &r.failed {
+                        Some((n, why)) if *n >= target => {
+                            Err(EngineError::new(EngineErrorKind::CacheIo, why.clone()))
+                        }
+                        _ => Ok(()),
+                    };
+                }
+                if r.running {
+                    None
+                } else {
+                    r.running = true;
+                    r.started += 1;
+                    Some(r.started)
+                }
+            };
+            match lead {
+                Some(round) => {
+                    let res = self.persist_round(c).await;
+                    let mut r = c.persist.rounds.lock();
+                    r.running = false;
+                    r.finished = round;
+                    if let Err(e) = &res {
+                        r.failed = Some((round, e.to_string()));
+                    }
+                    drop(r);
+                    c.persist.done.notify(usize::MAX);
+                }
+                None => {
+                    wait_for(&c.persist.done, Duration::from_secs(1), || {
+                        let r = c.persist.rounds.lock();
+                        !r.running || r.finished >= target
+                    })
+                    .await
+                }
+            }
+        }
+    }
+
+    /// Blocking `persist`, for control operations and attach/detach.
+    pub fn persist_blocking(&self) -> EngineResult<()> {
+        super::blocking(self.persist())
+    }
+
+    async fn persist_round(&self, c: &Cache) -> EngineResult<()> {
+        let st = &c.st;
+        let (blocks, freed, cleaned) = {
+            let _s = st.snap.write();
+            let ids = st.meta_dirty.take();
             let mut blocks = Vec::with_capacity(ids.len());
             for b in ids {
-                let mut buf = vec![0u8; META_BLOCK as usize];
-                let first = b * epb;
-                let last = (first + epb).min(c.layout.nr_lines as u32);
-                for slot in first..last {
-                    let at = ((slot - first) * c.layout.entry_size) as usize;
-                    c.codec
-                        .encode(slot, &st.lines[slot as usize].entry(), &mut buf[at..]);
-                }
+                let mut buf = DmaBuf::new(META_BLOCK as usize);
+                encode_block(
+                    &c.codec,
+                    &c.layout,
+                    |slot| st.slots.get(slot).entry(),
+                    b,
+                    buf.bytes_mut().expect("new buffer"),
+                );
                 blocks.push((b, buf));
             }
-            (blocks, std::mem::take(&mut st.pending_free))
+            let freed = std::mem::take(&mut st.alloc.lock().pending_free);
+            (blocks, freed, st.cleaned.take())
         };
-        let res = (|| {
-            c.store.sync()?;
+        let res = async {
+            c.store.sync_async().await?;
             if !blocks.is_empty() {
-                for (b, buf) in &blocks {
-                    c.store.write_meta_block(*b, buf)?;
+                let pieces: Vec<Piece<'_, EngineResult<()>>> = blocks
+                    .iter()
+                    .map(|(b, buf)| -> Piece<'_, EngineResult<()>> {
+                        Box::pin(c.store.write_meta_async(*b, buf.slice_all()))
+                    })
+                    .collect();
+                for r in join_all(pieces).await {
+                    r?;
                 }
-                c.store.sync()?;
+                c.store.sync_async().await?;
             }
             Ok(())
-        })();
-        let mut st = lock(&c.st);
+        }
+        .await;
         match res {
             Ok(()) => {
+                let mut a = st.alloc.lock();
                 for (slot, tag) in freed {
-                    if let Some(t) = tag {
-                        st.releasing.remove(&t);
-                    }
-                    st.free.push(slot);
+                    a.releasing.remove(&tag);
+                    a.free.push(slot);
                 }
-                c.cv_space.notify_all();
+                drop(a);
+                c.ev.space.notify(usize::MAX);
                 Ok(())
             }
             Err(e) => {
-                // Nothing is lost: the blocks stay marked for the next attempt.
-                st.meta_dirty.extend(blocks.iter().map(|(b, _)| *b));
-                st.pending_free.extend(freed);
+                // Nothing is lost: everything stays marked for the next attempt.
+                for (b, _) in &blocks {
+                    st.meta_dirty.set(*b);
+                }
+                st.alloc.lock().pending_free.extend(freed);
+                for s in cleaned {
+                    st.cleaned.set(s);
+                }
                 Err(e)
             }
         }
     }
 
-    /// Make at least one slot free. Evicts a batch of clean least-recently-used
-    /// lines; with `wait`, waits for the flusher while only dirty lines remain.
-    /// Returns false (without `wait`) when nothing can be freed now.
-    pub(super) fn make_space(&self, wait_for_space: bool) -> EngineResult<bool> {
+    /// Evict clean lines in the background (once at a time), so that a miss
+    /// that found no free slot finds one next time without waiting itself.
+    pub(super) fn kick_refill(&self) {
+        let Some(c) = self.cache.as_ref() else { return };
+        if c.refilling.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let me = self.arc();
+        let job = async move {
+            let r = me.make_space(false).await;
+            if let Some(c) = me.cache.as_ref() {
+                c.refilling.store(false, std::sync::atomic::Ordering::Release);
+            }
+            if let Err(e) = r {
+                tracing::debug!("background eviction: {e}");
+            }
+        };
+        match rbd_backend::aio::spawn(job) {
+            Ok(t) => t.detach(),
+            Err(_) => c.refilling.store(false, std::sync::atomic::Ordering::Release),
+        }
+    }
+
+    /// Make at least one slot free. Evicts a batch of clean lines (the policy
+    /// picks them); with `wait_for_space`, waits for the flusher while only dirty
+    /// lines remain. Returns false (without waiting) when nothing can be freed now.
+    pub(super) async fn make_space(&self, wait_for_space: bool) -> EngineResult<bool> {
         let c = self.cache.as_ref().expect("make_space with a cache");
+        let st = &c.st;
         loop {
-            {
-                let _r = lock(&c.refill_lock);
-                let mut st = lock(&c.st);
-                if !st.free.is_empty() {
-                    return Ok(true);
-                }
-                let mut victims = Vec::new();
-                {
-                    let st = &mut *st;
-                    let (lines, locked) = (&st.lines, &st.locked);
-                    while victims.len() < EVICT_BATCH {
-                        let mut usable =
-                            |s: u32| lines[s as usize].tag.is_some_and(|t| !locked.contains(&t));
-                        match st.evict.pop_victim(&mut usable) {
-                            Some(v) => victims.push(v),
-                            None => break,
-                        }
+            if !st.alloc.lock().free.is_empty() {
+                return Ok(true);
+            }
+            let candidates: Vec<u32> = {
+                let mut ev = st.evict.write();
+                let mut out = Vec::new();
+                while out.len() < EVICT_BATCH {
+                    let slots = &st.slots;
+                    let mut usable = |s: u32| {
+                        !slots.pinned(s) && slots.next(s) == NO_SLOT && !slots.get(s).is_dirty()
+                    };
+                    match ev.pop_victim(&mut usable) {
+                        Some(v) => out.push(v),
+                        None => break,
                     }
                 }
-                for &v in &victims {
-                    st.release(v);
-                }
-                if !victims.is_empty() || !st.pending_free.is_empty() {
-                    drop(st);
-                    self.persist()?;
+                out
+            };
+            let mut released = 0;
+            for v in candidates {
+                let tag = st.slots.tag(v);
+                if tag == super::slots::FREE {
                     continue;
                 }
-                if st.stopping {
-                    return Err(EngineError::new(
-                        EngineErrorKind::Stopped,
-                        "engine stopping",
-                    ));
-                }
-                if !wait_for_space {
-                    return Ok(false);
+                let mut sh = st.map.shard(tag).write();
+                let r = st.slots.get(v);
+                let ok = r.tag == tag
+                    && sh.head(&st.slots, tag) == Some(v)
+                    && !r.is_dirty()
+                    && r.next == NO_SLOT
+                    && !sh.is_locked(tag)
+                    && !st.slots.pinned(v);
+                if ok {
+                    st.release(&mut sh, v);
+                    released += 1;
+                } else if !r.is_free() && !r.is_dirty() && r.next == NO_SLOT {
+                    // Busy now; keep it a candidate for later.
+                    st.evict.write().insert(v);
                 }
             }
-            let st = lock(&c.st);
-            c.cv_flusher.notify_all();
-            drop(wait(&c.cv_space, st, 100));
+            let pending = !st.alloc.lock().pending_free.is_empty();
+            if released > 0 || pending {
+                self.persist().await?;
+                continue;
+            }
+            if st.stopping.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(EngineError::new(EngineErrorKind::Stopped, "engine stopping"));
+            }
+            if !wait_for_space {
+                return Ok(false);
+            }
+            c.ev.flusher.notify(usize::MAX);
+            wait_for(&c.ev.space, Duration::from_millis(100), || {
+                !st.alloc.lock().free.is_empty()
+            })
+            .await;
         }
     }
 
     /// Close the current epoch and wait until it and everything before it is on
     /// the backend (and flushed there).
-    pub(super) fn writeback_barrier(&self) -> EngineResult<()> {
-        self.drain_until(false, None)
+    pub(super) async fn writeback_barrier(&self) -> EngineResult<()> {
+        self.drain_until(false, None).await
     }
 
     /// Write back all dirty data and wait for it, logging progress. Used at stop,
@@ -165,65 +281,72 @@ impl Engine {
     /// `drain`, reporting progress (bytes of the dirty data found at the start
     /// that are written back) about twice a second when given a callback.
     pub fn drain_with_progress(&self, progress: Option<ProgressFn<'_>>) -> EngineResult<()> {
-        self.drain_until(true, progress)?;
-        self.persist()
+        super::blocking(async {
+            self.drain_until(true, progress).await?;
+            self.persist().await
+        })
     }
 
-    fn drain_until(&self, log: bool, progress: Option<ProgressFn<'_>>) -> EngineResult<()> {
+    async fn drain_until(&self, log: bool, progress: Option<ProgressFn<'_>>) -> EngineResult<()> {
         let Some(c) = self.cache.as_ref() else {
             return Ok(());
         };
+        let st = &c.st;
+        st.drain_requests
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let _done = DrainRequest(st);
         let target = {
-            let mut st = lock(&c.st);
-            st.drain_requests += 1;
-            let t = st.cur_epoch;
-            st.cur_epoch += 1;
-            c.cv_flusher.notify_all();
+            let mut e = st.epochs.lock();
+            let t = e.cur;
+            e.cur += 1;
             t
         };
+        c.ev.flusher.notify(usize::MAX);
         let start = Instant::now();
         let mut last_log = Instant::now();
         let mut last_progress = Instant::now();
-        let mut st = lock(&c.st);
-        let total = st.dirty_sectors * SECTOR;
-        let report = |st: &super::state::State| {
+        let dirty_bytes = || st.dirty_sectors.load(std::sync::atomic::Ordering::Relaxed).max(0) as u64 * SECTOR;
+        let total = dirty_bytes();
+        let report = || {
             if let Some(p) = progress {
                 p(&Progress {
                     phase: "write-back".into(),
-                    done: total.saturating_sub(st.dirty_sectors * SECTOR),
+                    done: total.saturating_sub(dirty_bytes()),
                     total,
                 });
             }
         };
+        let done = || {
+            let e = st.epochs.lock();
+            e.oldest_pending().is_none_or(|p| p > target)
+                && e.oldest_applying().is_none_or(|a| a > target)
+                && e.writing.is_none_or(|w| w > target)
+        };
         loop {
-            let dirty_done = st.oldest_dirty_epoch().is_none_or(|e| e > target);
-            let applying_done = st.oldest_applying_epoch().is_none_or(|e| e > target);
-            if dirty_done && applying_done {
-                report(&st);
+            if done() {
+                report();
                 break;
             }
             if last_progress.elapsed() >= Duration::from_millis(500) {
-                report(&st);
+                report();
                 last_progress = Instant::now();
             }
             if log && last_log.elapsed() >= Duration::from_secs(2) {
                 info!(
-                    dirty_lines = st.dirty_lines,
+                    dirty_lines = st.dirty_lines(),
                     elapsed_s = start.elapsed().as_secs(),
                     "write-back in progress"
                 );
                 last_log = Instant::now();
             }
             if self.flusher_gone() {
-                st.drain_requests -= 1;
                 return Err(EngineError::new(
                     EngineErrorKind::Stopped,
                     "the flusher is not running; dirty data stays in the cache",
                 ));
             }
-            st = wait(&c.cv_progress, st, 200);
+            wait_for(&c.ev.progress, Duration::from_millis(200), done).await;
         }
-        st.drain_requests -= 1;
         if log {
             info!(
                 elapsed_ms = start.elapsed().as_millis() as u64,
@@ -234,6 +357,35 @@ impl Engine {
     }
 
     fn flusher_gone(&self) -> bool {
-        lock(&self.flusher).as_ref().is_none_or(|h| h.is_finished())
+        self.flusher.lock().as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// FLUSH (`guest` true) or the durability step of a FUA write.
+    pub(super) async fn flush_impl(&self, guest: bool) -> EngineResult<()> {
+        super::Stats::add(&self.stats.flushes, 1);
+        let action = self.mode().flush_action();
+        if let Some(c) = self.cache() {
+            if action.close_epoch && guest {
+                c.st.epochs.lock().cur += 1;
+                c.ev.flusher.notify(usize::MAX);
+            }
+            if action.persist_cache {
+                self.persist().await?;
+            }
+        }
+        if action.flush_backend {
+            self.backend_flush().await?;
+        }
+        Ok(())
+    }
+}
+
+struct DrainRequest<'a>(&'a super::state::State);
+
+impl Drop for DrainRequest<'_> {
+    fn drop(&mut self) {
+        self.0
+            .drain_requests
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

@@ -32,7 +32,7 @@ pub struct Shadow {
     path: PathBuf,
     codec: EntryCodec,
     entry_size: u64,
-    failed: bool,
+    failed: std::sync::atomic::AtomicBool,
 }
 
 pub fn shadow_dir() -> PathBuf {
@@ -99,14 +99,15 @@ impl Shadow {
             path,
             codec,
             entry_size: es,
-            failed: false,
+            failed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// Mirror one entry. A failure is logged loudly once; the server keeps
     /// serving (the on-disk table still protects flushed data).
-    pub fn write(&mut self, slot: u32, e: &LineEntry) {
-        if self.failed {
+    pub fn write(&self, slot: u32, e: &LineEntry) {
+        use std::sync::atomic::Ordering;
+        if self.failed.load(Ordering::Relaxed) {
             return;
         }
         let mut buf = [0u8; 512];
@@ -116,7 +117,7 @@ impl Shadow {
             .file
             .write_all_at(&buf[..n], HEADER + slot as u64 * self.entry_size)
         {
-            self.failed = true;
+            self.failed.store(true, Ordering::Relaxed);
             error!(
                 "crash shadow {} failed ({err}): until the next FLUSH, a daemon crash would lose acknowledged writes",
                 self.path.display()

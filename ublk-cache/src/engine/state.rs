@@ -1,108 +1,62 @@
-//! The engine's in-memory view of the cache, guarded by one mutex: the line table,
-//! the backend-line → slot map, eviction order, free slots, dirty lines by epoch,
-//! per-line request locks, and the metadata blocks that need writing.
+//! The engine's in-memory view of the cache and the rules for changing it.
+//!
+//! Pieces, each with its own short lock (none is ever held across I/O):
+//! - [`SlotTable`]: one record per slot (atomics);
+//! - [`LineMap`]: line → newest version, in shards, plus the per-line locks;
+//! - `snap`: taken shared by every record change and exclusively by the metadata
+//!   snapshot, so that the snapshot sees whole records;
+//! - [`Alloc`]: free slots and slots waiting until their release is durable;
+//! - [`Epochs`]: the open epoch, writes being applied per epoch, and the dirty
+//!   versions per epoch (what write-back works through);
+//! - the eviction policy (CLOCK by default; a hit only sets a bit).
+//!
+//! Lock order where nested: line lock → shard → snap → {evict, epochs, alloc}.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
+use parking_lot::{Mutex, RwLock};
 use policies::EvictionPolicy;
 
 use super::bits;
+use super::map::{LineMap, Shard};
 use super::shadow::Shadow;
-use crate::format::entry::SectorBits;
-use crate::format::LineEntry;
+use super::slots::{Rec, SlotTable, FREE, NO_SLOT};
 
-/// One cache slot.
-#[derive(Debug, Clone, Copy)]
-pub struct Line {
-    pub tag: Option<u64>,
-    /// Epoch of the dirty sectors (meaningless while clean).
-    pub epoch: u64,
-    /// Bumped on every change of data, so the flusher can tell whether what it
-    /// wrote back is still what the line holds.
-    pub gen: u64,
-    pub valid: SectorBits,
-    pub dirty: SectorBits,
-}
-
-impl Line {
-    pub const FREE: Line = Line {
-        tag: None,
-        epoch: 0,
-        gen: 0,
-        valid: [0; 4],
-        dirty: [0; 4],
-    };
-
-    pub fn is_dirty(&self) -> bool {
-        !bits::is_empty(&self.dirty)
-    }
-
-    pub fn entry(&self) -> LineEntry {
-        LineEntry {
-            tag: self.tag,
-            epoch: if self.is_dirty() { self.epoch } else { 0 },
-            valid: self.valid,
-            dirty: self.dirty,
-        }
-    }
-}
-
-pub struct State {
-    pub lines: Vec<Line>,
-    pub map: HashMap<u64, u32>,
-    pub evict: Box<dyn EvictionPolicy>,
+/// Free slots and releases in progress.
+#[derive(Default)]
+pub struct Alloc {
     /// Slots whose on-disk entry says free: safe to fill with new data.
     pub free: Vec<u32>,
     /// Slots freed in memory whose on-disk entry may still name the old line.
     /// They join `free` only once that entry is durably gone, so a reused slot can
     /// never make the old line read the new line's data after a crash.
-    pub pending_free: Vec<(u32, Option<u64>)>,
-    /// Backend lines whose old slot is in `pending_free`. Such a line is not mapped
-    /// again until that release is durable, so two on-disk entries never name the
-    /// same line (a multi-block metadata write is not atomic).
+    pub pending_free: Vec<(u32, u64)>,
+    /// Lines whose old slot is in `pending_free`. Such a line is not mapped again
+    /// until that release is durable, so two on-disk entries never name the same
+    /// line (a multi-block metadata write is not atomic).
     pub releasing: HashSet<u64>,
-    /// Dirty lines by epoch, by tag (so write-back goes in backend order).
-    pub dirty: BTreeMap<u64, BTreeSet<u64>>,
-    pub dirty_lines: usize,
-    /// 4 KiB sectors that are valid / dirty, over all lines (for stats).
-    pub valid_sectors: u64,
-    pub dirty_sectors: u64,
-    /// Backend lines a request or the flusher is working on.
-    pub locked: HashSet<u64>,
-    /// Epoch that new writes join. A guest FLUSH closes it.
-    pub cur_epoch: u64,
-    /// Writes being applied, by epoch: an epoch can gain data until this drops to 0.
-    pub applying: BTreeMap<u64, u32>,
-    /// Metadata blocks whose on-disk copy is out of date.
-    pub meta_dirty: BTreeSet<u32>,
-    /// Requests to write back everything, regardless of mode (stop, barrier).
-    pub drain_requests: u32,
-    pub stopping: bool,
-    pub entries_per_block: u32,
-    /// The crash shadow, mirrored on every entry change (see `shadow`).
-    pub shadow: Option<Shadow>,
 }
 
-impl State {
-    /// An entry changed: mirror it to the shadow now, write it to disk at the
-    /// next persist.
-    pub fn mark_meta(&mut self, slot: u32) {
-        self.meta_dirty.insert(slot / self.entries_per_block);
-        if let Some(sh) = self.shadow.as_mut() {
-            sh.write(slot, &self.lines[slot as usize].entry());
-        }
-    }
+/// Write-back epochs.
+pub struct Epochs {
+    /// The epoch new writes join. A guest FLUSH closes it.
+    pub cur: u64,
+    /// Writes being applied, by epoch: an epoch can gain data until this drops to 0.
+    pub applying: BTreeMap<u64, u32>,
+    /// Slots that became dirty in each epoch (possibly stale: a slot may have
+    /// been written back, rewritten in a later epoch or freed since; readers
+    /// check the slot's record).
+    pub pending: BTreeMap<u64, Vec<u32>>,
+    /// The oldest epoch of the step the flusher is writing back (its lines are
+    /// out of `pending` meanwhile, but not on the backend yet).
+    pub writing: Option<u64>,
+}
 
-    pub fn oldest_dirty_epoch(&self) -> Option<u64> {
-        self.dirty.keys().next().copied()
-    }
-
-    pub fn oldest_applying_epoch(&self) -> Option<u64> {
-        self.applying.keys().next().copied()
-    }
-
+impl Epochs {
     pub fn begin_apply(&mut self) -> u64 {
-        let e = self.cur_epoch;
+        let e = self.cur;
         *self.applying.entry(e).or_insert(0) += 1;
         e
     }
@@ -116,130 +70,317 @@ impl State {
         }
     }
 
-    /// Keep the sector counters right around a change of one line's bits.
-    fn count_out(&mut self, slot: u32) {
-        let l = &self.lines[slot as usize];
-        self.valid_sectors -= bits::count(&l.valid) as u64;
-        self.dirty_sectors -= bits::count(&l.dirty) as u64;
+    pub fn oldest_pending(&self) -> Option<u64> {
+        self.pending.keys().next().copied()
     }
 
-    fn count_in(&mut self, slot: u32) {
-        let l = &self.lines[slot as usize];
-        self.valid_sectors += bits::count(&l.valid) as u64;
-        self.dirty_sectors += bits::count(&l.dirty) as u64;
+    pub fn oldest_applying(&self) -> Option<u64> {
+        self.applying.keys().next().copied()
+    }
+}
+
+/// A set of small integers as atomic bits (metadata blocks to write, slots
+/// cleaned since the last persist).
+pub struct AtomicBits(Vec<AtomicU64>);
+
+impl AtomicBits {
+    pub fn new(n: usize) -> Self {
+        AtomicBits((0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
     }
 
-    /// Recount the sector counters from the line table (after loading it).
-    pub fn recount(&mut self) {
-        self.valid_sectors = 0;
-        self.dirty_sectors = 0;
-        for slot in 0..self.lines.len() as u32 {
-            self.count_in(slot);
+    pub fn set(&self, i: u32) {
+        let w = &self.0[(i / 64) as usize];
+        let m = 1u64 << (i % 64);
+        if w.load(Ordering::Relaxed) & m == 0 {
+            w.fetch_or(m, Ordering::AcqRel);
         }
     }
 
-    fn unindex_dirty(&mut self, slot: u32) {
-        let l = self.lines[slot as usize];
-        if let (true, Some(tag)) = (l.is_dirty(), l.tag) {
-            if let Some(set) = self.dirty.get_mut(&l.epoch) {
-                set.remove(&tag);
-                if set.is_empty() {
-                    self.dirty.remove(&l.epoch);
-                }
+    pub fn test(&self, i: u32) -> bool {
+        self.0[(i / 64) as usize].load(Ordering::Acquire) & (1u64 << (i % 64)) != 0
+    }
+
+    /// Take every set bit (clearing them).
+    pub fn take(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for (wi, w) in self.0.iter().enumerate() {
+            let mut v = w.swap(0, Ordering::AcqRel);
+            while v != 0 {
+                let b = v.trailing_zeros();
+                out.push(wi as u32 * 64 + b);
+                v &= v - 1;
             }
-            self.dirty_lines -= 1;
+        }
+        out
+    }
+
+    pub fn clear_all(&self) {
+        for w in &self.0 {
+            w.store(0, Ordering::Release);
+        }
+    }
+}
+
+pub struct State {
+    pub slots: SlotTable,
+    pub map: Arc<LineMap>,
+    pub snap: RwLock<()>,
+    pub alloc: Mutex<Alloc>,
+    pub epochs: Mutex<Epochs>,
+    /// Shared for hits (CLOCK sets a bit under it), exclusive for the rest.
+    pub evict: RwLock<Box<dyn EvictionPolicy>>,
+    /// Metadata blocks whose on-disk copy is out of date.
+    pub meta_dirty: AtomicBits,
+    /// Slots whose dirty data the flusher wrote back since the last persist
+    /// (their on-disk entry may still say dirty, in an older epoch).
+    pub cleaned: AtomicBits,
+    pub entries_per_block: u32,
+    pub shadow: Mutex<Option<Shadow>>,
+    pub valid_sectors: AtomicI64,
+    pub dirty_sectors: AtomicI64,
+    pub dirty_lines: AtomicI64,
+    pub stopping: AtomicBool,
+    /// Requests to write back everything, regardless of mode (stop, barrier).
+    pub drain_requests: AtomicU32,
+}
+
+impl State {
+    /// Count one record going away and another taking its place.
+    fn account(&self, old: &Rec, new: &Rec) {
+        let dv = bits::count(&new.valid) as i64 - bits::count(&old.valid) as i64;
+        let dd = bits::count(&new.dirty) as i64 - bits::count(&old.dirty) as i64;
+        if dv != 0 {
+            self.valid_sectors.fetch_add(dv, Ordering::Relaxed);
+        }
+        if dd != 0 {
+            self.dirty_sectors.fetch_add(dd, Ordering::Relaxed);
+        }
+        let dl = new.is_dirty() as i64 - old.is_dirty() as i64;
+        if dl != 0 {
+            self.dirty_lines.fetch_add(dl, Ordering::Relaxed);
         }
     }
 
-    /// Replace a mapped line's bits, keeping the dirty index and eviction order
-    /// right. `data_changed` bumps the generation the flusher checks.
-    pub fn set_bits(
-        &mut self,
-        slot: u32,
-        valid: SectorBits,
-        dirty: SectorBits,
-        epoch: u64,
-        data_changed: bool,
-    ) {
-        self.unindex_dirty(slot);
-        self.count_out(slot);
-        let tag = self.lines[slot as usize]
-            .tag
-            .expect("set_bits on a mapped slot");
-        let l = &mut self.lines[slot as usize];
-        l.valid = valid;
-        l.dirty = dirty;
-        l.epoch = epoch;
+    fn mirror(&self, slot: u32, r: &Rec) {
+        self.meta_dirty.set(slot / self.entries_per_block);
+        if let Some(sh) = self.shadow.lock().as_ref() {
+            sh.write(slot, &r.entry());
+        }
+    }
+
+    /// Replace a mapped slot's record. The caller holds the line's shard write
+    /// lock (`_sh`) and, for a change of data, the line lock.
+    pub fn set_rec(&self, sh: &mut Shard, slot: u32, new: Rec, data_changed: bool) {
+        self.apply(sh, slot, new, data_changed, false);
+    }
+
+    /// One record change, and everything that follows from it, inside one
+    /// section of the snapshot lock (so a persist sees all of it or none).
+    fn apply(&self, _sh: &mut Shard, slot: u32, new: Rec, data_changed: bool, cleaned: bool) {
+        let _s = self.snap.read();
+        if cleaned {
+            self.cleaned.set(slot);
+        }
         if data_changed {
-            l.gen += 1;
+            self.slots.bump_gen(slot);
         }
-        let now_dirty = l.is_dirty();
-        self.count_in(slot);
-        if now_dirty {
-            self.dirty.entry(epoch).or_default().insert(tag);
-            self.dirty_lines += 1;
-            self.evict.remove(slot);
-        } else {
-            self.evict.insert(slot);
+        let old = self.slots.get(slot);
+        debug_assert_eq!(old.tag, new.tag);
+        self.account(&old, &new);
+        if new.is_dirty() && (!old.is_dirty() || old.epoch != new.epoch) {
+            self.epochs
+                .lock()
+                .pending
+                .entry(new.epoch)
+                .or_default()
+                .push(slot);
         }
-        self.mark_meta(slot);
+        self.slots.put(slot, &new);
+        self.track_eviction(slot, &new);
+        self.mirror(slot, &new);
     }
 
-    /// Map a durably free slot to `tag`, with nothing valid yet.
-    pub fn map_free_slot(&mut self, tag: u64) -> Alloc {
-        if self.releasing.contains(&tag) {
-            return Alloc::Releasing;
+    /// `set_rec` for a line the flusher wrote back: until the next persist, its
+    /// on-disk entry may still call it dirty (see `cleaned`).
+    pub fn set_rec_cleaned(&self, sh: &mut Shard, slot: u32, new: Rec) {
+        self.apply(sh, slot, new, false, true);
+    }
+
+    /// Only clean heads without older versions may be evicted.
+    fn track_eviction(&self, slot: u32, r: &Rec) {
+        let mut ev = self.evict.write();
+        if !r.is_free() && !r.is_dirty() && r.next == NO_SLOT {
+            ev.insert(slot);
+        } else {
+            ev.remove(slot);
         }
-        let Some(slot) = self.free.pop() else {
-            return Alloc::NoFree;
+    }
+
+    /// Record a cache hit for eviction.
+    pub fn hit(&self, slot: u32) {
+        if !self.evict.read().hit(slot) {
+            self.evict.write().touch(slot);
+        }
+    }
+
+    /// Give `tag` a durably free slot with nothing valid yet (it is not
+    /// persisted until it holds something).
+    pub fn map_free_slot(&self, sh: &mut Shard, tag: u64) -> Allocation {
+        let slot = {
+            let mut a = self.alloc.lock();
+            if a.releasing.contains(&tag) {
+                return Allocation::Releasing;
+            }
+            // A slot still read by a request that found it before its release
+            // (pinned) waits until that read is done.
+            let Some(i) = a.free.iter().rposition(|&s| !self.slots.pinned(s)) else {
+                return Allocation::NoFree;
+            };
+            a.free.swap_remove(i)
         };
-        self.lines[slot as usize] = Line {
-            tag: Some(tag),
-            ..Line::FREE
-        };
-        self.map.insert(tag, slot);
-        // Not evictable until it holds something; not worth persisting until then.
-        Alloc::Slot(slot)
+        let _s = self.snap.read();
+        self.slots.put(
+            slot,
+            &Rec {
+                tag,
+                ..Rec::FREE
+            },
+        );
+        sh.set_head(&self.slots, tag, slot);
+        Allocation::Slot(slot)
     }
 
     /// Undo `map_free_slot` for a slot that never received data: its on-disk
     /// entry still says free, so it goes straight back to `free`.
-    pub fn unmap_unused(&mut self, slot: u32) {
-        let l = self.lines[slot as usize];
-        debug_assert!(bits::is_empty(&l.valid));
-        self.count_out(slot);
-        if let Some(tag) = l.tag {
-            self.map.remove(&tag);
+    pub fn unmap_unused(&self, sh: &mut Shard, slot: u32) {
+        let r = self.slots.get(slot);
+        debug_assert!(bits::is_empty(&r.valid));
+        {
+            let _s = self.snap.read();
+            sh.remove(&self.slots, r.tag);
+            self.slots.put(slot, &Rec::FREE);
+            self.evict.write().remove(slot);
+            if let Some(sh) = self.shadow.lock().as_ref() {
+                sh.write(slot, &Rec::FREE.entry());
+            }
         }
-        self.evict.remove(slot);
-        self.lines[slot as usize] = Line::FREE;
-        if let Some(sh) = self.shadow.as_mut() {
-            sh.write(slot, &Line::FREE.entry());
-        }
-        self.free.push(slot);
+        self.alloc.lock().free.push(slot);
     }
 
-    /// Forget a clean line; the slot becomes reusable once that is persisted.
-    pub fn release(&mut self, slot: u32) {
-        self.unindex_dirty(slot);
-        self.count_out(slot);
-        let tag = self.lines[slot as usize].tag;
-        if let Some(tag) = tag {
-            self.map.remove(&tag);
-            self.releasing.insert(tag);
+    /// Forget a line's (only) version; the slot becomes reusable once that is
+    /// persisted.
+    pub fn release(&self, sh: &mut Shard, slot: u32) {
+        let _s = self.snap.read();
+        let old = self.slots.get(slot);
+        if old.is_free() {
+            return;
         }
-        self.evict.remove(slot);
-        self.lines[slot as usize] = Line::FREE;
-        self.mark_meta(slot);
-        self.pending_free.push((slot, tag));
+        if sh.head(&self.slots, old.tag) == Some(slot) {
+            sh.remove(&self.slots, old.tag);
+        }
+        self.account(&old, &Rec::FREE);
+        self.slots.put(slot, &Rec::FREE);
+        self.evict.write().remove(slot);
+        self.mirror(slot, &Rec::FREE);
+        let mut a = self.alloc.lock();
+        a.pending_free.push((slot, old.tag));
+        a.releasing.insert(old.tag);
+    }
+
+    /// The head slot of `tag`, if mapped.
+    pub fn head(&self, tag: u64) -> Option<u32> {
+        self.map.shard(tag).read().head(&self.slots, tag)
+    }
+
+    /// Mapped slots (heads), in slot order.
+    pub fn mapped_slots(&self) -> Vec<u32> {
+        (0..self.slots.len() as u32)
+            .filter(|&s| self.slots.tag(s) != FREE)
+            .collect()
+    }
+
+    pub fn cur_epoch(&self) -> u64 {
+        self.epochs.lock().cur
+    }
+
+    pub fn dirty_lines(&self) -> u64 {
+        self.dirty_lines.load(Ordering::Relaxed).max(0) as u64
     }
 }
 
-/// Result of trying to give a backend line a slot.
-pub enum Alloc {
+/// Result of trying to give a line a slot.
+pub enum Allocation {
     Slot(u32),
     /// No durably free slot: evict or wait.
     NoFree,
     /// The line's previous slot is being released: persist first.
     Releasing,
+}
+
+impl State {
+    /// Check the invariants that tie the map, the slot table and the allocator
+    /// together (tests and debugging). Returns every cached 4 KiB sector as
+    /// (line, sector in line, slot), for callers that compare data.
+    pub fn check_invariants(&self) -> Result<Vec<(u64, u32, u32)>, String> {
+        // Shards before the snapshot lock, as every writer takes them: with both
+        // held, nothing changes under the check.
+        let locked = self.map.lock_all();
+        let _s = self.snap.write();
+        let n = self.slots.len() as u32;
+        let mut heads = 0usize;
+        let mut out = Vec::new();
+        let (mut valid, mut dirty, mut dlines) = (0i64, 0i64, 0i64);
+        for s in 0..n {
+            let r = self.slots.get(s);
+            if r.is_free() {
+                continue;
+            }
+            let head = LineMap::head_in(&locked, &self.slots, r.tag);
+            if head == Some(s) {
+                heads += 1;
+            } else if r.next == NO_SLOT {
+                return Err(format!(
+                    "slot {s} holds line {} but the map names {head:?}",
+                    r.tag
+                ));
+            }
+            if !bits::is_empty(&bits::and_not(&r.dirty, &r.valid)) {
+                return Err(format!("slot {s}: dirty sectors that are not valid"));
+            }
+            valid += bits::count(&r.valid) as i64;
+            dirty += bits::count(&r.dirty) as i64;
+            dlines += r.is_dirty() as i64;
+            for sec in 0..256u32 {
+                if bits::test(&r.valid, sec) {
+                    out.push((r.tag, sec, s));
+                }
+            }
+        }
+        let mapped: usize = locked.iter().map(|s| s.len()).sum();
+        if mapped != heads {
+            return Err(format!("the map holds {mapped} lines, the slot table {heads} heads"));
+        }
+        let a = self.alloc.lock();
+        let mut seen = HashSet::new();
+        for &s in a.free.iter().chain(a.pending_free.iter().map(|(s, _)| s)) {
+            if !seen.insert(s) {
+                return Err(format!("slot {s} is listed free twice"));
+            }
+            if !self.slots.get(s).is_free() {
+                return Err(format!("slot {s} is listed free but holds line {}", self.slots.tag(s)));
+            }
+        }
+        let counts = (
+            self.valid_sectors.load(Ordering::Relaxed),
+            self.dirty_sectors.load(Ordering::Relaxed),
+            self.dirty_lines.load(Ordering::Relaxed),
+        );
+        if counts != (valid, dirty, dlines) {
+            return Err(format!(
+                "counters {counts:?} differ from the table's (valid, dirty, dirty lines) {:?}",
+                (valid, dirty, dlines)
+            ));
+        }
+        Ok(out)
+    }
 }

@@ -53,6 +53,12 @@ pub struct StatsSnapshot {
     pub backend_write_bytes: u64,
     pub cache_read_bytes: u64,
     pub cache_write_bytes: u64,
+    /// Flushes of the cache device, and metadata bytes written to it: what the
+    /// guest's FLUSHes (and evictions) cost the cache device.
+    #[serde(default)]
+    pub cache_flushes: u64,
+    #[serde(default)]
+    pub meta_write_bytes: u64,
     pub writeback_bytes: u64,
     pub writeback_retries: u64,
     pub ordered_overwrites_in_place: u64,

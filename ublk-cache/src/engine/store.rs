@@ -4,7 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rbd_backend::Backend;
+use rbd_backend::aio::BufSlice;
+use rbd_backend::{Backend, WriteMode};
 
 use crate::error::{EngineError, EngineResult};
 use crate::format::layout::SB_COPY_OFFSETS;
@@ -17,6 +18,9 @@ pub struct CacheStore {
     /// Line data bytes read from / written to the cache device (for stats).
     read_bytes: AtomicU64,
     write_bytes: AtomicU64,
+    /// Device flushes, and metadata bytes written (what a FLUSH costs).
+    flushes: AtomicU64,
+    meta_bytes: AtomicU64,
 }
 
 impl CacheStore {
@@ -26,6 +30,8 @@ impl CacheStore {
             layout,
             read_bytes: AtomicU64::new(0),
             write_bytes: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            meta_bytes: AtomicU64::new(0),
         }
     }
 
@@ -65,8 +71,59 @@ impl CacheStore {
             .map_err(|e| EngineError::cache(&format!("write of line slot {slot}"), e))
     }
 
+    /// Read bytes of a line into memory a request owns, on the event loop.
+    pub async fn read_async(&self, slot: u32, in_line: u64, dst: BufSlice) -> EngineResult<()> {
+        let off = self.data_offset(slot, in_line, dst.len());
+        self.read_bytes.fetch_add(dst.len() as u64, Ordering::Relaxed);
+        self.dev
+            .read_async(off, dst)
+            .await
+            .map_err(|e| EngineError::cache(&format!("read of line slot {slot}"), e))
+    }
+
+    pub async fn write_async(
+        &self,
+        slot: u32,
+        in_line: u64,
+        src: BufSlice,
+        mode: WriteMode,
+    ) -> EngineResult<()> {
+        let off = self.data_offset(slot, in_line, src.len());
+        self.write_bytes.fetch_add(src.len() as u64, Ordering::Relaxed);
+        self.dev
+            .write_async(off, src, mode)
+            .await
+            .map_err(|e| EngineError::cache(&format!("write of line slot {slot}"), e))
+    }
+
+    /// Make every completed cache write durable, on the event loop.
+    pub async fn sync_async(&self) -> EngineResult<()> {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        self.dev
+            .flush_async()
+            .await
+            .map_err(|e| EngineError::cache("flush", e))
+    }
+
+    pub async fn write_meta_async(&self, block: u32, src: BufSlice) -> EngineResult<()> {
+        self.meta_bytes.fetch_add(src.len() as u64, Ordering::Relaxed);
+        self.dev
+            .write_async(self.layout.meta_block_offset(block), src, WriteMode::Normal)
+            .await
+            .map_err(|e| EngineError::cache(&format!("write of metadata block {block}"), e))
+    }
+
+    /// Device flushes and metadata bytes written so far.
+    pub fn meta_io(&self) -> (u64, u64) {
+        (
+            self.flushes.load(Ordering::Relaxed),
+            self.meta_bytes.load(Ordering::Relaxed),
+        )
+    }
+
     /// Make every completed cache write durable.
     pub fn sync(&self) -> EngineResult<()> {
+        self.flushes.fetch_add(1, Ordering::Relaxed);
         self.dev.flush().map_err(|e| EngineError::cache("flush", e))
     }
 

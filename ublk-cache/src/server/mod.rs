@@ -185,7 +185,7 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
         },
     };
     if with_ublk {
-        serve_with_ublk(running, target)
+        serve_with_ublk(running)
     } else {
         serve_nbd_only(running)
     }
@@ -270,7 +270,7 @@ fn shutdown_after_failure(engine: &Engine, nbd: Option<NbdServer>) {
     }
 }
 
-fn serve_with_ublk(r: Running<'_>, target: Arc<dyn BlockTarget>) -> Result<()> {
+fn serve_with_ublk(r: Running<'_>) -> Result<()> {
     let Running {
         args,
         run_dir,
@@ -316,8 +316,8 @@ fn serve_with_ublk(r: Running<'_>, target: Arc<dyn BlockTarget>) -> Result<()> {
         info!(device = %info.bdev.display(), mode = %args.mode, "serving");
     };
     let outcome = match args.recover {
-        Some(_) => fe::recover(target, &opts, on_live, stop),
-        None => fe::serve(target, &opts, on_live, stop),
+        Some(_) => fe::recover(Arc::clone(&engine), &opts, on_live, stop),
+        None => fe::serve(Arc::clone(&engine), &opts, on_live, stop),
     };
     // Whatever happened, nothing preloads or answers control requests any more.
     let ctx = stop_extras(background, endpoints.take());

@@ -4,22 +4,12 @@
 //!
 //! # Threading model
 //!
-//! * One **queue thread** per ublk hardware queue (`ublk-qN`). It owns that queue's
-//!   io_uring (libublk keeps it thread-local), receives requests from the driver
-//!   (`FETCH` / `COMMIT_AND_FETCH` uring_cmds), decodes and bounds-checks them and
-//!   hands them to the worker pool. It never calls the target itself, so a slow
-//!   engine never stalls a queue: up to `depth` requests per queue can be in flight.
-//! * A shared **worker pool** (`ublk-wN`) fed by one crossbeam channel. Workers do the
-//!   blocking [`BlockTarget`] calls, push `(tag, result)` onto the owning queue's
-//!   completion channel and then write that queue's **eventfd**.
-//! * Each queue thread keeps one io_uring `READ` armed on its eventfd, so a worker's
-//!   completion wakes the queue thread out of `io_uring_enter`; it then drains the
-//!   completion channel and commits every finished tag with `COMMIT_AND_FETCH`.
+//! * One **queue thread** per ublk hardware queue (`ublk-qN`), with libublk's
+//!   io_uring for that queue and one task per tag (see [`queue`]): a request is
+//!   fetched, run against the [`AsyncTarget`] on that thread and ring, and
+//!   committed. No worker pool, no hand-off.
 //! * The thread that calls [`serve`]/[`recover`] does all control commands (libublk's
 //!   control ring is thread-local) and waits for a [`StopHandle`] request.
-//!
-//! Data buffers are one per tag (`max_io_bytes` each), owned by [`QueueShared`] so they
-//! outlive the queue thread and any worker still holding a tag.
 //!
 //! # Stop kinds
 //!
@@ -27,8 +17,8 @@
 //!   requests we hold (we keep serving them until it is done), then aborts the queues.
 //!   [`serve`] returns [`ServeOutcome::Stopped`]; the device is *not* deleted yet, so
 //!   the caller can write back dirty data first and then call [`StoppedDevice::delete`].
-//! * [`StopHandle::detach`]: stop taking new requests, finish and commit the ones the
-//!   workers hold, then leave everything else to the kernel. Requests the driver
+//! * [`StopHandle::detach`]: stop taking new requests, finish and commit the ones in
+//!   flight, then leave everything else to the kernel. Requests the driver
 //!   delivered after that are re-issued to the next daemon (`UBLK_F_USER_RECOVERY_REISSUE`).
 //!   The device is **not** deleted. The kernel moves it to `QUIESCED` once this
 //!   process's references to `/dev/ublkcN` are gone, i.e. **when the process exits**:
@@ -43,23 +33,24 @@
 //! and calls `UblkCtrl::start_dev()`, which sends `UBLK_U_CMD_END_USER_RECOVERY` (instead
 //! of `START_DEV`) because the device is `QUIESCED` and the control is in recover mode.
 
+mod queue;
+
 use std::fs::OpenOptions;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
-use libublk::helpers::IoBuf;
-use libublk::io::{BufDesc, BufDescList, UblkDev, UblkQueue};
-use libublk::{sys, UblkFlags, UblkIORes, UblkUringData};
-use tracing::{debug, error, info, warn};
+use libublk::io::UblkDev;
+use libublk::{sys, UblkFlags};
+use tracing::{error, info, warn};
 
-use crate::target::{BlockTarget, TargetError};
+use crate::frontend::dispatch::{Req, ReqKind};
+use crate::target::AsyncTarget;
+use queue::{QueueCtl, QueueExit};
 
 const CONTROL_PATH: &str = "/dev/ublk-control";
 const TARGET_NAME: &str = "ublk-cache";
@@ -67,8 +58,6 @@ const SECTOR: u64 = 512;
 /// Largest single DISCARD / WRITE_ZEROES request we let the kernel send (1 GiB).
 const MAX_DISCARD_SECTORS: u32 = (1 << 30) >> 9;
 const DISCARD_GRANULARITY: u32 = 4096;
-/// user_data of the eventfd READ in a queue's io_uring (Target bit: not a ublk command).
-const EVENTFD_USER_DATA: u64 = UblkUringData::Target as u64 | 0xEFD0_0000;
 /// Largest per-request buffer libublk accepts.
 const MAX_IO_BYTES_LIMIT: u32 = 32 << 20;
 
@@ -167,8 +156,8 @@ fn errno_name(n: i32) -> &'static str {
 // Public API types
 // ---------------------------------------------------------------------------------
 
-/// How to create the device. For [`recover`], only `id` (required) and `workers` are
-/// used: queue count, depth and max I/O size are the existing device's.
+/// How to create the device. For [`recover`], only `id` (required) is used: queue
+/// count, depth and max I/O size are the existing device's.
 #[derive(Debug, Clone)]
 pub struct UblkOptions {
     /// Explicit device id (`/dev/ublkbN`); `None` lets the kernel pick one.
@@ -179,8 +168,6 @@ pub struct UblkOptions {
     pub depth: u16,
     /// Largest request in bytes; one buffer this big per tag (default 512 KiB).
     pub max_io_bytes: u32,
-    /// Threads calling the target; 0 = `min(queues * depth, 64)`.
-    pub workers: usize,
 }
 
 impl Default for UblkOptions {
@@ -193,7 +180,6 @@ impl Default for UblkOptions {
             queues: cpus.clamp(1, 4) as u16,
             depth: 128,
             max_io_bytes: 512 << 10,
-            workers: 0,
         }
     }
 }
@@ -508,22 +494,6 @@ pub fn delete_device(id: u32) -> Result<(), UblkError> {
 // Request decoding (pure, unit-tested)
 // ---------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ReqKind {
-    Read,
-    Write { fua: bool },
-    Flush,
-    Discard,
-    WriteZeroes,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Req {
-    pub kind: ReqKind,
-    pub offset: u64,
-    pub len: u64,
-}
-
 /// Turn a ublk io descriptor into a request, or the `-errno` to complete it with.
 pub(crate) fn decode(
     op_flags: u32,
@@ -560,327 +530,6 @@ pub(crate) fn decode(
         return Err(-libc::EINVAL);
     }
     Ok(Req { kind, offset, len })
-}
-
-/// `-errno` for the ublk edge; never 0 or positive for an error.
-pub(crate) fn neg_errno(e: &TargetError) -> i32 {
-    let n = e.errno();
-    if n > 0 && n < 4096 {
-        -n
-    } else {
-        -libc::EIO
-    }
-}
-
-/// Run one request against the target. Returns bytes (READ/WRITE) or 0, or `-errno`.
-/// `buf` is the tag's buffer, at least `req.len` long for READ/WRITE.
-pub(crate) fn execute(target: &dyn BlockTarget, req: &Req, buf: &mut [u8]) -> i32 {
-    let len = req.len as usize;
-    let r = match req.kind {
-        ReqKind::Read => target.read(req.offset, &mut buf[..len]).map(|_| len as i32),
-        ReqKind::Write { fua } => target
-            .write(req.offset, &buf[..len], fua)
-            .map(|_| len as i32),
-        ReqKind::Flush => target.flush().map(|_| 0),
-        ReqKind::Discard => target.discard(req.offset, req.len).map(|_| 0),
-        ReqKind::WriteZeroes => target.write_zeroes(req.offset, req.len).map(|_| 0),
-    };
-    match r {
-        Ok(v) => v,
-        Err(e) => {
-            warn!(?req, "target error: {e}");
-            neg_errno(&e)
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------
-// Per-queue shared state, workers
-// ---------------------------------------------------------------------------------
-
-/// What a queue thread shares with the workers and with the controlling thread.
-pub(crate) struct QueueShared {
-    qid: u16,
-    /// Written (8 bytes) by workers after pushing a completion, and by the controller
-    /// to deliver a detach request.
-    efd: OwnedFd,
-    /// Target of the armed io_uring READ on `efd`. Lives as long as this struct, which
-    /// outlives the queue thread's io_uring.
-    efd_buf: Box<std::cell::UnsafeCell<u64>>,
-    done_tx: Sender<(u16, i32)>,
-    done_rx: Receiver<(u16, i32)>,
-    /// Requests handed to workers whose completion the queue thread has not taken yet.
-    pending: AtomicUsize,
-    detach: AtomicBool,
-    /// One buffer per tag; the kernel copies WRITE data in / READ data out of it.
-    bufs: Vec<IoBuf<u8>>,
-}
-
-// SAFETY: efd_buf is only written by the kernel (through io_uring) and never read or
-// written by Rust code; everything else is Sync.
-unsafe impl Sync for QueueShared {}
-
-impl QueueShared {
-    pub(crate) fn new(qid: u16, depth: u16, buf_bytes: usize) -> Result<Self, UblkError> {
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(UblkError::Os {
-                op: "eventfd",
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        Ok(Self {
-            qid,
-            // SAFETY: fd is a fresh, valid eventfd that nothing else owns.
-            efd: unsafe { OwnedFd::from_raw_fd(fd) },
-            efd_buf: Box::new(std::cell::UnsafeCell::new(0)),
-            done_tx,
-            done_rx,
-            pending: AtomicUsize::new(0),
-            detach: AtomicBool::new(false),
-            bufs: (0..depth).map(|_| IoBuf::<u8>::new(buf_bytes)).collect(),
-        })
-    }
-
-    pub(crate) fn kick(&self) {
-        let one: u64 = 1;
-        // EAGAIN only if the counter is about to overflow, i.e. a wakeup is pending anyway.
-        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-        let _ = unsafe { libc::write(self.efd.as_raw_fd(), &one as *const u64 as *const _, 8) };
-    }
-
-    fn buf_ptr(&self, tag: u16) -> *mut u8 {
-        self.bufs[tag as usize].as_mut_ptr()
-    }
-}
-
-pub(crate) struct Job {
-    pub q: Arc<QueueShared>,
-    pub tag: u16,
-    pub req: Req,
-}
-
-pub(crate) fn worker_loop(rx: Receiver<Job>, target: Arc<dyn BlockTarget>) {
-    while let Ok(job) = rx.recv() {
-        let q = &job.q;
-        let res = catch_unwind(AssertUnwindSafe(|| {
-            let len = match job.req.kind {
-                ReqKind::Read | ReqKind::Write { .. } => job.req.len as usize,
-                _ => 0,
-            };
-            // SAFETY: from dispatch until the queue thread takes this completion, the tag
-            // (and so its buffer) belongs to this worker alone: the queue thread does not
-            // touch it and the kernel does not reuse it before COMMIT. `len` was checked
-            // against the buffer size in `decode`.
-            let buf = unsafe { std::slice::from_raw_parts_mut(q.buf_ptr(job.tag), len) };
-            execute(&*target, &job.req, buf)
-        }))
-        .unwrap_or_else(|_| {
-            error!(qid = q.qid, tag = job.tag, req = ?job.req, "target panicked; failing request with EIO");
-            -libc::EIO
-        });
-        // Order matters: completion first, then `pending`, then the wakeup, so the queue
-        // thread never sees pending == 0 with a completion still to come.
-        let _ = q.done_tx.send((job.tag, res));
-        q.pending.fetch_sub(1, Ordering::AcqRel);
-        q.kick();
-    }
-}
-
-// ---------------------------------------------------------------------------------
-// Queue thread
-// ---------------------------------------------------------------------------------
-
-enum QueueExit {
-    /// The driver aborted the queue (device stopped or deleted).
-    Down,
-    /// Detach finished; the UblkQueue was leaked on purpose.
-    Detached,
-}
-
-fn arm_eventfd(q: &UblkQueue, shared: &QueueShared) -> Result<(), libublk::UblkError> {
-    let sqe = io_uring::opcode::Read::new(
-        io_uring::types::Fd(shared.efd.as_raw_fd()),
-        shared.efd_buf.get() as *mut u8,
-        8,
-    )
-    .build()
-    .user_data(EVENTFD_USER_DATA);
-    q.ublk_submit_sqe_sync(sqe)?;
-    // Submit now: libublk's wait treats a non-empty SQ after the queue was aborted as
-    // "more to wait for", which would delay shutdown by its 20 s idle timeout.
-    libublk::io::with_task_io_ring_mut(|r| r.submit()).map_err(libublk::UblkError::IOError)?;
-    Ok(())
-}
-
-fn commit(q: &UblkQueue, shared: &QueueShared, tag: u16, res: i32) {
-    let buf = shared.bufs[tag as usize].as_slice();
-    if let Err(e) = q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res)))
-    {
-        error!(
-            qid = shared.qid,
-            tag, "COMMIT_AND_FETCH failed to queue: {e:?}"
-        );
-    }
-}
-
-fn queue_main(
-    qid: u16,
-    dev: &UblkDev,
-    shared: &Arc<QueueShared>,
-    dev_size: u64,
-    jobs: &Sender<Job>,
-) -> Result<QueueExit, String> {
-    let q = match UblkQueue::new(qid, dev) {
-        Ok(q) => q,
-        Err(e) => {
-            // Unblocks start_dev(), which waits for every queue's buffer registration.
-            dev.notify_buffer_registration_complete(true);
-            return Err(format!("creating queue: {e:?}"));
-        }
-    };
-    // Registers the per-tag buffers (that is what start_dev waits for) and queues one
-    // FETCH per tag; they reach the kernel with the first io_uring_enter below.
-    let q = q
-        .submit_fetch_commands_unified(BufDescList::Slices(Some(&shared.bufs)))
-        .map_err(|e| format!("queueing FETCH commands: {e:?}"))?;
-    arm_eventfd(&q, shared).map_err(|e| format!("arming eventfd: {e:?}"))?;
-
-    let depth = dev.dev_info.queue_depth;
-    let buf_len = dev.dev_info.max_io_buf_bytes as usize;
-    let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(depth as usize + 1);
-    let mut detaching = false;
-    let mut deferred = 0usize; // requests left to the next daemon while detaching
-
-    let exit = loop {
-        cqes.clear();
-        let r = q.flush_and_wake_io_tasks(
-            |user_data, cqe, _last| cqes.push((user_data, cqe.result())),
-            1,
-        );
-
-        let mut kicked = false;
-        for &(ud, res) in &cqes {
-            if ud == EVENTFD_USER_DATA {
-                kicked = true;
-                if res < 0 && res != -libc::EINTR && res != -libc::EAGAIN {
-                    warn!(qid, "eventfd read failed: {res}");
-                }
-                continue;
-            }
-            if ud & UblkUringData::Target as u64 != 0 {
-                continue;
-            }
-            let tag = (ud & 0xffff) as u16;
-            if res == sys::UBLK_IO_RES_ABORT {
-                continue; // queue is going down; libublk tracks that
-            }
-            if res != sys::UBLK_IO_RES_OK as i32 {
-                error!(qid, tag, "ublk io command failed: {res}");
-                continue;
-            }
-            if tag >= depth {
-                error!(qid, tag, "ublk driver sent tag beyond queue depth");
-                continue;
-            }
-            if detaching {
-                // Leave it un-completed: the kernel re-issues it to the next daemon.
-                deferred += 1;
-                continue;
-            }
-            let iod = q.get_iod(tag);
-            match decode(
-                iod.op_flags,
-                iod.start_sector,
-                iod.nr_sectors,
-                dev_size,
-                buf_len,
-            ) {
-                Err(e) => commit(&q, shared, tag, e),
-                Ok(req) => {
-                    shared.pending.fetch_add(1, Ordering::AcqRel);
-                    if let Err(err) = jobs.send(Job {
-                        q: Arc::clone(shared),
-                        tag,
-                        req,
-                    }) {
-                        drop(err);
-                        shared.pending.fetch_sub(1, Ordering::AcqRel);
-                        commit(&q, shared, tag, -libc::EIO);
-                    }
-                }
-            }
-        }
-
-        // Commit whatever the workers finished (also when only a stray wakeup came).
-        for (tag, res) in shared.done_rx.try_iter() {
-            commit(&q, shared, tag, res);
-        }
-        if kicked {
-            if let Err(e) = arm_eventfd(&q, shared) {
-                break Err(format!("re-arming eventfd: {e:?}"));
-            }
-        }
-
-        match r {
-            Ok(_) => {}
-            Err(libublk::UblkError::QueueIsDown) => break Ok(QueueExit::Down),
-            Err(e) => break Err(format!("io_uring wait: {e:?}")),
-        }
-
-        if !detaching && shared.detach.load(Ordering::Acquire) {
-            detaching = true;
-            debug!(qid, "detaching: no new requests, finishing in-flight ones");
-        }
-        if detaching && shared.pending.load(Ordering::Acquire) == 0 && shared.done_rx.is_empty() {
-            // Push the last commits to the kernel before we go.
-            let _ = libublk::io::with_task_io_ring_mut(|r| r.submit());
-            break Ok(QueueExit::Detached);
-        }
-    };
-
-    // Never leave while a worker still owns one of our tags: whatever happens to the
-    // device, the buffers must stay valid (they do: `shared` owns them) and the final
-    // completions must be accounted for.
-    let mut waited = Instant::now();
-    while shared.pending.load(Ordering::Acquire) != 0 {
-        std::thread::sleep(Duration::from_millis(1));
-        if waited.elapsed() > Duration::from_secs(10) {
-            warn!(
-                qid,
-                pending = shared.pending.load(Ordering::Acquire),
-                "still waiting for target requests"
-            );
-            waited = Instant::now();
-        }
-    }
-    let late: Vec<_> = shared.done_rx.try_iter().collect();
-    if !late.is_empty() {
-        if !q.is_stopping() {
-            for (tag, res) in late {
-                commit(&q, shared, tag, res);
-            }
-            let _ = libublk::io::with_task_io_ring_mut(|r| r.submit());
-        } else {
-            debug!(qid, n = late.len(), "completions after queue abort dropped");
-        }
-    }
-
-    match exit {
-        Ok(QueueExit::Detached) | Err(_) => {
-            if deferred > 0 {
-                info!(qid, deferred, "requests left for the next daemon");
-            }
-            // Dropping the queue would unregister io_uring files while FETCH commands are
-            // still pending (older kernels wait for them forever) and unmap the
-            // descriptors. Leak it instead: the kernel cleans up at thread / process
-            // exit, exactly as after a crash, and re-issues what we did not complete.
-            std::mem::forget(q);
-            exit
-        }
-        Ok(QueueExit::Down) => Ok(QueueExit::Down),
-    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -928,9 +577,11 @@ fn validate(opts: &UblkOptions, size: u64) -> Result<(), UblkError> {
 fn set_params(dev: &mut UblkDev, size: u64) {
     let info = dev.dev_info;
     dev.tgt.dev_size = size;
-    // Room for every COMMIT_AND_FETCH plus the eventfd read.
-    dev.tgt.sq_depth = info.queue_depth.saturating_mul(2);
-    dev.tgt.cq_depth = info.queue_depth.saturating_mul(2);
+    // Room for every COMMIT_AND_FETCH, the target's own I/O of every tag (a
+    // request may have several pieces in flight), promotions, timers and the
+    // wake-up read. A full SQ is flushed and retried; the CQ must not overflow.
+    dev.tgt.sq_depth = info.queue_depth.saturating_mul(4);
+    dev.tgt.cq_depth = info.queue_depth.saturating_mul(16);
     dev.tgt.params = sys::ublk_params {
         types: sys::UBLK_PARAM_TYPE_BASIC | sys::UBLK_PARAM_TYPE_DISCARD,
         basic: sys::ublk_param_basic {
@@ -957,8 +608,8 @@ fn set_params(dev: &mut UblkDev, size: u64) {
 
 /// Create a new device for `target` and serve it until `stop` asks otherwise (or the
 /// device is stopped from outside). `on_live` runs once `/dev/ublkbN` exists.
-pub fn serve(
-    target: Arc<dyn BlockTarget>,
+pub fn serve<T: AsyncTarget + 'static>(
+    target: Arc<T>,
     opts: &UblkOptions,
     on_live: impl FnOnce(&DeviceInfo),
     stop: StopHandle,
@@ -1005,8 +656,8 @@ pub fn serve(
 
 /// Take over device `opts.id` after its daemon died (or detached): the device keeps its
 /// `/dev/ublkbN`, and the requests that were queued or in flight are served by `target`.
-pub fn recover(
-    target: Arc<dyn BlockTarget>,
+pub fn recover<T: AsyncTarget + 'static>(
+    target: Arc<T>,
     opts: &UblkOptions,
     on_live: impl FnOnce(&DeviceInfo),
     stop: StopHandle,
@@ -1100,10 +751,8 @@ enum QueueEvent {
 /// Everything `run` started, so every exit path can take it down in order.
 struct Running {
     dev: Arc<UblkDev>,
-    shared: Vec<Arc<QueueShared>>,
+    ctls: Vec<Arc<QueueCtl>>,
     queue_threads: Vec<JoinHandle<()>>,
-    workers: Vec<JoinHandle<()>>,
-    jobs: Option<Sender<Job>>,
     events: Receiver<QueueEvent>,
     exited: Vec<bool>,
     first_failure: Option<(u16, String)>,
@@ -1161,13 +810,12 @@ impl Running {
     }
 
     fn request_detach(&self) {
-        for s in &self.shared {
-            s.detach.store(true, Ordering::Release);
-            s.kick();
+        for c in &self.ctls {
+            c.request_detach();
         }
     }
 
-    /// Join queue threads (they must be on their way out), then the workers.
+    /// Join queue threads (they must be on their way out).
     /// `leak_dev`: keep /dev/ublkcN open until process exit, consistent with the
     /// queues that were leaked on detach (see `queue_main`).
     fn finish(mut self, leak_dev: bool) {
@@ -1175,10 +823,6 @@ impl Running {
             warn!("still waiting for ublk queue threads to exit");
         }
         for h in self.queue_threads.drain(..) {
-            let _ = h.join();
-        }
-        self.jobs = None;
-        for h in self.workers.drain(..) {
             let _ = h.join();
         }
         if leak_dev {
@@ -1209,9 +853,9 @@ impl Running {
     }
 }
 
-fn run(
+fn run<T: AsyncTarget + 'static>(
     ctrl: UblkCtrl,
-    target: Arc<dyn BlockTarget>,
+    target: Arc<T>,
     opts: &UblkOptions,
     on_live: impl FnOnce(&DeviceInfo),
     stop: StopHandle,
@@ -1236,69 +880,39 @@ fn run(
     .map_err(|e| UblkError::ctrl("opening /dev/ublkcN", e))?;
     let dev = Arc::new(dev);
 
-    let mut shared = Vec::with_capacity(nr_queues as usize);
-    for qid in 0..nr_queues {
-        shared.push(Arc::new(QueueShared::new(qid, depth, buf_bytes)?));
-    }
-
-    let nr_workers = if opts.workers == 0 {
-        (nr_queues as usize * depth as usize).clamp(1, 64)
-    } else {
-        opts.workers
-    };
-    let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
+    let _ = (depth, buf_bytes, opts);
     let (ev_tx, ev_rx) = crossbeam_channel::unbounded::<QueueEvent>();
     let mut running = Running {
         dev: Arc::clone(&dev),
-        shared,
+        ctls: (0..nr_queues).map(|_| Arc::new(QueueCtl::new())).collect(),
         queue_threads: Vec::with_capacity(nr_queues as usize),
-        workers: Vec::with_capacity(nr_workers),
-        jobs: Some(job_tx),
         events: ev_rx,
         exited: vec![true; nr_queues as usize], // false once spawned
         first_failure: None,
     };
 
     let mut spawn_err = None;
-    for i in 0..nr_workers {
-        let rx = job_rx.clone();
-        let t = Arc::clone(&target);
-        match std::thread::Builder::new()
-            .name(format!("ublk-w{i}"))
-            .spawn(move || worker_loop(rx, t))
-        {
-            Ok(h) => running.workers.push(h),
+    for qid in 0..nr_queues {
+        let dev = Arc::clone(&dev);
+        let ctl = Arc::clone(&running.ctls[qid as usize]);
+        let target = Arc::clone(&target);
+        let ev = ev_tx.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("ublk-q{qid}"))
+            .spawn(move || {
+                let tid = UblkCtrl::init_queue_thread();
+                let _ = ev.send(QueueEvent::Started { qid, tid });
+                let result = queue::queue_main(qid, &dev, &ctl, target, size);
+                let _ = ev.send(QueueEvent::Exited { qid, result });
+            });
+        match h {
+            Ok(h) => {
+                running.queue_threads.push(h);
+                running.exited[qid as usize] = false;
+            }
             Err(e) => {
                 spawn_err = Some(e);
                 break;
-            }
-        }
-    }
-    drop(job_rx);
-    if spawn_err.is_none() {
-        for qid in 0..nr_queues {
-            let dev = Arc::clone(&dev);
-            let sh = Arc::clone(&running.shared[qid as usize]);
-            let jobs = running.jobs.clone().expect("job sender");
-            let ev = ev_tx.clone();
-            let h = std::thread::Builder::new()
-                .name(format!("ublk-q{qid}"))
-                .spawn(move || {
-                    let tid = UblkCtrl::init_queue_thread();
-                    let _ = ev.send(QueueEvent::Started { qid, tid });
-                    let result = queue_main(qid, &dev, &sh, size, &jobs);
-                    drop(jobs);
-                    let _ = ev.send(QueueEvent::Exited { qid, result });
-                });
-            match h {
-                Ok(h) => {
-                    running.queue_threads.push(h);
-                    running.exited[qid as usize] = false;
-                }
-                Err(e) => {
-                    spawn_err = Some(e);
-                    break;
-                }
             }
         }
     }
@@ -1455,8 +1069,6 @@ fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::target::TargetResult;
-    use std::sync::Mutex;
 
     const MIB: u64 = 1 << 20;
 
@@ -1543,276 +1155,6 @@ mod tests {
         }
     }
 
-    struct Mem {
-        data: Mutex<Vec<u8>>,
-        log: Mutex<Vec<String>>,
-        fail_errno: Option<i32>,
-        panic_on_read: bool,
-    }
-    impl Mem {
-        fn new(n: usize) -> Self {
-            Self {
-                data: Mutex::new(vec![0; n]),
-                log: Mutex::default(),
-                fail_errno: None,
-                panic_on_read: false,
-            }
-        }
-    }
-    impl BlockTarget for Mem {
-        fn size(&self) -> u64 {
-            self.data.lock().unwrap().len() as u64
-        }
-        fn read(&self, off: u64, buf: &mut [u8]) -> TargetResult<()> {
-            if self.panic_on_read {
-                panic!("boom");
-            }
-            if let Some(e) = self.fail_errno {
-                return Err(TargetError::new(e, "injected"));
-            }
-            let d = self.data.lock().unwrap();
-            buf.copy_from_slice(&d[off as usize..off as usize + buf.len()]);
-            Ok(())
-        }
-        fn write(&self, off: u64, buf: &[u8], fua: bool) -> TargetResult<()> {
-            self.log
-                .lock()
-                .unwrap()
-                .push(format!("write {off} {} fua={fua}", buf.len()));
-            self.data.lock().unwrap()[off as usize..off as usize + buf.len()].copy_from_slice(buf);
-            Ok(())
-        }
-        fn flush(&self) -> TargetResult<()> {
-            self.log.lock().unwrap().push("flush".into());
-            Ok(())
-        }
-        fn discard(&self, off: u64, len: u64) -> TargetResult<()> {
-            self.log
-                .lock()
-                .unwrap()
-                .push(format!("discard {off} {len}"));
-            Ok(())
-        }
-        fn write_zeroes(&self, off: u64, len: u64) -> TargetResult<()> {
-            self.data.lock().unwrap()[off as usize..(off + len) as usize].fill(0);
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn execute_results_and_errno() {
-        let t = Mem::new(1 << 16);
-        let mut buf = vec![7u8; 4096];
-        let w = Req {
-            kind: ReqKind::Write { fua: true },
-            offset: 4096,
-            len: 4096,
-        };
-        assert_eq!(execute(&t, &w, &mut buf), 4096);
-        let mut out = vec![0u8; 4096];
-        let r = Req {
-            kind: ReqKind::Read,
-            offset: 4096,
-            len: 4096,
-        };
-        assert_eq!(execute(&t, &r, &mut out), 4096);
-        assert_eq!(out, buf);
-        assert_eq!(
-            execute(
-                &t,
-                &Req {
-                    kind: ReqKind::Flush,
-                    offset: 0,
-                    len: 0
-                },
-                &mut []
-            ),
-            0
-        );
-        assert_eq!(
-            execute(
-                &t,
-                &Req {
-                    kind: ReqKind::Discard,
-                    offset: 0,
-                    len: 8192
-                },
-                &mut []
-            ),
-            0
-        );
-        assert_eq!(
-            execute(
-                &t,
-                &Req {
-                    kind: ReqKind::WriteZeroes,
-                    offset: 4096,
-                    len: 4096
-                },
-                &mut []
-            ),
-            0
-        );
-        assert_eq!(execute(&t, &r, &mut out), 4096);
-        assert!(out.iter().all(|&b| b == 0));
-        assert_eq!(t.log.lock().unwrap()[0], "write 4096 4096 fua=true");
-
-        let mut bad = Mem::new(4096);
-        bad.fail_errno = Some(libc::ENOSPC);
-        assert_eq!(
-            execute(
-                &bad,
-                &Req {
-                    kind: ReqKind::Read,
-                    offset: 0,
-                    len: 512
-                },
-                &mut out
-            ),
-            -libc::ENOSPC
-        );
-        bad.fail_errno = Some(0);
-        assert_eq!(
-            execute(
-                &bad,
-                &Req {
-                    kind: ReqKind::Read,
-                    offset: 0,
-                    len: 512
-                },
-                &mut out
-            ),
-            -libc::EIO
-        );
-        bad.fail_errno = Some(-5);
-        assert_eq!(
-            execute(
-                &bad,
-                &Req {
-                    kind: ReqKind::Read,
-                    offset: 0,
-                    len: 512
-                },
-                &mut out
-            ),
-            -libc::EIO
-        );
-    }
-
-    fn read_eventfd(q: &QueueShared) -> u64 {
-        let mut v = 0u64;
-        // SAFETY: reads 8 bytes into a live u64 from an eventfd we own.
-        let n = unsafe { libc::read(q.efd.as_raw_fd(), &mut v as *mut u64 as *mut _, 8) };
-        assert_eq!(n, 8);
-        v
-    }
-
-    #[test]
-    fn workers_complete_through_channel_and_eventfd() {
-        let t: Arc<dyn BlockTarget> = Arc::new(Mem::new(1 << 20));
-        let q = Arc::new(QueueShared::new(0, 4, 8192).unwrap());
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let hs: Vec<_> = (0..3)
-            .map(|_| {
-                let (rx, t) = (rx.clone(), t.clone());
-                std::thread::spawn(move || worker_loop(rx, t))
-            })
-            .collect();
-        // tag 1: write pattern through its buffer
-        // SAFETY: tag 1's buffer is at least 8192 bytes and no other thread uses it in this test.
-        unsafe { std::ptr::write_bytes(q.buf_ptr(1), 0xab, 8192) };
-        for (tag, req) in [
-            (
-                1u16,
-                Req {
-                    kind: ReqKind::Write { fua: false },
-                    offset: 8192,
-                    len: 8192,
-                },
-            ),
-            (
-                2,
-                Req {
-                    kind: ReqKind::Flush,
-                    offset: 0,
-                    len: 0,
-                },
-            ),
-            (
-                3,
-                Req {
-                    kind: ReqKind::Discard,
-                    offset: 0,
-                    len: 1 << 20,
-                },
-            ),
-        ] {
-            q.pending.fetch_add(1, Ordering::AcqRel);
-            tx.send(Job {
-                q: q.clone(),
-                tag,
-                req,
-            })
-            .unwrap();
-        }
-        let mut got = Vec::new();
-        while got.len() < 3 {
-            let _ = read_eventfd(&q); // blocks until a worker kicks
-            got.extend(q.done_rx.try_iter());
-        }
-        got.sort();
-        assert_eq!(got, vec![(1, 8192), (2, 0), (3, 0)]);
-        assert_eq!(q.pending.load(Ordering::Acquire), 0);
-        // read it back via tag 0
-        q.pending.fetch_add(1, Ordering::AcqRel);
-        tx.send(Job {
-            q: q.clone(),
-            tag: 0,
-            req: Req {
-                kind: ReqKind::Read,
-                offset: 8192,
-                len: 8192,
-            },
-        })
-        .unwrap();
-        let _ = read_eventfd(&q);
-        assert_eq!(q.done_rx.recv().unwrap(), (0, 8192));
-        // SAFETY: tag 0's buffer is at least 8192 bytes and no other thread uses it in this test.
-        let b0 = unsafe { std::slice::from_raw_parts(q.buf_ptr(0), 8192) };
-        assert!(b0.iter().all(|&b| b == 0xab));
-        drop(tx);
-        for h in hs {
-            h.join().unwrap();
-        }
-    }
-
-    #[test]
-    fn worker_survives_target_panic() {
-        let mut m = Mem::new(4096);
-        m.panic_on_read = true;
-        let t: Arc<dyn BlockTarget> = Arc::new(m);
-        let q = Arc::new(QueueShared::new(0, 1, 4096).unwrap());
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let h = std::thread::spawn(move || worker_loop(rx, t));
-        for _ in 0..2 {
-            q.pending.fetch_add(1, Ordering::AcqRel);
-            tx.send(Job {
-                q: q.clone(),
-                tag: 0,
-                req: Req {
-                    kind: ReqKind::Read,
-                    offset: 0,
-                    len: 512,
-                },
-            })
-            .unwrap();
-            let _ = read_eventfd(&q);
-            assert_eq!(q.done_rx.recv().unwrap(), (0, -libc::EIO));
-        }
-        drop(tx);
-        h.join().unwrap();
-    }
-
     #[test]
     fn stop_handle_first_request_wins() {
         let s = StopHandle::new();
@@ -1863,7 +1205,7 @@ mod tests {
         if Path::new(CONTROL_PATH).exists() {
             return; // only meaningful without the driver
         }
-        let t: Arc<dyn BlockTarget> = Arc::new(Mem::new(1 << 20));
+        let t = Arc::new(crate::frontend::dispatch::tests::Mem::new(1 << 20));
         let e = serve(t, &UblkOptions::default(), |_| {}, StopHandle::new()).unwrap_err();
         assert!(matches!(e, UblkError::ControlMissing));
         assert!(e.to_string().contains("modprobe ublk_drv"), "{e}");

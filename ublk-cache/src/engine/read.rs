@@ -1,0 +1,349 @@
+//! The read path: hits straight from the cache device, misses from the backend
+//! in as few reads as the request allows, and the promotion of what was fetched
+//! after the guest has its data.
+//!
+//! A hit takes its line's shard lock shared for the lookup, pins the slot (it is
+//! not reused while the read runs) and reads the cache device on the calling
+//! loop's ring. Misses of a request are coalesced across lines into one backend
+//! read per contiguous run; the run's line locks are held from the fetch until
+//! the promotion has written the cache, so a concurrent reader of the same line
+//! waits for this fetch instead of fetching again. The promotion runs as its own
+//! task: the guest's request completes as soon as its data has arrived.
+
+use rbd_backend::aio::{self, BufSlice, DmaBuf};
+use rbd_backend::WriteMode;
+use tracing::warn;
+
+use super::map::LineGuard;
+use super::slots::Pin;
+use super::state::Allocation;
+use super::sync::{join_all, Piece};
+use super::{bits, Cache, Engine, Stats, SECTOR};
+use crate::error::{EngineError, EngineResult};
+
+/// Sector range `s0..s1` touched by bytes `a..b` of a line.
+pub(super) fn sectors(a: u64, b: u64) -> (u32, u32) {
+    ((a / SECTOR) as u32, b.div_ceil(SECTOR) as u32)
+}
+
+/// One step of a read plan.
+enum Step<'a> {
+    Hit {
+        slot: u32,
+        in_line: u64,
+        dst: BufSlice,
+        _pin: Pin<'a>,
+    },
+    /// Backend bytes `lo..hi` (contiguous), for `dst`.
+    Miss { lo: u64, hi: u64, dst: BufSlice },
+}
+
+/// Who a fetch is for (whose counters it moves).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reader {
+    Guest,
+    Preload,
+}
+
+impl Engine {
+    pub(super) fn cache(&self) -> Option<&Cache> {
+        self.cache.as_ref().filter(|_| self.mode().uses_cache())
+    }
+
+    pub(super) async fn backend_read(&self, offset: u64, dst: BufSlice) -> EngineResult<()> {
+        let len = dst.len();
+        Stats::add(&self.stats.backend_read_bytes, len as u64);
+        self.backend.read_async(offset, dst).await.map_err(|e| {
+            Stats::add(&self.stats.backend_errors, 1);
+            EngineError::backend(&format!("read at {offset}+{len}"), e)
+        })
+    }
+
+    pub(super) async fn read_impl(&self, offset: u64, dst: BufSlice) -> EngineResult<()> {
+        let Some(c) = self.cache() else {
+            Stats::add(&self.stats.read_misses, 1);
+            return self.backend_read(offset, dst).await;
+        };
+        let steps = self.plan(c, offset, &dst);
+        let (hit, miss) = self.run_plan(c, steps, Reader::Guest).await?;
+        let s = &self.stats;
+        Stats::classify(&s.read_hits, &s.read_misses, &s.read_partial, hit, miss);
+        Ok(())
+    }
+
+    /// Which bytes of `[offset, offset+dst.len())` come from which slot, and
+    /// which from the backend (adjacent misses merged).
+    fn plan<'a>(&self, c: &'a Cache, offset: u64, dst: &BufSlice) -> Vec<Step<'a>> {
+        let st = &c.st;
+        let ls = c.layout.line_size as u64;
+        let mut steps: Vec<Step<'a>> = Vec::new();
+        let mut done = 0u64;
+        for (tag, a, n) in self.split(offset, dst.len() as u64) {
+            let b = a + n;
+            let (s0, s1) = sectors(a, b);
+            let sh = st.map.shard(tag).read();
+            let head = sh.head(&st.slots, tag);
+            let valid = head.map_or(bits::none(), |s| st.slots.valid(s));
+            for (rs, re, hit) in bits::runs(&valid, s0, s1) {
+                let ra = a.max(rs as u64 * SECTOR);
+                let rb = b.min(re as u64 * SECTOR);
+                let d = dst.sub((done + ra - a) as usize, (rb - ra) as usize);
+                match (hit, head) {
+                    (true, Some(slot)) => steps.push(Step::Hit {
+                        slot,
+                        in_line: ra,
+                        dst: d,
+                        _pin: Pin::new(&st.slots, slot),
+                    }),
+                    _ => {
+                        let (lo, hi) = (tag * ls + ra, tag * ls + rb);
+                        match steps.last_mut() {
+                            Some(Step::Miss { hi: h, dst: pd, .. }) if *h == lo => {
+                                // Contiguous on the backend and in the request.
+                                *h = hi;
+                                *pd = pd.buf().slice(pd.offset(), pd.len() + d.len());
+                            }
+                            _ => steps.push(Step::Miss { lo, hi, dst: d }),
+                        }
+                    }
+                }
+            }
+            if let Some(h) = head.filter(|_| !bits::is_empty(&valid)) {
+                st.hit(h);
+            }
+            drop(sh);
+            done += n;
+        }
+        steps
+    }
+
+    /// Run a plan's steps concurrently. Returns (hit bytes, miss bytes).
+    async fn run_plan(&self, c: &Cache, steps: Vec<Step<'_>>, who: Reader) -> EngineResult<(u64, u64)> {
+        let pieces: Vec<Piece<'_, EngineResult<(u64, u64)>>> = steps
+            .into_iter()
+            .map(|s| -> Piece<'_, EngineResult<(u64, u64)>> {
+                match s {
+                    Step::Hit {
+                        slot,
+                        in_line,
+                        dst,
+                        _pin,
+                    } => Box::pin(async move {
+                        let n = dst.len() as u64;
+                        c.store.read_async(slot, in_line, dst).await.inspect_err(|_| {
+                            Stats::add(&self.stats.cache_errors, 1);
+                        })?;
+                        drop(_pin);
+                        if who == Reader::Guest {
+                            Stats::add(&self.stats.read_hit_bytes, n);
+                        }
+                        Ok((n, 0))
+                    }),
+                    Step::Miss { lo, hi, dst } => Box::pin(self.fetch(c, lo, hi, dst, who)),
+                }
+            })
+            .collect();
+        if pieces.is_empty() {
+            return Ok((0, 0));
+        }
+        let mut hit = 0;
+        let mut miss = 0;
+        let mut first_err = None;
+        for r in join_all(pieces).await {
+            match r {
+                Ok((h, m)) => {
+                    hit += h;
+                    miss += m;
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok((hit, miss)),
+        }
+    }
+
+    /// Backend bytes `lo..hi`, which were not cached when planned, into `dst`:
+    /// under the lines' locks, what has become cached meanwhile is read from the
+    /// cache, the rest from the backend in one read per contiguous run of whole
+    /// 4 KiB sectors, which is then promoted. Returns (hit, miss) bytes.
+    async fn fetch(
+        &self,
+        c: &Cache,
+        lo: u64,
+        hi: u64,
+        dst: BufSlice,
+        who: Reader,
+    ) -> EngineResult<(u64, u64)> {
+        let st = &c.st;
+        let ls = c.layout.line_size as u64;
+        let (t0, t1) = (lo / ls, (hi - 1) / ls);
+        let mut guards = Vec::with_capacity((t1 - t0 + 1) as usize);
+        for t in t0..=t1 {
+            // Ascending, one line at a time: see `map` for why this cannot deadlock.
+            guards.push(st.map.lock(t).await);
+        }
+        // What is cached now (another request may have fetched it meanwhile), and
+        // the backend runs of whole sectors that are not.
+        let mut hits: Vec<(u32, u64, u64)> = Vec::new(); // (slot, backend lo, hi)
+        let mut runs: Vec<(u64, u64)> = Vec::new(); // backend, 4 KiB aligned
+        for t in t0..=t1 {
+            let (a, b) = (lo.max(t * ls) - t * ls, hi.min((t + 1) * ls) - t * ls);
+            let (s0, s1) = sectors(a, b);
+            let head = st.head(t);
+            let valid = head.map_or(bits::none(), |s| st.slots.valid(s));
+            for (rs, re, hit) in bits::runs(&valid, s0, s1) {
+                match (hit, head) {
+                    (true, Some(slot)) => {
+                        let (ra, rb) = (a.max(rs as u64 * SECTOR), b.min(re as u64 * SECTOR));
+                        hits.push((slot, t * ls + ra, t * ls + rb));
+                    }
+                    _ => {
+                        let (ra, rb) = (t * ls + rs as u64 * SECTOR, t * ls + re as u64 * SECTOR);
+                        match runs.last_mut() {
+                            Some((_, h)) if *h == ra => *h = rb,
+                            _ => runs.push((ra, rb)),
+                        }
+                    }
+                }
+            }
+        }
+        let mut fetched: Vec<(u64, DmaBuf)> = runs
+            .iter()
+            .map(|&(a, b)| (a, DmaBuf::new((b - a) as usize)))
+            .collect();
+        {
+            let mut pieces: Vec<Piece<'_, EngineResult<()>>> = Vec::new();
+            for &(slot, a, b) in &hits {
+                let d = dst.sub((a - lo) as usize, (b - a) as usize);
+                let in_line = a % ls;
+                pieces.push(Box::pin(async move {
+                    c.store.read_async(slot, in_line, d).await.inspect_err(|_| {
+                        Stats::add(&self.stats.cache_errors, 1);
+                    })
+                }));
+            }
+            for (a, buf) in &fetched {
+                let s = buf.slice_all();
+                let a = *a;
+                pieces.push(Box::pin(self.backend_read(a, s)));
+            }
+            for r in join_all(pieces).await {
+                r?;
+            }
+        }
+        // Hand the guest its bytes from the fetched sectors.
+        let mut miss = 0;
+        for (a, buf) in fetched.iter_mut() {
+            let b = *a + buf.len() as u64;
+            let (x, y) = (lo.max(*a), hi.min(b));
+            if x >= y {
+                continue;
+            }
+            let part = dst.sub((x - lo) as usize, (y - x) as usize);
+            let src = buf.bytes().expect("fetch finished");
+            // SAFETY: this request owns `dst` (and so `part`) until it completes,
+            // and no other step of it writes this range.
+            unsafe { part.request_bytes_mut() }
+                .copy_from_slice(&src[(x - *a) as usize..(y - *a) as usize]);
+            miss += y - x;
+        }
+        let hit: u64 = hits.iter().map(|&(_, a, b)| b - a).sum();
+        match who {
+            Reader::Guest => {
+                Stats::add(&self.stats.read_hit_bytes, hit);
+                Stats::add(&self.stats.read_miss_bytes, miss);
+            }
+            Reader::Preload => Stats::add(&self.stats.preload_bytes, miss),
+        }
+        if !fetched.is_empty() && self.mode().promotes_reads() {
+            let me = self.arc();
+            let promote = async move { me.promote(fetched, guards).await };
+            match aio::spawn(promote) {
+                Ok(t) => t.detach(),
+                Err(e) => warn!("cache promotion skipped: {e}"),
+            }
+        }
+        Ok((hit, miss))
+    }
+
+    /// Preload: fetch `lo..hi` (one line's worth) as a non-guest reader; returns
+    /// the bytes read from the backend.
+    pub(super) async fn fetch_for_preload(
+        &self,
+        c: &Cache,
+        lo: u64,
+        hi: u64,
+        dst: BufSlice,
+    ) -> EngineResult<u64> {
+        Ok(self.fetch(c, lo, hi, dst, Reader::Preload).await?.1)
+    }
+
+    /// Put sectors read from the backend into the cache, then let go of their
+    /// lines. Best effort: no free slot, or a cache write error, only costs a
+    /// future miss; nothing here waits for space.
+    async fn promote(self: std::sync::Arc<Self>, fetched: Vec<(u64, DmaBuf)>, guards: Vec<LineGuard>) {
+        let Some(c) = self.cache() else { return };
+        let st = &c.st;
+        let ls = c.layout.line_size as u64;
+        let mut writes: Vec<(u64, u32, u32, u32, bool, BufSlice)> = Vec::new(); // tag, slot, s0, s1, fresh, data
+        for (a, buf) in &fetched {
+            let b = *a + buf.len() as u64;
+            let mut pos = *a;
+            while pos < b {
+                let t = pos / ls;
+                let end = b.min((t + 1) * ls);
+                let (s0, s1) = ((pos % ls / SECTOR) as u32, ((end - t * ls) / SECTOR) as u32);
+                let data = buf.slice((pos - *a) as usize, (end - pos) as usize);
+                pos = end;
+                let mut sh = st.map.shard(t).write();
+                let (slot, fresh) = match sh.head(&st.slots, t) {
+                    Some(s) => (s, false),
+                    None => match st.map_free_slot(&mut sh, t) {
+                        Allocation::Slot(s) => (s, true),
+                        Allocation::NoFree => {
+                            drop(sh);
+                            self.kick_refill();
+                            continue;
+                        }
+                        Allocation::Releasing => continue,
+                    },
+                };
+                writes.push((t, slot, s0, s1, fresh, data));
+            }
+        }
+        let pieces: Vec<Piece<'_, EngineResult<()>>> = writes
+            .iter()
+            .map(|(_, slot, s0, _, _, data)| -> Piece<'_, EngineResult<()>> {
+                let (slot, off, data) = (*slot, *s0 as u64 * SECTOR, data.clone());
+                Box::pin(async move { c.store.write_async(slot, off, data, WriteMode::Normal).await })
+            })
+            .collect();
+        let results = if pieces.is_empty() { Vec::new() } else { join_all(pieces).await };
+        for ((t, slot, s0, s1, fresh, _), r) in writes.into_iter().zip(results) {
+            let mut sh = st.map.shard(t).write();
+            let rec = st.slots.get(slot);
+            if rec.tag != t {
+                continue;
+            }
+            match r {
+                Ok(()) => {
+                    let mut new = rec;
+                    new.valid = bits::or(&rec.valid, &bits::range(s0, s1));
+                    st.set_rec(&mut sh, slot, new, false);
+                }
+                Err(e) => {
+                    Stats::add(&self.stats.cache_errors, 1);
+                    warn!("cache promotion write failed: {e}");
+                    if fresh && bits::is_empty(&rec.valid) {
+                        st.unmap_unused(&mut sh, slot);
+                    }
+                }
+            }
+        }
+        drop(guards);
+    }
+}
