@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use crate::allocation::AllocationMap;
 use crate::error::Result;
 
 /// What a backend is, recorded in the cache superblock so that a cache is never
@@ -105,6 +106,12 @@ pub trait Backend: Send + Sync {
     fn acquire_lock(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Where the backend's data is, if it can tell (see `allocation.rs`);
+    /// `None` means all data.
+    fn allocation_map(&self) -> Option<&dyn AllocationMap> {
+        None
+    }
 }
 
 /// Lets shared or boxed backends (e.g. `Arc<dyn Backend>`, or an `Arc<MemBackend>` a
@@ -153,6 +160,9 @@ macro_rules! forward_backend {
             }
             fn acquire_lock(&self) -> Result<()> {
                 (**self).acquire_lock()
+            }
+            fn allocation_map(&self) -> Option<&dyn AllocationMap> {
+                (**self).allocation_map()
             }
         }
     };

@@ -4,6 +4,7 @@
 //! RBD backend over librbd.
 
 pub mod aligned;
+pub mod allocation;
 pub mod backend;
 pub mod error;
 pub mod fault;
@@ -15,6 +16,7 @@ pub mod rbd;
 mod sys;
 
 pub use aligned::AlignedBuf;
+pub use allocation::{Allocation, AllocationMap};
 pub use backend::{Backend, BackendChanges, BackendIdentity};
 pub use error::{BackendError, ErrorKind, Result};
 pub use fault::{FaultStats, FaultyBackend, FaultyBackendBuilder, OpKind};

@@ -1,6 +1,7 @@
 //! `FileBackend`: a regular file (`file:PATH`) or kernel block device (`dev:PATH`)
 //! as the backing disk.
 
+mod allocation;
 mod direct;
 mod open;
 mod zero;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::allocation::AllocationMap;
 use crate::backend::{Backend, BackendIdentity};
 use crate::error::{BackendError, ErrorKind, Result};
 use crate::io_engine::{open_engine, EngineChoice, EngineKind, IoEngine};
@@ -287,6 +289,14 @@ impl Backend for FileBackend {
                 tracing::warn!(error = %e, "cannot read the backend's mtime");
                 None
             }
+        }
+    }
+
+    /// A regular file knows its holes; a block device reports all data.
+    fn allocation_map(&self) -> Option<&dyn AllocationMap> {
+        match self.kind {
+            FileKind::File => Some(self),
+            FileKind::Device => None,
         }
     }
 

@@ -18,6 +18,7 @@ mod persist;
 pub mod shadow;
 pub mod state;
 mod stats;
+mod status;
 pub mod store;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -308,5 +309,8 @@ impl BlockTarget for Engine {
         };
         self.stats.latency.record(Op::Discard, t.elapsed());
         Ok(r?)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> TargetResult<Vec<crate::target::Extent>> {
+        Ok(Engine::block_status(self, offset, len)?)
     }
 }
