@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use super::handshake::{negotiate, ExportInfo, Negotiated};
+use super::handshake::{ExportInfo, Negotiated, Negotiation, TlsPolicy};
 use super::proto::ConnError;
 use super::transmission::{transmit, End, TransmitConfig};
 use super::{export_flags, uri_for_tcp, uri_for_unix, ListenSpec, NbdError, NbdOptions};
@@ -503,10 +503,16 @@ fn serve_conn(
         stream.try_clone().map_err(io_err("cloning the socket"))?,
     );
     let mut writer = stream;
-    match negotiate(&mut reader, &mut writer, export)? {
+    let mut n = Negotiation::greet(&mut reader, &mut writer, TlsPolicy::Off)?;
+    let session = match n.haggle(&mut reader, &mut writer, export)? {
         Negotiated::Aborted => return Ok("client ended the handshake"),
-        Negotiated::Transmission => {}
-    }
+        Negotiated::Transmission(s) => s,
+        Negotiated::StartTls => {
+            return Err(ConnError::Internal(
+                "TLS acknowledged on a listener without TLS".into(),
+            ))
+        }
+    };
     writer
         .set_timeouts(None)
         .map_err(io_err("clearing socket timeouts"))?;
@@ -515,6 +521,7 @@ fn serve_conn(
         size: export.size,
         workers: opts.workers_per_connection,
         max_inflight_bytes: opts.max_inflight_bytes,
+        session,
         peer: peer.to_string(),
     };
     let out = Mutex::new(writer);
