@@ -620,7 +620,12 @@ fn parse_replies(
         rest = &rest[hl + plen..];
         let &(off, len, rkind) = reqs.get(&handle).expect("known handle");
         let entry = partial.entry(handle).or_insert_with(|| {
-            let n = if rkind == CMD_READ { len as usize } else { 0 };
+            // A mutated READ longer than the server accepts only gets an error.
+            let n = if rkind == CMD_READ && len <= u64::from(MAX_PAYLOAD) {
+                len as usize
+            } else {
+                0
+            };
             (vec![0u8; n], vec![false; n], None, None)
         });
         match kind {
