@@ -21,6 +21,9 @@ Configurations (README.md, section "Benchmarks", says more):
          sequential 1 MiB write on the backend file; and over the slow backend
          against the slow backend's sequential write through NBD.
   ram    metadata RAM per GiB of cache at 64 KiB lines (benches metadata-ram).
+  sparse nbdcopy of a sparse export (1/64 of it data, in 1 MiB extents) to null:,
+         ours (serve --mode none) against qemu-nbd on the same file: both answer
+         block status, so the copy skips the holes; the ratio is of copy speed.
 
 Environment (defaults in brackets):
   BENCH_DIR [/var/tmp]  where the scratch files go (needs ~6x BENCH_SIZE free)
@@ -108,13 +111,13 @@ def params():
     smoke = env("BENCH_SMOKE", "0") == "1"
     if smoke:
         d = dict(size="64M", runtime="1", ramp="0", repeats="1", drain="16M", ram="1",
-                 jobs="randread-4k-qd32", groups="local,slow,drain")
+                 jobs="randread-4k-qd32", groups="local,slow,drain,sparse")
     elif long_run:
         d = dict(size="4G", runtime="20", ramp="5", repeats="5", drain="1G", ram="4",
-                 jobs="", groups="local,slow,drain,ram")
+                 jobs="", groups="local,slow,drain,ram,sparse")
     else:
         d = dict(size="1G", runtime="1.5", ramp="0.5", repeats="3", drain="256M", ram="2",
-                 jobs="", groups="local,slow,drain,ram")
+                 jobs="", groups="local,slow,drain,ram,sparse")
     p = {
         "size": parse_size(env("BENCH_SIZE", d["size"])),
         "runtime": seconds("BENCH_RUNTIME", env("BENCH_RUNTIME", d["runtime"])),
@@ -135,8 +138,9 @@ def params():
         if j not in JOBS:
             raise BenchError(f"BENCH_JOBS: unknown job {j!r} (known: {', '.join(JOBS)})")
     for g in p["groups"]:
-        if g not in ("local", "slow", "drain", "ram"):
-            raise BenchError(f"BENCH_GROUPS: unknown group {g!r} (known: local, slow, drain, ram)")
+        if g not in ("local", "slow", "drain", "ram", "sparse"):
+            raise BenchError(f"BENCH_GROUPS: unknown group {g!r} "
+                             "(known: local, slow, drain, ram, sparse)")
     if p["runtime"] <= 0:
         raise BenchError("BENCH_RUNTIME must be positive")
     if p["repeats"] < 1:
@@ -275,6 +279,44 @@ class Bench:
                       f"--size={size}", "--ioengine=io_uring", "--direct=1",
                       "--iodepth=16"], None)
 
+    def make_sparse(self, path, size):
+        """A sparse file with 1/64 of it data: 1 MiB extents, evenly spread."""
+        log(f"preparing {path} ({size >> 20} MiB, sparse)")
+        with open(path, "wb") as f:
+            f.truncate(size)
+            step = 64 * MIB
+            for off in range(0, size, step):
+                f.seek(off)
+                f.write(os.urandom(MIB))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def sparse_cell(self, cfg):
+        """nbdcopy of the sparse export to null:, timed (server start and stop outside)."""
+        w, sock = self.work, self.sock
+        if cfg == "ours-sparse":
+            s = Server([str(self.bin["ublk-cache"]), "serve", "--backend", f"file:{w / 'sparse.img'}",
+                        "--mode", "none", "--export", f"nbd:unix:{sock}"],
+                       w / f"{cfg}.log", sock, env_extra=self.env)
+        else:
+            s = Server([tool("qemu-nbd"), "--persistent", "--format=raw", "--cache=none",
+                        "--aio=io_uring", "--read-only", f"--socket={sock}", str(w / "sparse.img")],
+                       w / f"{cfg}.log", sock, prints_uri=False)
+        try:
+            t0 = time.monotonic()
+            r = subprocess.run([tool("nbdcopy"), s.uri, "null:"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+            secs = time.monotonic() - t0
+        finally:
+            s.stop()
+        if r.returncode != 0:
+            raise BenchError(f"nbdcopy from {cfg} failed: {r.stdout.decode(errors='replace')[-2000:]}")
+        sample = {"mib_s": self.p["size"] / MIB / secs, "seconds": secs}
+        self.results.setdefault("sparse", {}).setdefault(cfg, {}).setdefault(
+            "nbdcopy", []).append(sample)
+        log(f"  sparse {cfg:14} nbdcopy of {self.p['size'] >> 20} MiB in {secs:.3f} s "
+            f"({sample['mib_s']:.0f} MiB/s of disk)")
+
     def wipe_cache_header(self, path):
         """Zero the superblocks (the first MiB): the next start formats the
         cache afresh, empty, on the same allocated blocks."""
@@ -296,6 +338,8 @@ class Bench:
         for f in dict.fromkeys(files):
             log(f"preparing {w / f} ({self.p['size'] >> 20} MiB)")
             self.fill(w / f, self.p["size"])
+        if "sparse" in g:
+            self.make_sparse(w / "sparse.img", self.p["size"])
         if "slow" in g:
             # The cold cache lives on written (allocated) storage like a real
             # cache device, not on a fresh sparse file whose first writes pay
@@ -433,6 +477,9 @@ class Bench:
                 if "slow" in p["groups"]:
                     self.cell("drain", "slow-nocache", "seqwrite-1m-qd16")
                     self.drain_cell(p["write_delay_ms"])
+            if "sparse" in p["groups"]:
+                for cfg in ("ours-sparse", "qemu-nbd-sparse"):
+                    self.sparse_cell(cfg)
         ram = None
         if "ram" in p["groups"]:
             log(f"metadata RAM probe ({p['ram_gib']} GiB cache)")
@@ -576,6 +623,21 @@ def report(p, res, ram, started, host):
             if r:
                 all_ratios.append({"group": "drain", "job": "drain", "metric": "mib_s",
                                    "num": cfg, "den": peer, **r})
+        out += [""]
+    if "sparse" in res:
+        d = res["sparse"]
+        a = [x["mib_s"] for x in d.get("ours-sparse", {}).get("nbdcopy", [])]
+        b = [x["mib_s"] for x in d.get("qemu-nbd-sparse", {}).get("nbdcopy", [])]
+        out.append(f"Sparse copy: `nbdcopy URI null:` of a {p['size'] >> 20} MiB export with 1/64 "
+                   "of it data (MiB of disk per second, higher is better):")
+        out.append("")
+        out.append("| ours (serve --mode none) | qemu-nbd | ours / qemu-nbd |")
+        out.append("|---|---|---|")
+        r = paired_ratio(a, b)
+        out.append(f"| {fmt_cell(a, 'mib_s')} | {fmt_cell(b, 'mib_s')} | {fmt_ratio(r)} |")
+        if r:
+            all_ratios.append({"group": "sparse", "job": "nbdcopy", "metric": "mib_s",
+                               "num": "ours-sparse", "den": "qemu-nbd-sparse", **r})
         out += [""]
     if ram:
         per_gib = ram["lines"] * 65536 / (1 << 30)

@@ -45,6 +45,9 @@ cargo build --release -q -p ublk-cache -p ublk-cache-benches
 bench_json=$(mktemp -d /tmp/ublk-cache-bench-smoke.XXXXXX)
 BENCH_SMOKE=1 BENCH_JSON="$bench_json/smoke.json" /usr/bin/python3 benches/run.py
 rm -rf "$bench_json"
+echo "== Debian package: build, install into a clean Debian 12 root, run --version and demo there"
+deb=$(scripts/build-deb.sh)
+scripts/test-deb.sh "$deb"
 if [[ ${UBLK_CACHE_SKIP_VM:-0} == 1 ]]; then
     echo "SKIP: VM scenarios (UBLK_CACHE_SKIP_VM=1): the ublk path was NOT tested"
 else

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use crate::aio::BufSlice;
+use crate::allocation::AllocationMap;
 use crate::error::Result;
 use crate::io::{ready, IoFut, WriteMode};
 
@@ -141,6 +142,12 @@ pub trait Backend: Send + Sync {
     fn acquire_lock(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Where the backend's data is, if it can tell (see `allocation.rs`);
+    /// `None` means all data.
+    fn allocation_map(&self) -> Option<&dyn AllocationMap> {
+        None
+    }
 }
 
 /// Lets shared or boxed backends (e.g. `Arc<dyn Backend>`, or an `Arc<MemBackend>` a
@@ -204,6 +211,9 @@ macro_rules! forward_backend {
             }
             fn acquire_lock(&self) -> Result<()> {
                 (**self).acquire_lock()
+            }
+            fn allocation_map(&self) -> Option<&dyn AllocationMap> {
+                (**self).allocation_map()
             }
         }
     };

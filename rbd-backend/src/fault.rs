@@ -343,6 +343,11 @@ impl<B: Backend> Backend for FaultyBackend<B> {
         self.inner.size()
     }
 
+    /// The inner backend's map: faults and delays apply to I/O only.
+    fn allocation_map(&self) -> Option<&dyn crate::AllocationMap> {
+        self.inner.allocation_map()
+    }
+
     fn current_size(&self) -> u64 {
         self.inner.current_size()
     }

@@ -5,6 +5,7 @@
 
 pub mod aio;
 pub mod aligned;
+pub mod allocation;
 pub mod backend;
 pub mod error;
 pub mod fault;
@@ -17,6 +18,7 @@ pub mod rbd;
 mod sys;
 
 pub use aligned::AlignedBuf;
+pub use allocation::{Allocation, AllocationMap};
 pub use backend::{Backend, BackendChanges, BackendIdentity};
 pub use error::{BackendError, ErrorKind, Result};
 pub use io::{IoFut, WriteMode};

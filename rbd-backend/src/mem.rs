@@ -4,6 +4,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use crate::allocation::{Allocation, AllocationMap};
 use crate::backend::{Backend, BackendIdentity};
 use crate::error::{BackendError, ErrorKind, Result};
 
@@ -161,6 +162,10 @@ impl Backend for MemBackend {
         Some(self.generation.load(Ordering::Relaxed))
     }
 
+    fn allocation_map(&self) -> Option<&dyn AllocationMap> {
+        Some(self)
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let data = self.read_lock();
         let r = self.range("read", offset, buf.len() as u64, data.len())?;
@@ -192,6 +197,28 @@ impl Backend for MemBackend {
         let r = self.range("write_zeroes", offset, len, data.len())?;
         data[r].fill(0);
         Ok(())
+    }
+}
+
+/// Blocks of this size that read as all zeroes are reported as holes.
+const HOLE_GRAIN: u64 = 4096;
+
+/// A memory disk has no allocation of its own: all-zero 4 KiB blocks count as
+/// holes (they read as zeroes, which is what a hole promises).
+impl AllocationMap for MemBackend {
+    fn allocation(&self, offset: u64, len: u64) -> Result<Allocation> {
+        let data = self.read_lock();
+        let r = self.range("allocation query", offset, len, data.len())?;
+        let mut extents = Vec::new();
+        let mut pos = r.start as u64;
+        while pos < r.end as u64 {
+            let next = ((pos / HOLE_GRAIN + 1) * HOLE_GRAIN).min(r.end as u64);
+            if data[pos as usize..next as usize].iter().any(|&b| b != 0) {
+                extents.push((pos, next - pos));
+            }
+            pos = next;
+        }
+        Ok(Allocation::from_extents(offset, offset + len, extents))
     }
 }
 

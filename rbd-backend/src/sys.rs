@@ -165,6 +165,29 @@ pub fn dio_alignment(file: &File) -> io::Result<Option<DioAlign>> {
     }))
 }
 
+/// `lseek(fd, offset, SEEK_DATA)` or `SEEK_HOLE` (`data`): the next data (or hole)
+/// at or after `offset`; `None` where there is none before the end (ENXIO). Leaves
+/// the file position alone in any way that matters: every other I/O here is
+/// positional (pread/pwrite, io_uring with offsets).
+pub fn seek_data_or_hole(file: &File, offset: u64, data: bool) -> io::Result<Option<u64>> {
+    let off = to_off(offset)?;
+    let whence = if data {
+        libc::SEEK_DATA
+    } else {
+        libc::SEEK_HOLE
+    };
+    // SAFETY: plain syscall on a borrowed, open fd; no memory is passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(r as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::ioc;

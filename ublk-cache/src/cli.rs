@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use policies::{CacheMode, WritebackOrder};
 
 use crate::size::parse_size;
@@ -130,6 +130,8 @@ pub struct ServeArgs {
     #[arg(long, default_value = "0600", value_parser = parse_mode)]
     pub socket_mode: u32,
     #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
     pub ceph: CephArgs,
     /// The cache: a file (created and sized from --cache-size if missing) or a block device such as an LV.
     #[arg(long)]
@@ -191,6 +193,31 @@ pub struct ServeArgs {
     /// earlier stay on this host may be older than the source's last write).
     #[arg(long)]
     pub migrate_in: bool,
+}
+
+/// TLS on the NBD exports (NBD_OPT_STARTTLS).
+#[derive(Debug, Clone, Args)]
+pub struct TlsArgs {
+    /// The server's TLS certificate chain (PEM). Offers TLS on every NBD export.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM): clients must present a certificate one of them signed.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+    /// require (the default with --tls-cert): refuse clients that do not upgrade to TLS;
+    /// optional: let them choose; off: no TLS.
+    #[arg(long, value_name = "MODE")]
+    pub tls: Option<TlsMode>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TlsMode {
+    Require,
+    Optional,
+    Off,
 }
 
 /// How an rbd: backend reaches its cluster (ignored by other backends).

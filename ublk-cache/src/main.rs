@@ -411,6 +411,12 @@ fn demo(dir: Option<&Path>, size: u64, cache_size: u64, run_dir: &Path) -> Resul
         backend: spec::BackendSpec::File(backend),
         exports,
         socket_mode: 0o600,
+        tls: cli::TlsArgs {
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            tls: None,
+        },
         ceph: cli::CephArgs {
             ceph_conf: None,
             ceph_id: "admin".into(),

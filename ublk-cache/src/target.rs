@@ -65,6 +65,16 @@ pub trait AsyncTarget: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = TargetResult<()>>;
 }
 
+
+/// One extent of a block-status answer (NBD's `base:allocation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    /// A hole: unallocated, and it reads as zeroes. `false` means data (or unknown),
+    /// which is always a safe answer.
+    pub hole: bool,
+}
+
 /// The block device a frontend serves, for callers that block.
 pub trait BlockTarget: Send + Sync {
     /// Size in bytes.
@@ -80,4 +90,12 @@ pub trait BlockTarget: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> TargetResult<()>;
     /// The range reads back as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64) -> TargetResult<()>;
+    /// Which parts of `[offset, offset + len)` hold data and which are holes:
+    /// consecutive extents from `offset`, at least one, possibly covering less
+    /// than asked (the caller asks again for the rest). The default knows
+    /// nothing, so everything is data.
+    fn block_status(&self, offset: u64, len: u64) -> TargetResult<Vec<Extent>> {
+        let _ = offset;
+        Ok(vec![Extent { len, hole: false }])
+    }
 }

@@ -2,6 +2,7 @@
 //! as the backing disk.
 
 mod aio;
+mod allocation;
 mod direct;
 mod open;
 mod zero;
@@ -14,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
+use crate::allocation::AllocationMap;
 use crate::backend::{Backend, BackendIdentity};
 use crate::error::{BackendError, ErrorKind, Result};
 use crate::io_engine::{open_engine, EngineChoice, EngineKind, IoEngine};
@@ -288,6 +290,14 @@ impl Backend for FileBackend {
                 tracing::warn!(error = %e, "cannot read the backend's mtime");
                 None
             }
+        }
+    }
+
+    /// A regular file knows its holes; a block device reports all data.
+    fn allocation_map(&self) -> Option<&dyn AllocationMap> {
+        match self.kind {
+            FileKind::File => Some(self),
+            FileKind::Device => None,
         }
     }
 

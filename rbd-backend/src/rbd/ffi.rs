@@ -631,13 +631,31 @@ impl Image {
     /// `[ofs, ofs+len)`. Includes changes inherited from a clone's parent.
     pub fn diff_since(&self, from: &str, ofs: u64, len: u64) -> Result<Vec<(u64, u64)>, Errno> {
         let f = cstr(from)?;
+        self.diff_iterate(f.as_ptr(), ofs, len)
+    }
+
+    /// The extents `(offset, length)` that hold data in `[ofs, ofs+len)`: the
+    /// diff against nothing (`fromsnapname` NULL), including what a clone
+    /// inherits from its parent. Everything else reads as zeroes.
+    pub fn allocated(&self, ofs: u64, len: u64) -> Result<Vec<(u64, u64)>, Errno> {
+        self.diff_iterate(std::ptr::null(), ofs, len)
+    }
+
+    /// `rbd_diff_iterate2` from `from` (a C string, or NULL for "from nothing").
+    fn diff_iterate(
+        &self,
+        from: *const c_char,
+        ofs: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, u64)>, Errno> {
         let mut out: Vec<(u64, u64)> = Vec::new();
-        // SAFETY: live image, valid C string; `out` outlives the call, which runs
-        // the callback only synchronously, on this thread or while we wait.
+        // SAFETY: live image; `from` is NULL or a C string the caller keeps alive
+        // across the call; `out` outlives the call, which runs the callback only
+        // synchronously, on this thread or while we wait.
         Errno::check(unsafe {
             rbd_diff_iterate2(
                 self.h,
-                f.as_ptr(),
+                from,
                 ofs,
                 len,
                 1,

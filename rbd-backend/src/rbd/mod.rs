@@ -25,6 +25,7 @@
 //!   keeps the data dirty (`back`) or returns EIO (other modes).
 
 mod admin;
+mod allocation;
 mod ffi;
 mod handover;
 mod spec;
@@ -40,6 +41,7 @@ use std::time::Duration;
 pub use admin::{RbdAdmin, RbdRawImage};
 pub use spec::{RbdOptions, RbdSpec, DEFAULT_IO_TIMEOUT, DEFAULT_LOCK_TIMEOUT};
 
+use crate::allocation::AllocationMap;
 use crate::backend::{Backend, BackendChanges, BackendIdentity};
 use crate::error::{BackendError, ErrorKind, Result};
 use ffi::{Cluster, Errno, Image, IoCtx, UpdateWatch};
@@ -723,6 +725,11 @@ impl RbdBackend {
 }
 
 impl Backend for RbdBackend {
+    /// From `rbd_diff_iterate2` against nothing (see `allocation.rs`).
+    fn allocation_map(&self) -> Option<&dyn AllocationMap> {
+        Some(self)
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

@@ -24,6 +24,7 @@ pub mod shadow;
 mod slots;
 pub mod state;
 mod stats;
+mod status;
 pub mod store;
 mod sync;
 mod trim;
@@ -372,6 +373,9 @@ impl BlockTarget for Engine {
 
     fn write_zeroes(&self, offset: u64, len: u64) -> TargetResult<()> {
         Ok(blocking(self.write_zeroes_async(offset, len))?)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> TargetResult<Vec<crate::target::Extent>> {
+        Ok(Engine::block_status(self, offset, len)?)
     }
 }
 

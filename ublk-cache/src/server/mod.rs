@@ -6,6 +6,7 @@
 pub mod open;
 pub mod registry;
 pub mod services;
+mod tls;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tracing::{error, info, warn};
-use ublk_cache::frontend::nbd::{ListenSpec, Listeners, NbdOptions, NbdServer};
+use ublk_cache::frontend::nbd::{ListenSpec, Listeners, NbdServer};
 use ublk_cache::frontend::ublk::{self as fe, ServeOutcome, StopHandle, StopKind, UblkOptions};
 use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig};
@@ -95,6 +96,7 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
             ExportSpec::Ublk => None,
         })
         .collect();
+    let nbd_opts = tls::nbd_options(&args.tls)?;
     let listeners = if nbd_specs.is_empty() {
         None
     } else {
@@ -136,7 +138,7 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
     let target: Arc<dyn BlockTarget> = engine.clone();
     let nbd = match listeners {
         None => None,
-        Some(l) => match NbdServer::start(l, Arc::clone(&target), NbdOptions::default()) {
+        Some(l) => match NbdServer::start(l, Arc::clone(&target), nbd_opts) {
             Ok(s) => Some(s),
             Err(e) => {
                 shutdown_after_failure(&engine, None);

@@ -7,10 +7,13 @@
 //!
 //! Fixed newstyle handshake only ([`handshake`]): `NBD_OPT_GO`, `NBD_OPT_INFO`
 //! (with `NBD_INFO_EXPORT` and `NBD_INFO_BLOCK_SIZE`: minimum 512, preferred
-//! 4096, maximum payload 32 MiB), `NBD_OPT_LIST`, `NBD_OPT_ABORT` and
-//! `NBD_OPT_EXPORT_NAME`; every other option gets `NBD_REP_ERR_UNSUP`. One
-//! export, the default one (empty name). Transmission ([`transmission`]) with
-//! simple replies: READ, WRITE (+FUA), FLUSH, TRIM, WRITE_ZEROES (+NO_HOLE) and
+//! 4096, maximum payload 32 MiB), `NBD_OPT_LIST`, `NBD_OPT_ABORT`,
+//! `NBD_OPT_EXPORT_NAME`, `NBD_OPT_STRUCTURED_REPLY`, `NBD_OPT_EXTENDED_HEADERS`,
+//! `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT` (`base:allocation`)
+//! and `NBD_OPT_STARTTLS` ([`tls`]); every other option gets
+//! `NBD_REP_ERR_UNSUP`. One export, the default one (empty name). Transmission
+//! ([`transmission`]) with simple, structured or extended replies: READ, WRITE
+//! (+FUA), FLUSH, TRIM, WRITE_ZEROES (+NO_HOLE), BLOCK_STATUS (+REQ_ONE) and
 //! DISC. Transmission flags: see [`export_flags`].
 //!
 //! # Threads, not tokio
@@ -36,13 +39,16 @@
 pub mod handshake;
 pub mod proto;
 mod server;
+pub mod tls;
 pub mod transmission;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use handshake::TlsPolicy;
 pub use server::{Listeners, NbdServer};
+pub use tls::{TlsConfig, TlsFiles};
 
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +75,10 @@ pub struct NbdOptions {
     pub handshake_timeout: Duration,
     /// At stop: how long to wait for clients that stopped reading their replies.
     pub stop_grace: Duration,
+    /// TLS credentials (`NBD_OPT_STARTTLS` is offered only with them).
+    pub tls: Option<TlsConfig>,
+    /// Whether clients must upgrade to TLS; `Off` unless `tls` is set.
+    pub tls_policy: TlsPolicy,
 }
 
 impl Default for NbdOptions {
@@ -79,6 +89,8 @@ impl Default for NbdOptions {
             max_inflight_bytes: 128 << 20,
             handshake_timeout: Duration::from_secs(30),
             stop_grace: Duration::from_secs(30),
+            tls: None,
+            tls_policy: TlsPolicy::Off,
         }
     }
 }

@@ -14,6 +14,12 @@ pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Prefix of every simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Prefix of every structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Prefix of every request once extended headers are negotiated.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Prefix of every reply chunk once extended headers are negotiated.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 // Handshake flags (server, 16 bits).
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -51,11 +57,32 @@ pub const OPT_EXTENDED_HEADERS: u32 = 11;
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 const REP_ERR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_ERR + 1;
 pub const REP_ERR_POLICY: u32 = REP_ERR + 2;
 pub const REP_ERR_INVALID: u32 = REP_ERR + 3;
+pub const REP_ERR_TLS_REQD: u32 = REP_ERR + 5;
 pub const REP_ERR_UNKNOWN: u32 = REP_ERR + 6;
+pub const REP_ERR_TOO_BIG: u32 = REP_ERR + 9;
+pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_ERR + 10;
+
+/// The one metadata context this server offers.
+pub const META_BASE_ALLOCATION: &str = "base:allocation";
+/// The id it gets when selected (any nonzero value would do; it is per connection).
+pub const META_BASE_ALLOCATION_ID: u32 = 1;
+// Flags of `base:allocation` extents.
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
+
+// Structured / extended reply chunk flags and types.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
 
 // Information types of NBD_REP_INFO.
 pub const INFO_EXPORT: u16 = 0;
@@ -79,6 +106,7 @@ pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 // Error values of the transmission phase (the protocol's own numbering, which
 // matches Linux errno for these).
@@ -98,10 +126,18 @@ pub const PREFERRED_BLOCK: u32 = 4096;
 /// Largest READ or WRITE payload (32 MiB, the protocol's interoperable maximum).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 
-/// Length of a request header.
+/// Length of a request header (compact).
 pub const REQUEST_LEN: usize = 28;
+/// Length of a request header with extended headers.
+pub const EXTENDED_REQUEST_LEN: usize = 32;
 /// Length of a simple reply header.
 pub const SIMPLE_REPLY_LEN: usize = 16;
+/// Length of a structured reply chunk header.
+pub const STRUCTURED_REPLY_LEN: usize = 20;
+/// Length of an extended reply chunk header.
+pub const EXTENDED_REPLY_LEN: usize = 32;
+/// Longest error message put in an error chunk (the protocol's string limit).
+pub const MAX_MESSAGE: usize = 4096;
 /// Length of an option header (magic, option, length).
 pub const OPTION_HEADER_LEN: usize = 16;
 /// Length of the greeting the server sends first.
@@ -131,6 +167,14 @@ pub enum ProtocolError {
         "NBD_OPT_EXPORT_NAME asked for export {0:?}; the only export is the default one (\"\")"
     )]
     UnknownExport(String),
+    #[error("NBD_OPT_EXPORT_NAME without TLS, but this export requires TLS (--tls require)")]
+    TlsRequired,
+    #[error(
+        "NBD_OPT_EXPORT_NAME after extended headers were negotiated (the protocol forbids it)"
+    )]
+    ExportNameWithExtendedHeaders,
+    #[error("request payload of {0} bytes is more than the {MAX_PAYLOAD} this server accepts")]
+    PayloadTooLarge(u64),
 }
 
 /// Why a connection ended abnormally.
@@ -309,7 +353,8 @@ pub struct RequestHeader {
     pub kind: u16,
     pub handle: u64,
     pub offset: u64,
-    pub len: u32,
+    /// 32 bits in a compact header, 64 with extended headers.
+    pub len: u64,
 }
 
 pub fn parse_request(b: &[u8; REQUEST_LEN]) -> Result<RequestHeader, ProtocolError> {
@@ -322,10 +367,28 @@ pub fn parse_request(b: &[u8; REQUEST_LEN]) -> Result<RequestHeader, ProtocolErr
         kind: be_u16(b, 6),
         handle: be_u64(b, 8),
         offset: be_u64(b, 16),
-        len: be_u32(b, 24),
+        len: u64::from(be_u32(b, 24)),
     })
 }
 
+/// A request header once extended headers are negotiated (64-bit length).
+pub fn parse_extended_request(
+    b: &[u8; EXTENDED_REQUEST_LEN],
+) -> Result<RequestHeader, ProtocolError> {
+    let magic = be_u32(b, 0);
+    if magic != EXTENDED_REQUEST_MAGIC {
+        return Err(ProtocolError::BadRequestMagic(magic));
+    }
+    Ok(RequestHeader {
+        flags: be_u16(b, 4),
+        kind: be_u16(b, 6),
+        handle: be_u64(b, 8),
+        offset: be_u64(b, 16),
+        len: be_u64(b, 24),
+    })
+}
+
+/// A compact request header (the length is cut to 32 bits).
 pub fn encode_request(h: &RequestHeader) -> [u8; REQUEST_LEN] {
     let mut b = [0u8; REQUEST_LEN];
     b[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -333,8 +396,149 @@ pub fn encode_request(h: &RequestHeader) -> [u8; REQUEST_LEN] {
     b[6..8].copy_from_slice(&h.kind.to_be_bytes());
     b[8..16].copy_from_slice(&h.handle.to_be_bytes());
     b[16..24].copy_from_slice(&h.offset.to_be_bytes());
+    b[24..].copy_from_slice(&(h.len as u32).to_be_bytes());
+    b
+}
+
+pub fn encode_extended_request(h: &RequestHeader) -> [u8; EXTENDED_REQUEST_LEN] {
+    let mut b = [0u8; EXTENDED_REQUEST_LEN];
+    b[..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&h.flags.to_be_bytes());
+    b[6..8].copy_from_slice(&h.kind.to_be_bytes());
+    b[8..16].copy_from_slice(&h.handle.to_be_bytes());
+    b[16..24].copy_from_slice(&h.offset.to_be_bytes());
     b[24..].copy_from_slice(&h.len.to_be_bytes());
     b
+}
+
+/// How replies are framed on a connection, as negotiated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReplyStyle {
+    /// Simple replies only (nothing negotiated).
+    #[default]
+    Simple,
+    /// `NBD_OPT_STRUCTURED_REPLY`: structured chunks for reads and errors.
+    Structured,
+    /// `NBD_OPT_EXTENDED_HEADERS`: 32-byte requests and reply chunks, 64-bit lengths.
+    Extended,
+}
+
+impl ReplyStyle {
+    /// Length of a chunk header in this style (simple replies have no chunks).
+    pub fn chunk_header_len(self) -> usize {
+        match self {
+            ReplyStyle::Extended => EXTENDED_REPLY_LEN,
+            _ => STRUCTURED_REPLY_LEN,
+        }
+    }
+}
+
+/// Append a structured (or, with `Extended`, extended) reply chunk header.
+/// `offset` is the request's offset (only extended headers carry it).
+pub fn push_chunk_header(
+    out: &mut Vec<u8>,
+    style: ReplyStyle,
+    flags: u16,
+    kind: u16,
+    handle: u64,
+    offset: u64,
+    payload_len: usize,
+) {
+    if style == ReplyStyle::Extended {
+        out.extend_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&handle.to_be_bytes());
+        out.extend_from_slice(&offset.to_be_bytes());
+        out.extend_from_slice(&(payload_len as u64).to_be_bytes());
+    } else {
+        out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&handle.to_be_bytes());
+        // Payloads are at most MAX_PAYLOAD plus a few bytes of chunk fields.
+        out.extend_from_slice(&(payload_len.min(u32::MAX as usize) as u32).to_be_bytes());
+    }
+}
+
+/// An `NBD_REPLY_TYPE_ERROR` chunk (final) with a message for humans.
+pub fn push_error_chunk(
+    out: &mut Vec<u8>,
+    style: ReplyStyle,
+    handle: u64,
+    offset: u64,
+    error: u32,
+    message: &str,
+) {
+    let mut m = message.len().min(MAX_MESSAGE);
+    while !message.is_char_boundary(m) {
+        m -= 1;
+    }
+    push_chunk_header(
+        out,
+        style,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        handle,
+        offset,
+        6 + m,
+    );
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&(m as u16).to_be_bytes());
+    out.extend_from_slice(&message.as_bytes()[..m]);
+}
+
+/// The data of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaRequest {
+    pub name: Vec<u8>,
+    pub queries: Vec<Vec<u8>>,
+}
+
+/// Parse the data of a meta context option; the error is the message of an
+/// `NBD_REP_ERR_INVALID` reply.
+pub fn parse_meta_request(d: &[u8]) -> Result<MetaRequest, &'static str> {
+    if d.len() < 8 {
+        return Err("option data shorter than the 8 bytes of an empty meta context request");
+    }
+    let name_len = be_u32(d, 0) as usize;
+    if name_len > d.len() - 8 {
+        return Err("export name length reaches past the option data");
+    }
+    let name = d[4..4 + name_len].to_vec();
+    let n = be_u32(d, 4 + name_len) as usize;
+    let mut rest = &d[8 + name_len..];
+    // Each query takes at least its 4-byte length: bound `n` before allocating.
+    if n > rest.len() / 4 {
+        return Err("number of queries does not fit the option length");
+    }
+    let mut queries = Vec::with_capacity(n);
+    for _ in 0..n {
+        if rest.len() < 4 {
+            return Err("a query length reaches past the option data");
+        }
+        let ql = be_u32(rest, 0) as usize;
+        if ql > rest.len() - 4 {
+            return Err("a query reaches past the option data");
+        }
+        if ql > MAX_MESSAGE {
+            return Err("a query is longer than the protocol's 4096-byte string limit");
+        }
+        queries.push(rest[4..4 + ql].to_vec());
+        rest = &rest[4 + ql..];
+    }
+    if !rest.is_empty() {
+        return Err("bytes left over after the last query");
+    }
+    Ok(MetaRequest { name, queries })
+}
+
+/// `NBD_REP_META_CONTEXT` payload: context id, then its name.
+pub fn rep_meta_context(id: u32, name: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(4 + name.len());
+    v.extend_from_slice(&id.to_be_bytes());
+    v.extend_from_slice(name.as_bytes());
+    v
 }
 
 /// Write a simple reply header into `out`.
@@ -360,6 +564,27 @@ pub fn nbd_errno(errno: i32) -> u32 {
         libc::ENOTSUP => NBD_ENOTSUP,
         libc::ESHUTDOWN => NBD_ESHUTDOWN,
         _ => NBD_EIO,
+    }
+}
+
+/// Parse a chunk header of either style: (flags, type, handle, payload length).
+/// For the tests' reply parsers; `None` if the magic does not match the style.
+pub fn parse_chunk_header(b: &[u8], style: ReplyStyle) -> Option<(u16, u16, u64, u64)> {
+    match style {
+        ReplyStyle::Extended if b.len() >= EXTENDED_REPLY_LEN => (be_u32(b, 0)
+            == EXTENDED_REPLY_MAGIC)
+            .then(|| (be_u16(b, 4), be_u16(b, 6), be_u64(b, 8), be_u64(b, 24))),
+        ReplyStyle::Structured if b.len() >= STRUCTURED_REPLY_LEN => {
+            (be_u32(b, 0) == STRUCTURED_REPLY_MAGIC).then(|| {
+                (
+                    be_u16(b, 4),
+                    be_u16(b, 6),
+                    be_u64(b, 8),
+                    u64::from(be_u32(b, 16)),
+                )
+            })
+        }
+        _ => None,
     }
 }
 
@@ -393,6 +618,7 @@ mod tests {
             offset: 4096,
             len: 512,
         };
+        assert_eq!(parse_extended_request(&encode_extended_request(&h)), Ok(h));
         let b = encode_request(&h);
         assert_eq!(parse_request(&b), Ok(h));
         let mut bad = b;
@@ -424,6 +650,50 @@ mod tests {
                 infos: vec![]
             }
         );
+    }
+
+    #[test]
+    fn meta_request_parsing() {
+        let mut d = Vec::new();
+        d.extend_from_slice(&0u32.to_be_bytes());
+        d.extend_from_slice(&2u32.to_be_bytes());
+        for q in [&b"base:allocation"[..], b"qemu:dirty-bitmap:x"] {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q);
+        }
+        let r = parse_meta_request(&d).unwrap();
+        assert_eq!(r.name, b"");
+        assert_eq!(r.queries.len(), 2);
+        assert_eq!(r.queries[0], b"base:allocation");
+        for cut in 0..d.len() {
+            assert!(parse_meta_request(&d[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = d.clone();
+        long.push(0);
+        assert!(parse_meta_request(&long).is_err());
+        // A huge query count does not allocate.
+        let mut huge = 0u32.to_be_bytes().to_vec();
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(parse_meta_request(&huge).is_err());
+    }
+
+    #[test]
+    fn error_chunks_are_bounded_and_parse_back() {
+        for style in [ReplyStyle::Structured, ReplyStyle::Extended] {
+            let mut v = Vec::new();
+            let msg = "é".repeat(3000);
+            push_error_chunk(&mut v, style, 9, 4096, NBD_EIO, &msg);
+            let (flags, kind, handle, len) = parse_chunk_header(&v, style).unwrap();
+            assert_eq!(
+                (flags, kind, handle),
+                (REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 9)
+            );
+            let hl = style.chunk_header_len();
+            assert_eq!(v.len() - hl, len as usize);
+            let m = be_u16(&v, hl + 4) as usize;
+            assert!(m <= MAX_MESSAGE && 6 + m == len as usize);
+            assert!(std::str::from_utf8(&v[hl + 6..]).is_ok());
+        }
     }
 
     #[test]

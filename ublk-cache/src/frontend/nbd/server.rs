@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use super::handshake::{negotiate, ExportInfo, Negotiated};
+use super::handshake::{ExportInfo, Negotiated, Negotiation, Session, TlsPolicy};
 use super::proto::ConnError;
+use super::tls::BlockingTls;
 use super::transmission::{transmit, End, TransmitConfig};
 use super::{export_flags, uri_for_tcp, uri_for_unix, ListenSpec, NbdError, NbdOptions};
 use crate::target::BlockTarget;
@@ -195,12 +196,6 @@ fn bind_tcp(host: &str, port: u16) -> Result<Bound, NbdError> {
         match TcpListener::bind(a) {
             Ok(listener) => {
                 let addr = listener.local_addr().unwrap_or(a);
-                if !addr.ip().is_loopback() {
-                    warn!(
-                        %addr,
-                        "NBD has no authentication: anyone who can reach this address can read and write the disk"
-                    );
-                }
                 return Ok(Bound::Tcp { listener, addr });
             }
             Err(e) => last = Some(e),
@@ -251,6 +246,30 @@ impl NbdServer {
                 op: "setting a listener non-blocking",
                 source: e,
             })?;
+        }
+        if opts.tls_policy != TlsPolicy::Off && opts.tls.is_none() {
+            return Err(NbdError::Config(
+                "TLS is asked for (--tls) but no certificate is configured (--tls-cert, --tls-key)"
+                    .into(),
+            ));
+        }
+        for b in &listeners.bound {
+            if let Bound::Tcp { addr, .. } = b {
+                if addr.ip().is_loopback() {
+                    continue;
+                }
+                match opts.tls_policy {
+                    TlsPolicy::Require => {}
+                    TlsPolicy::Optional => warn!(
+                        %addr,
+                        "NBD over TCP with optional TLS: a client that does not upgrade reads and writes the disk in clear text, unauthenticated (--tls require refuses such clients)"
+                    ),
+                    TlsPolicy::Off => warn!(
+                        %addr,
+                        "NBD without TLS has no authentication and no encryption: anyone who can reach this address can read and write the disk (use --tls-cert/--tls-key, or a unix socket)"
+                    ),
+                }
+            }
         }
         let uris = listeners.uris();
         let stop = Arc::new(AtomicBool::new(false));
@@ -493,33 +512,88 @@ fn serve_conn(
 ) -> Result<&'static str, ConnError> {
     let io_err = |context| move |e| ConnError::io(context, e);
     debug!(peer, "NBD client connected");
-    // A client gets `handshake_timeout` per read or write during the handshake;
-    // once it is in transmission, an idle connection is legitimate.
+    // A client gets `handshake_timeout` per read or write during the handshake
+    // (the TLS one included); once it is in transmission, an idle connection is
+    // legitimate.
     stream
         .set_timeouts(Some(opts.handshake_timeout))
         .map_err(io_err("setting socket timeouts"))?;
+    let timeouts = stream.try_clone().map_err(io_err("cloning the socket"))?;
     let mut reader = BufReader::with_capacity(
         256 << 10,
         stream.try_clone().map_err(io_err("cloning the socket"))?,
     );
     let mut writer = stream;
-    match negotiate(&mut reader, &mut writer, export)? {
+    let policy = match opts.tls {
+        Some(_) => opts.tls_policy,
+        None => TlsPolicy::Off,
+    };
+    let mut n = Negotiation::greet(&mut reader, &mut writer, policy)?;
+    let session = match n.haggle(&mut reader, &mut writer, export)? {
         Negotiated::Aborted => return Ok("client ended the handshake"),
-        Negotiated::Transmission => {}
-    }
-    writer
+        Negotiated::Transmission(s) => s,
+        Negotiated::StartTls => {
+            let Some(cfg) = &opts.tls else {
+                return Err(ConnError::Internal(
+                    "TLS acknowledged on a listener without TLS".into(),
+                ));
+            };
+            // Bytes the client sent past the option (it should have waited for
+            // the ACK) belong to the TLS stream.
+            let early = reader.buffer().to_vec();
+            let raw = reader.into_inner();
+            let (tr, mut tw) = BlockingTls::handshake(cfg, raw, writer, &early)
+                .map_err(io_err("TLS handshake"))?;
+            n.tls_started();
+            info!(peer, "NBD client upgraded to TLS");
+            let mut reader = BufReader::with_capacity(256 << 10, tr);
+            let session = match n.haggle(&mut reader, &mut tw, export)? {
+                Negotiated::Aborted => {
+                    tw.close();
+                    return Ok("client ended the handshake (TLS)");
+                }
+                Negotiated::Transmission(s) => s,
+                Negotiated::StartTls => {
+                    return Err(ConnError::Internal("a second TLS upgrade".into()))
+                }
+            };
+            timeouts
+                .set_timeouts(None)
+                .map_err(io_err("clearing socket timeouts"))?;
+            let (how, out) = run_transmission(&mut reader, tw, target, export, opts, session, peer);
+            out.close();
+            return how;
+        }
+    };
+    timeouts
         .set_timeouts(None)
         .map_err(io_err("clearing socket timeouts"))?;
-    info!(peer, "NBD client entered transmission");
+    run_transmission(&mut reader, writer, target, export, opts, session, peer).0
+}
+
+/// The transmission phase over a plain or TLS stream; gives the writer back
+/// (to close TLS cleanly).
+fn run_transmission<R: Read, W: Write + Send>(
+    reader: &mut R,
+    writer: W,
+    target: &dyn BlockTarget,
+    export: &ExportInfo,
+    opts: &NbdOptions,
+    session: Session,
+    peer: &str,
+) -> (Result<&'static str, ConnError>, W) {
+    info!(peer, ?session, "NBD client entered transmission");
     let cfg = TransmitConfig {
         size: export.size,
         workers: opts.workers_per_connection,
         max_inflight_bytes: opts.max_inflight_bytes,
+        session,
         peer: peer.to_string(),
     };
     let out = Mutex::new(writer);
-    Ok(match transmit(&mut reader, &out, target, &cfg)? {
+    let res = transmit(reader, &out, target, &cfg).map(|end| match end {
         End::Disconnect => "client sent NBD_CMD_DISC",
         End::Closed => "end of stream",
-    })
+    });
+    (res, out.into_inner().unwrap_or_else(|p| p.into_inner()))
 }

@@ -13,12 +13,14 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use super::handshake::tests::{info_data, opt, parse_output};
-use super::handshake::{negotiate, ExportInfo, Negotiated};
+use super::handshake::tests::{info_data, meta_data, opt, parse_output};
+use super::handshake::{ExportInfo, Negotiated, Negotiation, Session, TlsPolicy};
 use super::proto::*;
-use super::transmission::{decide, transmit, Cmd, Decision, End, TransmitConfig};
+use super::transmission::{
+    self, decide, payload_len, transmit, Cmd, Decision, End, TransmitConfig,
+};
 use super::*;
-use crate::target::{BlockTarget, TargetError, TargetResult};
+use crate::target::{BlockTarget, Extent, TargetError, TargetResult};
 
 #[path = "../../../tests/common/nbd_client.rs"]
 mod client;
@@ -87,11 +89,28 @@ impl BlockTarget for MemTarget {
         self.data.lock().unwrap()[r].fill(0);
         Ok(())
     }
+    /// All-zero 512-byte blocks are holes (what the model expects).
+    fn block_status(&self, offset: u64, len: u64) -> TargetResult<Vec<Extent>> {
+        let r = self.range(offset, len)?;
+        let d = self.data.lock().unwrap();
+        let mut out: Vec<Extent> = Vec::new();
+        for b in d[r].chunks(512) {
+            let hole = b.iter().all(|&x| x == 0);
+            match out.last_mut() {
+                Some(e) if e.hole == hole => e.len += b.len() as u64,
+                _ => out.push(Extent {
+                    len: b.len() as u64,
+                    hole,
+                }),
+            }
+        }
+        Ok(out)
+    }
 }
 
 const SIZE: u64 = 1 << 20;
 
-fn hdr(kind: u16, flags: u16, offset: u64, len: u32) -> RequestHeader {
+fn hdr(kind: u16, flags: u16, offset: u64, len: u64) -> RequestHeader {
     RequestHeader {
         flags,
         kind,
@@ -144,10 +163,13 @@ fn request_checks_follow_the_protocol() {
         (hdr(CMD_READ, 0, u64::MAX - 511, 512), rej(NBD_EINVAL, 0)),
         // Oversized payload.
         (
-            hdr(CMD_WRITE, 0, 0, MAX_PAYLOAD + 512),
-            rej(NBD_EINVAL, MAX_PAYLOAD + 512),
+            hdr(CMD_WRITE, 0, 0, u64::from(MAX_PAYLOAD) + 512),
+            rej(NBD_EINVAL, u64::from(MAX_PAYLOAD) + 512),
         ),
-        (hdr(CMD_READ, 0, 0, MAX_PAYLOAD + 512), rej(NBD_EINVAL, 0)),
+        (
+            hdr(CMD_READ, 0, 0, u64::from(MAX_PAYLOAD) + 512),
+            rej(NBD_EINVAL, 0),
+        ),
         // Unknown or unadvertised commands and flags.
         (hdr(CMD_CACHE, 0, 0, 512), rej(NBD_EINVAL, 0)),
         (hdr(CMD_BLOCK_STATUS, 0, 0, 512), rej(NBD_EINVAL, 0)),
@@ -163,9 +185,82 @@ fn request_checks_follow_the_protocol() {
         ),
     ];
     for (h, want) in cases {
-        assert_eq!(decide(&h, SIZE), want, "{h:?}");
+        assert_eq!(decide(&h, SIZE, &SIMPLE), want, "{h:?}");
+    }
+    // Block status needs base:allocation; with it, REQ_ONE is allowed.
+    let st = Session {
+        style: ReplyStyle::Structured,
+        base_allocation: true,
+    };
+    let ext = Session {
+        style: ReplyStyle::Extended,
+        base_allocation: true,
+    };
+    let bs = |flags, offset, len| hdr(CMD_BLOCK_STATUS, flags, offset, len);
+    let run_bs = |offset, len, req_one| {
+        Decision::Run(Cmd::BlockStatus {
+            offset,
+            len,
+            req_one,
+        })
+    };
+    for (h, session, want) in [
+        (bs(0, 0, 4096), st, run_bs(0, 4096, false)),
+        (bs(CMD_FLAG_REQ_ONE, 512, 512), st, run_bs(512, 512, true)),
+        (bs(0, 0, 4096), SIMPLE, rej(NBD_EINVAL, 0)),
+        (bs(0, 0, 0), st, rej(NBD_EINVAL, 0)),
+        (bs(0, SIZE, 512), st, rej(NBD_EINVAL, 0)),
+        (bs(CMD_FLAG_NO_HOLE, 0, 512), st, rej(NBD_EINVAL, 0)),
+        // Extended headers: 64-bit effect lengths, payload only on WRITE.
+        (bs(0, 0, SIZE), ext, run_bs(0, SIZE, false)),
+        (
+            hdr(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, 512),
+            ext,
+            Decision::Run(Cmd::Write {
+                offset: 0,
+                len: 512,
+                fua: false,
+            }),
+        ),
+        // QEMU 10 leaves PAYLOAD_LEN out on writes: still a write with its data.
+        (
+            hdr(CMD_WRITE, CMD_FLAG_FUA, 0, 512),
+            ext,
+            Decision::Run(Cmd::Write {
+                offset: 0,
+                len: 512,
+                fua: true,
+            }),
+        ),
+        (
+            hdr(CMD_READ, CMD_FLAG_PAYLOAD_LEN, 0, 512),
+            ext,
+            rej(NBD_EINVAL, 512),
+        ),
+        (
+            hdr(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, 512),
+            st,
+            rej(NBD_EINVAL, 512),
+        ),
+        (
+            hdr(CMD_TRIM, 0, 0, SIZE),
+            ext,
+            Decision::Run(Cmd::Trim {
+                offset: 0,
+                len: SIZE,
+                fua: false,
+            }),
+        ),
+        (hdr(CMD_TRIM, 0, 0, 1 << 40), ext, rej(NBD_EINVAL, 0)),
+    ] {
+        assert_eq!(decide(&h, SIZE, &session), want, "{h:?} {session:?}");
     }
 }
+
+const SIMPLE: Session = Session {
+    style: ReplyStyle::Simple,
+    base_allocation: false,
+};
 
 #[test]
 fn advertised_flags_and_uris() {
@@ -208,27 +303,46 @@ fn advertised_flags_and_uris() {
 // Property tests (fuzzing)
 // ---------------------------------------------------------------------------
 
-fn check_decision(h: &RequestHeader, d: Decision, size: u64) {
+fn check_decision(h: &RequestHeader, d: Decision, size: u64, session: &Session) {
     match d {
         Decision::Run(Cmd::Read { offset, len })
-        | Decision::Run(Cmd::Write { offset, len, .. })
-        | Decision::Run(Cmd::Trim { offset, len, .. })
-        | Decision::Run(Cmd::WriteZeroes { offset, len, .. }) => {
+        | Decision::Run(Cmd::Write { offset, len, .. }) => {
             assert!(len > 0 && offset % 512 == 0 && len % 512 == 0);
-            assert!(offset + u64::from(len) <= size);
-            if matches!(h.kind, CMD_READ | CMD_WRITE) {
-                assert!(len <= MAX_PAYLOAD);
-            }
+            assert!(offset + u64::from(len) <= size && len <= MAX_PAYLOAD);
+            assert_eq!((offset, u64::from(len)), (h.offset, h.len));
+        }
+        Decision::Run(Cmd::Trim { offset, len, .. })
+        | Decision::Run(Cmd::WriteZeroes { offset, len, .. })
+        | Decision::Run(Cmd::BlockStatus { offset, len, .. }) => {
+            assert!(len > 0 && offset % 512 == 0 && len % 512 == 0);
+            assert!(offset + len <= size);
             assert_eq!((offset, len), (h.offset, h.len));
+            if h.kind == CMD_BLOCK_STATUS {
+                assert!(session.base_allocation && session.style != ReplyStyle::Simple);
+            }
         }
         Decision::Run(Cmd::Flush) => assert_eq!(h.kind, CMD_FLUSH),
         Decision::Run(Cmd::Nop) => assert_eq!(h.len, 0),
         Decision::Reject { error, skip } => {
             assert!(error == NBD_EINVAL || error == NBD_ENOSPC);
-            assert_eq!(skip, if h.kind == CMD_WRITE { h.len } else { 0 });
+            assert_eq!(skip, payload_len(h, session));
         }
         Decision::Disconnect => assert_eq!(h.kind, CMD_DISC),
     }
+}
+
+fn session_strategy() -> impl Strategy<Value = Session> {
+    (0u8..3, any::<bool>()).prop_map(|(s, base_allocation)| {
+        let style = [
+            ReplyStyle::Simple,
+            ReplyStyle::Structured,
+            ReplyStyle::Extended,
+        ][s as usize];
+        Session {
+            style,
+            base_allocation: base_allocation && style != ReplyStyle::Simple,
+        }
+    })
 }
 
 /// A valid client handshake script ending in GO (or EXPORT_NAME).
@@ -251,27 +365,42 @@ fn option_strategy() -> impl Strategy<Value = (u32, Vec<u8>)> {
         Just((OPT_INFO, info_data(b"", &[INFO_EXPORT, INFO_BLOCK_SIZE]))),
         Just((OPT_INFO, info_data(b"other", &[]))),
         Just((OPT_STRUCTURED_REPLY, vec![])),
+        Just((OPT_EXTENDED_HEADERS, vec![])),
         Just((OPT_STARTTLS, vec![])),
+        Just((OPT_SET_META_CONTEXT, meta_data(b"", &[b"base:allocation"]))),
+        Just((OPT_LIST_META_CONTEXT, meta_data(b"", &[]))),
+        Just((OPT_SET_META_CONTEXT, meta_data(b"", &[b"base:", b"x"]))),
         (12u32..1000, prop::collection::vec(any::<u8>(), 0..40)),
     ]
 }
 
 /// Run the handshake on `input` and check that the server's output is a
 /// well-formed sequence of replies, whatever the input was.
-fn handshake_never_panics(input: Vec<u8>) {
+fn handshake_never_panics(input: Vec<u8>, tls: TlsPolicy) {
     let mut r = Cursor::new(input);
     let mut w = Vec::new();
-    let res = negotiate(
-        &mut r,
-        &mut w,
-        &ExportInfo {
-            size: SIZE,
-            flags: export_flags(),
-        },
-    );
+    let export = ExportInfo {
+        size: SIZE,
+        flags: export_flags(),
+    };
+    let res =
+        Negotiation::greet(&mut r, &mut w, tls).and_then(|mut n| n.haggle(&mut r, &mut w, &export));
     let (replies, rest) = parse_output(&w);
+    for rep in &replies {
+        if rep.kind == REP_META_CONTEXT {
+            let id = if rep.option == OPT_LIST_META_CONTEXT {
+                0
+            } else {
+                1
+            };
+            assert_eq!(rep.data, rep_meta_context(id, "base:allocation"));
+        }
+        if tls == TlsPolicy::Off {
+            assert_ne!(rep.kind, REP_ERR_TLS_REQD);
+        }
+    }
     match res {
-        Ok(Negotiated::Transmission) => {
+        Ok(Negotiated::Transmission(_)) => {
             // Either GO's ACK or the EXPORT_NAME reply (size, flags, maybe zeroes).
             if rest.is_empty() {
                 let last = replies.last().expect("a reply");
@@ -280,6 +409,11 @@ fn handshake_never_panics(input: Vec<u8>) {
                 assert!(rest.len() == 10 || rest.len() == 134, "{}", rest.len());
                 assert_eq!(rest[..8], SIZE.to_be_bytes());
             }
+        }
+        Ok(Negotiated::StartTls) => {
+            assert_ne!(tls, TlsPolicy::Off);
+            let last = replies.last().expect("a reply");
+            assert_eq!((last.option, last.kind), (OPT_STARTTLS, REP_ACK));
         }
         Ok(Negotiated::Aborted) | Err(ConnError::Protocol(_)) | Err(ConnError::Truncated(_)) => {
             assert!(rest.is_empty(), "stray bytes after the replies");
@@ -295,31 +429,45 @@ proptest! {
     fn request_parser_never_panics(b in any::<[u8; REQUEST_LEN]>(), size in 0u64..=1 << 40) {
         let size = size & !511;
         if let Ok(h) = parse_request(&b) {
-            check_decision(&h, decide(&h, size), size);
+            check_decision(&h, decide(&h, size, &SIMPLE), size, &SIMPLE);
+        }
+        let mut e = [0u8; EXTENDED_REQUEST_LEN];
+        e[..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        e[4..].copy_from_slice(&b[..EXTENDED_REQUEST_LEN - 4]);
+        let h = parse_extended_request(&e).unwrap();
+        for base_allocation in [false, true] {
+            let session = Session { style: ReplyStyle::Extended, base_allocation };
+            check_decision(&h, decide(&h, size, &session), size, &session);
         }
     }
 
     #[test]
     fn valid_magic_requests_always_decide(
-        flags in any::<u16>(), kind in 0u16..10, offset in any::<u64>(), len in any::<u32>(),
-        small in any::<bool>(),
+        flags in any::<u16>(), kind in 0u16..10, offset in any::<u64>(), len in any::<u64>(),
+        small in any::<bool>(), session in session_strategy(),
     ) {
         // Bias half the cases towards the interesting range.
         let (offset, len) = if small { (offset % (2 * SIZE), len % (1 << 21)) } else { (offset, len) };
-        let h = RequestHeader { flags: flags & 0x1f, kind, handle: 1, offset, len };
-        check_decision(&h, decide(&h, SIZE), SIZE);
-        prop_assert_eq!(parse_request(&encode_request(&h)), Ok(h));
+        let len = if session.style == ReplyStyle::Extended { len } else { len & 0xffff_ffff };
+        let h = RequestHeader { flags: flags & 0x3f, kind, handle: 1, offset, len };
+        check_decision(&h, decide(&h, SIZE, &session), SIZE, &session);
+        prop_assert_eq!(parse_extended_request(&encode_extended_request(&h)), Ok(h));
+        if len <= u64::from(u32::MAX) {
+            prop_assert_eq!(parse_request(&encode_request(&h)), Ok(h));
+        }
     }
 
     #[test]
     fn handshake_random_bytes(input in prop::collection::vec(any::<u8>(), 0..300)) {
-        handshake_never_panics(input);
+        handshake_never_panics(input.clone(), TlsPolicy::Off);
+        handshake_never_panics(input, TlsPolicy::Require);
     }
 
     #[test]
     fn handshake_mutated_scripts(
         extra in prop::collection::vec(option_strategy(), 0..5),
         export_name in any::<bool>(),
+        tls in prop_oneof![Just(TlsPolicy::Off), Just(TlsPolicy::Optional), Just(TlsPolicy::Require)],
         flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
         cut in any::<Option<prop::sample::Index>>(),
         insert in any::<Option<(prop::sample::Index, Vec<u8>)>>(),
@@ -336,149 +484,379 @@ proptest! {
         if let Some(i) = cut {
             s.truncate(i.index(s.len() + 1));
         }
-        handshake_never_panics(s);
+        handshake_never_panics(s, tls);
     }
 }
 
-/// A request for the model test; `None` payload for commands without one.
+/// A request for the model test.
 #[derive(Debug, Clone)]
 struct Req {
     h: RequestHeader,
     seed: u8,
 }
 
-fn req_strategy() -> impl Strategy<Value = Req> {
+fn req_strategy(extended: bool) -> impl Strategy<Value = Req> {
     let size = SIZE / 8; // a small export keeps the model cheap
-    let aligned = (0..size / 512, 0u32..24).prop_map(|(s, n)| (s * 512, n * 512));
-    let anything = (0..size + 4096, 0u32..10_000);
+    let aligned = (0..size / 512, 0u64..24).prop_map(|(s, n)| (s * 512, n * 512));
+    let anything = (0..size + 4096, 0u64..10_000);
     let extent = prop_oneof![4 => aligned, 1 => anything];
     (
         prop_oneof![
             4 => Just(CMD_READ), 4 => Just(CMD_WRITE), 1 => Just(CMD_FLUSH),
             1 => Just(CMD_TRIM), 1 => Just(CMD_WRITE_ZEROES), 1 => Just(CMD_CACHE),
-            1 => 8u16..100,
+            2 => Just(CMD_BLOCK_STATUS), 1 => 8u16..100,
         ],
-        prop_oneof![8 => Just(0u16), 2 => Just(CMD_FLAG_FUA), 1 => 0u16..64],
+        prop_oneof![8 => Just(0u16), 2 => Just(CMD_FLAG_FUA), 1 => Just(CMD_FLAG_REQ_ONE), 1 => 0u16..64],
         extent,
         any::<u8>(),
+        0u8..10,
     )
-        .prop_map(|(kind, flags, (offset, len), seed)| Req {
-            h: RequestHeader {
-                flags,
-                kind,
-                handle: 0,
-                offset,
-                len,
-            },
-            seed,
+        .prop_map(move |(kind, mut flags, (offset, len), seed, odd)| {
+            // With extended headers a WRITE says it carries a payload, nearly always.
+            if extended && kind == CMD_WRITE && odd != 0 {
+                flags |= CMD_FLAG_PAYLOAD_LEN;
+            }
+            Req {
+                h: RequestHeader {
+                    flags,
+                    kind,
+                    handle: 0,
+                    offset,
+                    len,
+                },
+                seed,
+            }
         })
 }
 
-fn payload(r: &Req) -> Vec<u8> {
-    (0..r.h.len)
+fn payload(r: &Req, session: &Session) -> Vec<u8> {
+    (0..payload_len(&r.h, session))
         .map(|i| (i as u8).wrapping_mul(13) ^ r.seed)
         .collect()
 }
 
-fn encode_stream(reqs: &[Req]) -> Vec<u8> {
+fn encode_stream(reqs: &[Req], session: &Session) -> Vec<u8> {
     let mut v = Vec::new();
     for r in reqs {
-        v.extend_from_slice(&encode_request(&r.h));
-        if r.h.kind == CMD_WRITE {
-            v.extend(payload(r));
+        if session.style == ReplyStyle::Extended {
+            v.extend_from_slice(&encode_extended_request(&r.h));
+        } else {
+            v.extend_from_slice(&encode_request(&r.h));
         }
+        v.extend(payload(r, session));
     }
     v
 }
 
-/// Split server output into replies: handle -> (error, data), in arrival order.
-fn parse_replies(out: &[u8], read_len: &HashMap<u64, u32>) -> Vec<(u64, u32, Vec<u8>)> {
-    let mut v = Vec::new();
+/// What a reply said, as a client reassembles it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    Ok,
+    Data(Vec<u8>),
+    /// base:allocation extents: (length, flags).
+    Status(Vec<(u64, u32)>),
+    Error(u32),
+}
+
+fn be32(b: &[u8], i: usize) -> u32 {
+    u32::from_be_bytes(b[i..i + 4].try_into().unwrap())
+}
+fn be64(b: &[u8], i: usize) -> u64 {
+    u64::from_be_bytes(b[i..i + 8].try_into().unwrap())
+}
+
+/// A reply being reassembled: read data, which bytes it covers, an error, extents.
+type Partial = (Vec<u8>, Vec<bool>, Option<u32>, Option<Vec<(u64, u32)>>);
+
+/// Split server output into answers in arrival order, checking the framing of
+/// every reply and chunk as a strict client would. `reqs`: handle -> (offset, len, kind).
+fn parse_replies(
+    out: &[u8],
+    style: ReplyStyle,
+    reqs: &HashMap<u64, (u64, u64, u16)>,
+) -> Vec<(u64, Answer)> {
+    let mut done = Vec::new();
+    // Reads being reassembled: handle -> (buffer, bytes covered, error).
+    let mut partial: HashMap<u64, Partial> = HashMap::new();
     let mut rest = out;
     while !rest.is_empty() {
-        assert!(rest.len() >= SIMPLE_REPLY_LEN, "truncated reply");
-        let (error, handle) =
-            parse_simple_reply(rest[..16].try_into().unwrap()).expect("reply magic");
-        rest = &rest[16..];
-        let n = if error == 0 {
-            *read_len.get(&handle).unwrap_or(&0) as usize
-        } else {
-            0
-        };
-        assert!(rest.len() >= n, "truncated read data");
-        v.push((handle, error, rest[..n].to_vec()));
-        rest = &rest[n..];
+        if style != ReplyStyle::Extended && rest.len() >= 4 && be32(rest, 0) == SIMPLE_REPLY_MAGIC {
+            assert!(rest.len() >= SIMPLE_REPLY_LEN, "truncated simple reply");
+            let (error, handle) = parse_simple_reply(rest[..16].try_into().unwrap()).unwrap();
+            rest = &rest[16..];
+            let &(_, len, kind) = reqs.get(&handle).expect("reply to a known handle");
+            if style == ReplyStyle::Structured {
+                assert_ne!(
+                    kind, CMD_READ,
+                    "a simple reply to READ under structured replies"
+                );
+            }
+            if error != 0 {
+                done.push((handle, Answer::Error(error)));
+            } else if kind == CMD_READ {
+                let n = len as usize;
+                assert!(rest.len() >= n, "truncated read data");
+                done.push((handle, Answer::Data(rest[..n].to_vec())));
+                rest = &rest[n..];
+            } else {
+                done.push((handle, Answer::Ok));
+            }
+            continue;
+        }
+        assert_ne!(style, ReplyStyle::Simple, "bad simple reply magic");
+        let (flags, kind, handle, plen) = parse_chunk_header(rest, style).expect("chunk magic");
+        let hl = style.chunk_header_len();
+        if style == ReplyStyle::Extended {
+            let &(off, _, _) = reqs.get(&handle).expect("known handle");
+            assert_eq!(
+                be64(rest, 16),
+                off,
+                "extended reply echoes the request offset"
+            );
+        }
+        let plen = plen as usize;
+        assert!(rest.len() >= hl + plen, "truncated chunk");
+        let p = &rest[hl..hl + plen];
+        rest = &rest[hl + plen..];
+        let &(off, len, rkind) = reqs.get(&handle).expect("known handle");
+        let entry = partial.entry(handle).or_insert_with(|| {
+            // A mutated READ longer than the server accepts only gets an error.
+            let n = if rkind == CMD_READ && len <= u64::from(MAX_PAYLOAD) {
+                len as usize
+            } else {
+                0
+            };
+            (vec![0u8; n], vec![false; n], None, None)
+        });
+        match kind {
+            REPLY_TYPE_NONE => assert_eq!(plen, 0),
+            REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE => {
+                assert_eq!(rkind, CMD_READ);
+                let at = be64(p, 0);
+                let n = if kind == REPLY_TYPE_OFFSET_DATA {
+                    assert!(plen > 8);
+                    plen - 8
+                } else {
+                    assert_eq!(plen, 12);
+                    be32(p, 8) as usize
+                };
+                assert!(
+                    n > 0 && at >= off && at + n as u64 <= off + len,
+                    "chunk outside the read"
+                );
+                let a = (at - off) as usize;
+                for i in a..a + n {
+                    assert!(!entry.1[i], "overlapping content chunks");
+                    entry.1[i] = true;
+                }
+                if kind == REPLY_TYPE_OFFSET_DATA {
+                    entry.0[a..a + n].copy_from_slice(&p[8..]);
+                }
+            }
+            REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_BLOCK_STATUS_EXT => {
+                assert_eq!(rkind, CMD_BLOCK_STATUS);
+                assert_eq!(be32(p, 0), META_BASE_ALLOCATION_ID);
+                let mut list = Vec::new();
+                if kind == REPLY_TYPE_BLOCK_STATUS_EXT {
+                    assert_eq!(style, ReplyStyle::Extended);
+                    let n = be32(p, 4) as usize;
+                    assert!(n > 0 && plen == 8 + 16 * n, "status chunk length");
+                    for i in 0..n {
+                        let flags = be64(p, 8 + 16 * i + 8);
+                        assert!(flags <= u64::from(u32::MAX));
+                        list.push((be64(p, 8 + 16 * i), flags as u32));
+                    }
+                } else {
+                    assert_eq!(style, ReplyStyle::Structured);
+                    assert!(
+                        plen >= 12 && (plen - 4).is_multiple_of(8),
+                        "status chunk length"
+                    );
+                    for i in 0..(plen - 4) / 8 {
+                        list.push((u64::from(be32(p, 4 + 8 * i)), be32(p, 8 + 8 * i)));
+                    }
+                }
+                assert!(entry.3.is_none(), "one status chunk per context");
+                entry.3 = Some(list);
+            }
+            REPLY_TYPE_ERROR => {
+                let e = be32(p, 0);
+                let m = u16::from_be_bytes([p[4], p[5]]) as usize;
+                assert!(e != 0 && plen == 6 + m && m <= MAX_MESSAGE);
+                assert!(std::str::from_utf8(&p[6..]).is_ok(), "message is UTF-8");
+                entry.2 = Some(e);
+            }
+            k => panic!("unknown chunk type {k}"),
+        }
+        if flags & REPLY_FLAG_DONE != 0 {
+            let (data, covered, error, status) = partial.remove(&handle).unwrap();
+            let answer = if let Some(e) = error {
+                Answer::Error(e)
+            } else if rkind == CMD_READ {
+                assert!(
+                    covered.iter().all(|&c| c),
+                    "read reply does not cover the request"
+                );
+                Answer::Data(data)
+            } else if let Some(list) = status {
+                Answer::Status(list)
+            } else {
+                Answer::Ok
+            };
+            done.push((handle, answer));
+        }
     }
-    v
+    assert!(partial.is_empty(), "a reply without its final chunk");
+    done
+}
+
+/// The model's answer to one request, or `None` if the connection must close.
+fn model_answer(r: &Req, model: &mut [u8], session: &Session) -> Answer {
+    let h = r.h;
+    let size = model.len() as u64;
+    let (off, len) = (h.offset, h.len);
+    let extended = session.style == ReplyStyle::Extended;
+    let known_flags = match h.kind {
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        CMD_WRITE if extended => CMD_FLAG_FUA | CMD_FLAG_PAYLOAD_LEN,
+        _ => CMD_FLAG_FUA,
+    };
+    let is_known = matches!(
+        h.kind,
+        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES
+    ) || (h.kind == CMD_BLOCK_STATUS && session.base_allocation);
+    let has_payload = h.flags & CMD_FLAG_PAYLOAD_LEN != 0;
+    let aligned = off % 512 == 0 && len % 512 == 0;
+    let fits = off + len <= size;
+    let bad_payload = extended && h.kind != CMD_WRITE && has_payload;
+    let error = if !is_known || h.flags & !known_flags != 0 || bad_payload {
+        NBD_EINVAL
+    } else if h.kind == CMD_FLUSH {
+        if off == 0 && len == 0 {
+            0
+        } else {
+            NBD_EINVAL
+        }
+    } else if !aligned {
+        NBD_EINVAL
+    } else if !fits {
+        if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) {
+            NBD_ENOSPC
+        } else {
+            NBD_EINVAL
+        }
+    } else if h.kind == CMD_BLOCK_STATUS && len == 0 {
+        NBD_EINVAL
+    } else {
+        0
+    };
+    if error != 0 {
+        return Answer::Error(error);
+    }
+    let range = off as usize..(off + len) as usize;
+    match h.kind {
+        CMD_READ => Answer::Data(model[range].to_vec()),
+        CMD_WRITE => {
+            model[range].copy_from_slice(&payload(r, session));
+            Answer::Ok
+        }
+        CMD_TRIM | CMD_WRITE_ZEROES => {
+            model[range].fill(0);
+            Answer::Ok
+        }
+        CMD_BLOCK_STATUS => {
+            // The test target reports all-zero 512-byte blocks as holes.
+            let mut list: Vec<(u64, u32)> = Vec::new();
+            for b in model[range].chunks(512) {
+                let f = if b.iter().all(|&x| x == 0) {
+                    STATE_HOLE | STATE_ZERO
+                } else {
+                    0
+                };
+                match list.last_mut() {
+                    Some(l) if l.1 == f => l.0 += 512,
+                    _ => list.push((512, f)),
+                }
+            }
+            if h.flags & CMD_FLAG_REQ_ONE != 0 {
+                list.truncate(1);
+            }
+            Answer::Status(list)
+        }
+        _ => Answer::Ok,
+    }
+}
+
+fn style_strategy() -> impl Strategy<Value = Session> {
+    prop_oneof![
+        Just(SIMPLE),
+        Just(Session {
+            style: ReplyStyle::Structured,
+            base_allocation: false
+        }),
+        Just(Session {
+            style: ReplyStyle::Structured,
+            base_allocation: true
+        }),
+        Just(Session {
+            style: ReplyStyle::Extended,
+            base_allocation: true
+        }),
+        Just(Session {
+            style: ReplyStyle::Extended,
+            base_allocation: false
+        }),
+    ]
+}
+
+fn model_case() -> impl Strategy<Value = (Session, Vec<Req>)> {
+    style_strategy().prop_flat_map(|s| {
+        let ext = s.style == ReplyStyle::Extended;
+        (Just(s), prop::collection::vec(req_strategy(ext), 0..40))
+    })
 }
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// With one worker, requests run in order: every reply is checked exactly
-    /// against a plain model of the disk and of the protocol's rules.
+    /// against a plain model of the disk and of the protocol's rules, in every
+    /// reply style (simple, structured, extended headers).
     #[test]
-    fn transmission_matches_the_model(mut reqs in prop::collection::vec(req_strategy(), 0..40), disc in any::<bool>()) {
+    fn transmission_matches_the_model((session, mut reqs) in model_case(), disc in any::<bool>()) {
         let size = SIZE / 8;
         for (i, r) in reqs.iter_mut().enumerate() {
             r.h.handle = 1000 + i as u64;
         }
-        let mut input = encode_stream(&reqs);
+        let mut input = encode_stream(&reqs, &session);
         if disc {
-            input.extend_from_slice(&encode_request(&hdr(CMD_DISC, 0, 0, 0)));
+            let d = hdr(CMD_DISC, 0, 0, 0);
+            if session.style == ReplyStyle::Extended {
+                input.extend_from_slice(&encode_extended_request(&d));
+            } else {
+                input.extend_from_slice(&encode_request(&d));
+            }
             input.extend_from_slice(b"ignored after DISC");
         }
         let t = MemTarget::new(size as usize);
         let out = Mutex::new(Vec::new());
-        let cfg = TransmitConfig { size, workers: 1, max_inflight_bytes: 1 << 20, peer: "model".into() };
+        let cfg = TransmitConfig { size, workers: 1, max_inflight_bytes: 1 << 20, session, peer: "model".into() };
         let end = transmit(&mut Cursor::new(input), &out, &*t, &cfg).expect("well-formed stream");
         prop_assert_eq!(end, if disc { End::Disconnect } else { End::Closed });
 
         let mut model = vec![0u8; size as usize];
-        let mut want: HashMap<u64, (u32, Vec<u8>)> = HashMap::new();
-        let mut read_len = HashMap::new();
+        let mut want: HashMap<u64, Answer> = HashMap::new();
+        let mut info = HashMap::new();
         for r in &reqs {
-            let h = r.h;
-            let (off, len) = (h.offset, u64::from(h.len));
-            let known_flags = match h.kind {
-                CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-                _ => CMD_FLAG_FUA,
-            };
-            let is_known = matches!(h.kind, CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_WRITE_ZEROES);
-            let aligned = off % 512 == 0 && len % 512 == 0;
-            let fits = off + len <= size;
-            let error = if !is_known || h.flags & !known_flags != 0 {
-                NBD_EINVAL
-            } else if h.kind == CMD_FLUSH {
-                if off == 0 && len == 0 { 0 } else { NBD_EINVAL }
-            } else if !aligned {
-                NBD_EINVAL
-            } else if !fits {
-                if matches!(h.kind, CMD_WRITE | CMD_WRITE_ZEROES) { NBD_ENOSPC } else { NBD_EINVAL }
-            } else {
-                0
-            };
-            let mut data = Vec::new();
-            if error == 0 {
-                let range = off as usize..(off + len) as usize;
-                match h.kind {
-                    CMD_READ => {
-                        data = model[range].to_vec();
-                        read_len.insert(h.handle, h.len);
-                    }
-                    CMD_WRITE => model[range].copy_from_slice(&payload(r)),
-                    CMD_TRIM | CMD_WRITE_ZEROES => model[range].fill(0),
-                    _ => {}
-                }
-            }
-            want.insert(h.handle, (error, data));
+            info.insert(r.h.handle, (r.h.offset, r.h.len, r.h.kind));
+            want.insert(r.h.handle, model_answer(r, &mut model, &session));
         }
-        let got = parse_replies(&out.into_inner().unwrap(), &read_len);
+        let got = parse_replies(&out.into_inner().unwrap(), session.style, &info);
         prop_assert_eq!(got.len(), reqs.len(), "one reply per request");
-        for (handle, error, data) in got {
-            let (we, wd) = want.remove(&handle).expect("a reply for a known, unanswered handle");
-            prop_assert_eq!(error, we, "handle {}", handle);
-            prop_assert!(data == wd, "read data differs for handle {}", handle);
+        for (handle, answer) in got {
+            let w = want.remove(&handle).expect("a reply for a known, unanswered handle");
+            prop_assert!(answer == w, "handle {}: got {:?}, want {:?}", handle, answer, w);
         }
         prop_assert!(*t.data.lock().unwrap() == model, "disk differs from the model");
     }
@@ -487,16 +865,17 @@ proptest! {
     /// ends cleanly or with a protocol error; replies are well-formed.
     #[test]
     fn transmission_survives_mutated_streams(
-        reqs in prop::collection::vec(req_strategy(), 0..20),
+        (session, reqs) in model_case(),
         flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
         cut in any::<Option<prop::sample::Index>>(),
     ) {
         let size = SIZE / 8;
         let mut reqs = reqs;
+        reqs.truncate(20);
         for (i, r) in reqs.iter_mut().enumerate() {
             r.h.handle = i as u64;
         }
-        let mut input = encode_stream(&reqs);
+        let mut input = encode_stream(&reqs, &session);
         for (i, b) in flips {
             if !input.is_empty() {
                 let i = i.index(input.len());
@@ -506,38 +885,98 @@ proptest! {
         if let Some(i) = cut {
             input.truncate(i.index(input.len() + 1));
         }
-        // Which handles are reads, as the server will frame the stream (a
-        // mutation may duplicate a handle: then replies cannot be told apart).
-        let mut read_len = HashMap::new();
-        let mut seen = std::collections::HashSet::new();
+        // Which handles are which requests, as the server will frame the stream
+        // (a mutation may duplicate a handle: then replies cannot be told apart).
+        let mut info = HashMap::new();
         let mut dup = false;
         let mut rest = &input[..];
-        while rest.len() >= REQUEST_LEN {
-            let Ok(h) = parse_request(rest[..REQUEST_LEN].try_into().unwrap()) else { break };
-            rest = &rest[REQUEST_LEN..];
+        let hl = if session.style == ReplyStyle::Extended { EXTENDED_REQUEST_LEN } else { REQUEST_LEN };
+        while rest.len() >= hl {
+            let parsed = if session.style == ReplyStyle::Extended {
+                parse_extended_request(rest[..hl].try_into().unwrap())
+            } else {
+                parse_request(rest[..hl].try_into().unwrap())
+            };
+            let Ok(h) = parsed else { break };
+            rest = &rest[hl..];
             if h.kind == CMD_DISC {
                 break;
             }
-            dup |= !seen.insert(h.handle);
-            if h.kind == CMD_READ {
-                read_len.insert(h.handle, h.len);
+            dup |= info.insert(h.handle, (h.offset, h.len, h.kind)).is_some();
+            let p = payload_len(&h, &session);
+            if session.style == ReplyStyle::Extended && p > u64::from(MAX_PAYLOAD) {
+                break;
             }
-            if h.kind == CMD_WRITE {
-                if rest.len() < h.len as usize { break; }
-                rest = &rest[h.len as usize..];
-            }
+            if (rest.len() as u64) < p { break; }
+            rest = &rest[p as usize..];
         }
         let t = MemTarget::new(size as usize);
         let out = Mutex::new(Vec::new());
-        let cfg = TransmitConfig { size, workers: 3, max_inflight_bytes: 64 << 10, peer: "fuzz".into() };
+        let cfg = TransmitConfig { size, workers: 3, max_inflight_bytes: 64 << 10, session, peer: "fuzz".into() };
         match transmit(&mut Cursor::new(input), &out, &*t, &cfg) {
-            Ok(_) | Err(ConnError::Protocol(ProtocolError::BadRequestMagic(_))) | Err(ConnError::Truncated(_)) => {}
+            Ok(_)
+            | Err(ConnError::Protocol(ProtocolError::BadRequestMagic(_)))
+            | Err(ConnError::Protocol(ProtocolError::PayloadTooLarge(_)))
+            | Err(ConnError::Truncated(_)) => {}
             Err(e) => panic!("unexpected transmission error {e}"),
         }
         if !dup {
-            parse_replies(&out.into_inner().unwrap(), &read_len);
+            parse_replies(&out.into_inner().unwrap(), session.style, &info);
         }
     }
+
+    /// Read replies with holes: the chunks cover the data exactly, holes are
+    /// all zero and long, and data chunks hold what was read.
+    #[test]
+    fn read_chunks_cover_the_data(blocks in prop::collection::vec((any::<bool>(), 1usize..40), 0..12), tail in 0usize..4096) {
+        let mut data = Vec::new();
+        for (zero, n) in blocks {
+            let b = if zero { 0u8 } else { 0x5a };
+            data.extend(std::iter::repeat_n(b, n * 4096));
+        }
+        data.extend(std::iter::repeat_n(1u8, tail));
+        let chunks = transmission::read_chunks(&data);
+        let mut pos = 0;
+        for (a, b, hole) in chunks {
+            prop_assert_eq!(a, pos);
+            prop_assert!(b > a);
+            if hole {
+                prop_assert!(b - a >= transmission::HOLE_MIN);
+                prop_assert!(data[a..b].iter().all(|&x| x == 0));
+            }
+            pos = b;
+        }
+        prop_assert_eq!(pos, data.len());
+    }
+}
+
+#[test]
+fn block_status_replies_are_clipped_to_the_request() {
+    let ext = [
+        Extent {
+            len: 8192,
+            hole: true,
+        },
+        Extent {
+            len: 1 << 33,
+            hole: false,
+        },
+    ];
+    // Compact: the 8 GiB extent is clipped to the request.
+    let v = transmission::block_status_reply(ReplyStyle::Structured, 5, 0, 1 << 32, false, &ext);
+    let (_, kind, _, plen) = parse_chunk_header(&v, ReplyStyle::Structured).unwrap();
+    assert_eq!((kind, plen), (REPLY_TYPE_BLOCK_STATUS, 4 + 16));
+    assert_eq!(be32(&v, 24), 8192);
+    assert_eq!(be32(&v, 28), STATE_HOLE | STATE_ZERO);
+    assert_eq!(u64::from(be32(&v, 32)), (1u64 << 32) - 8192);
+    // REQ_ONE: one extent, within the request.
+    let v = transmission::block_status_reply(ReplyStyle::Extended, 5, 0, 4096, true, &ext);
+    let (_, kind, _, plen) = parse_chunk_header(&v, ReplyStyle::Extended).unwrap();
+    assert_eq!((kind, plen), (REPLY_TYPE_BLOCK_STATUS_EXT, 8 + 16));
+    assert_eq!(be64(&v, 40), 4096);
+    // Extended: 64-bit lengths pass whole.
+    let v = transmission::block_status_reply(ReplyStyle::Extended, 5, 0, 1 << 40, false, &ext);
+    assert_eq!(be64(&v, 56), 1 << 33);
 }
 
 // ---------------------------------------------------------------------------
