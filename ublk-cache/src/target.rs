@@ -63,6 +63,12 @@ pub trait AsyncTarget: Send + Sync {
     fn discard(&self, offset: u64, len: u64) -> impl Future<Output = TargetResult<()>>;
     /// The range reads back as zeroes.
     fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = TargetResult<()>>;
+    /// Which parts of `[offset, offset + len)` hold data and which are holes
+    /// (see [`BlockTarget::block_status`]). Blocking: it may ask the backend.
+    fn block_status(&self, offset: u64, len: u64) -> TargetResult<Vec<Extent>> {
+        let _ = offset;
+        Ok(vec![Extent { len, hole: false }])
+    }
 }
 
 

@@ -21,7 +21,6 @@ use std::time::Duration;
 use policies::CacheMode;
 use rbd_backend::{Backend, FaultyBackend, FileBackend, OpenOptions};
 use ublk_cache::frontend::nbd::{ListenSpec, Listeners, NbdOptions, NbdServer};
-use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig};
 use ublk_cache_benches::{parse_size, Args};
 
@@ -121,8 +120,7 @@ fn run(o: Opts) -> Result<(), String> {
     let engine = Engine::open(backend, cache, cfg).map_err(|e| format!("attaching: {e}"))?;
     let listeners =
         Listeners::bind(&[ListenSpec::Unix(o.socket.clone())], 0o600).map_err(|e| e.to_string())?;
-    let target: Arc<dyn BlockTarget> = engine.clone();
-    let server = match NbdServer::start(listeners, target, NbdOptions::default()) {
+    let server = match NbdServer::start(listeners, Arc::clone(&engine), NbdOptions::default()) {
         Ok(s) => s,
         Err(e) => {
             let _ = engine.shutdown();

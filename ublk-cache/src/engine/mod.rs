@@ -344,6 +344,10 @@ impl AsyncTarget for Engine {
     async fn write_zeroes(&self, offset: u64, len: u64) -> TargetResult<()> {
         Ok(self.write_zeroes_async(offset, len).await?)
     }
+
+    fn block_status(&self, offset: u64, len: u64) -> TargetResult<Vec<crate::target::Extent>> {
+        Ok(Engine::block_status(self, offset, len)?)
+    }
 }
 
 impl BlockTarget for Engine {

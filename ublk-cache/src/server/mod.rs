@@ -16,7 +16,6 @@ use anyhow::{bail, Context, Result};
 use tracing::{error, info, warn};
 use ublk_cache::frontend::nbd::{ListenSpec, Listeners, NbdServer};
 use ublk_cache::frontend::ublk::{self as fe, ServeOutcome, StopHandle, StopKind, UblkOptions};
-use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig};
 
 use crate::cli::ServeArgs;
@@ -135,10 +134,9 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
         shutdown_after_failure(&engine, None);
         return Err(e);
     }
-    let target: Arc<dyn BlockTarget> = engine.clone();
     let nbd = match listeners {
         None => None,
-        Some(l) => match NbdServer::start(l, Arc::clone(&target), nbd_opts) {
+        Some(l) => match NbdServer::start(l, Arc::clone(&engine), nbd_opts) {
             Ok(s) => Some(s),
             Err(e) => {
                 shutdown_after_failure(&engine, None);

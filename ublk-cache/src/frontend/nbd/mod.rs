@@ -1,4 +1,4 @@
-//! NBD frontend: serves a [`BlockTarget`](crate::target::BlockTarget) over the
+//! NBD frontend: serves an [`AsyncTarget`](crate::target::AsyncTarget) over the
 //! Network Block Device protocol on unix and TCP sockets, beside or instead of
 //! the ublk device. QEMU, libvirt, qemu-img, nbdcopy, nbdinfo and fio speak it
 //! natively, and it needs nothing from the kernel.
@@ -16,17 +16,18 @@
 //! (+FUA), FLUSH, TRIM, WRITE_ZEROES (+NO_HOLE), BLOCK_STATUS (+REQ_ONE) and
 //! DISC. Transmission flags: see [`export_flags`].
 //!
-//! # Threads, not tokio
+//! # One event loop per connection
 //!
-//! The engine is blocking: every [`BlockTarget`](crate::target::BlockTarget)
-//! call holds its thread until the I/O is done. Under an async runtime each
-//! request would hop to `spawn_blocking` anyway, adding a runtime, a second
-//! thread pool and a dependency for no gain. A server has few connections (one
-//! or a handful per VM disk), so plain threads are the simpler, easier to reason
-//! about design: one thread per connection reads requests, a small pool of
-//! scoped worker threads per connection runs them (so replies can leave out of
-//! order), and one acceptor thread polls the listeners. Stopping is explicit:
-//! shut the read side of each socket, let the workers drain, join.
+//! One acceptor thread polls the listeners. Each connection gets a thread: the
+//! handshake runs there with blocking socket I/O (it is short, and TLS is set up
+//! in it), then the thread becomes the connection's event loop
+//! (`rbd_backend::aio`): the socket is read and written with io_uring, a task per
+//! request calls the engine's asynchronous interface on the same loop (a cache
+//! hit is a read of the cache device on this thread's ring), and one sender
+//! writes replies in batches, so replies may leave out of order. No worker pool,
+//! no hand-off. A server has few connections (one or a handful per VM disk).
+//! Stopping is explicit: shut the read side of each socket, let the requests in
+//! flight finish and be answered, join.
 //!
 //! # Multi-connection
 //!
@@ -41,6 +42,7 @@ pub mod proto;
 mod server;
 pub mod tls;
 pub mod transmission;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -65,8 +67,8 @@ pub const DEFAULT_PORT: u16 = 10809;
 /// Tuning of the NBD server.
 #[derive(Debug, Clone)]
 pub struct NbdOptions {
-    /// Threads per connection that call the target (requests in flight per connection).
-    pub workers_per_connection: usize,
+    /// Requests of one connection running at once (more wait to be read).
+    pub max_requests_per_connection: usize,
     /// Connections served at once; more are closed right after accept.
     pub max_connections: usize,
     /// WRITE/READ payload buffered or in flight per connection before reading pauses.
@@ -84,7 +86,7 @@ pub struct NbdOptions {
 impl Default for NbdOptions {
     fn default() -> Self {
         Self {
-            workers_per_connection: 16,
+            max_requests_per_connection: 128,
             max_connections: 64,
             max_inflight_bytes: 128 << 20,
             handshake_timeout: Duration::from_secs(30),

@@ -18,10 +18,11 @@ use tracing::{debug, error, info, warn};
 
 use super::handshake::{ExportInfo, Negotiated, Negotiation, Session, TlsPolicy};
 use super::proto::ConnError;
-use super::tls::BlockingTls;
+use super::tls::{BlockingTls, TlsTransport};
 use super::transmission::{transmit, End, TransmitConfig};
+use super::wire::SockWire;
 use super::{export_flags, uri_for_tcp, uri_for_unix, ListenSpec, NbdError, NbdOptions};
-use crate::target::BlockTarget;
+use crate::target::AsyncTarget;
 
 /// A connected client socket of either kind.
 pub(crate) enum Stream {
@@ -35,6 +36,13 @@ impl Stream {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
         })
+    }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        }
     }
 
     fn shutdown(&self, how: Shutdown) {
@@ -226,9 +234,9 @@ pub struct NbdServer {
 
 impl NbdServer {
     /// Start accepting on `listeners`, serving `target` to every client.
-    pub fn start(
+    pub fn start<T: AsyncTarget + 'static>(
         listeners: Listeners,
-        target: Arc<dyn BlockTarget>,
+        target: Arc<T>,
         opts: NbdOptions,
     ) -> Result<Self, NbdError> {
         let size = target.size();
@@ -403,9 +411,9 @@ fn poll_readable(fds: &[RawFd], timeout: Duration) -> io::Result<Vec<bool>> {
     Ok(pfds.iter().map(|p| p.revents != 0).collect())
 }
 
-fn accept_loop(
+fn accept_loop<T: AsyncTarget + 'static>(
     listeners: Listeners,
-    target: Arc<dyn BlockTarget>,
+    target: Arc<T>,
     opts: NbdOptions,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<HashMap<u64, Conn>>>,
@@ -458,11 +466,11 @@ fn accept_loop(
     drop(listeners);
 }
 
-fn spawn_conn(
+fn spawn_conn<T: AsyncTarget + 'static>(
     id: u64,
     stream: Stream,
     origin: String,
-    target: &Arc<dyn BlockTarget>,
+    target: &Arc<T>,
     export: &ExportInfo,
     opts: &NbdOptions,
     table: &mut HashMap<u64, Conn>,
@@ -479,7 +487,7 @@ fn spawn_conn(
         .spawn(move || {
             let peer = format!("#{id} {origin}");
             let res = catch_unwind(AssertUnwindSafe(|| {
-                serve_conn(stream, &peer, &*target, &export, &opts)
+                serve_conn(stream, &peer, &target, &export, &opts)
             }))
             .unwrap_or_else(|p| {
                 let msg = p
@@ -503,10 +511,10 @@ fn spawn_conn(
     Ok(())
 }
 
-fn serve_conn(
+fn serve_conn<T: AsyncTarget + 'static>(
     stream: Stream,
     peer: &str,
-    target: &dyn BlockTarget,
+    target: &Arc<T>,
     export: &ExportInfo,
     opts: &NbdOptions,
 ) -> Result<&'static str, ConnError> {
@@ -560,40 +568,55 @@ fn serve_conn(
             timeouts
                 .set_timeouts(None)
                 .map_err(io_err("clearing socket timeouts"))?;
-            let (how, out) = run_transmission(&mut reader, tw, target, export, opts, session, peer);
-            out.close();
-            return how;
+            // Plaintext the handshake's reader took past its end: the first requests.
+            let early = reader.buffer().to_vec();
+            let tls = BlockingTls::into_transport(reader.into_inner(), tw)
+                .map_err(|e| ConnError::Internal(format!("taking over the TLS session: {e}")))?;
+            return run_transmission(timeouts.fd(), Some(tls), early, target, export, opts, session, peer);
         }
     };
     timeouts
         .set_timeouts(None)
         .map_err(io_err("clearing socket timeouts"))?;
-    run_transmission(&mut reader, writer, target, export, opts, session, peer).0
+    let early = reader.buffer().to_vec();
+    drop(reader);
+    drop(writer);
+    run_transmission(timeouts.fd(), None, early, target, export, opts, session, peer)
 }
 
-/// The transmission phase over a plain or TLS stream; gives the writer back
-/// (to close TLS cleanly).
-fn run_transmission<R: Read, W: Write + Send>(
-    reader: &mut R,
-    writer: W,
-    target: &dyn BlockTarget,
+/// The transmission phase, on an event loop of this connection's thread. The
+/// socket `fd` stays open (the caller holds it) until this returns.
+#[allow(clippy::too_many_arguments)]
+fn run_transmission<T: AsyncTarget + 'static>(
+    fd: RawFd,
+    tls: Option<TlsTransport>,
+    early: Vec<u8>,
+    target: &Arc<T>,
     export: &ExportInfo,
     opts: &NbdOptions,
     session: Session,
     peer: &str,
-) -> (Result<&'static str, ConnError>, W) {
+) -> Result<&'static str, ConnError> {
     info!(peer, ?session, "NBD client entered transmission");
     let cfg = TransmitConfig {
         size: export.size,
-        workers: opts.workers_per_connection,
         max_inflight_bytes: opts.max_inflight_bytes,
+        max_requests: opts.max_requests_per_connection,
         session,
         peer: peer.to_string(),
     };
-    let out = Mutex::new(writer);
-    let res = transmit(reader, &out, target, &cfg).map(|end| match end {
+    let lp = rbd_backend::aio::EventLoop::new()
+        .map_err(|e| ConnError::Internal(format!("cannot make the connection's event loop: {e}")))?;
+    let wire = std::rc::Rc::new(SockWire::new(fd, tls, early));
+    let res = lp
+        .block_on(async {
+            let r = transmit(std::rc::Rc::clone(&wire), Arc::clone(target), &cfg).await;
+            wire.close_tls().await;
+            r
+        })
+        .map_err(|e| ConnError::Internal(format!("the connection's event loop failed: {e}")))?;
+    res.map(|end| match end {
         End::Disconnect => "client sent NBD_CMD_DISC",
         End::Closed => "end of stream",
-    });
-    (res, out.into_inner().unwrap_or_else(|p| p.into_inner()))
+    })
 }

@@ -20,7 +20,8 @@ use super::transmission::{
     self, decide, payload_len, transmit, Cmd, Decision, End, TransmitConfig,
 };
 use super::*;
-use crate::target::{BlockTarget, Extent, TargetError, TargetResult};
+use crate::target::{AsyncTarget, Extent, TargetError, TargetResult};
+use rbd_backend::aio::BufSlice;
 
 #[path = "../../../tests/common/nbd_client.rs"]
 mod client;
@@ -57,37 +58,51 @@ impl MemTarget {
     }
 }
 
-impl BlockTarget for MemTarget {
+impl MemTarget {
+    async fn pause(&self) {
+        if !self.delay.is_zero() {
+            rbd_backend::aio::sleep(self.delay).await;
+        }
+    }
+
+    fn zero(&self, offset: u64, len: u64) -> TargetResult<()> {
+        let r = self.range(offset, len)?;
+        self.data.lock().unwrap()[r].fill(0);
+        Ok(())
+    }
+}
+
+impl AsyncTarget for MemTarget {
     fn size(&self) -> u64 {
         self.data.lock().unwrap().len() as u64
     }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> TargetResult<()> {
-        std::thread::sleep(self.delay);
-        let r = self.range(offset, buf.len() as u64)?;
-        buf.copy_from_slice(&self.data.lock().unwrap()[r]);
+    async fn read(&self, offset: u64, dst: BufSlice) -> TargetResult<()> {
+        self.pause().await;
+        let r = self.range(offset, dst.len() as u64)?;
+        // SAFETY: the request owns `dst` while it runs.
+        unsafe { dst.request_bytes_mut() }.copy_from_slice(&self.data.lock().unwrap()[r]);
         Ok(())
     }
-    fn write(&self, offset: u64, buf: &[u8], fua: bool) -> TargetResult<()> {
-        std::thread::sleep(self.delay);
-        let r = self.range(offset, buf.len() as u64)?;
-        self.data.lock().unwrap()[r].copy_from_slice(buf);
+    async fn write(&self, offset: u64, src: BufSlice, fua: bool) -> TargetResult<()> {
+        self.pause().await;
+        let r = self.range(offset, src.len() as u64)?;
+        // SAFETY: the request owns `src` while it runs.
+        self.data.lock().unwrap()[r].copy_from_slice(unsafe { src.request_bytes() });
         self.writes.fetch_add(1, Ordering::SeqCst);
         if fua {
             self.flushes.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
     }
-    fn flush(&self) -> TargetResult<()> {
+    async fn flush(&self) -> TargetResult<()> {
         self.flushes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    fn discard(&self, offset: u64, len: u64) -> TargetResult<()> {
-        self.write_zeroes(offset, len)
+    async fn discard(&self, offset: u64, len: u64) -> TargetResult<()> {
+        self.zero(offset, len)
     }
-    fn write_zeroes(&self, offset: u64, len: u64) -> TargetResult<()> {
-        let r = self.range(offset, len)?;
-        self.data.lock().unwrap()[r].fill(0);
-        Ok(())
+    async fn write_zeroes(&self, offset: u64, len: u64) -> TargetResult<()> {
+        self.zero(offset, len)
     }
     /// All-zero 512-byte blocks are holes (what the model expects).
     fn block_status(&self, offset: u64, len: u64) -> TargetResult<Vec<Extent>> {
@@ -109,6 +124,20 @@ impl BlockTarget for MemTarget {
 }
 
 const SIZE: u64 = 1 << 20;
+
+/// Run the transmission phase over an in-memory stream; returns how it ended
+/// and every byte it sent.
+fn run_transmit(
+    input: Vec<u8>,
+    t: &Arc<MemTarget>,
+    cfg: &TransmitConfig,
+) -> (Result<End, ConnError>, Vec<u8>) {
+    let wire = std::rc::Rc::new(super::wire::MemWire::new(input));
+    let end = rbd_backend::aio::block_on(transmit(std::rc::Rc::clone(&wire), Arc::clone(t), cfg))
+        .expect("an event loop");
+    let out = wire.output.borrow().clone();
+    (end, out)
+}
 
 fn hdr(kind: u16, flags: u16, offset: u64, len: u64) -> RequestHeader {
     RequestHeader {
@@ -840,9 +869,9 @@ proptest! {
             input.extend_from_slice(b"ignored after DISC");
         }
         let t = MemTarget::new(size as usize);
-        let out = Mutex::new(Vec::new());
-        let cfg = TransmitConfig { size, workers: 1, max_inflight_bytes: 1 << 20, session, peer: "model".into() };
-        let end = transmit(&mut Cursor::new(input), &out, &*t, &cfg).expect("well-formed stream");
+        let cfg = TransmitConfig { size, max_inflight_bytes: 1 << 20, max_requests: 1, session, peer: "model".into() };
+        let (end, output) = run_transmit(input, &t, &cfg);
+        let end = end.expect("well-formed stream");
         prop_assert_eq!(end, if disc { End::Disconnect } else { End::Closed });
 
         let mut model = vec![0u8; size as usize];
@@ -852,7 +881,7 @@ proptest! {
             info.insert(r.h.handle, (r.h.offset, r.h.len, r.h.kind));
             want.insert(r.h.handle, model_answer(r, &mut model, &session));
         }
-        let got = parse_replies(&out.into_inner().unwrap(), session.style, &info);
+        let got = parse_replies(&output, session.style, &info);
         prop_assert_eq!(got.len(), reqs.len(), "one reply per request");
         for (handle, answer) in got {
             let w = want.remove(&handle).expect("a reply for a known, unanswered handle");
@@ -911,9 +940,9 @@ proptest! {
             rest = &rest[p as usize..];
         }
         let t = MemTarget::new(size as usize);
-        let out = Mutex::new(Vec::new());
-        let cfg = TransmitConfig { size, workers: 3, max_inflight_bytes: 64 << 10, session, peer: "fuzz".into() };
-        match transmit(&mut Cursor::new(input), &out, &*t, &cfg) {
+        let cfg = TransmitConfig { size, max_inflight_bytes: 64 << 10, max_requests: 3, session, peer: "fuzz".into() };
+        let (res, output) = run_transmit(input, &t, &cfg);
+        match res {
             Ok(_)
             | Err(ConnError::Protocol(ProtocolError::BadRequestMagic(_)))
             | Err(ConnError::Protocol(ProtocolError::PayloadTooLarge(_)))
@@ -921,7 +950,7 @@ proptest! {
             Err(e) => panic!("unexpected transmission error {e}"),
         }
         if !dup {
-            parse_replies(&out.into_inner().unwrap(), session.style, &info);
+            parse_replies(&output, session.style, &info);
         }
     }
 
@@ -984,7 +1013,7 @@ fn block_status_replies_are_clipped_to_the_request() {
 // ---------------------------------------------------------------------------
 
 fn start(
-    target: Arc<dyn BlockTarget>,
+    target: Arc<MemTarget>,
     dir: &std::path::Path,
     opts: NbdOptions,
 ) -> (NbdServer, std::path::PathBuf) {

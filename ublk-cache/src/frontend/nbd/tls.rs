@@ -284,6 +284,17 @@ impl BlockingTls {
     }
 }
 
+impl BlockingTls {
+    /// The TLS state of a connection whose handshake is done, for the event
+    /// loop that serves its transmission (the two halves give it up).
+    pub fn into_transport<R, W>(reader: TlsReader<R, W>, writer: TlsWriter<W>) -> io::Result<TlsTransport> {
+        drop(writer);
+        let shared = Arc::try_unwrap(reader.shared)
+            .map_err(|_| io::Error::other("the TLS session is still shared"))?;
+        Ok(shared.tls.into_inner().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
 /// The reading half: decrypted bytes from the socket.
 pub struct TlsReader<R, W> {
     shared: Arc<Shared<W>>,

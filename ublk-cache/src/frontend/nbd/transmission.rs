@@ -9,31 +9,35 @@
 //!   status chunk.
 //! * Errors with structured replies: an `ERROR` chunk with a short message.
 //!
-//! * The connection's thread reads requests (and WRITE payloads) and queues them.
-//!   Requests that fail a check are answered right there with an error; the
-//!   stream stays usable. Only a request that breaks the framing (bad magic) or a
-//!   short read ends the connection.
-//! * `workers` scoped threads call the [`BlockTarget`] (blocking) and write the
-//!   reply under a lock, so replies may leave in any order; the handle tells the
-//!   client which request each one answers. A reply is sent only after the
-//!   target returned: a client that vanishes loses nothing it saw acknowledged.
+//! * The connection runs on an event loop of its own (`rbd_backend::aio`): a
+//!   reader reads requests (and WRITE payloads) from the [`Wire`] and starts one
+//!   task per request; the task calls the [`AsyncTarget`] on the same loop and
+//!   queues its reply; a sender writes queued replies in batches. Requests that
+//!   fail a check are answered right away with an error; the stream stays
+//!   usable. Only a request that breaks the framing (bad magic) or a short read
+//!   ends the connection.
+//! * Replies may leave in any order; the handle tells the client which request
+//!   each one answers. A reply is queued only after the target returned: a
+//!   client that vanishes loses nothing it saw acknowledged.
 //! * Memory is bounded: at most `max_inflight_bytes` of payload (plus one
 //!   request) is buffered or in flight per connection; beyond that the reader
 //!   stops reading and TCP / the socket buffer pushes back on the client.
 //! * When the reader stops (client DISC or EOF, a protocol error, or the server
-//!   shutting the socket's read side), every queued request still runs and is
-//!   answered before the function returns.
+//!   shutting the socket's read side), every request already read still runs
+//!   and is answered before the function returns.
 
-use std::io::{self, Read, Write};
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
 
+use event_listener::Event;
+use rbd_backend::aio::{self, DmaBuf};
 use tracing::{debug, warn};
 
 use super::handshake::Session;
 use super::proto::*;
-use crate::target::{BlockTarget, Extent};
+use super::wire::Wire;
+use crate::target::{AsyncTarget, Extent, TargetError};
 
 /// A request that passed every check, ready for the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,64 +305,15 @@ pub enum End {
 pub struct TransmitConfig {
     /// Size of the export.
     pub size: u64,
-    /// Worker threads calling the target.
-    pub workers: usize,
     /// Payload bytes buffered or in flight before the reader waits.
     pub max_inflight_bytes: usize,
+    /// Requests running at once before the reader waits (1 runs them in order).
+    pub max_requests: usize,
     /// What the handshake negotiated (reply style, metadata context).
     pub session: Session,
     /// For logs.
     pub peer: String,
 }
-
-/// Payload bytes held by queued or running requests, with a wait for room.
-struct Budget {
-    used: Mutex<usize>,
-    freed: Condvar,
-    max: usize,
-}
-
-impl Budget {
-    fn acquire(&self, n: usize) {
-        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        // A request larger than the budget still runs, alone.
-        while *used > 0 && *used + n > self.max {
-            used = self.freed.wait(used).unwrap_or_else(|p| p.into_inner());
-        }
-        *used += n;
-    }
-
-    fn release(&self, n: usize) {
-        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
-        *used = used.saturating_sub(n);
-        self.freed.notify_all();
-    }
-}
-
-struct Job {
-    handle: u64,
-    /// The request's offset (extended reply headers echo it).
-    offset: u64,
-    cmd: Cmd,
-    /// WRITE data.
-    payload: Vec<u8>,
-    charge: usize,
-}
-
-/// What the reader and the workers share.
-struct Shared<'a, W> {
-    target: &'a dyn BlockTarget,
-    out: &'a Mutex<W>,
-    budget: Budget,
-    style: ReplyStyle,
-    /// A reply could not be written: the client is gone. Later replies are dropped.
-    broken: AtomicBool,
-    /// Rejected requests logged so far (the log is not a client's to flood).
-    rejects_logged: AtomicUsize,
-    peer: &'a str,
-}
-
-const REJECTS_LOGGED: usize = 8;
 
 /// Room before READ data for the largest single-chunk reply header.
 const READ_PREFIX: usize = EXTENDED_REPLY_LEN + 8;
@@ -377,125 +332,111 @@ fn error_message(error: u32, rejected: bool) -> &'static str {
     }
 }
 
-impl<W: Write> Shared<'_, W> {
-    /// Send one reply (or several chunks), whole, under the output lock.
-    fn reply(&self, buf: &[u8]) {
-        if self.broken.load(Ordering::Acquire) {
+
+/// A success without data: a simple reply, or a final `NONE` chunk once
+/// structured replies are negotiated.
+fn encode_ok(style: ReplyStyle, handle: u64, offset: u64) -> Vec<u8> {
+    if style == ReplyStyle::Simple {
+        let mut hdr = [0u8; SIMPLE_REPLY_LEN];
+        encode_simple_reply(&mut hdr, 0, handle);
+        hdr.to_vec()
+    } else {
+        let mut v = Vec::with_capacity(EXTENDED_REPLY_LEN);
+        push_chunk_header(&mut v, style, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, offset, 0);
+        v
+    }
+}
+
+fn encode_error(style: ReplyStyle, handle: u64, offset: u64, error: u32, rejected: bool) -> Vec<u8> {
+    if style == ReplyStyle::Simple {
+        let mut hdr = [0u8; SIMPLE_REPLY_LEN];
+        encode_simple_reply(&mut hdr, error, handle);
+        hdr.to_vec()
+    } else {
+        let mut v = Vec::with_capacity(64);
+        push_error_chunk(&mut v, style, handle, offset, error, error_message(error, rejected));
+        v
+    }
+}
+
+/// A successful READ of `data` at `offset`: one data chunk, or data and hole
+/// chunks where the data has long zero stretches (structured replies).
+fn encode_read(style: ReplyStyle, handle: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+    if style == ReplyStyle::Simple {
+        let mut v = Vec::with_capacity(SIMPLE_REPLY_LEN + data.len());
+        let mut hdr = [0u8; SIMPLE_REPLY_LEN];
+        encode_simple_reply(&mut hdr, 0, handle);
+        v.extend_from_slice(&hdr);
+        v.extend_from_slice(data);
+        return v;
+    }
+    let chunks = read_chunks(data);
+    let data_bytes: usize = chunks.iter().filter(|c| !c.2).map(|c| c.1 - c.0).sum();
+    let mut v = Vec::with_capacity(data_bytes + chunks.len().max(1) * (READ_PREFIX + 4));
+    if chunks.is_empty() {
+        push_chunk_header(&mut v, style, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, offset, 0);
+        return v;
+    }
+    let last = chunks.len() - 1;
+    for (i, &(a, b, hole)) in chunks.iter().enumerate() {
+        let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+        let at = offset + a as u64;
+        if hole {
+            push_chunk_header(&mut v, style, flags, REPLY_TYPE_OFFSET_HOLE, handle, offset, 12);
+            v.extend_from_slice(&at.to_be_bytes());
+            // Reads are at most MAX_PAYLOAD, so a hole fits 32 bits.
+            v.extend_from_slice(&((b - a) as u32).to_be_bytes());
+        } else {
+            push_chunk_header(&mut v, style, flags, REPLY_TYPE_OFFSET_DATA, handle, offset, 8 + (b - a));
+            v.extend_from_slice(&at.to_be_bytes());
+            v.extend_from_slice(&data[a..b]);
+        }
+    }
+    v
+}
+
+const REJECTS_LOGGED: usize = 8;
+
+/// One connection's state, shared by its reader, request tasks and sender (all
+/// on the connection's event loop).
+struct Conn {
+    style: ReplyStyle,
+    peer: String,
+    /// Replies queued for the sender.
+    out: RefCell<Vec<u8>>,
+    out_ready: Event,
+    /// No more replies will be queued: the sender sends what is left and ends.
+    closing: Cell<bool>,
+    /// Sending failed: the client is gone; later replies are dropped.
+    broken: Cell<bool>,
+    /// Payload bytes of requests read and not yet answered.
+    used: Cell<usize>,
+    max: usize,
+    room: Event,
+    /// Requests running.
+    running: Cell<usize>,
+    idle: Event,
+    rejects_logged: Cell<usize>,
+}
+
+impl Conn {
+    fn reply(&self, bytes: Vec<u8>) {
+        if self.broken.get() {
             return;
         }
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = out.write_all(buf).and_then(|()| out.flush()) {
-            if !self.broken.swap(true, Ordering::AcqRel) {
-                debug!(
-                    peer = self.peer,
-                    "writing a reply failed: {e}; dropping further replies"
-                );
-            }
-        }
-    }
-
-    /// Success without data: a simple reply, or a final `NONE` chunk once
-    /// structured replies are negotiated (a simple reply would do for all but
-    /// READ, but a zero-length READ ends here too).
-    fn reply_ok(&self, handle: u64, offset: u64) {
-        if self.style == ReplyStyle::Simple {
-            let mut hdr = [0u8; SIMPLE_REPLY_LEN];
-            encode_simple_reply(&mut hdr, 0, handle);
-            self.reply(&hdr);
+        let mut out = self.out.borrow_mut();
+        if out.is_empty() {
+            *out = bytes;
         } else {
-            let mut v = Vec::with_capacity(EXTENDED_REPLY_LEN);
-            push_chunk_header(
-                &mut v,
-                self.style,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_NONE,
-                handle,
-                offset,
-                0,
-            );
-            self.reply(&v);
+            out.extend_from_slice(&bytes);
         }
-    }
-
-    fn reply_error(&self, handle: u64, offset: u64, error: u32, rejected: bool) {
-        if self.style == ReplyStyle::Simple {
-            let mut hdr = [0u8; SIMPLE_REPLY_LEN];
-            encode_simple_reply(&mut hdr, error, handle);
-            self.reply(&hdr);
-        } else {
-            let mut v = Vec::with_capacity(64);
-            let msg = error_message(error, rejected);
-            push_error_chunk(&mut v, self.style, handle, offset, error, msg);
-            self.reply(&v);
-        }
-    }
-
-    /// A successful READ: `buf` holds the data from [`READ_PREFIX`] on.
-    fn reply_read(&self, handle: u64, offset: u64, mut buf: Vec<u8>) {
-        let data_len = buf.len() - READ_PREFIX;
-        if self.style == ReplyStyle::Simple {
-            let at = READ_PREFIX - SIMPLE_REPLY_LEN;
-            let mut hdr = [0u8; SIMPLE_REPLY_LEN];
-            encode_simple_reply(&mut hdr, 0, handle);
-            buf[at..READ_PREFIX].copy_from_slice(&hdr);
-            return self.reply(&buf[at..]);
-        }
-        let chunks = read_chunks(&buf[READ_PREFIX..]);
-        if let [(_, _, false)] = chunks[..] {
-            // All data: one chunk, its header written in place before the data.
-            let mut hdr = Vec::with_capacity(READ_PREFIX);
-            push_chunk_header(
-                &mut hdr,
-                self.style,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_OFFSET_DATA,
-                handle,
-                offset,
-                8 + data_len,
-            );
-            hdr.extend_from_slice(&offset.to_be_bytes());
-            let at = READ_PREFIX - hdr.len();
-            buf[at..READ_PREFIX].copy_from_slice(&hdr);
-            return self.reply(&buf[at..]);
-        }
-        let data_bytes: usize = chunks.iter().filter(|c| !c.2).map(|c| c.1 - c.0).sum();
-        let mut v = Vec::with_capacity(data_bytes + chunks.len() * (READ_PREFIX + 4));
-        let last = chunks.len() - 1;
-        for (i, &(a, b, hole)) in chunks.iter().enumerate() {
-            let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
-            let at = offset + a as u64;
-            if hole {
-                push_chunk_header(
-                    &mut v,
-                    self.style,
-                    flags,
-                    REPLY_TYPE_OFFSET_HOLE,
-                    handle,
-                    offset,
-                    12,
-                );
-                v.extend_from_slice(&at.to_be_bytes());
-                // Reads are at most MAX_PAYLOAD, so a hole fits 32 bits.
-                v.extend_from_slice(&((b - a) as u32).to_be_bytes());
-            } else {
-                push_chunk_header(
-                    &mut v,
-                    self.style,
-                    flags,
-                    REPLY_TYPE_OFFSET_DATA,
-                    handle,
-                    offset,
-                    8 + (b - a),
-                );
-                v.extend_from_slice(&at.to_be_bytes());
-                v.extend_from_slice(&buf[READ_PREFIX + a..READ_PREFIX + b]);
-            }
-        }
-        self.reply(&v);
+        drop(out);
+        self.out_ready.notify(1);
     }
 
     fn note_reject(&self, h: &RequestHeader, error: u32) {
-        let n = self.rejects_logged.fetch_add(1, Ordering::Relaxed);
+        let n = self.rejects_logged.get();
+        self.rejects_logged.set(n + 1);
         if n < REJECTS_LOGGED {
             warn!(
                 peer = self.peer,
@@ -515,195 +456,173 @@ impl<W: Write> Shared<'_, W> {
         }
     }
 
-    fn execute(&self, job: Job) {
-        let Job {
-            handle,
-            offset: req_offset,
-            cmd,
-            payload,
-            charge,
-        } = job;
-        let t = self.target;
-        let mut read_buf = Vec::new();
-        let mut extents = Vec::new();
-        let res = catch_unwind(AssertUnwindSafe(|| match cmd {
-            Cmd::Read { offset, len } => {
-                read_buf = vec![0u8; READ_PREFIX + len as usize];
-                t.read(offset, &mut read_buf[READ_PREFIX..])
+    /// Wait until `n` more payload bytes fit (a request larger than the budget
+    /// still runs, alone).
+    async fn acquire(&self, n: usize) {
+        loop {
+            let l = self.room.listen();
+            let used = self.used.get();
+            if used == 0 || used + n <= self.max {
+                self.used.set(used + n);
+                return;
             }
-            Cmd::Write { offset, fua, .. } => t.write(offset, &payload, fua),
-            Cmd::Flush => t.flush(),
-            Cmd::Trim { offset, len, fua } => {
-                t.discard(offset, len)
-                    .and_then(|()| if fua { t.flush() } else { Ok(()) })
+            l.await;
+        }
+    }
+
+    fn release(&self, n: usize) {
+        self.used.set(self.used.get().saturating_sub(n));
+        self.room.notify(usize::MAX);
+    }
+}
+
+/// Buffered reading from the wire.
+struct Reader<'a, W> {
+    wire: &'a W,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl<W: Wire> Reader<'_, W> {
+    /// Fill `out` completely. `Ok(false)`: the stream ended before the first byte.
+    async fn read_exact(&mut self, out: &mut [u8], what: &'static str) -> Result<bool, ConnError> {
+        let mut got = 0;
+        while got < out.len() {
+            if self.pos < self.buf.len() {
+                let n = (out.len() - got).min(self.buf.len() - self.pos);
+                out[got..got + n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+                self.pos += n;
+                got += n;
+                continue;
             }
-            Cmd::WriteZeroes { offset, len, fua } => {
-                t.write_zeroes(offset, len)
-                    .and_then(|()| if fua { t.flush() } else { Ok(()) })
-            }
-            Cmd::BlockStatus { offset, len, .. } => t.block_status(offset, len).and_then(|e| {
-                extents = e;
-                if extents.first().is_some_and(|e| e.len > 0) {
-                    Ok(())
-                } else {
-                    Err(crate::target::TargetError::new(
-                        libc::EIO,
-                        "block status answered no extent (bug)",
-                    ))
+            self.buf.resize(256 << 10, 0);
+            self.pos = 0;
+            let n = self
+                .wire
+                .recv(&mut self.buf)
+                .await
+                .map_err(|e| ConnError::io("reading a request", e))?;
+            self.buf.truncate(n);
+            if n == 0 {
+                if got == 0 {
+                    return Ok(false);
                 }
-            }),
-            Cmd::Nop => Ok(()),
-        }));
-        drop(payload);
-        let error = match res {
-            Ok(Ok(())) => 0,
-            Ok(Err(e)) => {
-                warn!(peer = self.peer, ?cmd, "target error: {e}");
-                nbd_errno(e.errno())
+                return Err(ConnError::Truncated(what));
             }
-            Err(_) => {
-                tracing::error!(
-                    peer = self.peer,
-                    ?cmd,
-                    "target panicked; failing the request with EIO"
-                );
-                NBD_EIO
+        }
+        Ok(true)
+    }
+
+    async fn skip(&mut self, mut n: u64) -> Result<(), ConnError> {
+        let mut scratch = vec![0u8; (64 << 10).min(n as usize)];
+        while n > 0 {
+            let k = (n as usize).min(scratch.len());
+            if !self.read_exact(&mut scratch[..k], "in the middle of write data").await? {
+                return Err(ConnError::Truncated("in the middle of write data"));
             }
+            n -= k as u64;
+        }
+        Ok(())
+    }
+
+    async fn header(&mut self, style: ReplyStyle) -> Result<Option<RequestHeader>, ConnError> {
+        let mut b = [0u8; EXTENDED_REQUEST_LEN];
+        let n = if style == ReplyStyle::Extended {
+            EXTENDED_REQUEST_LEN
+        } else {
+            REQUEST_LEN
         };
-        match cmd {
-            // A failed read is answered without data, as the protocol allows.
-            _ if error != 0 => self.reply_error(handle, req_offset, error, false),
-            Cmd::Read { offset, .. } => self.reply_read(handle, offset, read_buf),
-            Cmd::BlockStatus {
-                offset,
-                len,
-                req_one,
-            } => {
-                let r = block_status_reply(self.style, handle, offset, len, req_one, &extents);
-                self.reply(&r);
-            }
-            _ => self.reply_ok(handle, req_offset),
+        if !self.read_exact(&mut b[..n], "in the middle of a request header").await? {
+            return Ok(None);
         }
-        self.budget.release(charge);
+        Ok(Some(if style == ReplyStyle::Extended {
+            parse_extended_request(&b)?
+        } else {
+            let mut c = [0u8; REQUEST_LEN];
+            c.copy_from_slice(&b[..REQUEST_LEN]);
+            parse_request(&c)?
+        }))
     }
 }
 
-/// Read a request header (compact, or extended when negotiated); `Ok(None)` at
-/// a clean end of stream.
-fn read_header(r: &mut impl Read, style: ReplyStyle) -> Result<Option<RequestHeader>, ConnError> {
-    let mut b = [0u8; EXTENDED_REQUEST_LEN];
-    let n = if style == ReplyStyle::Extended {
-        EXTENDED_REQUEST_LEN
-    } else {
-        REQUEST_LEN
-    };
-    let mut got = 0;
-    while got < n {
-        match r.read(&mut b[got..n]) {
-            Ok(0) if got == 0 => return Ok(None),
-            Ok(0) => return Err(ConnError::Truncated("in the middle of a request header")),
-            Ok(k) => got += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(ConnError::io("reading a request", e)),
-        }
-    }
-    Ok(Some(if style == ReplyStyle::Extended {
-        parse_extended_request(&b)?
-    } else {
-        let mut c = [0u8; REQUEST_LEN];
-        c.copy_from_slice(&b[..REQUEST_LEN]);
-        parse_request(&c)?
-    }))
-}
-
-fn read_payload(r: &mut impl Read, len: u32) -> Result<Vec<u8>, ConnError> {
-    let mut v = Vec::with_capacity(len as usize);
-    r.take(u64::from(len))
-        .read_to_end(&mut v)
-        .map_err(|e| ConnError::io("reading write data", e))?;
-    if v.len() != len as usize {
-        return Err(ConnError::Truncated("in the middle of write data"));
-    }
-    Ok(v)
-}
-
-/// Read and drop a refused request's payload.
-fn skip_payload(r: &mut impl Read, len: u64) -> Result<(), ConnError> {
-    let n = io::copy(&mut r.take(len), &mut io::sink())
-        .map_err(|e| ConnError::io("in the middle of write data", e))?;
-    if n != len {
-        return Err(ConnError::Truncated("in the middle of write data"));
-    }
-    Ok(())
-}
-
-/// Serve requests from `reader` until the client disconnects, the stream ends,
-/// or the client breaks the protocol. Replies go to `out`. Every request that was
-/// read completely is executed and answered (if the client still listens) before
-/// this returns.
-pub fn transmit<R: Read, W: Write + Send>(
-    reader: &mut R,
-    out: &Mutex<W>,
-    target: &dyn BlockTarget,
+/// Serve requests from `wire` until the client disconnects, the stream ends, or
+/// the client breaks the protocol, on the current thread's event loop. Every
+/// request read completely is executed and answered (if the client still
+/// listens) before this returns. `early`: bytes read past the handshake.
+pub async fn transmit<T: AsyncTarget + 'static, W: Wire + 'static>(
+    wire: Rc<W>,
+    target: Arc<T>,
     cfg: &TransmitConfig,
 ) -> Result<End, ConnError> {
-    let shared = Shared {
-        target,
-        out,
-        budget: Budget {
-            used: Mutex::new(0),
-            freed: Condvar::new(),
-            max: cfg.max_inflight_bytes.max(1),
-        },
+    let conn = Rc::new(Conn {
         style: cfg.session.style,
-        broken: AtomicBool::new(false),
-        rejects_logged: AtomicUsize::new(0),
-        peer: &cfg.peer,
+        peer: cfg.peer.clone(),
+        out: RefCell::new(Vec::new()),
+        out_ready: Event::new(),
+        closing: Cell::new(false),
+        broken: Cell::new(false),
+        used: Cell::new(0),
+        max: cfg.max_inflight_bytes.max(1),
+        room: Event::new(),
+        running: Cell::new(0),
+        idle: Event::new(),
+        rejects_logged: Cell::new(0),
+    });
+    let sender = {
+        let (conn, wire) = (Rc::clone(&conn), Rc::clone(&wire));
+        aio::spawn(async move { send_loop(&conn, &*wire).await })
+            .map_err(|e| ConnError::Internal(format!("starting the sender: {e}")))?
     };
-    let workers = cfg.workers.max(1);
-    let (tx, rx) = crossbeam_channel::bounded::<Job>(workers * 2);
-    std::thread::scope(|s| {
-        let mut spawned = 0;
-        for i in 0..workers {
-            let rx = rx.clone();
-            let sh = &shared;
-            let h = std::thread::Builder::new()
-                .name(format!("nbd-w{i}"))
-                .spawn_scoped(s, move || {
-                    for job in rx {
-                        sh.execute(job);
-                    }
-                });
-            match h {
-                Ok(_) => spawned += 1,
-                Err(e) => {
-                    warn!(peer = cfg.peer, "could not start worker thread {i}: {e}");
-                    break;
-                }
-            }
+    let res = read_loop(&conn, &*wire, &target, cfg).await;
+    // Every request read runs to its reply; then the sender empties the queue.
+    loop {
+        let l = conn.idle.listen();
+        if conn.running.get() == 0 {
+            break;
         }
-        drop(rx);
-        if spawned == 0 {
-            return Err(ConnError::Internal(
-                "no worker thread could be started".into(),
-            ));
-        }
-        let res = read_loop(reader, &tx, &shared, cfg);
-        // Closing the queue lets the workers drain it and exit; the scope joins
-        // them, so every request read is answered before this returns.
-        drop(tx);
-        res
-    })
+        l.await;
+    }
+    conn.closing.set(true);
+    conn.out_ready.notify(usize::MAX);
+    sender.await;
+    res
 }
 
-fn read_loop<R: Read, W: Write>(
-    r: &mut R,
-    tx: &crossbeam_channel::Sender<Job>,
-    sh: &Shared<'_, W>,
+async fn send_loop<W: Wire>(conn: &Conn, wire: &W) {
+    loop {
+        let l = conn.out_ready.listen();
+        let batch = std::mem::take(&mut *conn.out.borrow_mut());
+        if batch.is_empty() {
+            if conn.closing.get() {
+                return;
+            }
+            l.await;
+            continue;
+        }
+        if conn.broken.get() {
+            continue;
+        }
+        if let Err(e) = wire.send_all(batch).await {
+            if !conn.broken.replace(true) {
+                debug!(peer = conn.peer, "writing a reply failed: {e}; dropping further replies");
+            }
+        }
+    }
+}
+
+async fn read_loop<T: AsyncTarget + 'static, W: Wire>(
+    conn: &Rc<Conn>,
+    wire: &W,
+    target: &Arc<T>,
     cfg: &TransmitConfig,
 ) -> Result<End, ConnError> {
+    let mut r = Reader {
+        wire,
+        buf: Vec::new(),
+        pos: 0,
+    };
     loop {
-        let Some(h) = read_header(r, sh.style)? else {
+        let Some(h) = r.header(conn.style).await? else {
             return Ok(End::Closed);
         };
         match decide(&h, cfg.size, &cfg.session) {
@@ -712,43 +631,128 @@ fn read_loop<R: Read, W: Write>(
                 // With extended headers any command may carry a payload; one
                 // beyond what the server would ever accept is a denial of
                 // service, and the protocol says to disconnect.
-                if sh.style == ReplyStyle::Extended && skip > u64::from(MAX_PAYLOAD) {
+                if conn.style == ReplyStyle::Extended && skip > u64::from(MAX_PAYLOAD) {
                     return Err(ProtocolError::PayloadTooLarge(skip).into());
                 }
-                skip_payload(r, skip)?;
-                sh.note_reject(&h, error);
-                sh.reply_error(h.handle, h.offset, error, true);
+                r.skip(skip).await?;
+                conn.note_reject(&h, error);
+                conn.reply(encode_error(conn.style, h.handle, h.offset, error, true));
             }
             Decision::Run(cmd) => {
                 let charge = match cmd {
                     Cmd::Read { len, .. } | Cmd::Write { len, .. } => len as usize,
                     _ => 0,
                 };
-                sh.budget.acquire(charge);
-                let payload = match cmd {
-                    Cmd::Write { len, .. } => match read_payload(r, len) {
-                        Ok(p) => p,
+                conn.acquire(charge).await;
+                loop {
+                    let l = conn.idle.listen();
+                    if conn.running.get() < cfg.max_requests.max(1) {
+                        break;
+                    }
+                    l.await;
+                }
+                let mut buf = match cmd {
+                    Cmd::Read { len, .. } | Cmd::Write { len, .. } => DmaBuf::new(len as usize),
+                    _ => DmaBuf::new(0),
+                };
+                if let Cmd::Write { len, .. } = cmd {
+                    let dst = buf.bytes_mut().expect("new buffer");
+                    let ok = r.read_exact(&mut dst[..len as usize], "in the middle of write data").await;
+                    match ok {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            conn.release(charge);
+                            return Err(ConnError::Truncated("in the middle of write data"));
+                        }
                         Err(e) => {
-                            sh.budget.release(charge);
+                            conn.release(charge);
                             return Err(e);
                         }
-                    },
-                    _ => Vec::new(),
+                    }
+                }
+                conn.running.set(conn.running.get() + 1);
+                let (c, t) = (Rc::clone(conn), Arc::clone(target));
+                let (handle, req_offset) = (h.handle, h.offset);
+                let task = async move {
+                    let reply = execute(&*t, cmd, buf, c.style, handle, req_offset, &c.peer).await;
+                    c.reply(reply);
+                    c.release(charge);
+                    c.running.set(c.running.get() - 1);
+                    c.idle.notify(usize::MAX);
                 };
-                let job = Job {
-                    handle: h.handle,
-                    offset: h.offset,
-                    cmd,
-                    payload,
-                    charge,
-                };
-                if let Err(crossbeam_channel::SendError(job)) = tx.send(job) {
-                    // Cannot happen while this function holds a receiver's peers
-                    // alive, but never drop a request silently.
-                    sh.budget.release(job.charge);
-                    sh.reply_error(job.handle, job.offset, NBD_EIO, false);
+                match aio::spawn(task) {
+                    Ok(t) => t.detach(),
+                    Err(e) => {
+                        conn.running.set(conn.running.get() - 1);
+                        conn.release(charge);
+                        warn!(peer = conn.peer, "cannot run a request: {e}");
+                        conn.reply(encode_error(conn.style, handle, req_offset, NBD_EIO, false));
+                    }
                 }
             }
         }
+    }
+}
+
+/// Run one request and encode its reply.
+async fn execute<T: AsyncTarget + 'static>(
+    t: &T,
+    cmd: Cmd,
+    buf: DmaBuf,
+    style: ReplyStyle,
+    handle: u64,
+    req_offset: u64,
+    peer: &str,
+) -> Vec<u8> {
+    let flush_after = |fua: bool| async move {
+        if fua {
+            t.flush().await
+        } else {
+            Ok(())
+        }
+    };
+    let mut extents = Vec::new();
+    let res: Result<(), TargetError> = match cmd {
+        Cmd::Read { offset, len } => t.read(offset, buf.slice(0, len as usize)).await,
+        Cmd::Write { offset, len, fua } => t.write(offset, buf.slice(0, len as usize), fua).await,
+        Cmd::Flush => t.flush().await,
+        Cmd::Trim { offset, len, fua } => match t.discard(offset, len).await {
+            Ok(()) => flush_after(fua).await,
+            Err(e) => Err(e),
+        },
+        Cmd::WriteZeroes { offset, len, fua } => match t.write_zeroes(offset, len).await {
+            Ok(()) => flush_after(fua).await,
+            Err(e) => Err(e),
+        },
+        Cmd::BlockStatus { offset, len, .. } => match t.block_status(offset, len) {
+            Ok(e) if e.first().is_some_and(|e| e.len > 0) => {
+                extents = e;
+                Ok(())
+            }
+            Ok(_) => Err(TargetError::new(libc::EIO, "block status answered no extent (bug)")),
+            Err(e) => Err(e),
+        },
+        Cmd::Nop => Ok(()),
+    };
+    let error = match res {
+        Ok(()) => 0,
+        Err(e) => {
+            warn!(peer, ?cmd, "target error: {e}");
+            nbd_errno(e.errno())
+        }
+    };
+    match cmd {
+        // A failed read is answered without data, as the protocol allows.
+        _ if error != 0 => encode_error(style, handle, req_offset, error, false),
+        Cmd::Read { offset, .. } => match buf.bytes() {
+            Some(data) => encode_read(style, handle, offset, data),
+            None => encode_error(style, handle, req_offset, NBD_EIO, false),
+        },
+        Cmd::BlockStatus {
+            offset,
+            len,
+            req_one,
+        } => block_status_reply(style, handle, offset, len, req_one, &extents),
+        _ => encode_ok(style, handle, req_offset),
     }
 }
