@@ -27,4 +27,3 @@ pub enum WriteMode {
     /// Durable when it completes (FUA / `RWF_DSYNC`).
     Durable,
 }
-

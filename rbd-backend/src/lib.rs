@@ -21,9 +21,9 @@ pub use aligned::AlignedBuf;
 pub use allocation::{Allocation, AllocationMap};
 pub use backend::{Backend, BackendChanges, BackendIdentity};
 pub use error::{BackendError, ErrorKind, Result};
-pub use io::{IoFut, WriteMode};
 pub use fault::{FaultStats, FaultyBackend, FaultyBackendBuilder, OpKind};
 pub use file::{FileBackend, FileKind, OpenOptions};
+pub use io::{IoFut, WriteMode};
 pub use io_engine::{
     open_engine, EngineChoice, EngineKind, IoEngine, SyncEngine, UringEngine, ENGINE_ENV,
 };

@@ -21,7 +21,10 @@ fn reads_and_writes_round_trip_on_every_file_setup() {
         let b = s.open(&path);
         aio::block_on(async {
             // Aligned (ring), then a misaligned one (the blocking path on the loop).
-            for (off, len, seed) in [(8192u64, 128 * 1024, 3u8), (MIB as u64 + 512 * 3, 4096 * 3 + 512, 4)] {
+            for (off, len, seed) in [
+                (8192u64, 128 * 1024, 3u8),
+                (MIB as u64 + 512 * 3, 4096 * 3 + 512, 4),
+            ] {
                 let src = DmaBuf::copy_of(&pattern(len, seed));
                 b.write_async(off, src.slice_all(), WriteMode::Normal)
                     .await
@@ -31,25 +34,40 @@ fn reads_and_writes_round_trip_on_every_file_setup() {
                 let got = dst.bytes_mut().unwrap();
                 let want = pattern(len, seed);
                 let bad = got.iter().zip(&want).position(|(a, b)| a != b);
-                assert!(bad.is_none(), "{}: {off}+{len} differs from byte {bad:?}", s.label());
+                assert!(
+                    bad.is_none(),
+                    "{}: {off}+{len} differs from byte {bad:?}",
+                    s.label()
+                );
             }
-            b.write_async(0, DmaBuf::copy_of(&[7u8; 4096]).slice_all(), WriteMode::Durable)
-                .await
-                .expect("durable write");
+            b.write_async(
+                0,
+                DmaBuf::copy_of(&[7u8; 4096]).slice_all(),
+                WriteMode::Durable,
+            )
+            .await
+            .expect("durable write");
             b.flush_async().await.expect("flush");
         })
         .unwrap();
         let on_disk = std::fs::read(&path).unwrap();
         assert!(on_disk[..4096] == [7u8; 4096][..], "{}", s.label());
-        assert!(on_disk[8192..8192 + 128 * 1024] == pattern(128 * 1024, 3)[..], "{}", s.label());
+        assert!(
+            on_disk[8192..8192 + 128 * 1024] == pattern(128 * 1024, 3)[..],
+            "{}",
+            s.label()
+        );
     });
 }
 
 #[test]
 fn requests_past_the_end_are_refused() {
     let b = MemBackend::new(MIB);
-    let r = aio::block_on(async { b.read_async(MIB as u64 - 512, DmaBuf::new(4096).slice_all()).await })
-        .unwrap();
+    let r = aio::block_on(async {
+        b.read_async(MIB as u64 - 512, DmaBuf::new(4096).slice_all())
+            .await
+    })
+    .unwrap();
     assert!(r.is_err());
 }
 
@@ -94,8 +112,10 @@ fn injected_delays_overlap_instead_of_blocking_the_loop() {
         let tasks: Vec<_> = (0..10u64)
             .map(|i| {
                 let b = Arc::clone(&b);
-                aio::spawn(async move { b.read_async(i * 4096, DmaBuf::new(4096).slice_all()).await })
-                    .unwrap()
+                aio::spawn(
+                    async move { b.read_async(i * 4096, DmaBuf::new(4096).slice_all()).await },
+                )
+                .unwrap()
             })
             .collect();
         for t in tasks {
@@ -104,7 +124,11 @@ fn injected_delays_overlap_instead_of_blocking_the_loop() {
     })
     .unwrap();
     // Ten 50 ms reads in parallel: far less than their sum.
-    assert!(t.elapsed() < Duration::from_millis(400), "{:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
     assert_eq!(b.stats().reads, 10);
 }
 
@@ -118,9 +142,13 @@ fn a_stalled_op_waits_on_the_loop_until_released() {
         b2.release();
     });
     aio::block_on(async {
-        b.write_async(0, DmaBuf::copy_of(&[1u8; 512]).slice_all(), WriteMode::Normal)
-            .await
-            .unwrap();
+        b.write_async(
+            0,
+            DmaBuf::copy_of(&[1u8; 512]).slice_all(),
+            WriteMode::Normal,
+        )
+        .await
+        .unwrap();
     })
     .unwrap();
     th.join().unwrap();

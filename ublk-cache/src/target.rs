@@ -71,7 +71,6 @@ pub trait AsyncTarget: Send + Sync {
     }
 }
 
-
 /// One extent of a block-status answer (NBD's `base:allocation`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {

@@ -59,7 +59,10 @@ thread_local! {
 }
 
 fn class_of(len: usize) -> Option<usize> {
-    let bits = (len.max(1) as u64).next_power_of_two().trailing_zeros().max(MIN_CLASS);
+    let bits = (len.max(1) as u64)
+        .next_power_of_two()
+        .trailing_zeros()
+        .max(MIN_CLASS);
     (bits <= MAX_CLASS).then(|| (bits - MIN_CLASS) as usize)
 }
 
@@ -253,7 +256,11 @@ impl BufSlice {
 
     /// A sub-range of this slice.
     pub fn sub(&self, off: usize, len: usize) -> BufSlice {
-        assert!(off + len <= self.len, "sub-slice {off}+{len} of {}", self.len);
+        assert!(
+            off + len <= self.len,
+            "sub-slice {off}+{len} of {}",
+            self.len
+        );
         self.buf.slice(self.off + off, len)
     }
 
@@ -313,7 +320,13 @@ impl BufSlice {
 
 impl fmt::Debug for BufSlice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BufSlice({}+{} of {})", self.off, self.len, self.buf.len())
+        write!(
+            f,
+            "BufSlice({}+{} of {})",
+            self.off,
+            self.len,
+            self.buf.len()
+        )
     }
 }
 

@@ -130,7 +130,10 @@ impl EventLoop {
             }
             for cqe in &batch {
                 if !self.reactor.complete(cqe) {
-                    tracing::error!(user_data = cqe.user_data(), "unexpected completion on a private ring");
+                    tracing::error!(
+                        user_data = cqe.user_data(),
+                        "unexpected completion on a private ring"
+                    );
                 }
             }
         }

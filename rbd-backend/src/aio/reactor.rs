@@ -167,7 +167,6 @@ impl Reactor {
     pub(crate) fn in_flight(&self) -> usize {
         self.ops.borrow().len()
     }
-
 }
 
 /// Leaves the loop's thread-local registration on drop.
@@ -278,7 +277,11 @@ impl<T: 'static> Drop for Op<T> {
 
 /// Wait `d` on the current loop (an io_uring timeout).
 pub async fn sleep(d: Duration) {
-    let ts = Box::new(types::Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos()));
+    let ts = Box::new(
+        types::Timespec::new()
+            .sec(d.as_secs())
+            .nsec(d.subsec_nanos()),
+    );
     let sqe = opcode::Timeout::new(&*ts as *const types::Timespec).build();
     // SAFETY: the SQE points at `ts`, which the request owns until it completes.
     match unsafe { submit(sqe, ts) } {

@@ -153,18 +153,13 @@ impl FileBackend {
                 .flags(types::FsyncFlags::DATASYNC)
                 .build();
             // SAFETY: an fsync names no memory.
-            let op = unsafe { aio::submit(sqe, ()) }
-                .map_err(|e| self.io_error("fdatasync", 0, 0, e))?;
+            let op =
+                unsafe { aio::submit(sqe, ()) }.map_err(|e| self.io_error("fdatasync", 0, 0, e))?;
             match op.await.0 {
                 0 => return Ok(()),
                 r if transient(r) && retries < MAX_RETRIES => retries += 1,
                 r => {
-                    return Err(self.io_error(
-                        "fdatasync",
-                        0,
-                        0,
-                        io::Error::from_raw_os_error(-r),
-                    ))
+                    return Err(self.io_error("fdatasync", 0, 0, io::Error::from_raw_os_error(-r)))
                 }
             }
         }

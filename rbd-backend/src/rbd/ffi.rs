@@ -1085,7 +1085,12 @@ impl Slot {
                 self.cv.notify_one();
                 drop(st);
                 // A wake is a message to the waiting task's loop (never runs it here).
-                if let Some(w) = self.waker.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                if let Some(w) = self
+                    .waker
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take()
+                {
                     w.wake();
                 }
             }

@@ -620,7 +620,13 @@ impl Engine {
                 continue;
             }
             let mut sh = st.map.shard(r.tag).write();
-            st.slots.put(slot, &Rec { tag: r.tag, ..Rec::FREE });
+            st.slots.put(
+                slot,
+                &Rec {
+                    tag: r.tag,
+                    ..Rec::FREE
+                },
+            );
             sh.set_head(&st.slots, r.tag, slot);
             if r.is_dirty() {
                 max_epoch = max_epoch.max(r.epoch);
@@ -658,7 +664,10 @@ impl Engine {
             let mut sh = st.map.shard(r.tag).write();
             if r.is_dirty() {
                 if r.valid != r.dirty {
-                    let new = Rec { valid: r.dirty, ..r };
+                    let new = Rec {
+                        valid: r.dirty,
+                        ..r
+                    };
                     st.set_rec(&mut sh, slot, new, false);
                 }
             } else {

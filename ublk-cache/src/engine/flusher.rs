@@ -120,7 +120,10 @@ impl Engine {
                     if c.st.stopping.load(Ordering::Acquire) {
                         return;
                     }
-                    wait_for(&c.ev.flusher, backoff, || c.st.stopping.load(Ordering::Acquire)).await;
+                    wait_for(&c.ev.flusher, backoff, || {
+                        c.st.stopping.load(Ordering::Acquire)
+                    })
+                    .await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
@@ -240,9 +243,9 @@ impl Engine {
             }
         }
         let bytes: u64 = extents.iter().map(|x| x.len).sum();
-        let pieces = extents.iter().map(|x| -> Piece<'_, EngineResult<()>> {
-            Box::pin(self.write_extent(c, items, x))
-        });
+        let pieces = extents
+            .iter()
+            .map(|x| -> Piece<'_, EngineResult<()>> { Box::pin(self.write_extent(c, items, x)) });
         run_window(WINDOW, pieces).await.inspect_err(|e| {
             if e.kind() == EngineErrorKind::CacheIo {
                 Stats::add(&self.stats.cache_errors, 1);
@@ -263,12 +266,19 @@ impl Engine {
             let mut guards = Vec::new();
             for &(i, _, _, _) in &x.pieces {
                 let tag = items[i].tag;
-                if guards.last().is_none_or(|g: &super::map::LineGuard| g.tag() != tag) {
+                if guards
+                    .last()
+                    .is_none_or(|g: &super::map::LineGuard| g.tag() != tag)
+                {
                     guards.push(st.map.lock(tag).await);
                 }
             }
             for &(i, slot, _, _) in &x.pieces {
-                assert_eq!(st.slots.tag(slot), items[i].tag, "DEBUG slot {slot} changed line under write-back");
+                assert_eq!(
+                    st.slots.tag(slot),
+                    items[i].tag,
+                    "DEBUG slot {slot} changed line under write-back"
+                );
             }
             let mut at = 0usize;
             let mut reads: Vec<Piece<'_, EngineResult<()>>> = Vec::new();

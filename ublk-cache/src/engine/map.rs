@@ -108,7 +108,11 @@ impl LineMap {
     }
 
     /// The head of `tag` in shards locked by [`LineMap::lock_all`].
-    pub fn head_in(locked: &[parking_lot::RwLockWriteGuard<'_, Shard>], slots: &SlotTable, tag: u64) -> Option<u32> {
+    pub fn head_in(
+        locked: &[parking_lot::RwLockWriteGuard<'_, Shard>],
+        slots: &SlotTable,
+        tag: u64,
+    ) -> Option<u32> {
         locked[Self::shard_index(tag)].head(slots, tag)
     }
 
@@ -215,20 +219,20 @@ mod tests {
         let slots = SlotTable::new(8, 16);
         let map = LineMap::new();
         for (slot, tag) in [(0u32, 5u64), (1, 700), (2, 5 + 64)] {
-            slots.put(
-                slot,
-                &Rec {
-                    tag,
-                    ..Rec::FREE
-                },
-            );
+            slots.put(slot, &Rec { tag, ..Rec::FREE });
             map.shard(tag).write().set_head(&slots, tag, slot);
         }
         assert_eq!(map.shard(5).read().head(&slots, 5), Some(0));
         assert_eq!(map.shard(700).read().head(&slots, 700), Some(1));
         assert_eq!(map.len(), 3);
         // A new version replaces the head.
-        slots.put(3, &Rec { tag: 5, ..Rec::FREE });
+        slots.put(
+            3,
+            &Rec {
+                tag: 5,
+                ..Rec::FREE
+            },
+        );
         map.shard(5).write().set_head(&slots, 5, 3);
         assert_eq!(map.shard(5).read().head(&slots, 5), Some(3));
         assert_eq!(map.shard(5).write().remove(&slots, 5), Some(3));

@@ -120,7 +120,9 @@ impl Engine {
     /// How long ago write-back last made progress (or was idle).
     fn since_writeback_progress(&self) -> Duration {
         let now = self.born.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.writeback_progress_ms.load(Ordering::Acquire)))
+        Duration::from_millis(
+            now.saturating_sub(self.writeback_progress_ms.load(Ordering::Acquire)),
+        )
     }
 
     fn note_writeback_progress(&self) {
@@ -142,7 +144,9 @@ impl Engine {
     }
 
     fn arc(&self) -> Arc<Engine> {
-        self.me.upgrade().expect("engine used after its last handle")
+        self.me
+            .upgrade()
+            .expect("engine used after its last handle")
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -247,8 +251,10 @@ impl Engine {
     /// Read `dst.len()` bytes at `offset` (asynchronous, on this thread's loop).
     pub async fn read_async(&self, offset: u64, dst: BufSlice) -> EngineResult<()> {
         let len = dst.len() as u64;
-        self.request(Op::Read, Some((offset, len)), || self.read_impl(offset, dst))
-            .await
+        self.request(Op::Read, Some((offset, len)), || {
+            self.read_impl(offset, dst)
+        })
+        .await
     }
 
     pub async fn write_async(&self, offset: u64, src: BufSlice, fua: bool) -> EngineResult<()> {
@@ -264,7 +270,8 @@ impl Engine {
     }
 
     pub async fn flush_async(&self) -> EngineResult<()> {
-        self.request(Op::Flush, None, || self.flush_impl(true)).await
+        self.request(Op::Flush, None, || self.flush_impl(true))
+            .await
     }
 
     pub async fn discard_async(&self, offset: u64, len: u64) -> EngineResult<()> {
@@ -384,5 +391,8 @@ impl BlockTarget for Engine {
 }
 
 fn still_in_use() -> TargetError {
-    TargetError::new(libc::EIO, "read buffer still in use after the request completed")
+    TargetError::new(
+        libc::EIO,
+        "read buffer still in use after the request completed",
+    )
 }

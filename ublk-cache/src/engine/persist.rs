@@ -188,7 +188,8 @@ impl Engine {
         let job = async move {
             let r = me.make_space(false).await;
             if let Some(c) = me.cache.as_ref() {
-                c.refilling.store(false, std::sync::atomic::Ordering::Release);
+                c.refilling
+                    .store(false, std::sync::atomic::Ordering::Release);
             }
             if let Err(e) = r {
                 tracing::debug!("background eviction: {e}");
@@ -196,7 +197,9 @@ impl Engine {
         };
         match rbd_backend::aio::spawn(job) {
             Ok(t) => t.detach(),
-            Err(_) => c.refilling.store(false, std::sync::atomic::Ordering::Release),
+            Err(_) => c
+                .refilling
+                .store(false, std::sync::atomic::Ordering::Release),
         }
     }
 
@@ -253,7 +256,10 @@ impl Engine {
                 continue;
             }
             if st.stopping.load(std::sync::atomic::Ordering::Acquire) {
-                return Err(EngineError::new(EngineErrorKind::Stopped, "engine stopping"));
+                return Err(EngineError::new(
+                    EngineErrorKind::Stopped,
+                    "engine stopping",
+                ));
             }
             if !wait_for_space {
                 return Ok(false);
@@ -305,7 +311,12 @@ impl Engine {
         let start = Instant::now();
         let mut last_log = Instant::now();
         let mut last_progress = Instant::now();
-        let dirty_bytes = || st.dirty_sectors.load(std::sync::atomic::Ordering::Relaxed).max(0) as u64 * SECTOR;
+        let dirty_bytes = || {
+            st.dirty_sectors
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(0) as u64
+                * SECTOR
+        };
         let total = dirty_bytes();
         let report = || {
             if let Some(p) = progress {

@@ -118,7 +118,12 @@ impl Engine {
     }
 
     /// Run a plan's steps concurrently. Returns (hit bytes, miss bytes).
-    async fn run_plan(&self, c: &Cache, steps: Vec<Step<'_>>, who: Reader) -> EngineResult<(u64, u64)> {
+    async fn run_plan(
+        &self,
+        c: &Cache,
+        steps: Vec<Step<'_>>,
+        who: Reader,
+    ) -> EngineResult<(u64, u64)> {
         let pieces: Vec<Piece<'_, EngineResult<(u64, u64)>>> = steps
             .into_iter()
             .map(|s| -> Piece<'_, EngineResult<(u64, u64)>> {
@@ -130,9 +135,12 @@ impl Engine {
                         _pin,
                     } => Box::pin(async move {
                         let n = dst.len() as u64;
-                        c.store.read_async(slot, in_line, dst).await.inspect_err(|_| {
-                            Stats::add(&self.stats.cache_errors, 1);
-                        })?;
+                        c.store
+                            .read_async(slot, in_line, dst)
+                            .await
+                            .inspect_err(|_| {
+                                Stats::add(&self.stats.cache_errors, 1);
+                            })?;
                         drop(_pin);
                         if who == Reader::Guest {
                             Stats::add(&self.stats.read_hit_bytes, n);
@@ -285,7 +293,11 @@ impl Engine {
     /// Put sectors read from the backend into the cache, then let go of their
     /// lines. Best effort: no free slot, or a cache write error, only costs a
     /// future miss; nothing here waits for space.
-    async fn promote(self: std::sync::Arc<Self>, fetched: Vec<(u64, DmaBuf)>, guards: Vec<LineGuard>) {
+    async fn promote(
+        self: std::sync::Arc<Self>,
+        fetched: Vec<(u64, DmaBuf)>,
+        guards: Vec<LineGuard>,
+    ) {
         let Some(c) = self.cache() else { return };
         let st = &c.st;
         let ls = c.layout.line_size as u64;
@@ -319,10 +331,18 @@ impl Engine {
             .iter()
             .map(|(_, slot, s0, _, _, data)| -> Piece<'_, EngineResult<()>> {
                 let (slot, off, data) = (*slot, *s0 as u64 * SECTOR, data.clone());
-                Box::pin(async move { c.store.write_async(slot, off, data, WriteMode::Normal).await })
+                Box::pin(async move {
+                    c.store
+                        .write_async(slot, off, data, WriteMode::Normal)
+                        .await
+                })
             })
             .collect();
-        let results = if pieces.is_empty() { Vec::new() } else { join_all(pieces).await };
+        let results = if pieces.is_empty() {
+            Vec::new()
+        } else {
+            join_all(pieces).await
+        };
         for ((t, slot, s0, s1, fresh, _), r) in writes.into_iter().zip(results) {
             let mut sh = st.map.shard(t).write();
             let rec = st.slots.get(slot);

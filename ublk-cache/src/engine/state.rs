@@ -239,13 +239,7 @@ impl State {
             a.free.swap_remove(i)
         };
         let _s = self.snap.read();
-        self.slots.put(
-            slot,
-            &Rec {
-                tag,
-                ..Rec::FREE
-            },
-        );
+        self.slots.put(slot, &Rec { tag, ..Rec::FREE });
         sh.set_head(&self.slots, tag, slot);
         Allocation::Slot(slot)
     }
@@ -358,7 +352,9 @@ impl State {
         }
         let mapped: usize = locked.iter().map(|s| s.len()).sum();
         if mapped != heads {
-            return Err(format!("the map holds {mapped} lines, the slot table {heads} heads"));
+            return Err(format!(
+                "the map holds {mapped} lines, the slot table {heads} heads"
+            ));
         }
         let a = self.alloc.lock();
         let mut seen = HashSet::new();
@@ -367,7 +363,10 @@ impl State {
                 return Err(format!("slot {s} is listed free twice"));
             }
             if !self.slots.get(s).is_free() {
-                return Err(format!("slot {s} is listed free but holds line {}", self.slots.tag(s)));
+                return Err(format!(
+                    "slot {s} is listed free but holds line {}",
+                    self.slots.tag(s)
+                ));
             }
         }
         let counts = (

@@ -74,7 +74,8 @@ impl CacheStore {
     /// Read bytes of a line into memory a request owns, on the event loop.
     pub async fn read_async(&self, slot: u32, in_line: u64, dst: BufSlice) -> EngineResult<()> {
         let off = self.data_offset(slot, in_line, dst.len());
-        self.read_bytes.fetch_add(dst.len() as u64, Ordering::Relaxed);
+        self.read_bytes
+            .fetch_add(dst.len() as u64, Ordering::Relaxed);
         self.dev
             .read_async(off, dst)
             .await
@@ -89,7 +90,8 @@ impl CacheStore {
         mode: WriteMode,
     ) -> EngineResult<()> {
         let off = self.data_offset(slot, in_line, src.len());
-        self.write_bytes.fetch_add(src.len() as u64, Ordering::Relaxed);
+        self.write_bytes
+            .fetch_add(src.len() as u64, Ordering::Relaxed);
         self.dev
             .write_async(off, src, mode)
             .await
@@ -106,7 +108,8 @@ impl CacheStore {
     }
 
     pub async fn write_meta_async(&self, block: u32, src: BufSlice) -> EngineResult<()> {
-        self.meta_bytes.fetch_add(src.len() as u64, Ordering::Relaxed);
+        self.meta_bytes
+            .fetch_add(src.len() as u64, Ordering::Relaxed);
         self.dev
             .write_async(self.layout.meta_block_offset(block), src, WriteMode::Normal)
             .await

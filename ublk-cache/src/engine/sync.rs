@@ -46,7 +46,9 @@ pub struct GateGuard<'a>(&'a Gate);
 
 impl Drop for GateGuard<'_> {
     fn drop(&mut self) {
-        if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && self.0.closed.load(Ordering::SeqCst) {
+        if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1
+            && self.0.closed.load(Ordering::SeqCst)
+        {
             self.0.ev.notify(usize::MAX);
         }
     }
@@ -124,7 +126,9 @@ pub async fn join_all<T>(mut pieces: Vec<Piece<'_, T>>) -> Vec<T> {
         }
     })
     .await;
-    out.into_iter().map(|v| v.expect("every piece finished")).collect()
+    out.into_iter()
+        .map(|v| v.expect("every piece finished"))
+        .collect()
 }
 
 /// Run `pieces` with at most `window` in flight at once (a sliding window: a new

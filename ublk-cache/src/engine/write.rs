@@ -137,7 +137,10 @@ impl Engine {
         };
         let start = f0 as u64 * SECTOR;
         let body = data.sub((start - a) as usize, ((f1 - f0) as u64 * SECTOR) as usize);
-        let wrote = c.store.write_async(slot, start, body, WriteMode::Normal).await;
+        let wrote = c
+            .store
+            .write_async(slot, start, body, WriteMode::Normal)
+            .await;
         let mut sh = st.map.shard(tag).write();
         let r = st.slots.get(slot);
         let touched = bits::range(s0, s1);
@@ -183,7 +186,13 @@ impl Engine {
 
     /// Write-back: the data goes to the cache, marked dirty in the current epoch.
     /// Returns whether the line was cached already.
-    async fn write_line_dirty(&self, c: &Cache, tag: u64, a: u64, data: BufSlice) -> EngineResult<bool> {
+    async fn write_line_dirty(
+        &self,
+        c: &Cache,
+        tag: u64,
+        a: u64,
+        data: BufSlice,
+    ) -> EngineResult<bool> {
         let st = &c.st;
         let ls = c.layout.line_size as u64;
         let b = a + data.len() as u64;
@@ -223,8 +232,8 @@ impl Engine {
                             // in an older epoch, and after a power cut recovery would
                             // write this newer data back as that epoch. Make the clean
                             // state durable first.
-                            let stale = self.order.overwrite_waits_for_older_epoch()
-                                && st.cleaned.test(s);
+                            let stale =
+                                self.order.overwrite_waits_for_older_epoch() && st.cleaned.test(s);
                             Next::Go(s, false, stale)
                         }
                     }
@@ -262,7 +271,9 @@ impl Engine {
                 }
             };
             let valid = st.slots.valid(slot);
-            let res = self.fill_and_write(c, tag * ls, slot, a, &data, &valid).await;
+            let res = self
+                .fill_and_write(c, tag * ls, slot, a, &data, &valid)
+                .await;
             let mut sh = st.map.shard(tag).write();
             st.epochs.lock().end_apply(epoch);
             match res {

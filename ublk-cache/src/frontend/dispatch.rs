@@ -111,7 +111,8 @@ pub(crate) mod tests {
                 .push(format!("write {off} {} fua={fua}", src.len()));
             let mut d = self.data.lock().unwrap();
             // SAFETY: the request owns `src` while it runs.
-            d[off as usize..off as usize + src.len()].copy_from_slice(unsafe { src.request_bytes() });
+            d[off as usize..off as usize + src.len()]
+                .copy_from_slice(unsafe { src.request_bytes() });
             Ok(())
         }
         async fn flush(&self) -> TargetResult<()> {
@@ -135,21 +136,70 @@ pub(crate) mod tests {
     fn execute_results_and_errno() {
         let t = Mem::new(1 << 16);
         let mut buf = DmaBuf::copy_of(&[7u8; 4096]);
-        let w = Req { kind: ReqKind::Write { fua: true }, offset: 4096, len: 4096 };
+        let w = Req {
+            kind: ReqKind::Write { fua: true },
+            offset: 4096,
+            len: 4096,
+        };
         assert_eq!(run(&t, w, &buf), 4096);
-        let r = Req { kind: ReqKind::Read, offset: 4096, len: 4096 };
+        let r = Req {
+            kind: ReqKind::Read,
+            offset: 4096,
+            len: 4096,
+        };
         buf.bytes_mut().unwrap().fill(0);
         assert_eq!(run(&t, r, &buf), 4096);
         assert!(buf.bytes().unwrap().iter().all(|&b| b == 7));
         let none = DmaBuf::new(4096);
-        assert_eq!(run(&t, Req { kind: ReqKind::Flush, offset: 0, len: 0 }, &none), 0);
-        assert_eq!(run(&t, Req { kind: ReqKind::Discard, offset: 0, len: 8192 }, &none), 0);
-        assert_eq!(run(&t, Req { kind: ReqKind::WriteZeroes, offset: 4096, len: 4096 }, &none), 0);
+        assert_eq!(
+            run(
+                &t,
+                Req {
+                    kind: ReqKind::Flush,
+                    offset: 0,
+                    len: 0
+                },
+                &none
+            ),
+            0
+        );
+        assert_eq!(
+            run(
+                &t,
+                Req {
+                    kind: ReqKind::Discard,
+                    offset: 0,
+                    len: 8192
+                },
+                &none
+            ),
+            0
+        );
+        assert_eq!(
+            run(
+                &t,
+                Req {
+                    kind: ReqKind::WriteZeroes,
+                    offset: 4096,
+                    len: 4096
+                },
+                &none
+            ),
+            0
+        );
         assert_eq!(run(&t, r, &buf), 4096);
         assert!(buf.bytes().unwrap().iter().all(|&b| b == 0));
         assert_eq!(t.log.lock().unwrap()[0], "write 4096 4096 fua=true");
-        let small = Req { kind: ReqKind::Read, offset: 0, len: 512 };
-        for (errno, want) in [(libc::ENOSPC, -libc::ENOSPC), (0, -libc::EIO), (-5, -libc::EIO)] {
+        let small = Req {
+            kind: ReqKind::Read,
+            offset: 0,
+            len: 512,
+        };
+        for (errno, want) in [
+            (libc::ENOSPC, -libc::ENOSPC),
+            (0, -libc::EIO),
+            (-5, -libc::EIO),
+        ] {
             let mut bad = Mem::new(4096);
             bad.fail_errno = Some(errno);
             assert_eq!(run(&bad, small, &buf), want);

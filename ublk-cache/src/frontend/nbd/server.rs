@@ -572,7 +572,16 @@ fn serve_conn<T: AsyncTarget + 'static>(
             let early = reader.buffer().to_vec();
             let tls = BlockingTls::into_transport(reader.into_inner(), tw)
                 .map_err(|e| ConnError::Internal(format!("taking over the TLS session: {e}")))?;
-            return run_transmission(timeouts.fd(), Some(tls), early, target, export, opts, session, peer);
+            return run_transmission(
+                timeouts.fd(),
+                Some(tls),
+                early,
+                target,
+                export,
+                opts,
+                session,
+                peer,
+            );
         }
     };
     timeouts
@@ -581,7 +590,16 @@ fn serve_conn<T: AsyncTarget + 'static>(
     let early = reader.buffer().to_vec();
     drop(reader);
     drop(writer);
-    run_transmission(timeouts.fd(), None, early, target, export, opts, session, peer)
+    run_transmission(
+        timeouts.fd(),
+        None,
+        early,
+        target,
+        export,
+        opts,
+        session,
+        peer,
+    )
 }
 
 /// The transmission phase, on an event loop of this connection's thread. The
@@ -605,8 +623,9 @@ fn run_transmission<T: AsyncTarget + 'static>(
         session,
         peer: peer.to_string(),
     };
-    let lp = rbd_backend::aio::EventLoop::new()
-        .map_err(|e| ConnError::Internal(format!("cannot make the connection's event loop: {e}")))?;
+    let lp = rbd_backend::aio::EventLoop::new().map_err(|e| {
+        ConnError::Internal(format!("cannot make the connection's event loop: {e}"))
+    })?;
     let wire = std::rc::Rc::new(SockWire::new(fd, tls, early));
     let res = lp
         .block_on(async {

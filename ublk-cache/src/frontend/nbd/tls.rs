@@ -165,6 +165,17 @@ impl TlsTransport {
         Ok(())
     }
 
+    /// Feed bytes read from the socket, as many as rustls takes now (it takes
+    /// less than all while decrypted bytes wait to be read): returns how many.
+    pub fn receive_some(&mut self, mut data: &[u8]) -> io::Result<usize> {
+        let before = data.len();
+        if !data.is_empty() {
+            self.conn.read_tls(&mut data)?;
+            self.conn.process_new_packets().map_err(proto_err)?;
+        }
+        Ok(before - data.len())
+    }
+
     /// Decrypted bytes. `WouldBlock`: none yet, feed more ciphertext; `Ok(0)`:
     /// the peer closed TLS cleanly (close_notify).
     pub fn read_plaintext(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -287,7 +298,10 @@ impl BlockingTls {
 impl BlockingTls {
     /// The TLS state of a connection whose handshake is done, for the event
     /// loop that serves its transmission (the two halves give it up).
-    pub fn into_transport<R, W>(reader: TlsReader<R, W>, writer: TlsWriter<W>) -> io::Result<TlsTransport> {
+    pub fn into_transport<R, W>(
+        reader: TlsReader<R, W>,
+        writer: TlsWriter<W>,
+    ) -> io::Result<TlsTransport> {
         drop(writer);
         let shared = Arc::try_unwrap(reader.shared)
             .map_err(|_| io::Error::other("the TLS session is still shared"))?;

@@ -332,7 +332,6 @@ fn error_message(error: u32, rejected: bool) -> &'static str {
     }
 }
 
-
 /// A success without data: a simple reply, or a final `NONE` chunk once
 /// structured replies are negotiated.
 fn encode_ok(style: ReplyStyle, handle: u64, offset: u64) -> Vec<u8> {
@@ -342,19 +341,40 @@ fn encode_ok(style: ReplyStyle, handle: u64, offset: u64) -> Vec<u8> {
         hdr.to_vec()
     } else {
         let mut v = Vec::with_capacity(EXTENDED_REPLY_LEN);
-        push_chunk_header(&mut v, style, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, offset, 0);
+        push_chunk_header(
+            &mut v,
+            style,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_NONE,
+            handle,
+            offset,
+            0,
+        );
         v
     }
 }
 
-fn encode_error(style: ReplyStyle, handle: u64, offset: u64, error: u32, rejected: bool) -> Vec<u8> {
+fn encode_error(
+    style: ReplyStyle,
+    handle: u64,
+    offset: u64,
+    error: u32,
+    rejected: bool,
+) -> Vec<u8> {
     if style == ReplyStyle::Simple {
         let mut hdr = [0u8; SIMPLE_REPLY_LEN];
         encode_simple_reply(&mut hdr, error, handle);
         hdr.to_vec()
     } else {
         let mut v = Vec::with_capacity(64);
-        push_error_chunk(&mut v, style, handle, offset, error, error_message(error, rejected));
+        push_error_chunk(
+            &mut v,
+            style,
+            handle,
+            offset,
+            error,
+            error_message(error, rejected),
+        );
         v
     }
 }
@@ -374,7 +394,15 @@ fn encode_read(style: ReplyStyle, handle: u64, offset: u64, data: &[u8]) -> Vec<
     let data_bytes: usize = chunks.iter().filter(|c| !c.2).map(|c| c.1 - c.0).sum();
     let mut v = Vec::with_capacity(data_bytes + chunks.len().max(1) * (READ_PREFIX + 4));
     if chunks.is_empty() {
-        push_chunk_header(&mut v, style, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, offset, 0);
+        push_chunk_header(
+            &mut v,
+            style,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_NONE,
+            handle,
+            offset,
+            0,
+        );
         return v;
     }
     let last = chunks.len() - 1;
@@ -382,12 +410,28 @@ fn encode_read(style: ReplyStyle, handle: u64, offset: u64, data: &[u8]) -> Vec<
         let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
         let at = offset + a as u64;
         if hole {
-            push_chunk_header(&mut v, style, flags, REPLY_TYPE_OFFSET_HOLE, handle, offset, 12);
+            push_chunk_header(
+                &mut v,
+                style,
+                flags,
+                REPLY_TYPE_OFFSET_HOLE,
+                handle,
+                offset,
+                12,
+            );
             v.extend_from_slice(&at.to_be_bytes());
             // Reads are at most MAX_PAYLOAD, so a hole fits 32 bits.
             v.extend_from_slice(&((b - a) as u32).to_be_bytes());
         } else {
-            push_chunk_header(&mut v, style, flags, REPLY_TYPE_OFFSET_DATA, handle, offset, 8 + (b - a));
+            push_chunk_header(
+                &mut v,
+                style,
+                flags,
+                REPLY_TYPE_OFFSET_DATA,
+                handle,
+                offset,
+                8 + (b - a),
+            );
             v.extend_from_slice(&at.to_be_bytes());
             v.extend_from_slice(&data[a..b]);
         }
@@ -517,7 +561,10 @@ impl<W: Wire> Reader<'_, W> {
         let mut scratch = vec![0u8; (64 << 10).min(n as usize)];
         while n > 0 {
             let k = (n as usize).min(scratch.len());
-            if !self.read_exact(&mut scratch[..k], "in the middle of write data").await? {
+            if !self
+                .read_exact(&mut scratch[..k], "in the middle of write data")
+                .await?
+            {
                 return Err(ConnError::Truncated("in the middle of write data"));
             }
             n -= k as u64;
@@ -532,7 +579,10 @@ impl<W: Wire> Reader<'_, W> {
         } else {
             REQUEST_LEN
         };
-        if !self.read_exact(&mut b[..n], "in the middle of a request header").await? {
+        if !self
+            .read_exact(&mut b[..n], "in the middle of a request header")
+            .await?
+        {
             return Ok(None);
         }
         Ok(Some(if style == ReplyStyle::Extended {
@@ -604,7 +654,10 @@ async fn send_loop<W: Wire>(conn: &Conn, wire: &W) {
         }
         if let Err(e) = wire.send_all(batch).await {
             if !conn.broken.replace(true) {
-                debug!(peer = conn.peer, "writing a reply failed: {e}; dropping further replies");
+                debug!(
+                    peer = conn.peer,
+                    "writing a reply failed: {e}; dropping further replies"
+                );
             }
         }
     }
@@ -657,7 +710,9 @@ async fn read_loop<T: AsyncTarget + 'static, W: Wire>(
                 };
                 if let Cmd::Write { len, .. } = cmd {
                     let dst = buf.bytes_mut().expect("new buffer");
-                    let ok = r.read_exact(&mut dst[..len as usize], "in the middle of write data").await;
+                    let ok = r
+                        .read_exact(&mut dst[..len as usize], "in the middle of write data")
+                        .await;
                     match ok {
                         Ok(true) => {}
                         Ok(false) => {
@@ -729,7 +784,10 @@ async fn execute<T: AsyncTarget + 'static>(
                 extents = e;
                 Ok(())
             }
-            Ok(_) => Err(TargetError::new(libc::EIO, "block status answered no extent (bug)")),
+            Ok(_) => Err(TargetError::new(
+                libc::EIO,
+                "block status answered no extent (bug)",
+            )),
             Err(e) => Err(e),
         },
         Cmd::Nop => Ok(()),

@@ -167,7 +167,35 @@ impl Wire for SockWire {
             match &self.tls {
                 None => *self.pending.borrow_mut() = data,
                 Some(t) => {
-                    let res = t.borrow_mut().receive_ciphertext(&data);
+                    // rustls holds a bounded amount of decrypted data: feed the
+                    // ciphertext in steps, moving the plaintext out in between.
+                    let mut at = 0;
+                    let mut res = Ok(());
+                    while at < data.len() {
+                        let mut tt = t.borrow_mut();
+                        match tt.receive_some(&data[at..]) {
+                            Ok(n) => at += n,
+                            Err(e) => {
+                                res = Err(e);
+                                break;
+                            }
+                        }
+                        let mut chunk = [0u8; 16 << 10];
+                        loop {
+                            match tt.read_plaintext(&mut chunk) {
+                                Ok(0) => break,
+                                Ok(n) => self.pending.borrow_mut().extend_from_slice(&chunk[..n]),
+                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                                Err(e) => {
+                                    res = Err(e);
+                                    break;
+                                }
+                            }
+                        }
+                        if res.is_err() {
+                            break;
+                        }
+                    }
                     // Key updates and alerts need an answer.
                     let sent = self.flush_tls().await;
                     res?;

@@ -14,11 +14,11 @@
 //! target sees each as a `DmaBuf` over the same memory.
 
 use std::cell::Cell;
-use std::mem::ManuallyDrop;
+use std::future::Future;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::future::Future;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -175,7 +175,8 @@ pub(crate) fn queue_main<T: AsyncTarget + 'static>(
 
     let mut tasks = ManuallyDrop::new(FuturesUnordered::new());
     for tag in 0..depth {
-        let (q, buf, target, busy, deferred) = (&*q, &bufs[tag as usize], &*target, &busy, &deferred);
+        let (q, buf, target, busy, deferred) =
+            (&*q, &bufs[tag as usize], &*target, &busy, &deferred);
         tasks.push(async move {
             let mem: Arc<dyn ForeignMem> = Arc::clone(buf) as Arc<dyn ForeignMem>;
             let dma = DmaBuf::foreign(mem);
@@ -195,13 +196,22 @@ pub(crate) fn queue_main<T: AsyncTarget + 'static>(
                 }
                 busy.set(busy.get() + 1);
                 let iod = q.get_iod(tag);
-                let res = match decode(iod.op_flags, iod.start_sector, iod.nr_sectors, dev_size, buf_len) {
+                let res = match decode(
+                    iod.op_flags,
+                    iod.start_sector,
+                    iod.nr_sectors,
+                    dev_size,
+                    buf_len,
+                ) {
                     Err(e) => e,
                     Ok(req) => {
                         let r = execute(target, &req, &dma).await;
                         if dma.bytes().is_none() {
                             // Cannot happen: every request ends only after its I/O.
-                            error!(qid, tag, "tag buffer still in use after its request; failing it");
+                            error!(
+                                qid,
+                                tag, "tag buffer still in use after its request; failing it"
+                            );
                             -libc::EIO
                         } else {
                             r
@@ -310,7 +320,11 @@ pub(crate) fn queue_main<T: AsyncTarget + 'static>(
         }
         other => {
             if deferred.get() > 0 {
-                info!(qid, deferred = deferred.get(), "requests left for the next daemon");
+                info!(
+                    qid,
+                    deferred = deferred.get(),
+                    "requests left for the next daemon"
+                );
             }
             // Dropping the queue would unregister io_uring files while FETCH commands
             // are still pending (older kernels wait for them forever) and unmap the
