@@ -107,6 +107,25 @@ impl History {
         }
     }
 
+    /// The operations that touched sector `s`, and the flushes, for a report.
+    pub fn describe(&self, s: u64) -> String {
+        let mut out = format!("history of sector {s}:\n");
+        for &(i, v) in &self.per_sector[s as usize] {
+            let op = &self.ops[i];
+            out += &format!(
+                "  op {i} {:?} {v:?} sectors {}+{} issued {} done {} durable {}\n",
+                op.kind, op.sector, op.count, op.issued, op.done, self.durable_at[i]
+            );
+        }
+        for &f in &self.flushes {
+            out += &format!(
+                "  flush op {f} issued {} done {}\n",
+                self.ops[f].issued, self.ops[f].done
+            );
+        }
+        out
+    }
+
     /// G3 on the backend image alone at time `t` (ordered write-back).
     pub fn check_backend_consistent(
         &self,

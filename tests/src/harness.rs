@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use policies::{CacheMode, WritebackOrder};
 use rbd_backend::Backend;
+use ublk_cache::format::FormatVersion;
 use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig};
 
@@ -31,6 +32,12 @@ pub struct RunConfig {
     pub variants: usize,
     /// Test-only fault: write back newest epoch first. The harness must catch it.
     pub reverse_writeback_bug: bool,
+    /// The on-disk format a fresh cache gets (v1 caches made by older releases
+    /// are still served, so both are checked).
+    pub format: FormatVersion,
+    /// Test-only fault: recovery trusts the newest log record's data without
+    /// its checksums. The harness must catch it.
+    pub skip_log_checksums_bug: bool,
 }
 
 #[derive(Debug, Default)]
@@ -150,6 +157,7 @@ pub fn run(cfg: &RunConfig) -> RunReport {
         mode: cfg.mode,
         order: cfg.order,
         line_size: Some(cfg.line_size),
+        format_version: cfg.format,
         ..EngineConfig::default()
     };
     let engine = match Engine::open(
@@ -199,6 +207,7 @@ pub fn run(cfg: &RunConfig) -> RunReport {
 
     let mut rb = Replay::new(&backend);
     let mut rc = Replay::new(&cache);
+    let mut debugged = false;
     for &t in &points {
         for variant in 0..cfg.variants {
             let (bbase, bdelta) = rb.state_at(t, variant, &mut rng);
@@ -216,9 +225,17 @@ pub fn run(cfg: &RunConfig) -> RunReport {
             // Power cut: the tmpfs shadow is gone (the recovered engines share the
             // cache's uuid, so this removes theirs too).
             engine.forget_crash_shadow();
+            let (dbg_b, dbg_c) = (
+                (bbase.clone(), bdelta.clone()),
+                (cbase.clone(), cdelta.clone()),
+            );
             let b = Arc::new(Overlay::new(bbase, bdelta, backend.identity()));
             let c = Arc::new(Overlay::new(cbase, cdelta, cache.identity()));
-            let rec = match Engine::open(b, Some(c as Arc<dyn Backend>), ecfg.clone()) {
+            let rcfg = EngineConfig {
+                skip_log_checksums_for_tests: cfg.skip_log_checksums_bug,
+                ..ecfg.clone()
+            };
+            let rec = match Engine::open(b, Some(c as Arc<dyn Backend>), rcfg) {
                 Ok(e) => e,
                 Err(e) => {
                     report
@@ -243,6 +260,50 @@ pub fn run(cfg: &RunConfig) -> RunReport {
                 }
             }
             rec.abandon();
+            if let (Some(e), true) = (&bad, std::env::var_os("CRASH_DEBUG").is_some() && !debugged)
+            {
+                debugged = true;
+                let s: u64 = e
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|x| x.parse().ok())
+                    .unwrap_or(0);
+                eprintln!("DEBUG {e}\n{}", history.describe(s));
+                eprintln!(
+                    "  backend holds {:?} at sector {s}",
+                    workload::decode(s, &read_sector(&dbg_b.0, &dbg_b.1, s))
+                );
+                for (name, log) in [("cache", cache.log()), ("backend", backend.log())] {
+                    for st in log.iter().filter(|st| st.seq > start && st.seq <= t) {
+                        let d = match &st.op {
+                            DevOp::Write { off, data } => format!("write {off}+{}", data.len()),
+                            DevOp::Flush => "flush".to_string(),
+                            DevOp::Discard { off, len } => format!("discard {off}+{len}"),
+                            DevOp::Zero { off, len } => format!("zero {off}+{len}"),
+                        };
+                        eprintln!("  {name} seq {} {d}", st.seq);
+                    }
+                }
+                let sub = tracing_subscriber::fmt()
+                    .with_max_level(tracing_subscriber::filter::LevelFilter::DEBUG)
+                    .with_writer(std::io::stderr)
+                    .finish();
+                tracing::subscriber::with_default(sub, || {
+                    let b = Arc::new(Overlay::new(
+                        dbg_b.0.clone(),
+                        dbg_b.1.clone(),
+                        backend.identity(),
+                    ));
+                    let c = Arc::new(Overlay::new(
+                        dbg_c.0.clone(),
+                        dbg_c.1.clone(),
+                        cache.identity(),
+                    ));
+                    if let Ok(e) = Engine::open(b, Some(c as Arc<dyn Backend>), ecfg.clone()) {
+                        e.abandon();
+                    }
+                });
+            }
             if let Some(e) = bad {
                 report.violations.push(format!(
                     "G1/G2 {:?} seed {} variant {variant}: {e}",

@@ -2,6 +2,7 @@
 //! run by scripts/test.sh), and proof that it can fail.
 
 use policies::{CacheMode, WritebackOrder};
+use ublk_cache::format::FormatVersion;
 use ublk_cache_tests::harness::{run, RunConfig};
 
 fn cfg(mode: CacheMode, order: WritebackOrder, seed: u64) -> RunConfig {
@@ -14,6 +15,8 @@ fn cfg(mode: CacheMode, order: WritebackOrder, seed: u64) -> RunConfig {
         points: 25,
         variants: 3,
         reverse_writeback_bug: false,
+        format: FormatVersion::V2,
+        skip_log_checksums_bug: false,
     }
 }
 
@@ -49,6 +52,22 @@ fn short_runs_in_every_mode_find_no_violation() {
 }
 
 #[test]
+fn short_runs_on_a_format_v1_cache_find_no_violation() {
+    shadow_dir();
+    for order in [WritebackOrder::Ordered, WritebackOrder::Relaxed] {
+        let mut c = cfg(CacheMode::Back, order, 5);
+        c.format = FormatVersion::V1;
+        let r = run(&c);
+        assert!(
+            r.violations.is_empty(),
+            "v1 {order}: {:?}",
+            &r.violations[..r.violations.len().min(3)]
+        );
+        assert!(r.states > 50, "only {} crash states checked", r.states);
+    }
+}
+
+#[test]
 fn writing_back_newest_epoch_first_is_caught() {
     shadow_dir();
     // Several seeds: the bug shows whenever two epochs are dirty at once and
@@ -63,5 +82,25 @@ fn writing_back_newest_epoch_first_is_caught() {
     assert!(
         caught,
         "the harness did not notice write-back out of epoch order"
+    );
+}
+
+#[test]
+fn trusting_torn_log_records_is_caught() {
+    shadow_dir();
+    // A power cut during a round's flush: the record can land while some of
+    // the data it names does not. Without the checksum check, recovery serves
+    // whatever the slot held before.
+    let caught = (1..=8).any(|seed| {
+        let mut c = cfg(CacheMode::Back, WritebackOrder::Ordered, seed);
+        c.skip_log_checksums_bug = true;
+        c.points = 120;
+        c.variants = 4;
+        let r = run(&c);
+        r.violations.iter().any(|v| v.starts_with("G1/G2"))
+    });
+    assert!(
+        caught,
+        "the harness did not notice recovery trusting data that never arrived"
     );
 }

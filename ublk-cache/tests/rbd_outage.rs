@@ -3,10 +3,11 @@
 //! completing from the cache; after SIGCONT the dirty data drains, and `rbd
 //! export` of the image equals the reference disk.
 //!
-//! In `ordered` write-back an overwrite of data dirty since before a FLUSH waits
-//! until that older epoch is on the backend (README: write-back order), but not
-//! behind a stalled backend: after 2 s such overwrites go in place until
-//! write-back works again, so the guest keeps going in both orders.
+//! Format v2 writes an overwrite of data dirty since before a FLUSH as a new
+//! version of the line (README: write-back order). Once the frozen backend has
+//! let the versions fill the cache (or a line's chain), an ordered write waits
+//! up to 2 s, a relaxed one 0.2 s, and then such overwrites go in place until
+//! write-back catches up, so the guest keeps going in both orders.
 //!
 //! Alone in its own test binary: freezing the OSD stalls every client of the
 //! cluster, so nothing else may run meanwhile.
@@ -31,6 +32,11 @@ fn rbd_back_mode_rides_out_an_osd_outage() {
     let Some(osd) = c.osd_pid() else {
         panic!("osd_outage: UBLK_CACHE_CEPH_DIR does not lead to the OSD's pid file");
     };
+    // RUST_LOG=ublk_cache=debug shows the engine's side of a failure.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let _wd = watchdog("osd_outage", 240);
     for order in [WritebackOrder::Relaxed, WritebackOrder::Ordered] {
         outage(&c, osd, order);

@@ -1,8 +1,12 @@
 //! The crash-state harness over every mode, with fixed seeds.
 //!   crash-harness [--min-states N] [--seeds N]
 //! CRASH_SOAK=1 runs many more seeds. Exits non-zero on any violation.
+//! CRASH_ONLY=<mode>/<order>/<line size>/<format>/<seed> runs one configuration,
+//! CRASH_DEBUG=1 prints the first violation's sector history, device writes
+//! and the recovery's log replay.
 
 use policies::{CacheMode, WritebackOrder};
+use ublk_cache::format::FormatVersion;
 use ublk_cache_tests::harness::{run, RunConfig};
 
 fn arg(name: &str, default: u64) -> u64 {
@@ -20,20 +24,33 @@ fn main() {
     let soak = std::env::var("CRASH_SOAK").is_ok_and(|v| v == "1");
     let seeds = arg("--seeds", if soak { 200 } else { 12 });
     let min_states = arg("--min-states", 100_000);
+    use FormatVersion::{V1, V2};
     let setups = [
-        (CacheMode::Back, WritebackOrder::Ordered, 4096),
-        (CacheMode::Back, WritebackOrder::Ordered, 16384),
-        (CacheMode::Back, WritebackOrder::Relaxed, 4096),
-        (CacheMode::Through, WritebackOrder::Ordered, 4096),
-        (CacheMode::Around, WritebackOrder::Ordered, 4096),
-        (CacheMode::None, WritebackOrder::Ordered, 4096),
-        (CacheMode::Offline, WritebackOrder::Ordered, 4096),
+        (CacheMode::Back, WritebackOrder::Ordered, 4096, V2),
+        (CacheMode::Back, WritebackOrder::Ordered, 16384, V2),
+        (CacheMode::Back, WritebackOrder::Relaxed, 4096, V2),
+        (CacheMode::Back, WritebackOrder::Relaxed, 16384, V2),
+        (CacheMode::Through, WritebackOrder::Ordered, 4096, V2),
+        (CacheMode::Around, WritebackOrder::Ordered, 4096, V2),
+        (CacheMode::None, WritebackOrder::Ordered, 4096, V2),
+        (CacheMode::Offline, WritebackOrder::Ordered, 4096, V2),
+        // Caches formatted by releases before format v2 keep their format.
+        (CacheMode::Back, WritebackOrder::Ordered, 4096, V1),
+        (CacheMode::Back, WritebackOrder::Relaxed, 16384, V1),
+        (CacheMode::Through, WritebackOrder::Ordered, 4096, V1),
     ];
     let started = std::time::Instant::now();
     let (mut states, mut runs, mut failed_runs) = (0u64, 0u64, 0u64);
     let mut seed = 1u64;
     while seed <= seeds || states < min_states {
-        for &(mode, order, line_size) in &setups {
+        for &(mode, order, line_size, format) in &setups {
+            // CRASH_ONLY=Back/ordered/4096/V2/9 runs that one configuration
+            // (CRASH_DEBUG=1 then explains its first violation).
+            if let Ok(only) = std::env::var("CRASH_ONLY") {
+                if only != format!("{mode:?}/{order}/{line_size}/{format:?}/{seed}") {
+                    continue;
+                }
+            }
             let cfg = RunConfig {
                 mode,
                 order,
@@ -43,12 +60,14 @@ fn main() {
                 points: 300,
                 variants: 4,
                 reverse_writeback_bug: false,
+                format,
+                skip_log_checksums_bug: false,
             };
             let t0 = std::time::Instant::now();
             let r = run(&cfg);
             if std::env::var("CRASH_VERBOSE").is_ok() {
                 eprintln!(
-                    "{mode:?}/{order}/{line_size}: {} states in {:?}",
+                    "{mode:?}/{order}/{line_size}/{format:?}: {} states in {:?}",
                     r.states,
                     t0.elapsed()
                 );

@@ -1,7 +1,7 @@
 //! Attaching a cache device: format a new one, or validate and load an existing
 //! one (refusing anything corrupt or foreign), recover after a crash, and detach.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -12,8 +12,10 @@ use tracing::{info, warn};
 
 use super::map::LineMap;
 use super::persist::{encode_block, PersistCtl};
+use super::recover::{self, LogReplay};
 use super::shadow::{shadow_dir, Shadow, SHADOW_DIR_ENV};
-use super::slots::{Rec, SlotTable};
+use super::slots::{Rec, SlotTable, NO_SLOT};
+use super::state::LogState;
 use super::state::{Alloc, AtomicBits, Epochs, State};
 use super::store::{read_superblock, write_superblock, CacheStore};
 use super::sync::Gate;
@@ -21,7 +23,8 @@ use super::{bits, Cache, Engine, Events, Stats};
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
 use crate::format::superblock::BackendRecord;
 use crate::format::{
-    EntryCodec, FormatError, Layout, LineEntry, SbState, Superblock, META_BLOCK, SECTOR_SIZE,
+    EntryCodec, FormatError, FormatVersion, Layout, LineEntry, SbState, Superblock, META_BLOCK,
+    SECTOR_SIZE,
 };
 
 #[derive(Debug, Clone)]
@@ -43,6 +46,13 @@ pub struct EngineConfig {
     /// Drop all clean cached data at attach (a live-migration destination: the
     /// source may write the backend until switchover); refuse dirty data.
     pub cold_start: bool,
+    /// The on-disk format of a cache formatted now (an existing cache keeps its
+    /// own). Format v1 exists for tests of the upgrade path.
+    pub format_version: FormatVersion,
+    /// Test-only fault: trust the newest log record without checking its
+    /// data's checksums. The crash harness must catch it.
+    #[doc(hidden)]
+    pub skip_log_checksums_for_tests: bool,
 }
 
 impl Default for EngineConfig {
@@ -56,6 +66,8 @@ impl Default for EngineConfig {
             discard_dirty: false,
             accept_backend_change: false,
             cold_start: false,
+            format_version: FormatVersion::V2,
+            skip_log_checksums_for_tests: false,
         }
     }
 }
@@ -179,11 +191,11 @@ impl Engine {
                          pass --format to initialize it (this destroys what it holds)",
                     ));
                 }
-                Self::format(dev.as_ref(), dev_size, &rec, cfg)?
+                Self::format(&dev, dev_size, &rec, cfg)?
             }
             Err(e) if cfg.format => {
                 warn!("re-formatting the cache device as requested with --format (it was unreadable: {e})");
-                Self::format(dev.as_ref(), dev_size, &rec, cfg)?
+                Self::format(&dev, dev_size, &rec, cfg)?
             }
             Err(e) => {
                 return Err(EngineError::corrupt(
@@ -207,27 +219,49 @@ impl Engine {
         let codec = EntryCodec::new(layout.entry_size, layout.spl(), &sb.uuid);
         let store = CacheStore::new(Arc::clone(&dev), layout);
         let backend_lines = backend.size().div_ceil(layout.line_size as u64);
-        let mut recs = Self::recs_from_entries(
-            Self::load_entries(&store, &codec, &layout)?,
-            backend_lines,
-            "cache metadata",
-        )?;
+        let version = layout.version();
+        let (entries, replay) = match version {
+            FormatVersion::V1 => (
+                Self::load_entries(&store, &codec, &layout)?,
+                LogReplay::default(),
+            ),
+            FormatVersion::V2 => recover::load_v2(&store, &codec, &layout, &sb)?,
+        };
+        let mut entries = Some(entries);
         // After a daemon crash (not a power cut) the shadow holds every entry
         // change up to the last acknowledged request.
         let mut from_shadow = false;
+        let mut source = "cache metadata";
         if sb.state == SbState::Active {
             match Shadow::load(&sb.uuid, sb.attach_gen, &layout, &codec) {
-                Ok(Some(entries)) => {
-                    recs = Self::recs_from_entries(entries, backend_lines, "the crash shadow")?;
+                Ok(Some(e)) => {
+                    entries = Some(e);
+                    source = "the crash shadow";
                     from_shadow = true;
                 }
                 Ok(None) => {}
                 Err(why) => warn!(
-                    "crash shadow not used ({why}); using the on-disk table of the last flush"
+                    "crash shadow not used ({why}); using the on-disk metadata of the last flush"
                 ),
             }
         }
-        if from_shadow {
+        let mut entries = entries.expect("entries loaded");
+        let check = !from_shadow && !cfg.skip_log_checksums_for_tests;
+        if let (true, Some(rec)) = (check, &replay.unconfirmed) {
+            // A power cut (or a stop) right after a round whose flush may not have
+            // completed: keep only the data that did arrive.
+            let dropped = recover::verify_unconfirmed(&store, &layout, rec, &mut entries)?;
+            if dropped > 0 {
+                warn!(
+                    sectors = dropped,
+                    "the newest metadata record names data that did not reach the cache device (a power cut \
+                     during its flush, which therefore never completed): those writes were not yet promised \
+                     and are dropped; older data is kept"
+                );
+            }
+        }
+        let recs = Self::recs_from_entries(entries, backend_lines, source, version)?;
+        if from_shadow && version == FormatVersion::V1 {
             // Make the disk agree with the shadow before anything else: the shadow
             // is replaced below, and free slots must be durably free before reuse.
             store.sync()?;
@@ -238,7 +272,24 @@ impl Engine {
             }
             store.sync()?;
         }
-        let state = Self::build_state(&recs, &layout, sb.epoch);
+        let flushed = replay.flushed_epoch.max(sb.flushed_epoch);
+        let state = Self::build_state(&recs, &layout, sb.epoch.max(replay.cur_epoch), flushed);
+        if version == FormatVersion::V2 {
+            let mut log = state.log.lock();
+            *log = LogState {
+                seq: replay.seq,
+                ckpt_seq: sb.ckpt_seq,
+                active_table: sb.active_table,
+                start: sb.log_start,
+                head: replay.head,
+                used: replay.used,
+                // The recovered state is written whole before serving.
+                must_checkpoint: true,
+            };
+            state
+                .order_broken_since
+                .store(replay.order_broken_since, Ordering::Release);
+        }
         let dirty = state.dirty_lines();
         let clean_detach = sb.state == SbState::Clean;
         // Only a clean detach recorded a marker; after a crash our own unfinished
@@ -257,7 +308,8 @@ impl Engine {
         };
         if let Some(ranges) = &changed_ranges {
             let ls = layout.line_size as u64;
-            let dirty_hit = recs.iter().any(|r| {
+            let dirty_hit = state.mapped_slots().into_iter().any(|slot| {
+                let r = state.slots.get(slot);
                 let t = r.tag;
                 r.is_dirty()
                     && ranges
@@ -288,10 +340,18 @@ impl Engine {
                     let new = Rec {
                         valid: bits::and_not(&r.valid, &r.dirty),
                         dirty: bits::none(),
-                        epoch: 0,
+                        epoch: if version == FormatVersion::V2 {
+                            r.epoch
+                        } else {
+                            0
+                        },
                         ..r
                     };
-                    state.set_rec(&mut sh, slot, new, true);
+                    if bits::is_empty(&new.valid) {
+                        state.remove_version(&mut sh, slot);
+                    } else {
+                        state.set_rec(&mut sh, slot, new, true);
+                    }
                 }
             }
         }
@@ -338,7 +398,7 @@ impl Engine {
             sb.attach_gen + 1,
             &layout,
             codec,
-            (0..layout.nr_lines as u32).map(|s| state.slots.get(s).entry()),
+            (0..layout.nr_lines as u32).map(|s| state.entry_of(&state.slots.get(s))),
         );
         match shadow {
             Ok(sh) => *state.shadow.lock() = Some(sh),
@@ -452,7 +512,7 @@ impl Engine {
     }
 
     fn format(
-        dev: &dyn Backend,
+        dev: &Arc<dyn Backend>,
         dev_size: u64,
         rec: &BackendRecord,
         cfg: &EngineConfig,
@@ -466,16 +526,28 @@ impl Engine {
                 ),
             ));
         }
-        let layout = Layout::for_cache(cfg.line_size.unwrap_or(DEFAULT_LINE_SIZE), cache_bytes)
-            .map_err(|e| refuse(EngineErrorKind::Config, e.to_string()))?;
+        let layout = Layout::for_cache_as(
+            cfg.format_version,
+            cfg.line_size.unwrap_or(DEFAULT_LINE_SIZE),
+            cache_bytes,
+        )
+        .map_err(|e| refuse(EngineErrorKind::Config, e.to_string()))?;
         let uuid = random_uuid();
         let codec = EntryCodec::new(layout.entry_size, layout.spl(), &uuid);
+        if layout.version() == FormatVersion::V2 {
+            let store = CacheStore::new(Arc::clone(dev), layout);
+            recover::format_v2_meta(&store, &codec, &layout)?;
+        }
         // Every entry is written as an explicit free entry: an all-zero block is
         // then recognisably corrupt, never "empty".
         let free = Rec::FREE.entry();
         let epb = layout.entries_per_block();
         let chunk_blocks = 256u32;
-        let total = layout.meta_blocks() as u32;
+        let total = if layout.version() == FormatVersion::V1 {
+            layout.meta_blocks() as u32
+        } else {
+            0
+        };
         let mut b = 0u32;
         while b < total {
             let n = chunk_blocks.min(total - b);
@@ -496,7 +568,10 @@ impl Engine {
         let mut sb = Superblock {
             seq: 1,
             uuid,
-            incompat: 0,
+            incompat: match layout.version() {
+                FormatVersion::V1 => 0,
+                FormatVersion::V2 => crate::format::superblock::INCOMPAT_VERSIONED_LOG,
+            },
             compat: 0,
             layout,
             cache_bytes,
@@ -505,11 +580,16 @@ impl Engine {
             epoch: 0,
             attach_gen: 0,
             backend: rec.clone(),
+            active_table: 0,
+            ckpt_seq: 0,
+            log_start: 0,
+            flushed_epoch: 0,
+            order_broken_since: 0,
         };
         // Both copies, so neither holds a stale superblock of an earlier format.
-        write_superblock(dev, &sb)?;
+        write_superblock(dev.as_ref(), &sb)?;
         sb.seq = 2;
-        write_superblock(dev, &sb)?;
+        write_superblock(dev.as_ref(), &sb)?;
         info!(
             lines = layout.nr_lines,
             line_size = layout.line_size,
@@ -549,13 +629,15 @@ impl Engine {
     }
 
     /// Turn entries into slot records, checking what a checksum cannot: every
-    /// mapped line lies inside the backend and is mapped once.
+    /// mapped line lies inside the backend, and is mapped once (format v1) or
+    /// once per epoch (format v2, whose versions are ordered by epoch).
     fn recs_from_entries(
         entries: Vec<LineEntry>,
         backend_lines: u64,
         source: &str,
+        version: FormatVersion,
     ) -> EngineResult<Vec<Rec>> {
-        let mut seen: HashSet<u64> = HashSet::new();
+        let mut seen: HashSet<(u64, u64)> = HashSet::new();
         let mut recs = Vec::with_capacity(entries.len());
         for (slot, e) in entries.into_iter().enumerate() {
             let mut r = Rec::from_entry(&e);
@@ -571,12 +653,22 @@ impl Engine {
                         format!("{source} is corrupt: slot {slot} maps line {t}, past the backend's end ({backend_lines} lines)"),
                     ));
                 }
-                if !seen.insert(t) {
+                let key = match version {
+                    FormatVersion::V1 => (t, 0),
+                    FormatVersion::V2 => (t, r.epoch),
+                };
+                if !seen.insert(key) {
                     return Err(refuse(
                         EngineErrorKind::Corrupt,
-                        format!(
-                            "{source} is corrupt: backend line {t} is mapped twice (slot {slot})"
-                        ),
+                        match version {
+                            FormatVersion::V1 => format!(
+                                "{source} is corrupt: backend line {t} is mapped twice (slot {slot})"
+                            ),
+                            FormatVersion::V2 => format!(
+                                "{source} is corrupt: backend line {t} has two versions of epoch {} (slot {slot})",
+                                r.epoch
+                            ),
+                        },
                     ));
                 }
             }
@@ -585,8 +677,12 @@ impl Engine {
         Ok(recs)
     }
 
-    fn build_state(recs: &[Rec], layout: &Layout, sb_epoch: u64) -> State {
+    /// The in-memory state of loaded records. Format v2: the versions of a line
+    /// are chained newest (highest epoch) first, and a version of an epoch the
+    /// watermark covers is clean.
+    fn build_state(recs: &[Rec], layout: &Layout, sb_epoch: u64, flushed: u64) -> State {
         let n = recs.len();
+        let version = layout.version();
         let st = State {
             slots: SlotTable::new(n, layout.spl()),
             map: Arc::new(LineMap::new()),
@@ -608,35 +704,72 @@ impl Engine {
             dirty_lines: AtomicI64::new(0),
             stopping: AtomicBool::new(false),
             drain_requests: AtomicU32::new(0),
+            version,
+            flushed: AtomicU64::new(flushed),
+            flushed_durable: AtomicU64::new(flushed),
+            order_broken_since: AtomicU64::new(0),
+            slot_changed: AtomicBits::new(n),
+            fresh: Mutex::new(HashMap::new()),
+            table_stale: [
+                AtomicBits::new(layout.meta_blocks() as usize),
+                AtomicBits::new(layout.meta_blocks() as usize),
+            ],
+            log: Mutex::new(LogState::default()),
         };
-        let mut max_epoch = sb_epoch;
+        let mut max_epoch = sb_epoch.max(flushed);
         let mut free = Vec::new();
+        // Versions of each line, newest first.
+        let mut lines: HashMap<u64, Vec<u32>> = HashMap::new();
         // Free slots are handed out from the end of `free`: reverse so the
         // lowest slots are used first (a nicer layout to look at, nothing more).
         for slot in (0..n as u32).rev() {
             let r = recs[slot as usize];
             if r.is_free() {
                 free.push(slot);
-                continue;
-            }
-            let mut sh = st.map.shard(r.tag).write();
-            st.slots.put(
-                slot,
-                &Rec {
-                    tag: r.tag,
-                    ..Rec::FREE
-                },
-            );
-            sh.set_head(&st.slots, r.tag, slot);
-            if r.is_dirty() {
+            } else {
+                lines.entry(r.tag).or_default().push(slot);
                 max_epoch = max_epoch.max(r.epoch);
             }
-            st.set_rec(&mut sh, slot, r, false);
+        }
+        for (tag, mut versions) in lines {
+            versions.sort_by_key(|&s| std::cmp::Reverse(recs[s as usize].epoch));
+            let mut sh = st.map.shard(tag).write();
+            // Link oldest first, so every set_rec sees its final chain.
+            for (i, &slot) in versions.iter().enumerate().rev() {
+                let next = versions.get(i + 1).copied().unwrap_or(NO_SLOT);
+                let mut r = recs[slot as usize];
+                r.next = next;
+                if version == FormatVersion::V2 && r.epoch <= flushed {
+                    r.dirty = bits::none();
+                }
+                st.slots.put(
+                    slot,
+                    &Rec {
+                        tag,
+                        next,
+                        ..Rec::FREE
+                    },
+                );
+                if i == 0 {
+                    sh.set_head(&st.slots, tag, slot);
+                }
+                st.set_rec(&mut sh, slot, r, false);
+            }
         }
         st.alloc.lock().free = free;
         st.epochs.lock().cur = max_epoch + 1;
-        // Loading is not a change: the table on disk says all this already.
+        // Loading is not a change: the metadata on disk says all this already.
         st.meta_dirty.clear_all();
+        st.slot_changed.take();
+        if version == FormatVersion::V2 {
+            // Neither table copy holds this state (the active one lacks the log,
+            // the other is older still): the first checkpoint writes all of it.
+            for t in &st.table_stale {
+                for b in 0..layout.meta_blocks() as u32 {
+                    t.set(b);
+                }
+            }
+        }
         st
     }
 
@@ -656,22 +789,27 @@ impl Engine {
     }
 
     fn drop_clean_where(st: &State, hit: impl Fn(u64) -> bool) {
-        for slot in st.mapped_slots() {
-            let r = st.slots.get(slot);
-            if !hit(r.tag) {
-                continue;
-            }
-            let mut sh = st.map.shard(r.tag).write();
-            if r.is_dirty() {
-                if r.valid != r.dirty {
-                    let new = Rec {
-                        valid: r.dirty,
-                        ..r
-                    };
-                    st.set_rec(&mut sh, slot, new, false);
+        let mut tags: Vec<u64> = st.mapped_slots().iter().map(|&s| st.slots.tag(s)).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        for tag in tags.into_iter().filter(|&t| hit(t)) {
+            let mut sh = st.map.shard(tag).write();
+            // Version by version, keeping the chain linked: freeing a version
+            // the chain still names would let its slot's next owner show
+            // through, and unmapping a head would orphan older dirty versions.
+            for slot in st.chain(&sh, tag) {
+                let r = st.slots.get(slot);
+                if r.is_dirty() {
+                    if r.valid != r.dirty {
+                        let new = Rec {
+                            valid: r.dirty,
+                            ..r
+                        };
+                        st.set_rec(&mut sh, slot, new, false);
+                    }
+                } else {
+                    st.remove_version(&mut sh, slot);
                 }
-            } else {
-                st.release(&mut sh, slot);
             }
         }
     }
@@ -712,7 +850,7 @@ impl Engine {
         self.backend
             .flush()
             .map_err(|e| EngineError::backend("flush", e))?;
-        self.persist_blocking()?;
+        super::blocking(self.persist_checkpoint())?;
         let mut sb = c.sb.lock();
         sb.state = SbState::Clean;
         sb.seq += 1;

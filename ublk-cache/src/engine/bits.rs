@@ -27,6 +27,10 @@ pub fn or(a: &SectorBits, b: &SectorBits) -> SectorBits {
     std::array::from_fn(|i| a[i] | b[i])
 }
 
+pub fn and(a: &SectorBits, b: &SectorBits) -> SectorBits {
+    std::array::from_fn(|i| a[i] & b[i])
+}
+
 pub fn and_not(a: &SectorBits, b: &SectorBits) -> SectorBits {
     std::array::from_fn(|i| a[i] & !b[i])
 }

@@ -21,6 +21,8 @@ use super::slots::FREE;
 use super::sync::{join_all, run_window, wait_for, Piece};
 use super::{bits, Cache, Engine, Stats, SECTOR};
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
+use crate::format::FormatVersion;
+use policies::WritebackOrder;
 
 /// Lines per step at most (one backend flush per step).
 const STEP_LINES: usize = 4096;
@@ -103,7 +105,33 @@ impl Engine {
                     }
                     Stats::add(&self.stats.writeback_bytes, bytes);
                     Stats::add(&self.stats.backend_write_bytes, bytes);
-                    self.mark_clean(c, &items);
+                    if c.st.version == FormatVersion::V2 {
+                        // The watermark must be durable before the next step's
+                        // backend writes (else a crash could make recovery write
+                        // these epochs again over later ones), and before the
+                        // versions it makes stale are freed.
+                        // Every epoch up to the step's newest is on the
+                        // backend, unless lines of one stayed pending (a step
+                        // holds at most STEP_LINES lines).
+                        let step_max = items.iter().map(|it| it.epoch).max().unwrap_or(0);
+                        let w = match c.st.epochs.lock().oldest_pending() {
+                            Some(p) if p <= step_max => p.saturating_sub(1),
+                            _ => step_max,
+                        };
+                        c.st.flushed.fetch_max(w, Ordering::AcqRel);
+                        if let Err(e) = self.persist().await {
+                            warn!("write-back done, but its watermark could not be made durable; retrying: {e}");
+                            self.requeue(c, &items);
+                            wait_for(&c.ev.flusher, backoff, || {
+                                c.st.stopping.load(Ordering::Acquire)
+                            })
+                            .await;
+                            continue;
+                        }
+                        self.clean_v2(c, &items);
+                    } else {
+                        self.mark_clean(c, &items);
+                    }
                     c.st.epochs.lock().writing = None;
                     c.ev.progress.notify(usize::MAX);
                     c.ev.space.notify(usize::MAX);
@@ -130,6 +158,50 @@ impl Engine {
         }
     }
 
+    /// Format v2: which epochs the next step writes back. Only closed epochs
+    /// with no write still being applied: their versions are frozen. When only
+    /// the open epoch has dirty data, it is closed here (that only adds an
+    /// ordering point), so write-back never waits for a guest FLUSH. Ordered:
+    /// the oldest such epoch alone; relaxed: all of them, merged.
+    fn v2_step_epochs(&self, e: &mut super::state::Epochs) -> Vec<u64> {
+        let Some(oldest) = e.oldest_pending() else {
+            return Vec::new();
+        };
+        if oldest >= e.cur {
+            e.cur = oldest + 1;
+        }
+        let cur = e.cur;
+        let closed = |ep: u64, e: &super::state::Epochs| {
+            ep < cur && e.oldest_applying().is_none_or(|a| a > ep)
+        };
+        if self.reverse_writeback_for_tests.load(Ordering::Relaxed) {
+            // The deliberate bug: newest closed epoch first.
+            return e
+                .pending
+                .keys()
+                .rev()
+                .copied()
+                .find(|&ep| closed(ep, e))
+                .into_iter()
+                .collect();
+        }
+        match self.order {
+            WritebackOrder::Ordered => {
+                if closed(oldest, e) {
+                    vec![oldest]
+                } else {
+                    Vec::new()
+                }
+            }
+            WritebackOrder::Relaxed => e
+                .pending
+                .keys()
+                .copied()
+                .take_while(|&ep| closed(ep, e))
+                .collect(),
+        }
+    }
+
     /// Put items back into their epoch's pending list (a failed step).
     fn requeue(&self, c: &Cache, items: &[Item]) {
         let mut e = c.st.epochs.lock();
@@ -151,9 +223,15 @@ impl Engine {
             let active = self.mode().writes_back_continuously()
                 || st.drain_requests.load(Ordering::Acquire) > 0;
             let mut candidates: Vec<(u64, u32)> = Vec::new();
+            // Whether an epoch's list was taken: if all of it was stale, the
+            // next epoch is looked at at once (an outage with frequent guest
+            // FLUSHes leaves thousands of such lists behind).
+            let mut took_epoch = false;
             if active {
                 let mut e = st.epochs.lock();
-                let epochs: Vec<u64> = if self.reverse_writeback_for_tests.load(Ordering::Relaxed) {
+                let epochs: Vec<u64> = if st.version == FormatVersion::V2 {
+                    self.v2_step_epochs(&mut e)
+                } else if self.reverse_writeback_for_tests.load(Ordering::Relaxed) {
                     e.pending.keys().next_back().copied().into_iter().collect()
                 } else {
                     self.order
@@ -163,6 +241,7 @@ impl Engine {
                 };
                 for ep in epochs {
                     if let Some(v) = e.pending.remove(&ep) {
+                        took_epoch = true;
                         candidates.extend(v.into_iter().map(|s| (ep, s)));
                         e.writing = Some(e.writing.map_or(ep, |w| w.min(ep)));
                     }
@@ -207,6 +286,9 @@ impl Engine {
                 return Some(items);
             }
             st.epochs.lock().writing = None;
+            if took_epoch {
+                continue;
+            }
             // Nothing to take now: idle is not stalled.
             self.note_writeback_progress();
             c.ev.progress.notify(usize::MAX);
@@ -221,9 +303,23 @@ impl Engine {
     async fn write_back(&self, c: &Cache, items: &[Item]) -> EngineResult<u64> {
         let ls = c.layout.line_size as u64;
         let spl = c.layout.spl();
+        // Several versions of one line in a step (relaxed order, v2): each
+        // sector goes once, from its newest version.
+        let mut dirty: Vec<crate::format::entry::SectorBits> =
+            items.iter().map(|it| it.dirty).collect();
+        let mut newest: std::collections::HashMap<u64, (u64, crate::format::entry::SectorBits)> =
+            std::collections::HashMap::new();
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by_key(|&i| (items[i].tag, std::cmp::Reverse(items[i].epoch)));
+        for i in order {
+            let it = &items[i];
+            let covered = newest.entry(it.tag).or_insert((it.epoch, bits::none()));
+            dirty[i] = bits::and_not(&it.dirty, &covered.1);
+            covered.1 = bits::or(&covered.1, &it.dirty);
+        }
         let mut extents: Vec<Extent> = Vec::new();
         for (i, it) in items.iter().enumerate() {
-            for (s, e, dirty) in bits::runs(&it.dirty, 0, spl) {
+            for (s, e, dirty) in bits::runs(&dirty[i], 0, spl) {
                 if !dirty {
                     continue;
                 }
@@ -273,12 +369,19 @@ impl Engine {
                     guards.push(st.map.lock(tag).await);
                 }
             }
+            // A slot reused for another line between the plan and the locks
+            // would write that line's data here: never write it; the step
+            // fails and is planned again from the current map.
             for &(i, slot, _, _) in &x.pieces {
-                assert_eq!(
-                    st.slots.tag(slot),
-                    items[i].tag,
-                    "DEBUG slot {slot} changed line under write-back"
-                );
+                if st.slots.tag(slot) != items[i].tag {
+                    debug_assert!(false, "slot {slot} changed line under write-back");
+                    return Err(EngineError::new(
+                        EngineErrorKind::CacheIo,
+                        format!(
+                            "write-back: slot {slot} now holds another line; step planned again"
+                        ),
+                    ));
+                }
             }
             let mut at = 0usize;
             let mut reads: Vec<Piece<'_, EngineResult<()>>> = Vec::new();
@@ -299,6 +402,41 @@ impl Engine {
                 Stats::add(&self.stats.backend_errors, 1);
                 EngineError::backend(&format!("write-back at {}+{len}", x.off), e)
             })
+    }
+
+    /// Format v2, after a step whose watermark is durable: versions it covers
+    /// are clean; older versions of their lines are stale and freed (the free
+    /// entries and the watermark that makes them stale are on disk together).
+    fn clean_v2(&self, c: &Cache, items: &[Item]) {
+        let st = &c.st;
+        let w = st.flushed_durable.load(Ordering::Acquire);
+        let mut tags: Vec<u64> = items.iter().map(|it| it.tag).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        for tag in tags {
+            let mut sh = st.map.shard(tag).write();
+            for slot in st.chain(&sh, tag) {
+                let r = st.slots.get(slot);
+                if r.epoch > w {
+                    continue;
+                }
+                if sh.head(&st.slots, tag) == Some(slot) {
+                    if r.is_dirty() {
+                        st.clean_silently(&mut sh, slot);
+                    }
+                } else {
+                    st.remove_version(&mut sh, slot);
+                }
+            }
+        }
+        // A full write-back makes the backend a flush-point state again.
+        if st.order_broken_since.load(Ordering::Acquire) != 0
+            && st.dirty_lines() == 0
+            && st.epochs.lock().pending.is_empty()
+        {
+            st.order_broken_since.store(0, Ordering::Release);
+            tracing::info!("write-back caught up: the backend alone is a flush-point state again");
+        }
     }
 
     /// After a successful step: lines still holding what was written back are

@@ -17,9 +17,11 @@ pub mod bits;
 mod flusher;
 pub mod latency;
 mod live;
+mod log;
 mod map;
 mod persist;
 mod read;
+mod recover;
 pub mod shadow;
 mod slots;
 pub mod state;
@@ -170,6 +172,12 @@ impl Engine {
             s.cache_lines = c.layout.nr_lines;
             s.line_size = c.layout.line_size as u64;
             s.epoch = st.cur_epoch();
+            s.flushed_epoch = st.flushed_durable.load(Ordering::Acquire);
+            s.order_broken_since = st.order_broken_since.load(Ordering::Acquire);
+            s.format_version = match st.version {
+                crate::format::FormatVersion::V1 => 1,
+                crate::format::FormatVersion::V2 => 2,
+            };
         }
         s
     }

@@ -64,9 +64,24 @@ impl Engine {
     /// Write every changed metadata block, after syncing cache data. Slots that
     /// were released become reusable once this returns.
     pub(super) async fn persist(&self) -> EngineResult<()> {
+        self.persist_as(false).await
+    }
+
+    /// `persist` whose round is a full checkpoint (format v2; in v1 every
+    /// round is one): after recovery and at detach, so that the table alone
+    /// describes the cache.
+    pub(super) async fn persist_checkpoint(&self) -> EngineResult<()> {
+        self.persist_as(true).await
+    }
+
+    async fn persist_as(&self, checkpoint: bool) -> EngineResult<()> {
         let Some(c) = self.cache.as_ref() else {
             return Ok(());
         };
+        if checkpoint {
+            // The round that starts after this call (the one waited for) sees it.
+            c.st.log.lock().must_checkpoint = true;
+        }
         let target = c.persist.rounds.lock().started + 1;
         loop {
             let lead = {
@@ -89,7 +104,10 @@ impl Engine {
             };
             match lead {
                 Some(round) => {
-                    let res = self.persist_round(c).await;
+                    let res = match c.st.version {
+                        crate::format::FormatVersion::V1 => self.persist_round(c).await,
+                        crate::format::FormatVersion::V2 => self.persist_round_v2(c, false).await,
+                    };
                     let mut r = c.persist.rounds.lock();
                     r.running = false;
                     r.finished = round;
@@ -376,7 +394,9 @@ impl Engine {
         super::Stats::add(&self.stats.flushes, 1);
         let action = self.mode().flush_action();
         if let Some(c) = self.cache() {
-            if action.close_epoch && guest {
+            // Format v2 closes the epoch at a FUA write too: its data must not be
+            // overwritten in place once a round has logged it (see `log`).
+            if action.close_epoch && (guest || c.st.version == crate::format::FormatVersion::V2) {
                 c.st.epochs.lock().cur += 1;
                 c.ev.flusher.notify(usize::MAX);
             }

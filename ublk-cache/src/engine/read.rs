@@ -82,20 +82,23 @@ impl Engine {
             let b = a + n;
             let (s0, s1) = sectors(a, b);
             let sh = st.map.shard(tag).read();
-            let head = sh.head(&st.slots, tag);
-            let valid = head.map_or(bits::none(), |s| st.slots.valid(s));
-            for (rs, re, hit) in bits::runs(&valid, s0, s1) {
+            let runs = st.resolve(&sh, tag, s0, s1);
+            let mut any_hit = false;
+            for (rs, re, src) in runs {
                 let ra = a.max(rs as u64 * SECTOR);
                 let rb = b.min(re as u64 * SECTOR);
                 let d = dst.sub((done + ra - a) as usize, (rb - ra) as usize);
-                match (hit, head) {
-                    (true, Some(slot)) => steps.push(Step::Hit {
-                        slot,
-                        in_line: ra,
-                        dst: d,
-                        _pin: Pin::new(&st.slots, slot),
-                    }),
-                    _ => {
+                match src {
+                    Some(slot) => {
+                        any_hit = true;
+                        steps.push(Step::Hit {
+                            slot,
+                            in_line: ra,
+                            dst: d,
+                            _pin: Pin::new(&st.slots, slot),
+                        })
+                    }
+                    None => {
                         let (lo, hi) = (tag * ls + ra, tag * ls + rb);
                         match steps.last_mut() {
                             Some(Step::Miss { hi: h, dst: pd, .. }) if *h == lo => {
@@ -108,7 +111,7 @@ impl Engine {
                     }
                 }
             }
-            if let Some(h) = head.filter(|_| !bits::is_empty(&valid)) {
+            if let Some(h) = sh.head(&st.slots, tag).filter(|_| any_hit) {
                 st.hit(h);
             }
             drop(sh);
@@ -201,15 +204,17 @@ impl Engine {
         for t in t0..=t1 {
             let (a, b) = (lo.max(t * ls) - t * ls, hi.min((t + 1) * ls) - t * ls);
             let (s0, s1) = sectors(a, b);
-            let head = st.head(t);
-            let valid = head.map_or(bits::none(), |s| st.slots.valid(s));
-            for (rs, re, hit) in bits::runs(&valid, s0, s1) {
-                match (hit, head) {
-                    (true, Some(slot)) => {
+            let resolved = {
+                let sh = st.map.shard(t).read();
+                st.resolve(&sh, t, s0, s1)
+            };
+            for (rs, re, src) in resolved {
+                match src {
+                    Some(slot) => {
                         let (ra, rb) = (a.max(rs as u64 * SECTOR), b.min(re as u64 * SECTOR));
                         hits.push((slot, t * ls + ra, t * ls + rb));
                     }
-                    _ => {
+                    None => {
                         let (ra, rb) = (t * ls + rs as u64 * SECTOR, t * ls + re as u64 * SECTOR);
                         match runs.last_mut() {
                             Some((_, h)) if *h == ra => *h = rb,
@@ -312,6 +317,12 @@ impl Engine {
                 let data = buf.slice((pos - *a) as usize, (end - pos) as usize);
                 pos = end;
                 let mut sh = st.map.shard(t).write();
+                // The fetch read only sectors no version held, and the line lock
+                // kept it so; never let backend data cover cached data anyway.
+                let have = st.valid_any(&sh, t);
+                if !bits::is_empty(&bits::and(&bits::range(s0, s1), &have)) {
+                    continue;
+                }
                 let (slot, fresh) = match sh.head(&st.slots, t) {
                     Some(s) => (s, false),
                     None => match st.map_free_slot(&mut sh, t) {

@@ -65,6 +65,20 @@ impl Rec {
         }
     }
 
+    /// The on-disk entry in format v2: the epoch is kept when clean, because
+    /// versions of one line are ordered by it.
+    pub fn entry_v2(&self) -> LineEntry {
+        if self.is_free() {
+            return LineEntry::default();
+        }
+        LineEntry {
+            tag: Some(self.tag),
+            epoch: self.epoch,
+            valid: self.valid,
+            dirty: self.dirty,
+        }
+    }
+
     pub fn from_entry(e: &LineEntry) -> Rec {
         match e.tag {
             None => Rec::FREE,
@@ -172,6 +186,12 @@ impl SlotTable {
         self.next[i].store(r.next, Relaxed);
         self.set_bits(&self.valid, slot, &r.valid);
         self.set_bits(&self.dirty, slot, &r.dirty);
+    }
+
+    /// Relink a version (in memory only: chains are rebuilt from epochs at attach).
+    /// The caller holds the line's shard lock.
+    pub fn set_next(&self, slot: u32, next: u32) {
+        self.next[slot as usize].store(next, Relaxed);
     }
 
     pub fn gen(&self, slot: u32) -> u32 {

@@ -12,7 +12,7 @@
 //!
 //! Lock order where nested: line lock → shard → snap → {evict, epochs, alloc}.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -23,6 +23,29 @@ use super::bits;
 use super::map::{LineMap, Shard};
 use super::shadow::Shadow;
 use super::slots::{Rec, SlotTable, FREE, NO_SLOT};
+use crate::format::{FormatVersion, LineEntry};
+
+/// Versions of one line at most; a write that would make more waits for the
+/// write-back (reads walk the chain, and every version holds a slot).
+pub const MAX_CHAIN: usize = 16;
+
+/// Where the format-v2 metadata log stands.
+#[derive(Debug, Default)]
+pub struct LogState {
+    /// Sequence number of the last record written (or of the checkpoint).
+    pub seq: u64,
+    /// The last record the active checkpoint includes.
+    pub ckpt_seq: u64,
+    pub active_table: u32,
+    /// First block of the records after the checkpoint, and the next free one.
+    pub start: u32,
+    pub head: u32,
+    /// Blocks in use since the checkpoint.
+    pub used: u32,
+    /// A checkpoint failed after taking changes that are in no record: the
+    /// next round must be a checkpoint.
+    pub must_checkpoint: bool,
+}
 
 /// Free slots and releases in progress.
 #[derive(Default)]
@@ -142,6 +165,23 @@ pub struct State {
     pub stopping: AtomicBool,
     /// Requests to write back everything, regardless of mode (stop, barrier).
     pub drain_requests: AtomicU32,
+    pub version: FormatVersion,
+    /// Format v2: every version of an epoch up to this is on the backend (in
+    /// memory, and on the cache device).
+    pub flushed: AtomicU64,
+    pub flushed_durable: AtomicU64,
+    /// Since which epoch the backend alone is not a flush-point state (0: it
+    /// is); set durably before any write goes in place over a closed version.
+    pub order_broken_since: AtomicU64,
+    /// Format v2: slots whose entry changed since the last log record.
+    pub slot_changed: AtomicBits,
+    /// Format v2: per slot, (sector, crc32c) of dirty sectors written since the
+    /// slot's entry was last logged.
+    pub fresh: Mutex<HashMap<u32, Vec<(u16, u32)>>>,
+    /// Format v2: per table copy, the metadata blocks changed since it was
+    /// last written.
+    pub table_stale: [AtomicBits; 2],
+    pub log: Mutex<LogState>,
 }
 
 impl State {
@@ -161,10 +201,26 @@ impl State {
         }
     }
 
+    /// The on-disk entry of a record in this cache's format.
+    pub fn entry_of(&self, r: &Rec) -> LineEntry {
+        match self.version {
+            FormatVersion::V1 => r.entry(),
+            FormatVersion::V2 => r.entry_v2(),
+        }
+    }
+
     fn mirror(&self, slot: u32, r: &Rec) {
-        self.meta_dirty.set(slot / self.entries_per_block);
+        let block = slot / self.entries_per_block;
+        match self.version {
+            FormatVersion::V1 => self.meta_dirty.set(block),
+            FormatVersion::V2 => {
+                self.slot_changed.set(slot);
+                self.table_stale[0].set(block);
+                self.table_stale[1].set(block);
+            }
+        }
         if let Some(sh) = self.shadow.lock().as_ref() {
-            sh.write(slot, &r.entry());
+            sh.write(slot, &self.entry_of(r));
         }
     }
 
@@ -176,8 +232,30 @@ impl State {
 
     /// One record change, and everything that follows from it, inside one
     /// section of the snapshot lock (so a persist sees all of it or none).
-    fn apply(&self, _sh: &mut Shard, slot: u32, new: Rec, data_changed: bool, cleaned: bool) {
+    fn apply(&self, sh: &mut Shard, slot: u32, new: Rec, data_changed: bool, cleaned: bool) {
+        self.apply_with(sh, slot, new, data_changed, cleaned, &[]);
+    }
+
+    fn apply_with(
+        &self,
+        sh: &mut Shard,
+        slot: u32,
+        new: Rec,
+        data_changed: bool,
+        cleaned: bool,
+        crcs: &[(u16, u32)],
+    ) {
         let _s = self.snap.read();
+        if self.version == FormatVersion::V2 && !crcs.is_empty() {
+            let mut f = self.fresh.lock();
+            let v = f.entry(slot).or_default();
+            for &(s, c) in crcs {
+                match v.iter_mut().find(|(x, _)| *x == s) {
+                    Some(e) => e.1 = c,
+                    None => v.push((s, c)),
+                }
+            }
+        }
         if cleaned {
             self.cleaned.set(slot);
         }
@@ -196,7 +274,8 @@ impl State {
                 .push(slot);
         }
         self.slots.put(slot, &new);
-        self.track_eviction(slot, &new);
+        let is_head = sh.head(&self.slots, new.tag) == Some(slot);
+        self.track_eviction(slot, &new, is_head);
         self.mirror(slot, &new);
     }
 
@@ -206,10 +285,32 @@ impl State {
         self.apply(sh, slot, new, false, true);
     }
 
+    /// `set_rec` for a write that put new data into `crcs`' sectors (format v2
+    /// logs their checksums with the entry, see `format::log`).
+    pub fn set_rec_written(&self, sh: &mut Shard, slot: u32, new: Rec, crcs: &[(u16, u32)]) {
+        self.apply_with(sh, slot, new, true, false, crcs);
+    }
+
+    /// Format v2: the write-back of this version's epoch is durable (the
+    /// watermark on disk covers it), so it is clean. Nothing on disk changes:
+    /// cleanliness is derived from the watermark there.
+    pub fn clean_silently(&self, sh: &mut Shard, slot: u32) {
+        let _s = self.snap.read();
+        let old = self.slots.get(slot);
+        let new = Rec {
+            dirty: bits::none(),
+            ..old
+        };
+        self.account(&old, &new);
+        self.slots.put(slot, &new);
+        let is_head = sh.head(&self.slots, new.tag) == Some(slot);
+        self.track_eviction(slot, &new, is_head);
+    }
+
     /// Only clean heads without older versions may be evicted.
-    fn track_eviction(&self, slot: u32, r: &Rec) {
+    fn track_eviction(&self, slot: u32, r: &Rec, is_head: bool) {
         let mut ev = self.evict.write();
-        if !r.is_free() && !r.is_dirty() && r.next == NO_SLOT {
+        if is_head && !r.is_free() && !r.is_dirty() && r.next == NO_SLOT {
             ev.insert(slot);
         } else {
             ev.remove(slot);
@@ -226,9 +327,17 @@ impl State {
     /// Give `tag` a durably free slot with nothing valid yet (it is not
     /// persisted until it holds something).
     pub fn map_free_slot(&self, sh: &mut Shard, tag: u64) -> Allocation {
+        self.map_version(sh, tag, NO_SLOT)
+    }
+
+    /// Give `tag` a new newest version in a durably free slot, in front of
+    /// `older` (copy-on-write; format v2), or as its only one (`NO_SLOT`).
+    pub fn map_version(&self, sh: &mut Shard, tag: u64, older: u32) -> Allocation {
         let slot = {
             let mut a = self.alloc.lock();
-            if a.releasing.contains(&tag) {
+            // Format v1 keeps one entry per line on disk; v2 orders versions by
+            // epoch, so an old entry still on disk is harmless there.
+            if self.version == FormatVersion::V1 && a.releasing.contains(&tag) {
                 return Allocation::Releasing;
             }
             // A slot still read by a request that found it before its release
@@ -239,8 +348,19 @@ impl State {
             a.free.swap_remove(i)
         };
         let _s = self.snap.read();
-        self.slots.put(slot, &Rec { tag, ..Rec::FREE });
+        self.slots.put(
+            slot,
+            &Rec {
+                tag,
+                next: older,
+                ..Rec::FREE
+            },
+        );
         sh.set_head(&self.slots, tag, slot);
+        if older != NO_SLOT {
+            // The older version may no longer be evicted on its own.
+            self.evict.write().remove(older);
+        }
         Allocation::Slot(slot)
     }
 
@@ -252,7 +372,15 @@ impl State {
         {
             let _s = self.snap.read();
             sh.remove(&self.slots, r.tag);
+            if r.next != NO_SLOT {
+                // A copy-on-write version that got no data: the older one is
+                // the newest again.
+                sh.set_head(&self.slots, r.tag, r.next);
+                let older = self.slots.get(r.next);
+                self.track_eviction(r.next, &older, true);
+            }
             self.slots.put(slot, &Rec::FREE);
+            self.fresh.lock().remove(&slot);
             self.evict.write().remove(slot);
             if let Some(sh) = self.shadow.lock().as_ref() {
                 sh.write(slot, &Rec::FREE.entry());
@@ -276,9 +404,101 @@ impl State {
         self.slots.put(slot, &Rec::FREE);
         self.evict.write().remove(slot);
         self.mirror(slot, &Rec::FREE);
+        self.fresh.lock().remove(&slot);
         let mut a = self.alloc.lock();
         a.pending_free.push((slot, old.tag));
-        a.releasing.insert(old.tag);
+        if self.version == FormatVersion::V1 {
+            a.releasing.insert(old.tag);
+        }
+    }
+
+    /// Free `slot`, a version older than `newer` (format v2: written back and
+    /// superseded). Durable with the next log record, in which the free entry
+    /// and the watermark that makes it stale arrive together.
+    pub fn release_older(&self, sh: &mut Shard, newer: u32, slot: u32) {
+        debug_assert_eq!(self.slots.next(newer), slot);
+        let after = self.slots.next(slot);
+        {
+            let _s = self.snap.read();
+            self.slots.set_next(newer, after);
+        }
+        // `release` sees a version the map does not name, so it only frees it.
+        self.release(sh, slot);
+        let r = self.slots.get(newer);
+        let is_head = sh.head(&self.slots, r.tag) == Some(newer);
+        self.track_eviction(newer, &r, is_head);
+    }
+
+    /// Forget one version of a line (clean data, or data a discard or an
+    /// operator's flag drops), keeping the line's chain intact.
+    pub fn remove_version(&self, sh: &mut Shard, slot: u32) {
+        let r = self.slots.get(slot);
+        if r.is_free() {
+            return;
+        }
+        if sh.head(&self.slots, r.tag) == Some(slot) {
+            self.release(sh, slot);
+            if r.next != NO_SLOT {
+                let _s = self.snap.read();
+                sh.set_head(&self.slots, r.tag, r.next);
+                let older = self.slots.get(r.next);
+                self.track_eviction(r.next, &older, true);
+            }
+            return;
+        }
+        let chain = self.chain(sh, r.tag);
+        match chain.iter().position(|&v| v == slot) {
+            Some(i) if i > 0 => self.release_older(sh, chain[i - 1], slot),
+            _ => tracing::error!(
+                slot,
+                tag = r.tag,
+                "a version not in its line's chain; left alone"
+            ),
+        }
+    }
+
+    /// The versions of `tag`, newest first. The caller holds its shard lock.
+    pub fn chain(&self, sh: &Shard, tag: u64) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut s = sh.head(&self.slots, tag);
+        while let Some(slot) = s {
+            out.push(slot);
+            if out.len() > MAX_CHAIN * 4 {
+                tracing::error!(tag, "version chain loops or is far too long; cut short");
+                break;
+            }
+            let n = self.slots.next(slot);
+            s = (n != NO_SLOT).then_some(n);
+        }
+        out
+    }
+
+    /// Where each sector `s0..s1` of `tag` is: runs `(start, end, slot)` of
+    /// equal source, `slot` being the newest version holding the sector valid,
+    /// or `None` (not cached). The caller holds the line's shard lock.
+    pub fn resolve(&self, sh: &Shard, tag: u64, s0: u32, s1: u32) -> Vec<(u32, u32, Option<u32>)> {
+        let chain = self.chain(sh, tag);
+        let mut out: Vec<(u32, u32, Option<u32>)> = Vec::new();
+        let valids: Vec<_> = chain.iter().map(|&v| self.slots.valid(v)).collect();
+        for s in s0..s1 {
+            let src = chain
+                .iter()
+                .zip(&valids)
+                .find(|(_, v)| bits::test(v, s))
+                .map(|(&slot, _)| slot);
+            match out.last_mut() {
+                Some(r) if r.2 == src && r.1 == s => r.1 = s + 1,
+                _ => out.push((s, s + 1, src)),
+            }
+        }
+        out
+    }
+
+    /// Sectors of `tag` valid in any version. The caller holds its shard lock.
+    pub fn valid_any(&self, sh: &Shard, tag: u64) -> crate::format::entry::SectorBits {
+        self.chain(sh, tag)
+            .iter()
+            .fold(bits::none(), |acc, &v| bits::or(&acc, &self.slots.valid(v)))
     }
 
     /// The head slot of `tag`, if mapped.
@@ -314,7 +534,8 @@ pub enum Allocation {
 impl State {
     /// Check the invariants that tie the map, the slot table and the allocator
     /// together (tests and debugging). Returns every cached 4 KiB sector as
-    /// (line, sector in line, slot), for callers that compare data.
+    /// (line, sector in line, slot of the newest version holding it), for
+    /// callers that compare data.
     pub fn check_invariants(&self) -> Result<Vec<(u64, u32, u32)>, String> {
         // Shards before the snapshot lock, as every writer takes them: with both
         // held, nothing changes under the check.
@@ -324,6 +545,7 @@ impl State {
         let mut heads = 0usize;
         let mut out = Vec::new();
         let (mut valid, mut dirty, mut dlines) = (0i64, 0i64, 0i64);
+        let mut in_chain = vec![false; n as usize];
         for s in 0..n {
             let r = self.slots.get(s);
             if r.is_free() {
@@ -332,10 +554,49 @@ impl State {
             let head = LineMap::head_in(&locked, &self.slots, r.tag);
             if head == Some(s) {
                 heads += 1;
-            } else if r.next == NO_SLOT {
+                // Walk the chain: same line, epochs strictly falling, no loops;
+                // each sector is read from the newest version holding it.
+                let mut v = s;
+                let mut epoch = u64::MAX;
+                let mut len = 0;
+                let mut covered = bits::none();
+                loop {
+                    let rv = self.slots.get(v);
+                    for sec in 0..256u32 {
+                        if bits::test(&rv.valid, sec) && !bits::test(&covered, sec) {
+                            out.push((r.tag, sec, v));
+                        }
+                    }
+                    covered = bits::or(&covered, &rv.valid);
+                    if rv.tag != r.tag || rv.epoch >= epoch && len > 0 {
+                        return Err(format!(
+                            "line {}: version slot {v} (line {}, epoch {}) breaks the chain",
+                            r.tag, rv.tag, rv.epoch
+                        ));
+                    }
+                    if in_chain[v as usize] || len > 4 * MAX_CHAIN {
+                        return Err(format!("line {}: its chain loops at slot {v}", r.tag));
+                    }
+                    in_chain[v as usize] = true;
+                    epoch = rv.epoch;
+                    len += 1;
+                    if rv.next == NO_SLOT {
+                        break;
+                    }
+                    v = rv.next;
+                }
+            }
+        }
+        for s in 0..n {
+            let r = self.slots.get(s);
+            if r.is_free() {
+                continue;
+            }
+            if !in_chain[s as usize] {
                 return Err(format!(
-                    "slot {s} holds line {} but the map names {head:?}",
-                    r.tag
+                    "slot {s} holds line {} but is in no chain of it (the map names {:?})",
+                    r.tag,
+                    LineMap::head_in(&locked, &self.slots, r.tag)
                 ));
             }
             if !bits::is_empty(&bits::and_not(&r.dirty, &r.valid)) {
@@ -344,11 +605,6 @@ impl State {
             valid += bits::count(&r.valid) as i64;
             dirty += bits::count(&r.dirty) as i64;
             dlines += r.is_dirty() as i64;
-            for sec in 0..256u32 {
-                if bits::test(&r.valid, sec) {
-                    out.push((r.tag, sec, s));
-                }
-            }
         }
         let mapped: usize = locked.iter().map(|s| s.len()).sum();
         if mapped != heads {

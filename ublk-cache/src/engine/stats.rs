@@ -76,6 +76,18 @@ pub struct StatsSnapshot {
     pub dirty_bytes: u64,
     /// The write-back epoch new writes join.
     pub epoch: u64,
+    /// Format v2: every write of an epoch up to this is on the backend (and
+    /// that is durable on the cache device).
+    #[serde(default)]
+    pub flushed_epoch: u64,
+    /// Non-zero: since this epoch the backend alone is not a flush-point state
+    /// (writes went in place when no room was left for versions), until a full
+    /// write-back.
+    #[serde(default)]
+    pub order_broken_since: u64,
+    /// The cache's on-disk format version.
+    #[serde(default)]
+    pub format_version: u32,
     pub latency: Vec<LatencySnapshot>,
 }
 

@@ -98,7 +98,11 @@ impl Engine {
         };
         if t1 - t0 < st.slots.len() as u64 {
             for t in t0..=t1 {
-                if let Some(s) = st.head(t) {
+                let chain = {
+                    let sh = st.map.shard(t).read();
+                    st.chain(&sh, t)
+                };
+                for s in chain {
                     visit(s);
                 }
             }

@@ -116,6 +116,66 @@ impl CacheStore {
             .map_err(|e| EngineError::cache(&format!("write of metadata block {block}"), e))
     }
 
+    /// Format v2: write `src` (whole blocks) into the metadata log at `block`.
+    pub async fn write_log_async(&self, block: u32, src: BufSlice) -> EngineResult<()> {
+        let off = self.layout.log_offset() + block as u64 * META_BLOCK as u64;
+        self.meta_bytes
+            .fetch_add(src.len() as u64, Ordering::Relaxed);
+        self.dev
+            .write_async(off, src, WriteMode::Normal)
+            .await
+            .map_err(|e| EngineError::cache(&format!("write of log block {block}"), e))
+    }
+
+    /// Format v2: write metadata block `block` of table copy `table`.
+    pub async fn write_table_async(
+        &self,
+        table: u32,
+        block: u32,
+        src: BufSlice,
+    ) -> EngineResult<()> {
+        self.meta_bytes
+            .fetch_add(src.len() as u64, Ordering::Relaxed);
+        self.dev
+            .write_async(
+                self.layout.table_block_offset(table, block),
+                src,
+                WriteMode::Normal,
+            )
+            .await
+            .map_err(|e| {
+                EngineError::cache(
+                    &format!("write of metadata block {block} (table {table})"),
+                    e,
+                )
+            })
+    }
+
+    /// Write a superblock copy and flush, on the event loop.
+    pub async fn write_superblock_async(&self, sb: &Superblock) -> EngineResult<()> {
+        let b = rbd_backend::aio::DmaBuf::copy_of(&sb.encode());
+        self.meta_bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+        self.dev
+            .write_async(sb.copy_offset(), b.slice_all(), WriteMode::Normal)
+            .await
+            .map_err(|e| EngineError::cache("superblock write", e))?;
+        self.sync_async().await
+    }
+
+    /// Read bytes anywhere on the device (recovery: log records, data checks).
+    pub fn read_raw(&self, off: u64, buf: &mut [u8]) -> EngineResult<()> {
+        self.dev
+            .read_at(off, buf)
+            .map_err(|e| EngineError::cache(&format!("read at {off}"), e))
+    }
+
+    /// Write bytes anywhere on the device (formatting).
+    pub fn write_raw(&self, off: u64, buf: &[u8]) -> EngineResult<()> {
+        self.dev
+            .write_at(off, buf)
+            .map_err(|e| EngineError::cache(&format!("write at {off}"), e))
+    }
+
     /// Device flushes and metadata bytes written so far.
     pub fn meta_io(&self) -> (u64, u64) {
         (

@@ -11,15 +11,19 @@ use rbd_backend::WriteMode;
 use tracing::warn;
 
 use super::read::sectors;
-use super::slots::Rec;
-use super::state::Allocation;
+use super::slots::{Rec, NO_SLOT};
+use super::state::{Allocation, MAX_CHAIN};
 use super::sync::{join_all, wait_for, Piece};
 use super::{bits, Cache, Engine, Stats, SECTOR};
 use crate::error::{EngineError, EngineResult};
+use crate::format::FormatVersion;
 
 /// How long an ordered overwrite waits for write-back of the older epoch
 /// while write-back is failing, before it goes in place.
 const ORDERED_WAIT_DURING_OUTAGE: Duration = Duration::from_secs(2);
+/// Format v2, relaxed order: how long a write waits for the flusher to free a
+/// slot for a new version before it goes in place.
+const RELAXED_WAIT_FOR_VERSION: Duration = Duration::from_millis(200);
 
 impl Engine {
     pub(super) async fn backend_write(&self, offset: u64, src: BufSlice) -> EngineResult<()> {
@@ -165,27 +169,41 @@ impl Engine {
         Ok(was_cached)
     }
 
-    /// Drop sectors `s0..s1` of `tag` from the cache. The caller holds the line lock.
+    /// Drop sectors `s0..s1` of `tag` from the cache (every version). The caller
+    /// holds the line lock.
     pub(super) fn invalidate_locked(&self, c: &Cache, tag: u64, s0: u32, s1: u32) {
         let st = &c.st;
         let mut sh = st.map.shard(tag).write();
-        if let Some(slot) = sh.head(&st.slots, tag) {
+        let rng = bits::range(s0, s1);
+        for slot in st.chain(&sh, tag) {
             let r = st.slots.get(slot);
-            let rng = bits::range(s0, s1);
             let valid = bits::and_not(&r.valid, &rng);
-            if valid != r.valid {
-                let new = Rec {
-                    valid,
-                    dirty: bits::and_not(&r.dirty, &rng),
-                    ..r
-                };
-                st.set_rec(&mut sh, slot, new, true);
+            if valid == r.valid {
+                continue;
             }
+            let is_head = sh.head(&st.slots, tag) == Some(slot);
+            if bits::is_empty(&valid) && !is_head {
+                st.remove_version(&mut sh, slot);
+                continue;
+            }
+            let new = Rec {
+                valid,
+                dirty: bits::and_not(&r.dirty, &rng),
+                ..r
+            };
+            st.set_rec(&mut sh, slot, new, true);
         }
     }
 
     /// Write-back: the data goes to the cache, marked dirty in the current epoch.
     /// Returns whether the line was cached already.
+    ///
+    /// Format v2 keeps a version per epoch: a write into a line whose newest
+    /// version belongs to a closed epoch (not yet durably written back) goes to
+    /// a new version in another slot (copy-on-write), so the older epoch's data
+    /// stays frozen until it is on the backend, and the write never waits for
+    /// the write-back while a slot is free. Format v1 has one slot per line: an
+    /// ordered overwrite of an older epoch's data waits for its write-back.
     async fn write_line_dirty(
         &self,
         c: &Cache,
@@ -197,14 +215,26 @@ impl Engine {
         let ls = c.layout.line_size as u64;
         let b = a + data.len() as u64;
         let (s0, s1) = sectors(a, b);
+        let v2 = st.version == FormatVersion::V2;
         let started = Instant::now();
         loop {
             let guard = st.map.lock(tag).await;
             enum Next {
-                Go(u32, bool, bool),
+                /// Write into `slot`; `fresh`: mapped for this write; `reset`: a
+                /// clean version that becomes the open epoch's.
+                Go {
+                    slot: u32,
+                    fresh: bool,
+                    reset: bool,
+                },
+                /// v1: make the line's clean state durable first.
+                PersistFirst,
                 WaitFlusher,
                 Persist,
                 Space,
+                /// v2: no slot for a new version and none will come: give up
+                /// ordering (durably) and write in place.
+                GiveUpOrdering,
             }
             // The epoch is taken under the shard lock, together with the decision
             // it governs: a FLUSH between the two would let this write go in
@@ -213,6 +243,64 @@ impl Engine {
                 let mut sh = st.map.shard(tag).write();
                 let epoch = st.epochs.lock().begin_apply();
                 let next = match sh.head(&st.slots, tag) {
+                    None => match st.map_free_slot(&mut sh, tag) {
+                        Allocation::Slot(s) => Next::Go {
+                            slot: s,
+                            fresh: true,
+                            reset: false,
+                        },
+                        Allocation::Releasing => Next::Persist,
+                        Allocation::NoFree => Next::Space,
+                    },
+                    Some(s) if v2 => {
+                        let r = st.slots.get(s);
+                        let broken = st.order_broken_since.load(Ordering::Acquire) != 0;
+                        if r.epoch == epoch {
+                            Next::Go {
+                                slot: s,
+                                fresh: false,
+                                reset: false,
+                            }
+                        } else if r.next == NO_SLOT
+                            && !r.is_dirty()
+                            && r.epoch <= st.flushed_durable.load(Ordering::Acquire)
+                        {
+                            // Clean, and durably so: its old data is on the backend.
+                            Next::Go {
+                                slot: s,
+                                fresh: false,
+                                reset: true,
+                            }
+                        } else if broken {
+                            // Ordering is given up already: in place, as in v1.
+                            Next::Go {
+                                slot: s,
+                                fresh: false,
+                                reset: false,
+                            }
+                        } else if st.chain(&sh, tag).len() >= MAX_CHAIN {
+                            // The line has as many versions as it may; during an
+                            // outage no write-back will shorten the chain.
+                            if self.cannot_wait_for_space(started) {
+                                Next::GiveUpOrdering
+                            } else {
+                                Next::WaitFlusher
+                            }
+                        } else {
+                            match st.map_version(&mut sh, tag, s) {
+                                Allocation::Slot(n) => Next::Go {
+                                    slot: n,
+                                    fresh: true,
+                                    reset: false,
+                                },
+                                Allocation::Releasing => Next::Persist,
+                                Allocation::NoFree if self.cannot_wait_for_space(started) => {
+                                    Next::GiveUpOrdering
+                                }
+                                Allocation::NoFree => Next::Space,
+                            }
+                        }
+                    }
                     Some(s) => {
                         let r = st.slots.get(s);
                         // Offline mode writes back only at stop, so nothing would come
@@ -226,38 +314,38 @@ impl Engine {
                             && !self.give_up_ordering(started)
                         {
                             Next::WaitFlusher
-                        } else {
+                        } else if self.order.overwrite_waits_for_older_epoch() && st.cleaned.test(s)
+                        {
                             // In place over a line the flusher cleaned since the last
                             // persist: its durable entry may still call the line dirty
                             // in an older epoch, and after a power cut recovery would
                             // write this newer data back as that epoch. Make the clean
                             // state durable first.
-                            let stale =
-                                self.order.overwrite_waits_for_older_epoch() && st.cleaned.test(s);
-                            Next::Go(s, false, stale)
+                            Next::PersistFirst
+                        } else {
+                            Next::Go {
+                                slot: s,
+                                fresh: false,
+                                reset: false,
+                            }
                         }
                     }
-                    None => match st.map_free_slot(&mut sh, tag) {
-                        Allocation::Slot(s) => Next::Go(s, true, false),
-                        Allocation::Releasing => Next::Persist,
-                        Allocation::NoFree => Next::Space,
-                    },
                 };
-                if !matches!(next, Next::Go(_, _, false)) {
+                if !matches!(next, Next::Go { .. }) {
                     st.epochs.lock().end_apply(epoch);
                 }
                 (epoch, next)
             };
-            let (slot, fresh) = match next {
-                Next::Go(s, fresh, false) => (s, fresh),
-                Next::Go(_, _, true) | Next::Persist => {
+            let (slot, fresh, reset) = match next {
+                Next::Go { slot, fresh, reset } => (slot, fresh, reset),
+                Next::PersistFirst | Next::Persist => {
                     drop(guard);
                     self.persist().await?;
                     continue;
                 }
                 Next::WaitFlusher => {
-                    // The older epoch's data must reach the backend before this
-                    // overwrite replaces it in place. Let the flusher have the line.
+                    // The older epoch's data must reach the backend first (v1), or the
+                    // line has as many versions as it may (v2). Let the flusher work.
                     drop(guard);
                     c.ev.flusher.notify(usize::MAX);
                     wait_for(&c.ev.progress, Duration::from_millis(50), || false).await;
@@ -265,32 +353,51 @@ impl Engine {
                 }
                 Next::Space => {
                     drop(guard);
-                    // Holding no line lock, waiting for space cannot block the flusher.
-                    self.make_space(true).await?;
+                    // Holding no line lock, waiting for space cannot block the
+                    // flusher. The wait is short so that the decision above is
+                    // taken again (an outage may end it with GiveUpOrdering).
+                    if !self.make_space(false).await? {
+                        c.ev.flusher.notify(usize::MAX);
+                        wait_for(&c.ev.space, Duration::from_millis(100), || {
+                            !st.alloc.lock().free.is_empty()
+                        })
+                        .await;
+                    }
+                    continue;
+                }
+                Next::GiveUpOrdering => {
+                    drop(guard);
+                    self.give_up_ordering_durably().await?;
                     continue;
                 }
             };
-            let valid = st.slots.valid(slot);
+            // Partly covered sectors are completed from the newest version that
+            // holds them, else from the backend.
+            let edges = {
+                let sh = st.map.shard(tag).read();
+                st.resolve(&sh, tag, s0, s1)
+            };
             let res = self
-                .fill_and_write(c, tag * ls, slot, a, &data, &valid)
+                .fill_and_write(c, tag * ls, slot, a, &data, &edges)
                 .await;
             let mut sh = st.map.shard(tag).write();
             st.epochs.lock().end_apply(epoch);
             match res {
-                Ok(()) => {
+                Ok(crcs) => {
                     let r = st.slots.get(slot);
                     let rng = bits::range(s0, s1);
+                    let dirty = if reset { rng } else { bits::or(&r.dirty, &rng) };
                     let new = Rec {
                         valid: bits::or(&r.valid, &rng),
-                        dirty: bits::or(&r.dirty, &rng),
+                        dirty,
                         epoch,
                         ..r
                     };
-                    st.set_rec(&mut sh, slot, new, true);
+                    st.set_rec_written(&mut sh, slot, new, &crcs);
                     drop(sh);
                     drop(guard);
                     c.ev.flusher.notify(1);
-                    return Ok(!fresh);
+                    return Ok(!fresh || st.slots.next(slot) != NO_SLOT);
                 }
                 Err(e) => {
                     if fresh && bits::is_empty(&st.slots.valid(slot)) {
@@ -300,6 +407,63 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Format v2: whether a write that needs a slot for a new version must
+    /// not wait for one: in offline mode nothing writes back while serving,
+    /// relaxed order has no order to keep, and while write-back fails (an
+    /// outage) a guest write must not hang behind it.
+    fn cannot_wait_for_space(&self, started: Instant) -> bool {
+        if !self.mode().writes_back_continuously() {
+            return true;
+        }
+        // Relaxed order keeps no order worth a long wait (v1 writes such data
+        // in place at once): a short one lets a working flusher free a slot.
+        if !self.order.overwrite_waits_for_older_epoch() {
+            return started.elapsed() >= RELAXED_WAIT_FOR_VERSION;
+        }
+        let stalled = self.since_writeback_progress() >= ORDERED_WAIT_DURING_OUTAGE;
+        let failing = self.writeback_failing.load(Ordering::Acquire);
+        started.elapsed() >= ORDERED_WAIT_DURING_OUTAGE && (failing || stalled)
+    }
+
+    /// Format v2: from now on writes may go in place over older epochs' data,
+    /// so the backend alone is not a flush-point state until a full drain. That
+    /// is recorded durably (the round also makes its data durable first, as
+    /// every round does while ordering is given up) before the first such write.
+    async fn give_up_ordering_durably(&self) -> EngineResult<()> {
+        let Some(c) = self.cache.as_ref() else {
+            return Ok(());
+        };
+        let cur = c.st.epochs.lock().cur;
+        if c.st
+            .order_broken_since
+            .compare_exchange(0, cur, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            if !self.order.overwrite_waits_for_older_epoch()
+                && self.mode().writes_back_continuously()
+            {
+                // Relaxed order never promised a crash-consistent backend.
+                tracing::info!(
+                    "relaxed write-back: no cache space for a new version of a line, so overwrites go in \
+                     place (each metadata round flushes the data first) until write-back catches up"
+                );
+            } else {
+                Stats::add(&self.stats.ordered_overwrites_in_place, 1);
+                warn!(
+                    "no cache space is left for a new version of data the backend does not have yet ({}): writes \
+                     now go in place over older epochs' data, so until a full write-back completes the backend \
+                     alone is not crash-consistent (the cache holds every acknowledged write)",
+                    if self.mode().writes_back_continuously() {
+                        "write-back is failing"
+                    } else {
+                        "offline mode writes back only at stop"
+                    }
+                );
+            }
+        }
+        self.persist().await
     }
 
     /// Whether an ordered overwrite that has waited since `started` should go in
@@ -329,7 +493,9 @@ impl Engine {
     }
 
     /// Write `data` at byte `a` of a line's slot, completing partly covered 4 KiB
-    /// sectors from the cache (if valid) or the backend.
+    /// sectors from where `edges` (the line's resolved sectors) says they are:
+    /// the cache, or the backend. Returns the crc32c of every whole sector
+    /// written (format v2 logs them).
     async fn fill_and_write(
         &self,
         c: &Cache,
@@ -337,42 +503,60 @@ impl Engine {
         slot: u32,
         a: u64,
         data: &BufSlice,
-        valid: &crate::format::entry::SectorBits,
-    ) -> EngineResult<()> {
+        edges: &[(u32, u32, Option<u32>)],
+    ) -> EngineResult<Vec<(u16, u32)>> {
         let b = a + data.len() as u64;
+        let want_crcs = c.st.version == FormatVersion::V2;
+        let crcs_of = |bytes: &[u8], first: u64| -> Vec<(u16, u32)> {
+            if !want_crcs {
+                return Vec::new();
+            }
+            bytes
+                .chunks(SECTOR as usize)
+                .enumerate()
+                .map(|(i, ch)| ((first / SECTOR) as u16 + i as u16, crc32c::crc32c(ch)))
+                .collect()
+        };
         if a.is_multiple_of(SECTOR) && b.is_multiple_of(SECTOR) {
-            return c
-                .store
+            // SAFETY: this request owns `data` while it runs; nothing writes it.
+            let crcs = crcs_of(unsafe { data.request_bytes() }, a);
+            c.store
                 .write_async(slot, a, data.clone(), WriteMode::Normal)
-                .await;
+                .await?;
+            return Ok(crcs);
         }
         let (s0, s1) = sectors(a, b);
         let start = s0 as u64 * SECTOR;
         let mut buf = DmaBuf::new(((s1 - s0) as u64 * SECTOR) as usize);
-        let mut edges = vec![s0];
+        let mut edge = vec![s0];
         if s1 - 1 != s0 {
-            edges.push(s1 - 1);
+            edge.push(s1 - 1);
         }
-        for s in edges {
+        for s in edge {
             let off = s as u64 * SECTOR;
             if a <= off && off + SECTOR <= b {
                 continue;
             }
             let part = buf.slice((off - start) as usize, SECTOR as usize);
-            if bits::test(valid, s) {
-                c.store.read_async(slot, off, part).await?;
-            } else {
-                self.backend_read(line_base + off, part).await?;
+            let src = edges
+                .iter()
+                .find(|(x, y, _)| (*x..*y).contains(&s))
+                .and_then(|e| e.2);
+            match src {
+                Some(from) => c.store.read_async(from, off, part).await?,
+                None => self.backend_read(line_base + off, part).await?,
             }
         }
-        {
+        let crcs = {
             let bytes = buf.bytes_mut().expect("edge reads finished");
             // SAFETY: this request owns `data` while it runs; nothing writes it.
             let src = unsafe { data.request_bytes() };
             bytes[(a - start) as usize..(b - start) as usize].copy_from_slice(src);
-        }
+            crcs_of(bytes, start)
+        };
         c.store
             .write_async(slot, start, buf.slice_all(), WriteMode::Normal)
-            .await
+            .await?;
+        Ok(crcs)
     }
 }

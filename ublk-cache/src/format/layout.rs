@@ -11,13 +11,30 @@ pub const MAX_LINE: u32 = 1024 * 1024;
 /// being written back.
 pub const MIN_LINES: u64 = 16;
 
+/// Which on-disk format a cache uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FormatVersion {
+    /// One table of line entries, rewritten in place at every persist (two
+    /// device flushes each); one entry per line.
+    V1,
+    /// Two table copies written alternately at checkpoints, and a metadata log
+    /// between them: a persist appends one record and costs one device flush.
+    /// Several entries may name one line (copy-on-write versions).
+    V2,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
     pub line_size: u32,
     pub nr_lines: u64,
     pub entry_size: u32,
     pub meta_offset: u64,
+    /// Bytes of one table of entries.
     pub meta_len: u64,
+    /// Table copies: 1 (v1) or 2 (v2).
+    pub tables: u32,
+    /// Bytes of the metadata log (v2), after the tables; 0 in v1.
+    pub log_len: u64,
     pub data_offset: u64,
 }
 
@@ -47,15 +64,28 @@ impl Layout {
         (24 + 2 * bitmap).next_power_of_two().max(32)
     }
 
-    /// The largest layout that fits `cache_bytes`.
+    /// The largest format-v1 layout that fits `cache_bytes`.
     pub fn for_cache(line_size: u32, cache_bytes: u64) -> Result<Self, FormatError> {
+        Self::for_cache_as(FormatVersion::V1, line_size, cache_bytes)
+    }
+
+    /// The largest layout of `version` that fits `cache_bytes`.
+    pub fn for_cache_as(
+        version: FormatVersion,
+        line_size: u32,
+        cache_bytes: u64,
+    ) -> Result<Self, FormatError> {
         Self::check_line_size(line_size)?;
         let entry_size = Self::entry_size_for(line_size);
         let per_line = line_size as u64;
+        let (tables, log_len) = match version {
+            FormatVersion::V1 => (1, 0),
+            FormatVersion::V2 => (2, Self::log_len_for(cache_bytes)),
+        };
         // Start from the upper bound and shrink until the metadata fits beside it.
-        let mut n = cache_bytes.saturating_sub(META_OFFSET) / per_line;
+        let mut n = cache_bytes.saturating_sub(META_OFFSET + log_len) / per_line;
         loop {
-            let l = Self::with_lines(line_size, entry_size, n);
+            let l = Self::with_lines(line_size, entry_size, n, tables, log_len);
             if l.data_offset + n * per_line <= cache_bytes || n == 0 {
                 break;
             }
@@ -75,21 +105,59 @@ impl Layout {
                 problem: format!("{n} lines is more than this format addresses"),
             });
         }
-        Ok(Self::with_lines(line_size, entry_size, n))
+        Ok(Self::with_lines(line_size, entry_size, n, tables, log_len))
     }
 
-    fn with_lines(line_size: u32, entry_size: u32, nr_lines: u64) -> Self {
+    /// The metadata log of a v2 cache: 1/32 of the cache, 256 KiB to 64 MiB. It holds
+    /// the records since the last checkpoint; a checkpoint is written when half
+    /// of it is in use, so a larger log means rarer checkpoints.
+    fn log_len_for(cache_bytes: u64) -> u64 {
+        (cache_bytes / 32).clamp(256 << 10, 64 << 20) / META_BLOCK as u64 * META_BLOCK as u64
+    }
+
+    fn with_lines(
+        line_size: u32,
+        entry_size: u32,
+        nr_lines: u64,
+        tables: u32,
+        log_len: u64,
+    ) -> Self {
         let per_block = (META_BLOCK / entry_size) as u64;
         let meta_len = nr_lines.div_ceil(per_block) * META_BLOCK as u64;
-        let data_offset = (META_OFFSET + meta_len).div_ceil(DATA_ALIGN) * DATA_ALIGN;
+        let meta_end = META_OFFSET + tables as u64 * meta_len + log_len;
+        let data_offset = meta_end.div_ceil(DATA_ALIGN) * DATA_ALIGN;
         Self {
             line_size,
             nr_lines,
             entry_size,
             meta_offset: META_OFFSET,
             meta_len,
+            tables,
+            log_len,
             data_offset,
         }
+    }
+
+    pub fn version(&self) -> FormatVersion {
+        if self.tables == 2 {
+            FormatVersion::V2
+        } else {
+            FormatVersion::V1
+        }
+    }
+
+    /// Offset of metadata block `block` of table copy `table`.
+    pub fn table_block_offset(&self, table: u32, block: u32) -> u64 {
+        self.meta_offset + table as u64 * self.meta_len + block as u64 * META_BLOCK as u64
+    }
+
+    /// Where the metadata log starts, and its length in 4 KiB blocks.
+    pub fn log_offset(&self) -> u64 {
+        self.meta_offset + self.tables as u64 * self.meta_len
+    }
+
+    pub fn log_blocks(&self) -> u32 {
+        (self.log_len / META_BLOCK as u64) as u32
     }
 
     pub fn entries_per_block(&self) -> u32 {
@@ -149,8 +217,14 @@ mod tests {
             assert!(l.used_bytes() <= size);
             assert!(l.data_offset >= l.meta_offset + l.meta_len);
             assert!(l.meta_blocks() * l.entries_per_block() as u64 >= l.nr_lines);
-            let bigger = Layout::with_lines(ls, l.entry_size, l.nr_lines + 1);
+            let bigger = Layout::with_lines(ls, l.entry_size, l.nr_lines + 1, 1, 0);
             assert!(bigger.used_bytes() > size, "not maximal for {ls}/{size}");
+            let v2 = Layout::for_cache_as(FormatVersion::V2, ls, size).unwrap();
+            assert!(v2.used_bytes() <= size);
+            assert!(v2.log_offset() >= v2.meta_offset + 2 * v2.meta_len);
+            assert!(v2.data_offset >= v2.log_offset() + v2.log_len);
+            assert!(v2.log_blocks() >= 64);
+            assert_eq!(v2.version(), FormatVersion::V2);
         }
     }
 

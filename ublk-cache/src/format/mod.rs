@@ -11,10 +11,11 @@
 mod codec;
 pub mod entry;
 pub mod layout;
+pub mod log;
 pub mod superblock;
 
 pub use entry::{EntryCodec, LineEntry};
-pub use layout::Layout;
+pub use layout::{FormatVersion, Layout};
 pub use superblock::{BackendRecord, SbState, Superblock};
 
 /// Why on-disk bytes were refused.

@@ -3,16 +3,19 @@
 //! and a checksum, so a torn superblock write always leaves one good copy.
 
 use super::codec::{Decoder, Encoder};
-use super::layout::Layout;
+use super::layout::{FormatVersion, Layout};
 use super::{FormatError, SECTOR_SIZE};
 
 pub const MAGIC: &[u8; 8] = b"UBLKCACH";
-pub const VERSION: u32 = 1;
+/// The newest format this build writes; it reads every version up to it.
+pub const VERSION: u32 = 2;
 pub const SB_BYTES: usize = 4096;
-/// Incompatible features this build understands (none yet). A later format that
-/// keeps several versions of a line (copy-on-write for ordered write-back) sets a
-/// bit here, and this build then refuses it instead of misreading it.
-pub const KNOWN_INCOMPAT: u32 = 0;
+/// Format v2: several entries per line (copy-on-write versions), a metadata log
+/// and two checkpoint tables. Set in every v2 superblock, so that a v1-only
+/// build refuses the cache (by version and by this bit) instead of misreading it.
+pub const INCOMPAT_VERSIONED_LOG: u32 = 1;
+/// Incompatible features this build understands.
+pub const KNOWN_INCOMPAT: u32 = INCOMPAT_VERSIONED_LOG;
 
 const KIND_CAP: usize = 16;
 const NAME_CAP: usize = 1024;
@@ -20,6 +23,8 @@ const FP_CAP: usize = 256;
 const MARKER_CAP: usize = 256;
 /// Encoded length before the checksum; every field is fixed-size.
 const BODY_LEN: usize = 120 + KIND_CAP + NAME_CAP + 8 + FP_CAP + MARKER_CAP;
+/// Format v2 adds the log and checkpoint fields after the v1 body.
+const BODY_LEN_V2: usize = BODY_LEN + 48;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SbState {
@@ -78,14 +83,25 @@ pub struct Superblock {
     /// How many times the cache was attached (for logs and coherency markers).
     pub attach_gen: u64,
     pub backend: BackendRecord,
+    /// Format v2 only (zero in v1): which table copy holds the last checkpoint,
+    /// the sequence number of the last log record it includes, where the log
+    /// records after it begin (block index), the write-back watermark (every
+    /// version of an epoch up to it is on the backend), and since which epoch,
+    /// if any, the backend alone is not a flush-point state (0: it is).
+    pub active_table: u32,
+    pub ckpt_seq: u64,
+    pub log_start: u32,
+    pub flushed_epoch: u64,
+    pub order_broken_since: u64,
 }
 
 impl Superblock {
     pub fn encode(&self) -> Vec<u8> {
         let mut buf = vec![0u8; SB_BYTES];
         let mut e = Encoder::new(&mut buf);
+        let v2 = self.layout.version() == FormatVersion::V2;
         e.bytes(MAGIC);
-        e.u32(VERSION);
+        e.u32(if v2 { 2 } else { 1 });
         e.u32(self.incompat);
         e.u32(self.compat);
         e.u32(SECTOR_SIZE);
@@ -107,8 +123,18 @@ impl Superblock {
         e.u64(self.backend.size);
         e.fixed_str(&self.backend.fingerprint, FP_CAP);
         e.fixed_str(&self.backend.change_marker, MARKER_CAP);
+        if v2 {
+            e.u32(self.active_table);
+            e.u32(0);
+            e.u64(self.layout.log_len);
+            e.u64(self.ckpt_seq);
+            e.u32(self.log_start);
+            e.u32(0);
+            e.u64(self.flushed_epoch);
+            e.u64(self.order_broken_since);
+        }
         let end = e.pos();
-        debug_assert_eq!(end, BODY_LEN);
+        debug_assert_eq!(end, if v2 { BODY_LEN_V2 } else { BODY_LEN });
         let crc = crc32c::crc32c(&buf[..end]);
         buf[end..end + 4].copy_from_slice(&crc.to_le_bytes());
         buf
@@ -143,8 +169,20 @@ impl Superblock {
         let bsize = d.u64()?;
         let fingerprint = d.fixed_str(FP_CAP, "backend fingerprint")?;
         let change_marker = d.fixed_str(MARKER_CAP, "backend change marker")?;
+        let v2 = version == 2;
+        let (mut active_table, mut log_len, mut ckpt_seq, mut log_start) = (0, 0, 0, 0);
+        let (mut flushed_epoch, mut order_broken_since) = (0, 0);
+        if v2 {
+            active_table = d.u32()?;
+            d.u32()?;
+            log_len = d.u64()?;
+            ckpt_seq = d.u64()?;
+            log_start = d.u32()?;
+            d.u32()?;
+            flushed_epoch = d.u64()?;
+            order_broken_since = d.u64()?;
+        }
         let end = d.pos();
-        debug_assert_eq!(end, BODY_LEN);
         let stored = d.u32()?;
         if crc32c::crc32c(&buf[..end]) != stored {
             return Err(FormatError::Checksum {
@@ -153,7 +191,7 @@ impl Superblock {
         }
         // Checksum first, then meaning: a version we do not know is reported as
         // such only when the bytes are intact.
-        if version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return Err(FormatError::Version {
                 found: version,
                 supported: VERSION,
@@ -161,6 +199,18 @@ impl Superblock {
         }
         if incompat & !KNOWN_INCOMPAT != 0 {
             return Err(FormatError::Features(incompat & !KNOWN_INCOMPAT));
+        }
+        if v2 != (incompat & INCOMPAT_VERSIONED_LOG != 0) {
+            return Err(FormatError::Field {
+                field: "incompatible features",
+                problem: format!("{incompat:#x} does not match format version {version}"),
+            });
+        }
+        if active_table > 1 {
+            return Err(FormatError::Field {
+                field: "active table",
+                problem: format!("{active_table}, expected 0 or 1"),
+            });
         }
         if sector != SECTOR_SIZE {
             return Err(FormatError::Field {
@@ -174,9 +224,20 @@ impl Superblock {
             entry_size,
             meta_offset,
             meta_len,
+            tables: if v2 { 2 } else { 1 },
+            log_len,
             data_offset,
         };
         Self::check_layout(&layout, cache_bytes)?;
+        if v2 && log_start >= layout.log_blocks() {
+            return Err(FormatError::Field {
+                field: "log start",
+                problem: format!(
+                    "block {log_start} past the log's {} blocks",
+                    layout.log_blocks()
+                ),
+            });
+        }
         Ok(Self {
             seq,
             uuid,
@@ -195,6 +256,11 @@ impl Superblock {
                 fingerprint,
                 change_marker,
             },
+            active_table,
+            ckpt_seq,
+            log_start,
+            flushed_epoch,
+            order_broken_since,
         })
     }
 
@@ -202,7 +268,7 @@ impl Superblock {
     /// in whoever wrote it); recompute it rather than trust it.
     fn check_layout(l: &Layout, cache_bytes: u64) -> Result<(), FormatError> {
         Layout::check_line_size(l.line_size)?;
-        let expect = Layout::for_cache(l.line_size, cache_bytes)?;
+        let expect = Layout::for_cache_as(l.version(), l.line_size, cache_bytes)?;
         if expect != *l {
             return Err(FormatError::Field {
                 field: "layout",
@@ -253,7 +319,39 @@ mod tests {
                 fingerprint: "dev=2049,ino=12".into(),
                 change_marker: "mtime:123".into(),
             },
+            active_table: 0,
+            ckpt_seq: 0,
+            log_start: 0,
+            flushed_epoch: 0,
+            order_broken_since: 0,
         }
+    }
+
+    fn sample_v2() -> Superblock {
+        Superblock {
+            incompat: INCOMPAT_VERSIONED_LOG,
+            layout: Layout::for_cache_as(FormatVersion::V2, 65536, 64 << 20).unwrap(),
+            active_table: 1,
+            ckpt_seq: 77,
+            log_start: 5,
+            flushed_epoch: 40,
+            order_broken_since: 12,
+            ..sample()
+        }
+    }
+
+    #[test]
+    fn v2_round_trips_and_v1_stays_readable() {
+        let sb = sample_v2();
+        assert_eq!(Superblock::decode(&sb.encode()).unwrap(), sb);
+        // A v2 superblock without its feature bit, or v1 with it, is refused.
+        let mut bad = sb.clone();
+        bad.incompat = 0;
+        assert!(Superblock::decode(&bad.encode()).is_err());
+        let mut bad = sample();
+        bad.incompat = INCOMPAT_VERSIONED_LOG;
+        assert!(Superblock::decode(&bad.encode()).is_err());
+        assert_eq!(Superblock::decode(&sample().encode()).unwrap(), sample());
     }
 
     #[test]
@@ -294,11 +392,11 @@ mod tests {
     #[test]
     fn newer_version_and_features_are_named() {
         let mut b = sample().encode();
-        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        b[8..12].copy_from_slice(&3u32.to_le_bytes());
         fix_crc(&mut b);
         assert!(matches!(
             Superblock::decode(&b),
-            Err(FormatError::Version { found: 2, .. })
+            Err(FormatError::Version { found: 3, .. })
         ));
         let mut sb = sample();
         sb.incompat = 0x10;

@@ -120,6 +120,7 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
         discard_dirty: args.discard_dirty,
         accept_backend_change: args.accept_backend_change,
         cold_start: args.migrate_in,
+        ..EngineConfig::default()
     };
     let engine = Engine::open(backend, cache, cfg).context("attaching the cache")?;
     if plan.wait {
