@@ -415,6 +415,7 @@ fn demo(dir: Option<&Path>, size: u64, cache_size: u64, run_dir: &Path) -> Resul
             ceph_conf: None,
             ceph_id: "admin".into(),
             ceph_keyring: None,
+            ceph_keyfile: None,
             backend_timeout: None,
         },
         cache: Some(cache),
@@ -436,6 +437,7 @@ fn demo(dir: Option<&Path>, size: u64, cache_size: u64, run_dir: &Path) -> Resul
         preload_wait: false,
         metrics: None,
         migrate_in: false,
+        read_only: false,
     };
     server::serve(&args, run_dir)
 }
