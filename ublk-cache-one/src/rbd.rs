@@ -115,9 +115,29 @@ impl Rbd {
     }
 
     /// ceph_utils.sh `rbd_make_snap`: a protected `@snap` on a format-2 image.
+    /// Clones of one image may be made at once (parallel deploys, on one host
+    /// or several): losing the race to create or protect it is fine.
     pub fn make_base_snap(&self, src: &RbdName, info: &Info) -> Result<()> {
-        if info.format == 2 && !self.has_snap(src, BASE_SNAP)? {
-            self.snap_create(src, BASE_SNAP, true)?;
+        if info.format != 2 {
+            return Ok(());
+        }
+        let full = src.with_snap(BASE_SNAP);
+        let find = || -> Result<Option<Snap>> {
+            Ok(self.snaps(src)?.into_iter().find(|s| s.name == BASE_SNAP))
+        };
+        if find()?.is_none() {
+            if let Err(e) = self.run(&["snap", "create", "--no-progress", &full]) {
+                if find()?.is_none() {
+                    return Err(e);
+                }
+            }
+        }
+        if find()?.is_some_and(|s| s.protected != "true") {
+            if let Err(e) = self.run(&["snap", "protect", &full]) {
+                if !find()?.is_some_and(|s| s.protected == "true") {
+                    return Err(e);
+                }
+            }
         }
         Ok(())
     }

@@ -38,17 +38,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Parse the command line; for `serve`/`recover --config FILE`, parse again with
-/// the file's options added (those not given on the command line).
+/// Parse the command line; for `serve`/`recover --config FILE`, with the file's
+/// options added (those not given on the command line) before parsing, so
+/// that required options (`--backend`) may come from the file alone.
 fn parse_cli() -> Result<Cli> {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let cli = Cli::parse_from(&argv);
-    let config = match &cli.command {
-        Command::Serve(a) | Command::Recover { serve: a, .. } => a.config.clone(),
-        _ => None,
-    };
-    let Some(path) = config else {
-        return Ok(cli);
+    let Some(path) = config::config_path(&argv) else {
+        return Ok(Cli::parse_from(&argv));
     };
     let mut full = argv.clone();
     full.extend(config::config_args(&path, &argv)?);

@@ -256,3 +256,27 @@ mod rbd {
         srv.stop();
     }
 }
+
+/// `serve --config FILE` alone, as the systemd unit runs it: the file gives
+/// even the options clap requires (`backend`).
+#[test]
+fn a_config_file_alone_is_enough() {
+    let d = tempfile::tempdir().unwrap();
+    let disk = Disk::new(d.path(), 4 * MIB);
+    let conf = d.path().join("disk.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "backend = \"file:{}\"\nmode = \"none\"\nexport = [\"nbd:unix:{}\"]\nrun-dir = \"{}\"\n",
+            disk.backend.display(),
+            disk.sock.display(),
+            disk.run_dir.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = serve::bin();
+    cmd.arg("serve").arg("--config").arg(&conf);
+    let srv = start(cmd, 1, d.path().join("serve.log"));
+    assert_eq!(srv.uris[0], disk.uri());
+    srv.stop();
+}
