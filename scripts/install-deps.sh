@@ -15,7 +15,9 @@ have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok
 # feature links them); the Ceph daemons for the RBD tests come with
 # scripts/ceph-cluster.sh. nbdkit (its file plugin), python3: the benchmark
 # runner benches/run.py, which compares our NBD export with qemu-nbd and nbdkit.
-for p in libclang-dev pkg-config gcc fio e2fsprogs qemu-utils libnbd-bin librbd-dev librados-dev nbdkit python3; do
+# shellcheck: the OpenNebula driver's scripts are checked in the harness
+# (contrib/opennebula/test/run.sh).
+for p in libclang-dev pkg-config gcc fio e2fsprogs qemu-utils libnbd-bin librbd-dev librados-dev nbdkit python3 shellcheck; do
     have_pkg "$p" || need_apt+=("$p")
 done
 if ((${#need_apt[@]})); then
