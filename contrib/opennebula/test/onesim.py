@@ -1008,6 +1008,61 @@ def delegation_to_the_other_tms_of_the_vm():
 
 
 @scenario
+def systemd_units_come_back_after_a_reboot():
+    """LAUNCHER=systemd: the real ublk-cache@.service (Type=notify), run by a
+    systemctl test double. The unit is enabled, so after a crash and reboot
+    of the host (servers killed, tmpfs lost) it serves the disk again."""
+    sd = f"{T}/host/systemd"
+    unit_env = (
+        f"env UBLKC_SYSTEMD_DIR={sd} UBLKC_UNIT_FILE={CONTRIB.parent}/systemd/ublk-cache@.service "
+        f"UBLKC_UNIT_CONF_DIR={T}/host/etc/ublk-cache UBLKC_UNIT_UBLK_CACHE={SHIM}/ublk-cache"
+    )
+    set_conf("host3", LAUNCHER="systemd", SYSTEMCTL=f"{unit_env} {SHIM}/systemctl",
+             JOURNALCTL=f"env UBLKC_SYSTEMD_DIR={sd} {SHIM}/journalctl")
+    try:
+        e = BASE + 5
+        model = make_image(e, 5)
+        vm = VM(70, [Disk(0, e, True)])
+        vm.history = ["host3"]
+        must(transfer(vm, "prolog", prolog_lines(vm, "host3")), "prolog")
+        unit = "ublk-cache@one-70-0.service"
+        host3 = T / "hosts" / "host3" / "root"
+        check((host3 / "systemd" / "enabled" / unit).exists(), f"{unit} is enabled")
+        check((host3 / "systemd" / f"{unit}.ready").exists(), "the start returned after READY=1")
+        check(record("host3", vm, 0)["launcher"] == "systemd", "the record says systemd")
+        write(model, "host3", vm, 0, 5, 3, 0x5A)
+        # The host crashes: the service and its supervisor die, tmpfs is lost.
+        pid = int((host3 / "systemd" / f"{unit}.pid").read_text())
+        ppid = int(Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[1])
+        for p_ in (ppid, pid):
+            os.kill(p_, 9)
+        time.sleep(0.5)
+        for d in ("run", "shm"):
+            for f in (host3 / d).iterdir():
+                f.unlink()
+        t0 = time.time()
+        on("host3", f"{unit_env} {SHIM}/systemctl ublkc-test-boot")
+        log(f"   (the unit came back after the reboot in {time.time() - t0:.1f} s, the dead server's lock taken over)")
+        verify(model, "host3", vm, 0)
+        # A server that cannot start: the error carries its journal; nothing is left.
+        bad = VM(71, [Disk(0, e, True, CEPH_KEY="/nonexistent/client.key")])
+        bad.history = ["host3"]
+        r = transfer(bad, "prolog", prolog_lines(bad, "host3"))
+        expect_error(r, "ublk-cache@one-71-0.service", "ceph key file /nonexistent/client.key does not exist")
+        nothing_left("host3", bad, 0)
+        check(not (host3 / "systemd" / "enabled" / "ublk-cache@one-71-0.service").exists(), "the failed unit is disabled")
+        vm.lcm = 11
+        must(transfer(vm, "epilog", epilog_lines(vm, "host3")), "epilog")
+        check(not (host3 / "systemd" / "enabled" / unit).exists(), f"{unit} is disabled at the end")
+        check((host3 / "systemd" / f"{unit}.result").read_text().strip() == "success", "the service stopped cleanly")
+        check(rbd_export(f"{POOL}/one-{e}") == bytes(model), "the image holds everything written")
+        nothing_left("host3", vm, 0)
+    finally:
+        f = T / "hosts" / "host3" / "root" / "etc" / "one.conf"
+        f.write_text(HOST_CONF.format(t=T, shim=SHIM))
+
+
+@scenario
 def the_probe():
     p = probe("host1")
     for k in ("LC_MAD", "LS_MAD", "LS_PATH", "LS_MAX", "LS_TOTAL_MB", "LS_USED_MB", "LS_FREE_MB"):

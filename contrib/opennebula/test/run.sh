@@ -20,11 +20,15 @@ REPO=$(cd "$HERE/../../.." && pwd)
 
 die() { echo "opennebula harness: $*" >&2; exit 1; }
 
+if [[ -z ${UBLKC_IN_NS:-} ]]; then
 echo "== shellcheck of the driver's scripts"
 command -v shellcheck >/dev/null || die "shellcheck is not installed (scripts/install-deps.sh installs it)"
-mapfile -t scripts < <(cd "$CONTRIB" && { find remotes -type f; echo install.sh; find test/shim -type f; echo test/run.sh; } | sort)
+# Every shell script (by its #! line or a `shellcheck shell=` directive).
+mapfile -t scripts < <(cd "$CONTRIB" && { find remotes test -type f; echo install.sh; } |
+    xargs grep -lE '^#!/bin/(ba)?sh|^# shellcheck shell=' | sort)
 (cd "$CONTRIB" && shellcheck -x -P SCRIPTDIR "${scripts[@]}")
 echo "shellcheck: ${#scripts[@]} scripts clean"
+fi
 
 if [[ -z ${UBLK_CACHE_CEPH_CONF:-} ]]; then
     [[ ${UBLK_CACHE_REQUIRE_CEPH:-0} == 1 ]] && die "UBLK_CACHE_REQUIRE_CEPH=1 but no Ceph test cluster (UBLK_CACHE_CEPH_CONF)"
