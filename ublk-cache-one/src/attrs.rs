@@ -5,20 +5,22 @@
 
 use crate::error::{Error, Result};
 
-/// CACHE_MODE, as ublk-cache's `--mode` spells them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CacheMode {
-    None,
-    Around,
-    Through,
-    Back,
-    Offline,
+pub use policies::{CacheMode, WritebackOrder};
+
+/// CACHE_MODE in OpenNebula's spelling, on ublk-cache's own mode type.
+pub trait OneMode: Sized {
+    /// NONE, AROUND, THRU (or THROUGH), BACK, OFFLINE; any case.
+    fn parse(v: &str) -> std::result::Result<Self, String>;
+    /// The word `ublk-cache serve --mode` takes.
+    fn ublk(self) -> &'static str;
+    /// The OpenNebula spelling.
+    fn one(self) -> &'static str;
+    /// Modes whose cache may hold writes the image does not have yet.
+    fn holds_dirty(self) -> bool;
 }
 
-impl CacheMode {
-    /// NONE, AROUND, THRU (or THROUGH), BACK, OFFLINE; any case.
-    pub fn parse(v: &str) -> std::result::Result<CacheMode, String> {
+impl OneMode for CacheMode {
+    fn parse(v: &str) -> std::result::Result<CacheMode, String> {
         Ok(match v.trim().to_ascii_uppercase().as_str() {
             "NONE" => CacheMode::None,
             "AROUND" => CacheMode::Around,
@@ -33,19 +35,11 @@ impl CacheMode {
         })
     }
 
-    /// The word `ublk-cache serve --mode` takes.
-    pub fn ublk(self) -> &'static str {
-        match self {
-            CacheMode::None => "none",
-            CacheMode::Around => "around",
-            CacheMode::Through => "through",
-            CacheMode::Back => "back",
-            CacheMode::Offline => "offline",
-        }
+    fn ublk(self) -> &'static str {
+        self.as_str()
     }
 
-    /// The OpenNebula spelling.
-    pub fn one(self) -> &'static str {
+    fn one(self) -> &'static str {
         match self {
             CacheMode::None => "NONE",
             CacheMode::Around => "AROUND",
@@ -55,26 +49,19 @@ impl CacheMode {
         }
     }
 
-    pub fn uses_cache(self) -> bool {
-        self != CacheMode::None
-    }
-
-    /// Modes whose cache may hold writes the image does not have yet.
-    pub fn holds_dirty(self) -> bool {
+    fn holds_dirty(self) -> bool {
         matches!(self, CacheMode::Back | CacheMode::Offline)
     }
 }
 
-/// CACHE_WRITEBACK_ORDER: ublk-cache's `--writeback-order`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum WritebackOrder {
-    Ordered,
-    Relaxed,
+/// CACHE_WRITEBACK_ORDER on ublk-cache's `--writeback-order` type.
+pub trait OneOrder: Sized {
+    fn parse(v: &str) -> std::result::Result<Self, String>;
+    fn ublk(self) -> String;
 }
 
-impl WritebackOrder {
-    pub fn parse(v: &str) -> std::result::Result<WritebackOrder, String> {
+impl OneOrder for WritebackOrder {
+    fn parse(v: &str) -> std::result::Result<WritebackOrder, String> {
         match v.trim().to_ascii_uppercase().as_str() {
             "ORDERED" => Ok(WritebackOrder::Ordered),
             "RELAXED" => Ok(WritebackOrder::Relaxed),
@@ -84,11 +71,22 @@ impl WritebackOrder {
         }
     }
 
-    pub fn ublk(self) -> &'static str {
-        match self {
-            WritebackOrder::Ordered => "ordered",
-            WritebackOrder::Relaxed => "relaxed",
-        }
+    fn ublk(self) -> String {
+        self.to_string()
+    }
+}
+
+/// A mode in a record, as ublk-cache spells it.
+pub mod mode_serde {
+    use super::CacheMode;
+
+    pub fn serialize<S: serde::Serializer>(m: &CacheMode, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(m.as_str())
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<CacheMode, D::Error> {
+        let v = <String as serde::Deserialize>::deserialize(d)?;
+        v.parse().map_err(serde::de::Error::custom)
     }
 }
 

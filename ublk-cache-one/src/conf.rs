@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::attrs::{CacheMode, WritebackOrder};
+use crate::attrs::{CacheMode, OneMode, OneOrder, WritebackOrder};
 use crate::cmd::Tool;
 use crate::error::{Error, Result};
 

@@ -11,7 +11,7 @@
 
 use std::path::PathBuf;
 
-use crate::attrs::{parse_mb, parse_rate, CacheMode, WritebackOrder};
+use crate::attrs::{parse_mb, parse_rate, CacheMode, OneMode, OneOrder, WritebackOrder};
 use crate::bundle::{Attrs, Bundle};
 use crate::conf::{HostConf, LsMad};
 use crate::error::{Error, Result};
@@ -28,21 +28,10 @@ pub struct Ceph {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
-    pub vm: u32,
-    pub disk: u32,
-    /// The image: `POOL/one-IMG`.
-    pub source: RbdName,
-    /// CLONE=YES: a non-persistent copy `POOL/one-IMG-VM-DISK` is served.
-    pub clone: bool,
-    /// What the server serves.
-    pub backend: RbdName,
+    /// Which RBD image, and how to reach Ceph.
+    pub image: BackendRef,
     pub size_mb: u64,
     pub original_size_mb: Option<u64>,
-    pub ceph: Ceph,
-    /// CEPH_TRASH: remove clones into the trash.
-    pub trash: bool,
-    /// EC_POOL_NAME of the system datastore (clones' data pool), as ceph does.
-    pub ec_pool: Option<String>,
     pub read_only: bool,
     pub mode: CacheMode,
     /// MB of local cache (0 for CACHE_MODE=NONE).
@@ -87,16 +76,7 @@ pub fn backend_of(
     disk_id: u32,
     system_ds: Option<u32>,
 ) -> Result<BackendRef> {
-    let vm = b.vm()?;
-    if vm.id != vm_id {
-        return Err(Error::Xml(format!(
-            "the XML describes VM {}, not VM {vm_id}",
-            vm.id
-        )));
-    }
-    let d = vm
-        .disk(disk_id)
-        .ok_or_else(|| Error::Xml(format!("VM {vm_id} has no DISK with DISK_ID={disk_id}")))?;
+    let d = disk_attrs(b, vm_id, disk_id)?;
     let attr = |msg: String| Error::Attribute(format!("DISK {disk_id}: {msg}"));
     let source = d.get("SOURCE").ok_or_else(|| {
         Error::Refused(format!(
@@ -156,6 +136,19 @@ pub fn backend_of(
     })
 }
 
+/// The DISK of VM `vm_id` with DISK_ID `disk_id` in the bundle.
+fn disk_attrs(b: &Bundle, vm_id: u32, disk_id: u32) -> Result<&Attrs> {
+    let vm = b.vm()?;
+    if vm.id != vm_id {
+        return Err(Error::Xml(format!(
+            "the XML describes VM {}, not VM {vm_id}",
+            vm.id
+        )));
+    }
+    vm.disk(disk_id)
+        .ok_or_else(|| Error::Xml(format!("VM {vm_id} has no DISK with DISK_ID={disk_id}")))
+}
+
 /// The layered attribute lookup.
 struct Layers<'a> {
     disk: &'a Attrs,
@@ -191,16 +184,7 @@ pub fn resolve(
     system_ds: Option<u32>,
     notes: &mut Vec<String>,
 ) -> Result<DiskSpec> {
-    let vm = b.vm()?;
-    if vm.id != vm_id {
-        return Err(Error::Xml(format!(
-            "the XML describes VM {}, not VM {vm_id}",
-            vm.id
-        )));
-    }
-    let d = vm
-        .disk(disk_id)
-        .ok_or_else(|| Error::Xml(format!("VM {vm_id} has no DISK with DISK_ID={disk_id}")))?;
+    let d = disk_attrs(b, vm_id, disk_id)?;
     let attr = |msg: String| Error::Attribute(format!("DISK {disk_id}: {msg}"));
     let ty = d.get("TYPE").unwrap_or("").to_ascii_uppercase();
     if d.get("SOURCE").is_none() {
@@ -226,16 +210,7 @@ pub fn resolve(
         )))
         }
     }
-    let r = backend_of(b, vm_id, disk_id, system_ds)?;
-    let BackendRef {
-        source,
-        clone,
-        backend,
-        ceph,
-        trash,
-        ec_pool,
-        ..
-    } = r;
+    let image = backend_of(b, vm_id, disk_id, system_ds)?;
     let size_mb: u64 = d
         .get("SIZE")
         .ok_or_else(|| attr("no SIZE".into()))?
@@ -382,16 +357,9 @@ pub fn resolve(
         None => conf.writeback_order,
     };
     Ok(DiskSpec {
-        vm: vm_id,
-        disk: disk_id,
-        source,
-        clone,
-        backend,
+        image,
         size_mb,
         original_size_mb,
-        ceph,
-        trash,
-        ec_pool,
         read_only,
         mode,
         cache_mb,
@@ -453,12 +421,12 @@ mod tests {
     fn clone_names_and_defaults() {
         let c = conf("DEFAULT_CACHE_MB=128");
         let (s, notes) = spec("<CLONE>YES</CLONE>", &c).unwrap();
-        assert_eq!(s.backend.to_string(), "one/one-5-7-0");
+        assert_eq!(s.image.backend.to_string(), "one/one-5-7-0");
         assert_eq!(s.mode, CacheMode::Through);
         assert_eq!(s.cache_mb, 128);
         assert!(notes.is_empty());
         let (s, _) = spec("<CLONE>NO</CLONE><CACHE_MODE>back</CACHE_MODE>", &c).unwrap();
-        assert_eq!(s.backend.to_string(), "one/one-5");
+        assert_eq!(s.image.backend.to_string(), "one/one-5");
         assert_eq!(s.mode, CacheMode::Back);
     }
 
@@ -466,32 +434,27 @@ mod tests {
     fn precedence_disk_image_ds_system_ds_host() {
         let c = conf("DEFAULT_MODE=AROUND");
         let mut n = Vec::new();
-        let b = bundle(
-            "<TYPE>BLOCK</TYPE>",
-            "<CACHE_MODE>BACK</CACHE_MODE>",
-            "<CACHE_MODE>NONE</CACHE_MODE>",
-        );
-        assert_eq!(
-            resolve(&b, &c, 7, 0, Some(100), &mut n).unwrap().mode,
-            CacheMode::Back
-        );
-        let b = bundle("<TYPE>BLOCK</TYPE>", "", "<CACHE_MODE>NONE</CACHE_MODE>");
-        let s = resolve(&b, &c, 7, 0, Some(100), &mut n).unwrap();
-        assert_eq!((s.mode, s.cache_mb), (CacheMode::None, 0));
-        let b = bundle(
-            "<TYPE>BLOCK</TYPE><CACHE_MODE>OFFLINE</CACHE_MODE>",
-            "<CACHE_MODE>BACK</CACHE_MODE>",
-            "",
-        );
-        assert_eq!(
-            resolve(&b, &c, 7, 0, Some(100), &mut n).unwrap().mode,
-            CacheMode::Offline
-        );
-        let b = bundle("<TYPE>BLOCK</TYPE>", "", "");
-        assert_eq!(
-            resolve(&b, &c, 7, 0, Some(100), &mut n).unwrap().mode,
-            CacheMode::Around
-        );
+        for (disk, image_ds, system_ds, want) in [
+            (
+                "",
+                "<CACHE_MODE>BACK</CACHE_MODE>",
+                "<CACHE_MODE>NONE</CACHE_MODE>",
+                CacheMode::Back,
+            ),
+            ("", "", "<CACHE_MODE>NONE</CACHE_MODE>", CacheMode::None),
+            (
+                "<CACHE_MODE>OFFLINE</CACHE_MODE>",
+                "<CACHE_MODE>BACK</CACHE_MODE>",
+                "",
+                CacheMode::Offline,
+            ),
+            ("", "", "", CacheMode::Around),
+        ] {
+            let b = bundle(&format!("<TYPE>BLOCK</TYPE>{disk}"), image_ds, system_ds);
+            let s = resolve(&b, &c, 7, 0, Some(100), &mut n).unwrap();
+            assert_eq!(s.mode, want, "{disk} {image_ds} {system_ds}");
+            assert_eq!(s.cache_mb == 0, want == CacheMode::None);
+        }
     }
 
     #[test]

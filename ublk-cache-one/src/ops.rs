@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::attrs::OneMode;
 use crate::bundle::Bundle;
 use crate::conf::{Export, HostConf, LsMad};
 use crate::disk::{self, BackendRef, DiskSpec};
@@ -111,10 +112,10 @@ impl Host {
         let mut old_id = None;
         let had_record = self.state.load(vm, disk)?;
         if let Some(rec) = had_record.clone() {
-            if rec.backend != spec.backend.to_string() {
+            if rec.backend != spec.image.backend.to_string() {
                 return Err(Error::Refused(format!(
                     "{name} on this host serves {}, not {}; DELETE the old disk first",
-                    rec.backend, spec.backend
+                    rec.backend, spec.image.backend
                 )));
             }
             old_id = rec.ublk_id;
@@ -206,7 +207,7 @@ impl Host {
                 vm,
                 disk,
                 state: DiskState::Attaching,
-                backend: spec.backend.to_string(),
+                backend: spec.image.backend.to_string(),
                 clone_created: false,
                 read_only: spec.read_only,
                 mode: spec.mode,
@@ -280,52 +281,60 @@ impl Host {
         undo: &mut Undo<'s>,
     ) -> Result<()> {
         let name = rec.name();
-        let rbd = Rbd::new(&self.conf.rbd, &spec.ceph);
+        let rbd = Rbd::new(&self.conf.rbd, &spec.image.ceph);
         match action {
             AttachAction::Clone => {
-                if rbd.info(&spec.backend)?.is_some() {
-                    info(&format!("{} exists already; serving it", spec.backend));
+                if rbd.info(&spec.image.backend)?.is_some() {
+                    info(&format!(
+                        "{} exists already; serving it",
+                        spec.image.backend
+                    ));
                 } else {
                     let grow = spec
                         .original_size_mb
                         .filter(|o| spec.size_mb > *o)
                         .map(|_| spec.size_mb);
-                    rbd.clone_image(&spec.source, &spec.backend, spec.ec_pool.as_deref(), grow)?;
+                    rbd.clone_image(
+                        &spec.image.source,
+                        &spec.image.backend,
+                        spec.image.ec_pool.as_deref(),
+                        grow,
+                    )?;
                     info(&format!(
                         "cloned {}@{BASE_SNAP} to {}",
-                        spec.source, spec.backend
+                        spec.image.source, spec.image.backend
                     ));
                     rec.clone_created = true;
                     self.state.save(rec)?;
-                    let backend = spec.backend.clone();
-                    let ceph = spec.ceph.clone();
+                    let backend = spec.image.backend.clone();
+                    let ceph = spec.image.ceph.clone();
                     undo.push(format!("the RBD clone {backend}"), move || {
                         Rbd::new(&self.conf.rbd, &ceph).remove_recursive(&backend, false)
                     });
                 }
             }
             AttachAction::Ln => {
-                if rbd.info(&spec.source)?.is_none() {
+                if rbd.info(&spec.image.source)?.is_none() {
                     return Err(Error::Refused(format!(
                         "the image {} does not exist in Ceph",
-                        spec.source
+                        spec.image.source
                     )));
                 }
                 // tm/ceph/ln: "snapshot delete is mandatory as it could lead to data
                 // loss after persistent/nonpersistent image switch".
-                rbd.snap_remove(&spec.source, BASE_SNAP).map_err(|e| {
+                rbd.snap_remove(&spec.image.source, BASE_SNAP).map_err(|e| {
                     Error::Refused(format!(
                         "cannot remove {}@{BASE_SNAP} before serving the persistent image (clones of \
                          it still exist?): {e}",
-                        spec.source
+                        spec.image.source
                     ))
                 })?;
             }
             AttachAction::Resume | AttachAction::MigrateIn => {
-                if rbd.info(&spec.backend)?.is_none() {
+                if rbd.info(&spec.image.backend)?.is_none() {
                     return Err(Error::Refused(format!(
                         "the RBD image {} of VM {} disk {} does not exist",
-                        spec.backend, spec.vm, spec.disk
+                        spec.image.backend, spec.image.vm, spec.image.disk
                     )));
                 }
             }
@@ -334,9 +343,9 @@ impl Host {
             // Change markers of caches kept on other hosts: this host serves the
             // disk now, so they could only cost copy-on-write; without them a kept
             // cache elsewhere starts cold if it is ever used again (never stale).
-            for s in rbd.snaps(&spec.backend)? {
+            for s in rbd.snaps(&spec.image.backend)? {
                 if s.name.starts_with("ublk-cache-") && s.protected != "true" {
-                    let _ = rbd.snap_remove(&spec.backend, &s.name);
+                    let _ = rbd.snap_remove(&spec.image.backend, &s.name);
                 }
             }
         }
@@ -397,7 +406,7 @@ impl Host {
         }
         info(&format!(
             "{name}: {} served {} ({}{}), {} -> {}",
-            spec.backend,
+            spec.image.backend,
             spec.mode.one(),
             match &rec.ls {
                 Some(l) => format!("{} MB cache", l.mb),

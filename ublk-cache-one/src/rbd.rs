@@ -134,7 +134,7 @@ impl Rbd {
         }
         if find()?.is_some_and(|s| s.protected != "true") {
             if let Err(e) = self.run(&["snap", "protect", &full]) {
-                if !find()?.is_some_and(|s| s.protected == "true") {
+                if find()?.is_none_or(|s| s.protected != "true") {
                     return Err(e);
                 }
             }

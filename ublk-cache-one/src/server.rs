@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use crate::attrs::{OneMode, OneOrder};
 use crate::cmd::one_line;
 use crate::conf::{Export, HostConf, Launcher};
 use crate::disk::DiskSpec;
@@ -40,21 +41,21 @@ pub enum Stopped {
 pub fn server_toml(conf: &HostConf, spec: &DiskSpec, rec: &DiskRecord) -> String {
     let mut t = toml::Table::new();
     let s = |v: &str| toml::Value::String(v.to_string());
-    t.insert("backend".into(), s(&format!("rbd:{}", spec.backend)));
-    if let Some(u) = &spec.ceph.user {
+    t.insert("backend".into(), s(&format!("rbd:{}", spec.image.backend)));
+    if let Some(u) = &spec.image.ceph.user {
         t.insert("ceph-id".into(), s(u));
     }
-    if let Some(k) = &spec.ceph.key {
+    if let Some(k) = &spec.image.ceph.key {
         t.insert("ceph-keyfile".into(), s(&k.display().to_string()));
     }
-    if let Some(c) = &spec.ceph.conf {
+    if let Some(c) = &spec.image.ceph.conf {
         t.insert("ceph-conf".into(), s(&c.display().to_string()));
     }
     t.insert("mode".into(), s(spec.mode.ublk()));
     if let Some(ls) = &rec.ls {
         t.insert("cache".into(), s(&ls.path.display().to_string()));
         t.insert("cache-size".into(), s(&format!("{}M", ls.mb)));
-        t.insert("writeback-order".into(), s(spec.order.ublk()));
+        t.insert("writeback-order".into(), s(&spec.order.ublk()));
         if spec.preload_mb > 0 {
             t.insert("preload".into(), s(&format!("{}M", spec.preload_mb)));
         }
@@ -84,8 +85,8 @@ pub fn server_toml(conf: &HostConf, spec: &DiskSpec, rec: &DiskRecord) -> String
     }
     format!(
         "# Written by ublk-cache-one for OpenNebula VM {} disk {}; do not edit (rewritten at attach).\n{}",
-        spec.vm,
-        spec.disk,
+        spec.image.vm,
+        spec.image.disk,
         toml::to_string(&t).unwrap_or_default()
     )
 }

@@ -43,6 +43,7 @@ pub struct DiskRecord {
     /// We created this RBD clone in this attach (undone on failure).
     pub clone_created: bool,
     pub read_only: bool,
+    #[serde(with = "crate::attrs::mode_serde")]
     pub mode: CacheMode,
     pub ls: Option<LsAlloc>,
     pub export: Export,

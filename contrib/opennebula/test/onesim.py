@@ -848,6 +848,17 @@ def cold_migration_with_the_source_host_down():
     check(rbd_export(f"{POOL}/one-{c}") == bytes(model), "the image holds the data")
 
 
+def in_parallel(vms, fn):
+    """fn(vm) for every VM at once (as oned's 15 TM threads may); results by VM id."""
+    res = {}
+    threads = [threading.Thread(target=lambda v=v: res.__setitem__(v.id, fn(v))) for v in vms]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return res
+
+
 @scenario
 def parallel_deploys():
     """Two VMs' prologs on host3 at once: both succeed, accounting is exact."""
@@ -855,15 +866,7 @@ def parallel_deploys():
     for vm in vms:
         vm.history = ["host3"]
     before = probe("host3")["LS_USED_MB"]
-    res = {}
-    threads = [
-        threading.Thread(target=lambda v=v: res.__setitem__(v.id, transfer(v, "prolog", prolog_lines(v, "host3"))))
-        for v in vms
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    res = in_parallel(vms, lambda v: transfer(v, "prolog", prolog_lines(v, "host3")))
     for vm in vms:
         check(res[vm.id].ok, f"VM {vm.id}: {res[vm.id]}")
         verify(W.model_a, "host3", vm, 0)
@@ -871,14 +874,7 @@ def parallel_deploys():
     check(after["LS_USED_MB"] == before + 32 and after["LC_DISKS"] == 2, f"accounting: {before} -> {after}")
     for vm in vms:
         vm.lcm = 11
-    threads = [
-        threading.Thread(target=lambda v=v: res.__setitem__(v.id, transfer(v, "epilog", epilog_lines(v, "host3"))))
-        for v in vms
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    res = in_parallel(vms, lambda v: transfer(v, "epilog", epilog_lines(v, "host3")))
     for vm in vms:
         check(res[vm.id].ok, f"epilog {vm.id}: {res[vm.id]}")
         nothing_left("host3", vm, 0, clone_name=f"{POOL}/one-{W.a}-{vm.id}-0")

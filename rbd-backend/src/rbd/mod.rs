@@ -132,27 +132,21 @@ pub(crate) fn connect(opts: &RbdOptions) -> Result<Arc<Cluster>> {
             e,
         )
     })?;
-    if let Some(k) = &opts.keyring {
-        if !k.exists() {
-            return Err(unavailable(
-                format!("ceph keyring {} does not exist", k.display()),
-                Errno(libc::ENOENT),
-            ));
-        }
-        cluster
-            .conf_set("keyring", &k.to_string_lossy())
-            .map_err(|e| unavailable(format!("ceph keyring {}: refused", k.display()), e))?;
-    }
-    if let Some(k) = &opts.keyfile {
+    // A keyring, or a file with the bare key (`rbd --keyfile`, OpenNebula's CEPH_KEY).
+    for (option, path, what) in [
+        ("keyring", &opts.keyring, "keyring"),
+        ("keyfile", &opts.keyfile, "key file"),
+    ] {
+        let Some(k) = path else { continue };
         if !k.is_file() {
             return Err(unavailable(
-                format!("ceph key file {} does not exist", k.display()),
+                format!("ceph {what} {} does not exist", k.display()),
                 Errno(libc::ENOENT),
             ));
         }
         cluster
-            .conf_set("keyfile", &k.to_string_lossy())
-            .map_err(|e| unavailable(format!("ceph key file {}: refused", k.display()), e))?;
+            .conf_set(option, &k.to_string_lossy())
+            .map_err(|e| unavailable(format!("ceph {what} {}: refused", k.display()), e))?;
     }
     let set = |k: &str, v: &str| {
         cluster
