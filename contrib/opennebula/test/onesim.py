@@ -894,6 +894,21 @@ def full_local_store_is_refused_with_nothing_left():
 
 
 @scenario
+def a_failed_start_undoes_everything_before_it():
+    """The clone is made and the cache reserved, then the server cannot start:
+    the attach takes both back (and the links, config, record)."""
+    vm = VM(80, [Disk(0, W.a, False, CEPH_KEY="/nonexistent/client.key")])
+    vm.history = ["host1"]
+    before = probe("host1")["LS_USED_MB"]
+    r = transfer(vm, "prolog", prolog_lines(vm, "host1"))
+    expect_error(r, "exited", "ceph key file /nonexistent/client.key does not exist")
+    check(any("cloned" in l[1] for l in r.logs), f"the clone had been made: {r.logs}")
+    nothing_left("host1", vm, 0, clone_name=f"{POOL}/one-{W.a}-80-0")
+    check(not (T / "hosts" / "host1" / "datastores" / str(SYS_DS) / "80" / "disk.0").is_symlink(), "no disk.0")
+    check(probe("host1")["LS_USED_MB"] == before, "the cache space is back")
+
+
+@scenario
 def bad_attributes_are_refused_by_name():
     cases = [
         ({"CACHE_MODE": "FAST"}, ["CACHE_MODE 'FAST' is not a cache mode", "NONE, AROUND, THRU, BACK or OFFLINE"]),
