@@ -85,6 +85,9 @@ pub struct HostConf {
     pub writeback_order: WritebackOrder,
     pub wait_live_s: u64,
     pub stop_timeout_s: u64,
+    /// Directories CEPH_CONF and CEPH_KEY may be in: root reads them on
+    /// oneadmin's (or a VM owner's) word, so nothing else is opened.
+    pub ceph_paths: Vec<PathBuf>,
     pub rbd: Tool,
     pub ceph: Tool,
     pub lvcreate: Tool,
@@ -115,6 +118,7 @@ const KEYS: &[&str] = &[
     "WRITEBACK_ORDER",
     "WAIT_LIVE_S",
     "STOP_TIMEOUT_S",
+    "CEPH_PATHS",
     "RBD",
     "CEPH",
     "LVCREATE",
@@ -260,6 +264,19 @@ impl HostConf {
             writeback_order,
             wait_live_s: num("WAIT_LIVE_S", 150)?.max(1),
             stop_timeout_s: num("STOP_TIMEOUT_S", 0)?,
+            ceph_paths: get("CEPH_PATHS")
+                .unwrap_or("/etc/ceph")
+                .split_whitespace()
+                .map(|d| {
+                    if d.starts_with('/') && !d.split('/').any(|c| c == "..") {
+                        Ok(PathBuf::from(d))
+                    } else {
+                        Err(bad(format!(
+                            "CEPH_PATHS: '{d}' is not an absolute directory"
+                        )))
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?,
             rbd: tool("RBD", "rbd"),
             ceph: tool("CEPH", "ceph"),
             lvcreate: tool("LVCREATE", "lvcreate"),
@@ -313,6 +330,7 @@ mod tests {
         assert_eq!(c.rbd.0, ["/opt/rbd", "--cluster", "x"]);
         assert_eq!(c.link_dir, PathBuf::from("/var/lib/ublk-cache/one/dev"));
         assert_eq!(c.default_mode, CacheMode::Through);
+        assert_eq!(c.ceph_paths, [PathBuf::from("/etc/ceph")]);
         let d = parse("").unwrap();
         assert_eq!(d.ls_mad, LsMad::Dummy);
         assert_eq!(d.launcher, Launcher::Systemd);

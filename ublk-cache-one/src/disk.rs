@@ -149,6 +149,26 @@ fn disk_attrs(b: &Bundle, vm_id: u32, disk_id: u32) -> Result<&Attrs> {
         .ok_or_else(|| Error::Xml(format!("VM {vm_id} has no DISK with DISK_ID={disk_id}")))
 }
 
+impl Ceph {
+    /// CEPH_CONF and CEPH_KEY must be files in one of `allowed` (after
+    /// resolving links): the helper and the server read them as root.
+    pub fn check_paths(&self, allowed: &[PathBuf]) -> Result<()> {
+        for (name, p) in [("CEPH_CONF", &self.conf), ("CEPH_KEY", &self.key)] {
+            let Some(p) = p else { continue };
+            let real = std::fs::canonicalize(p)
+                .map_err(|e| Error::Attribute(format!("{name}={}: {e}", p.display())))?;
+            if !allowed.iter().any(|d| real.starts_with(d)) || !real.is_file() {
+                return Err(Error::Refused(format!(
+                    "{name}={} is not a file in this host's CEPH_PATHS ({}); the helper reads only those as root",
+                    p.display(),
+                    allowed.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" ")
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The layered attribute lookup.
 struct Layers<'a> {
     disk: &'a Attrs,
@@ -509,6 +529,33 @@ mod tests {
             let e = resolve(&b, &c, 7, 0, None, &mut n).unwrap_err().to_string();
             assert!(e.contains(want) && e.contains("DISK_TYPE"), "{e}");
         }
+    }
+
+    #[test]
+    fn ceph_files_only_from_the_allowed_directories() {
+        let d = tempfile::tempdir().unwrap();
+        let ok = d.path().join("ceph.conf");
+        std::fs::write(&ok, "[global]\n").unwrap();
+        let link = d.path().join("sneaky.conf");
+        std::os::unix::fs::symlink("/etc/passwd", &link).unwrap();
+        let allowed = [d.path().to_path_buf()];
+        let c = |conf: &Path| Ceph {
+            conf: Some(conf.to_path_buf()),
+            ..Ceph::default()
+        };
+        c(&ok).check_paths(&allowed).unwrap();
+        for bad in [Path::new("/etc/passwd"), link.as_path(), d.path()] {
+            let e = c(bad).check_paths(&allowed).unwrap_err().to_string();
+            assert!(
+                e.contains("CEPH_PATHS") || e.contains("No such"),
+                "{bad:?}: {e}"
+            );
+        }
+        let e = c(Path::new("/nonexistent/x"))
+            .check_paths(&allowed)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CEPH_CONF=/nonexistent/x"), "{e}");
     }
 
     #[test]

@@ -236,7 +236,10 @@ fn run(verb: Verb) -> Result<()> {
         Verb::DsMonitor { ds } => {
             let b = stdin_bundle()?;
             let conf = HostConf::load()?;
-            print!("{}", monitor::ds_monitor(&conf.ceph, &b, ds)?);
+            print!(
+                "{}",
+                monitor::ds_monitor(&conf.ceph, &conf.ceph_paths, &b, ds)?
+            );
         }
         Verb::Probe => unreachable!("handled before"),
         Verb::List => println!("{}", host()?.list_json()?),

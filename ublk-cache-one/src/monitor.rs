@@ -62,7 +62,12 @@ pub fn df_lines(json: &str, pool: &str) -> Result<String> {
     ))
 }
 
-pub fn ds_monitor(ceph: &Tool, bundle: &Bundle, ds: u32) -> Result<String> {
+pub fn ds_monitor(
+    ceph: &Tool,
+    allowed: &[std::path::PathBuf],
+    bundle: &Bundle,
+    ds: u32,
+) -> Result<String> {
     let d = bundle
         .datastore(ds)
         .ok_or_else(|| Error::Xml(format!("no DATASTORE {ds} in the XML")))?;
@@ -78,6 +83,7 @@ pub fn ds_monitor(ceph: &Tool, bundle: &Bundle, ds: u32) -> Result<String> {
         key: path("CEPH_KEY"),
         conf: path("CEPH_CONF"),
     };
+    creds.check_paths(allowed)?;
     let mut a = auth_args(&creds);
     a.extend(["df", "detail", "--format", "json"].map(String::from));
     df_lines(&ceph.run(&a)?, pool)

@@ -281,7 +281,7 @@ impl Host {
         undo: &mut Undo<'s>,
     ) -> Result<()> {
         let name = rec.name();
-        let rbd = Rbd::new(&self.conf.rbd, &spec.image.ceph);
+        let rbd = Rbd::new(&self.conf.rbd, &spec.image.ceph, &self.conf.ceph_paths)?;
         match action {
             AttachAction::Clone => {
                 if rbd.info(&spec.image.backend)?.is_some() {
@@ -309,7 +309,8 @@ impl Host {
                     let backend = spec.image.backend.clone();
                     let ceph = spec.image.ceph.clone();
                     undo.push(format!("the RBD clone {backend}"), move || {
-                        Rbd::new(&self.conf.rbd, &ceph).remove_recursive(&backend, false)
+                        Rbd::new(&self.conf.rbd, &ceph, &self.conf.ceph_paths)?
+                            .remove_recursive(&backend, false)
                     });
                 }
             }
@@ -637,7 +638,18 @@ impl Host {
             }
             self.release(&rec)?;
         }
-        let rbd = Rbd::new(&self.conf.rbd, &r.ceph);
+        let rbd = match Rbd::new(&self.conf.rbd, &r.ceph, &self.conf.ceph_paths) {
+            Ok(rbd) => rbd,
+            Err(e) => {
+                // The DISK's credentials never change during the VM's life, and an
+                // attach refuses them before any clone is made: there is none.
+                warn(&format!(
+                    "{e}: no clone of {} was made with them; nothing to remove",
+                    r.backend
+                ));
+                return Ok(());
+            }
+        };
         rbd.remove_recursive(&r.backend, r.trash)?;
         info(&format!(
             "removed {}{}",
@@ -768,7 +780,7 @@ impl Host {
                 ));
             }
         }
-        let rbd = Rbd::new(&self.conf.rbd, &r.ceph);
+        let rbd = Rbd::new(&self.conf.rbd, &r.ceph, &self.conf.ceph_paths)?;
         let src = match snap {
             Some(s) => {
                 if !rbd.has_snap(&r.backend, &s.to_string())? {
@@ -817,7 +829,7 @@ impl Host {
 
     fn image_of(&self, bundle: &Bundle, vm: u32, disk: u32) -> Result<(BackendRef, Rbd)> {
         let r = disk::backend_of(bundle, vm, disk, None)?;
-        let rbd = Rbd::new(&self.conf.rbd, &r.ceph);
+        let rbd = Rbd::new(&self.conf.rbd, &r.ceph, &self.conf.ceph_paths)?;
         Ok((r, rbd))
     }
 

@@ -47,11 +47,14 @@ struct Child {
 }
 
 impl Rbd {
-    pub fn new(tool: &Tool, ceph: &Ceph) -> Rbd {
-        Rbd {
+    /// The `rbd` of one.conf with the disk's credentials, which must lie in
+    /// one of the host's CEPH_PATHS.
+    pub fn new(tool: &Tool, ceph: &Ceph, allowed: &[std::path::PathBuf]) -> Result<Rbd> {
+        ceph.check_paths(allowed)?;
+        Ok(Rbd {
             tool: tool.clone(),
             auth: auth_args(ceph),
-        }
+        })
     }
 
     fn run(&self, args: &[&str]) -> Result<String> {

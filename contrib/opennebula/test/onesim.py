@@ -897,11 +897,13 @@ def full_local_store_is_refused_with_nothing_left():
 def a_failed_start_undoes_everything_before_it():
     """The clone is made and the cache reserved, then the server cannot start:
     the attach takes both back (and the links, config, record)."""
-    vm = VM(80, [Disk(0, W.a, False, CEPH_KEY="/nonexistent/client.key")])
+    vm = VM(80, [Disk(0, W.a, False)])
     vm.history = ["host1"]
     before = probe("host1")["LS_USED_MB"]
+    fault("ublk-cache", "serve 1")
     r = transfer(vm, "prolog", prolog_lines(vm, "host1"))
-    expect_error(r, "exited", "ceph key file /nonexistent/client.key does not exist")
+    fault("ublk-cache", "")
+    expect_error(r, "exited", "injected failure of serve call 1")
     check(any("cloned" in l[1] for l in r.logs), f"the clone had been made: {r.logs}")
     nothing_left("host1", vm, 0, clone_name=f"{POOL}/one-{W.a}-80-0")
     check(not (T / "hosts" / "host1" / "datastores" / str(SYS_DS) / "80" / "disk.0").is_symlink(), "no disk.0")
@@ -916,6 +918,7 @@ def bad_attributes_are_refused_by_name():
         ({"CACHE_MODE": "OFFLINE", "CACHE_SIZE": "10"}, ["OFFLINE", "CACHE_SIZE=10 MB", "smaller than the disk (SIZE=32 MB)"]),
         ({"CACHE_SIZE": "ten"}, ["CACHE_SIZE='ten' is not a size in MB"]),
         ({"TYPE": "RBD"}, ["TYPE=RBD", "DISK_TYPE"]),
+        ({"CEPH_CONF": "/etc/passwd"}, ["CEPH_CONF=/etc/passwd is not a file in this host's CEPH_PATHS"]),
     ]
     for i, (attrs, words) in enumerate(cases):
         vm = VM(300 + i, [Disk(0, W.a, False, **attrs)])
@@ -1056,10 +1059,12 @@ def systemd_units_come_back_after_a_reboot():
         log(f"   (the unit came back after the reboot in {time.time() - t0:.1f} s, the dead server's lock taken over)")
         verify(model, "host3", vm, 0)
         # A server that cannot start: the error carries its journal; nothing is left.
-        bad = VM(71, [Disk(0, e, True, CEPH_KEY="/nonexistent/client.key")])
+        bad = VM(71, [Disk(0, e, True)])
         bad.history = ["host3"]
+        fault("ublk-cache", "serve 1")
         r = transfer(bad, "prolog", prolog_lines(bad, "host3"))
-        expect_error(r, "ublk-cache@one-71-0.service", "ceph key file /nonexistent/client.key does not exist")
+        fault("ublk-cache", "")
+        expect_error(r, "ublk-cache@one-71-0.service", "its journal", "injected failure of serve call 1")
         nothing_left("host3", bad, 0)
         check(not (host3 / "systemd" / "enabled" / "ublk-cache@one-71-0.service").exists(), "the failed unit is disabled")
         vm.lcm = 11
@@ -1070,7 +1075,7 @@ def systemd_units_come_back_after_a_reboot():
         nothing_left("host3", vm, 0)
     finally:
         f = T / "hosts" / "host3" / "root" / "etc" / "one.conf"
-        f.write_text(HOST_CONF.format(t=T, shim=SHIM))
+        f.write_text(HOST_CONF.format(t=T, shim=SHIM, ceph_dir=Path(CEPH_CONF).parent))
 
 
 @scenario
@@ -1116,6 +1121,7 @@ RUN_DIR={t}/host/run
 UBLK_CACHE={shim}/ublk-cache
 DEFAULT_CACHE_MB=16
 WAIT_LIVE_S=120
+CEPH_PATHS={ceph_dir}
 """
 
 
@@ -1156,7 +1162,7 @@ def setup():
         run(["truncate", "-s", "256M", str(img)])
         run(["mkfs.ext4", "-q", "-F", "-m", "0", str(img)])
         run(["mount", "-o", "loop", str(img), str(root / "ls")])
-        (root / "etc" / "one.conf").write_text(HOST_CONF.format(t=T, shim=SHIM))
+        (root / "etc" / "one.conf").write_text(HOST_CONF.format(t=T, shim=SHIM, ceph_dir=Path(CEPH_CONF).parent))
     fx = ONE / "fixtures"
     for d in ("vm", "ds", "host"):
         (fx / d).mkdir(parents=True, exist_ok=True)
