@@ -95,6 +95,16 @@ enum Verb {
         #[arg(long)]
         vm: u32,
     },
+    /// Before a unit starts (its ExecStartPre): refuse a cache this host lost to another.
+    BootCheck {
+        #[command(flatten)]
+        d: DiskArgs,
+    },
+    /// Drop a disk's cache WITHOUT writing it back (a stale one): its writes are lost.
+    Discard {
+        #[command(flatten)]
+        d: DiskArgs,
+    },
     /// Write everything back and flush the image.
     Flush {
         #[command(flatten)]
@@ -216,6 +226,8 @@ fn run(verb: Verb) -> Result<()> {
         Verb::Settle { d } => host()?.settle(d.vm, d.disk)?,
         Verb::VmCleanup { vm } => host()?.vm_cleanup(vm)?,
         Verb::Flush { d } => host()?.flush(d.vm, d.disk)?,
+        Verb::BootCheck { d } => host()?.boot_check(d.vm, d.disk)?,
+        Verb::Discard { d } => host()?.discard(d.vm, d.disk)?,
         Verb::Cpds { d, dst, snap } => {
             let b = stdin_bundle()?;
             host()?.cpds(&b, d.vm, d.disk, &dst, snap)?

@@ -119,6 +119,12 @@ impl Host {
                 )));
             }
             old_id = rec.ublk_id;
+            if rec.state == DiskState::Stale {
+                let owner = self
+                    .image_owner(&rec)
+                    .unwrap_or_else(|| "another host".into());
+                return Err(stale_error(&rec, &owner));
+            }
             match rec.state {
                 DiskState::Serving => {
                     let row = servers.find(&rec)?;
@@ -148,7 +154,10 @@ impl Host {
                             "stopping the server of {name} left from an earlier stay on this host"
                         ));
                         servers.stop(&rec, false)?;
-                    } else if rec.mode.holds_dirty() && rec.ls.is_some() {
+                    } else if may_hold_dirty(&rec) {
+                        if let Some(owner) = self.lost_to(&rec) {
+                            return Err(self.mark_stale(&rec, &owner)?);
+                        }
                         // Its server died: its cache may hold writes Ceph lacks. Serve
                         // it once as it was, so they are written back, before reuse.
                         info(&format!(
@@ -162,6 +171,12 @@ impl Host {
                     reuse = self.keep_or_free(&rec, &spec)?;
                 }
                 DiskState::Parked => reuse = self.keep_or_free(&rec, &spec)?,
+                DiskState::Stale => {
+                    let owner = self
+                        .image_owner(&rec)
+                        .unwrap_or_else(|| "another host".into());
+                    return Err(stale_error(&rec, &owner));
+                }
                 DiskState::Attaching => {
                     info(&format!(
                         "cleaning up an attach of {name} that did not finish (the helper was interrupted)"
@@ -531,16 +546,21 @@ impl Host {
 
     /// Stop the server cleanly (restarting a crashed one first when its cache
     /// may hold writes the image lacks), then remove links, toml and unit.
-    /// The cache and record stay. Errors leave everything in place.
-    fn teardown(&self, rec: &DiskRecord, quiet: bool, keep_links: bool) -> Result<()> {
+    /// The cache and record stay. Errors leave everything in place. A crashed
+    /// cache whose disk another host has served since is not restarted: it is
+    /// kept as stale (`Ok(false)`).
+    fn teardown(&self, rec: &DiskRecord, quiet: bool, keep_links: bool) -> Result<bool> {
         let servers = self.servers();
+        if rec.state == DiskState::Stale {
+            return Ok(false);
+        }
         if rec.state != DiskState::Parked {
             let stopped = servers.stop(rec, true)?;
-            if stopped == Stopped::NotRunning
-                && rec.state == DiskState::Serving
-                && rec.mode.holds_dirty()
-                && rec.ls.is_some()
-            {
+            if stopped == Stopped::NotRunning && may_hold_dirty(rec) {
+                if let Some(owner) = self.lost_to(rec) {
+                    warn(&self.mark_stale(rec, &owner)?.to_string());
+                    return Ok(false);
+                }
                 info(&format!(
                     "the server of {} is not running and its {} cache may hold writes not in Ceph: starting \
                      it once to write them back",
@@ -557,7 +577,14 @@ impl Host {
                 ));
             }
         }
-        servers.disable(rec);
+        self.unlink(rec, keep_links)?;
+        remove_file(&rec.toml)?;
+        Ok(true)
+    }
+
+    /// The unit, the middle link and (unless kept) the disk links.
+    fn unlink(&self, rec: &DiskRecord, keep_links: bool) -> Result<()> {
+        self.servers().disable(rec);
         if let Ok(target) = Servers::target_of(rec) {
             links::remove_if_to(&rec.link, &target)?;
         }
@@ -566,7 +593,101 @@ impl Host {
                 links::remove_if_to(dl, &rec.link)?;
             }
         }
-        remove_file(&rec.toml)
+        Ok(())
+    }
+
+    /// The host ublk-cache's owner record of the image names (`ublk-cache.owner`
+    /// image metadata: `attached host=H ...` or `detached host=H ...`, written
+    /// at every attach). `None`: it cannot be read.
+    fn image_owner(&self, rec: &DiskRecord) -> Option<String> {
+        let t: toml::Table = std::fs::read_to_string(&rec.toml).ok()?.parse().ok()?;
+        let get = |k: &str| t.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        let name = RbdName::parse("backend", get("backend")?.strip_prefix("rbd:")?).ok()?;
+        let ceph = disk::Ceph {
+            user: get("ceph-id"),
+            key: get("ceph-keyfile").map(PathBuf::from),
+            conf: get("ceph-conf").map(PathBuf::from),
+        };
+        let rbd = Rbd::new(&self.conf.rbd, &ceph, &self.conf.ceph_paths).ok()?;
+        let owner = rbd.image_meta(&name, "ublk-cache.owner").ok()??;
+        owner
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("host="))
+            .map(str::to_string)
+    }
+
+    /// The other host that has served the disk since this host's server of it
+    /// died. Only a positive answer counts: if the owner cannot be read, the
+    /// image's exclusive lock still keeps an old cache off a disk in use.
+    fn lost_to(&self, rec: &DiskRecord) -> Option<String> {
+        let owner = self.image_owner(rec)?;
+        (owner != this_host()).then_some(owner)
+    }
+
+    /// Keep `rec`'s cache, never to be served or written back, and say so.
+    fn mark_stale(&self, rec: &DiskRecord, owner: &str) -> Result<Error> {
+        let mut r = rec.clone();
+        self.unlink(&r, true)?;
+        r.state = DiskState::Stale;
+        r.since = now();
+        self.state.save(&r)?;
+        Ok(stale_error(&r, owner))
+    }
+
+    /// Before a unit starts (ExecStartPre, a reboot included): refuse when the
+    /// disk's cache is stale, or may hold writes while another host has served
+    /// the disk since.
+    pub fn boot_check(&self, vm: u32, disk: u32) -> Result<()> {
+        // An action of the helper that holds the disk's lock is starting the
+        // unit itself, and has made this check already.
+        let Some(_disk_lock) = self.state.try_lock_disk(vm, disk)? else {
+            return Ok(());
+        };
+        let Some(rec) = self.state.load(vm, disk)? else {
+            return Ok(());
+        };
+        if rec.state == DiskState::Stale {
+            return Err(stale_error(
+                &rec,
+                &self
+                    .image_owner(&rec)
+                    .unwrap_or_else(|| "another host".into()),
+            ));
+        }
+        if may_hold_dirty(&rec) {
+            if let Some(owner) = self.lost_to(&rec) {
+                return Err(self.mark_stale(&rec, &owner)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop a disk's cache without writing it back (a stale one, on the
+    /// operator's word): the writes it holds are lost.
+    pub fn discard(&self, vm: u32, disk: u32) -> Result<()> {
+        let _disk_lock = self.state.lock_disk(vm, disk)?;
+        let Some(rec) = self.state.load(vm, disk)? else {
+            info(&format!(
+                "{} has no cache on this host",
+                disk_name(vm, disk)
+            ));
+            return Ok(());
+        };
+        if rec.state == DiskState::Serving && self.servers().find(&rec)?.is_some() {
+            return Err(Error::Refused(format!(
+                "{} is served on this host; detach it (its data is written back) instead of discarding",
+                rec.name()
+            )));
+        }
+        self.unlink(&rec, false)?;
+        remove_file(&rec.toml)?;
+        self.release(&rec)?;
+        warn(&format!(
+            "dropped the {} MB cache of {} without writing it back: the writes it held are lost",
+            rec.ls.as_ref().map_or(0, |l| l.mb),
+            rec.name()
+        ));
+        Ok(())
     }
 
     /// Free the cache and forget the disk.
@@ -589,7 +710,9 @@ impl Host {
             ));
             return Ok(());
         };
-        self.teardown(&rec, false, keep_links)?;
+        if !self.teardown(&rec, false, keep_links)? {
+            return Ok(());
+        }
         if park && rec.ls.is_some() {
             rec.state = DiskState::Parked;
             rec.disk_links.clear();
@@ -939,9 +1062,44 @@ impl Host {
             .count())
     }
 
+    /// Caches kept as stale (see [`DiskState::Stale`]).
+    pub fn stale(&self) -> Result<usize> {
+        Ok(self
+            .state
+            .all()?
+            .iter()
+            .filter(|r| r.state == DiskState::Stale)
+            .count())
+    }
+
     pub fn ls_mad(&self) -> LsMad {
         self.conf.ls_mad
     }
+}
+
+/// A served disk whose server is gone may have left writes only in its cache.
+fn may_hold_dirty(rec: &DiskRecord) -> bool {
+    rec.state == DiskState::Serving && rec.mode.holds_dirty() && rec.ls.is_some()
+}
+
+/// This host's name, as ublk-cache records it in the image's owner metadata.
+fn this_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn stale_error(rec: &DiskRecord, owner: &str) -> Error {
+    Error::Refused(format!(
+        "{} on this host holds a {} cache from before its server died, and the disk is now served by {owner}: \
+         it is not served or written back here (that would overwrite newer data). Inspect {} if its writes \
+         matter, then drop it with `ublk-cache-one discard --vm {} --disk {}`",
+        rec.name(),
+        rec.mode.one(),
+        rec.ls.as_ref().map_or_else(|| "it".to_string(), |l| l.path.display().to_string()),
+        rec.vm,
+        rec.disk
+    ))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -604,8 +604,11 @@ fn plan_migrate(action: &str, args: &[String], b: &Bundle) -> Result<Vec<Step>> 
             }
         }
         "postmigrate" => {
+            // The disk links stay: the directory is removed below unless it is
+            // one shared path, where the destination's VM uses them.
+            let keep = ["--keep-links".to_string()];
             for &n in &ours {
-                steps.push(host_try(&src, helper("detach", vm_id, Some(n), &[])));
+                steps.push(host_try(&src, helper("detach", vm_id, Some(n), &keep)));
             }
             for &n in &ours {
                 steps.push(host_try(&dst, helper("settle", vm_id, Some(n), &[])));
@@ -624,8 +627,9 @@ fn plan_migrate(action: &str, args: &[String], b: &Bundle) -> Result<Vec<Step>> 
             }
         }
         _ => {
+            let keep = ["--keep-links".to_string()];
             for &n in &ours {
-                steps.push(host_try(&dst, helper("detach", vm_id, Some(n), &[])));
+                steps.push(host_try(&dst, helper("detach", vm_id, Some(n), &keep)));
             }
             if delegate {
                 steps.push(Step::RmDir {
@@ -782,10 +786,16 @@ mod tests {
             ]
         );
         let post = lines("postmigrate", &args, &b);
-        assert_eq!(post[0], "host-try host1 detach --vm 42 --disk 0");
+        assert_eq!(
+            post[0],
+            "host-try host1 detach --vm 42 --disk 0 --keep-links"
+        );
         assert_eq!(post.last().unwrap(), "rm-dir-try host1 /d/100/42 host2");
         let fail = lines("failmigrate", &args, &b);
-        assert_eq!(fail[0], "host-try host2 detach --vm 42 --disk 0");
+        assert_eq!(
+            fail[0],
+            "host-try host2 detach --vm 42 --disk 0 --keep-links"
+        );
         assert_eq!(fail[2], "rm-dir-try host2 /d/100/42 host1");
         assert_eq!(fail[3], "host-try host1 migrate-abort --vm 42 --disk 0");
         assert_eq!(fail.last().unwrap(), "delegate-try ceph");

@@ -69,6 +69,9 @@ pub fn probe_lines(conf: Result<HostConf, String>) -> Vec<String> {
     if let Ok(n) = host.disks() {
         out.push(format!("LC_DISKS={n}"));
     }
+    if let Ok(n) = host.stale() {
+        out.push(format!("LC_STALE={n}"));
+    }
     out
 }
 

@@ -80,6 +80,23 @@ impl Rbd {
             .map_err(|e| Error::Server(format!("rbd info {n}: unexpected output ({e})")))
     }
 
+    /// `rbd image-meta get`; `None` when the key is not set.
+    pub fn image_meta(&self, name: &RbdName, key: &str) -> Result<Option<String>> {
+        let n = name.to_string();
+        let mut a: Vec<&str> = self.auth.iter().map(String::as_str).collect();
+        a.extend_from_slice(&["image-meta", "get", &n, key]);
+        let out = self.tool.output(&a)?;
+        if !out.status.success() {
+            if String::from_utf8_lossy(&out.stderr).contains("(2) No such file or directory") {
+                return Ok(None);
+            }
+            return Err(self.tool.failure(&a, &out));
+        }
+        Ok(Some(
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        ))
+    }
+
     pub fn snaps(&self, name: &RbdName) -> Result<Vec<Snap>> {
         let out = self.run(&["snap", "ls", "--format", "json", &name.to_string()])?;
         serde_json::from_str(&out)

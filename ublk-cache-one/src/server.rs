@@ -280,8 +280,38 @@ impl<'a> Servers<'a> {
         }
     }
 
+    /// The unit's drop-in: before every start (a reboot included) the helper
+    /// checks that this host still owns the disk (`boot-check`).
+    fn dropin(&self, rec: &DiskRecord) -> PathBuf {
+        self.conf
+            .systemd_dir
+            .join(format!("{}.d", Self::unit(rec)))
+            .join("ublk-cache-one.conf")
+    }
+
+    fn write_dropin(&self, rec: &DiskRecord) -> Result<()> {
+        let exe = std::env::current_exe().map_err(io_at(
+            "finding the helper's own path for the unit's boot check",
+        ))?;
+        let p = self.dropin(rec);
+        let dir = p.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(dir).map_err(io_at(format!("creating {}", dir.display())))?;
+        let text = format!(
+            "# Written by ublk-cache-one: a host that lost this disk to another one never serves\n\
+             # (nor writes back) its old cache; see `ublk-cache-one boot-check`.\n\
+             [Service]\nExecStartPre={} boot-check --vm {} --disk {}\n",
+            exe.display(),
+            rec.vm,
+            rec.disk
+        );
+        write_atomic(&p.with_extension("conf.tmp"), &p, text.as_bytes(), 0o644)?;
+        self.conf.systemctl.run(&["daemon-reload"])?;
+        Ok(())
+    }
+
     fn start_systemd(&self, rec: &DiskRecord) -> Result<()> {
         let unit = Self::unit(rec);
+        self.write_dropin(rec)?;
         // Type=notify: this returns once the server said READY=1 (every export live).
         if let Err(e) = self.conf.systemctl.run(&["enable", "--now", unit.as_str()]) {
             let _ = self
@@ -379,11 +409,17 @@ impl<'a> Servers<'a> {
         Ok(Stopped::Clean)
     }
 
-    /// `systemctl disable` without stopping (a unit of a disk that is gone).
+    /// `systemctl disable` without stopping (a unit of a disk that is gone),
+    /// and its drop-in removed.
     pub fn disable(&self, rec: &DiskRecord) {
         if rec.launcher == Launcher::Systemd {
             let unit = Self::unit(rec);
             let _ = self.conf.systemctl.run(&["disable", unit.as_str()]);
+            let p = self.dropin(rec);
+            let _ = std::fs::remove_file(&p);
+            if let Some(d) = p.parent() {
+                let _ = std::fs::remove_dir(d);
+            }
         }
     }
 

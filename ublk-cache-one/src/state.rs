@@ -22,6 +22,11 @@ pub enum DiskState {
     /// Stopped cleanly (nothing dirty) with its cache kept for a warm return:
     /// after undeploy or stop. Reclaimable when space is needed.
     Parked,
+    /// Its server died with writes possibly only in the cache, and the image
+    /// has been served by another host since: never served, written back or
+    /// freed automatically (it would overwrite newer data). `ublk-cache-one
+    /// discard` drops it.
+    Stale,
 }
 
 /// The local cache of a disk.
@@ -135,6 +140,25 @@ impl State {
         rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| Error::io(format!("locking {}", path.display()), e.into()))?;
         Ok(Lock { _file: f })
+    }
+
+    /// The disk's lock if nobody holds it, `None` if an action holds it.
+    pub fn try_lock_disk(&self, vm: u32, disk: u32) -> Result<Option<Lock>> {
+        let path = self
+            .locks_dir()
+            .join(format!("{}.lock", disk_name(vm, disk)));
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_at(format!("opening the lock {}", path.display())))?;
+        match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(Lock { _file: f })),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(Error::io(format!("locking {}", path.display()), e.into())),
+        }
     }
 
     /// Held for a whole action on one disk.

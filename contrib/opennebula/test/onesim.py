@@ -32,6 +32,7 @@ import base64
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -1021,18 +1022,37 @@ def delegation_to_the_other_tms_of_the_vm():
     nothing_left("host2", vm, 0, clone_name=f"{POOL}/one-{W.a}-60-0")
 
 
+def use_systemd(host):
+    """LAUNCHER=systemd on `host`, with the systemctl/journalctl test doubles;
+    returns the environment prefix that runs that systemctl by hand."""
+    sd = f"{T}/host/systemd"
+    unit_env = (
+        f"env UBLKC_SYSTEMD_DIR={sd} UBLKC_UNIT_FILE={CONTRIB.parent}/systemd/ublk-cache@.service "
+        f"UBLKC_UNIT_CONF_DIR={T}/host/etc/ublk-cache UBLKC_UNIT_UBLK_CACHE={SHIM}/ublk-cache "
+        f"UBLKC_DROPIN_DIR={sd}/system"
+    )
+    set_conf(host, LAUNCHER="systemd", SYSTEMCTL=f"{unit_env} {SHIM}/systemctl",
+             JOURNALCTL=f"env UBLKC_SYSTEMD_DIR={sd} {SHIM}/journalctl", SYSTEMD_DIR=f"{sd}/system")
+    return unit_env
+
+
+def reset_conf(host):
+    (T / "hosts" / host / "root" / "etc" / "one.conf").write_text(
+        HOST_CONF.format(t=T, shim=SHIM, ceph_dir=Path(CEPH_CONF).parent)
+    )
+
+
+def flush_disk(host, vm, disk_id):
+    r = record(host, vm, disk_id)
+    on(host, f"{UBLK} --run-dir {T}/host/run ctl {r['server']['id']} flush --json")
+
+
 @scenario
 def systemd_units_come_back_after_a_reboot():
     """LAUNCHER=systemd: the real ublk-cache@.service (Type=notify), run by a
     systemctl test double. The unit is enabled, so after a crash and reboot
     of the host (servers killed, tmpfs lost) it serves the disk again."""
-    sd = f"{T}/host/systemd"
-    unit_env = (
-        f"env UBLKC_SYSTEMD_DIR={sd} UBLKC_UNIT_FILE={CONTRIB.parent}/systemd/ublk-cache@.service "
-        f"UBLKC_UNIT_CONF_DIR={T}/host/etc/ublk-cache UBLKC_UNIT_UBLK_CACHE={SHIM}/ublk-cache"
-    )
-    set_conf("host3", LAUNCHER="systemd", SYSTEMCTL=f"{unit_env} {SHIM}/systemctl",
-             JOURNALCTL=f"env UBLKC_SYSTEMD_DIR={sd} {SHIM}/journalctl")
+    unit_env = use_systemd("host3")
     try:
         e = BASE + 5
         model = make_image(e, 5)
@@ -1074,8 +1094,64 @@ def systemd_units_come_back_after_a_reboot():
         check(rbd_export(f"{POOL}/one-{e}") == bytes(model), "the image holds everything written")
         nothing_left("host3", vm, 0)
     finally:
-        f = T / "hosts" / "host3" / "root" / "etc" / "one.conf"
-        f.write_text(HOST_CONF.format(t=T, shim=SHIM, ceph_dir=Path(CEPH_CONF).parent))
+        reset_conf("host3")
+
+
+@scenario
+def a_host_that_lost_its_disk_never_writes_its_cache_back():
+    """BACK data left in a crashed host's cache after the disk moved on
+    (PROLOG_MIGRATE_UNKNOWN) and was written elsewhere: when the host is back,
+    neither its enabled unit (at boot) nor a migration back writes that old
+    data over the image; `ublk-cache-one discard` drops it on the operator's word."""
+    unit_env = use_systemd("host3")
+    try:
+        f = BASE + 6
+        make_image(f, 6)
+        vm = VM(73, [Disk(0, f, True)])
+        vm.history = ["host3"]
+        must(transfer(vm, "prolog", prolog_lines(vm, "host3")), "prolog")
+        # Writes that certainly stay dirty: the OSD is frozen, nothing is written back.
+        osd = int((Path(os.environ["UBLK_CACHE_CEPH_DIR"]) / "run" / "osd.0.pid").read_text())
+        os.kill(osd, signal.SIGSTOP)
+        try:
+            qemu_io("host3", vm, 0, ["write -P 97 0 4M", "flush"])
+            kill_host_servers("host3")
+        finally:
+            os.kill(osd, signal.SIGCONT)
+        (T / "hosts" / "host3" / "down").touch()
+        time.sleep(1)
+        model = bytearray(rbd_export(f"{POOL}/one-{f}"))
+        vm.lcm = 60
+        vm.history.append("host1")
+        must(transfer(vm, "prolog_migr", mv_lines(vm, "host3", "host1")), "migration from the dead host")
+        vm.lcm = 3
+        write(model, "host1", vm, 0, 0, 4, 0x62)
+        flush_disk("host1", vm, 0)
+        # host3 is back and boots: its unit must not start on the old cache.
+        (T / "hosts" / "host3" / "down").unlink()
+        r = on("host3", f"{unit_env} {SHIM}/systemctl ublkc-test-boot", check_rc=False)
+        check(r.returncode != 0, "the unit of the lost disk did not start at boot")
+        journal = (T / "hosts" / "host3" / "root" / "systemd" / "ublk-cache@one-73-0.service.journal").read_text()
+        check("now served by host1" in journal, f"the boot check says why: {journal[-600:]}")
+        check(rbd_export(f"{POOL}/one-{f}") == bytes(model), "nothing was written back at boot")
+        check(record("host3", vm, 0)["state"] == "stale", "host3 keeps the cache as stale")
+        # The VM comes back to host3 (a cold migration): refused, nothing written.
+        vm.lcm = 8
+        vm.history.append("host3")
+        r = transfer(vm, "prolog_migr", mv_lines(vm, "host1", "host3"))
+        expect_error(r, "served by host1", "ublk-cache-one discard --vm 73 --disk 0")
+        check(rbd_export(f"{POOL}/one-{f}") == bytes(model), "nothing was written back at the attach")
+        out = on("host3", f"{HELPER} discard --vm 73 --disk 0").stderr.decode()
+        check("dropped" in out, f"discard: {out}")
+        must(transfer(vm, "prolog_migr", mv_lines(vm, "host1", "host3")), "the migration retried")
+        vm.lcm = 3
+        verify(model, "host3", vm, 0)
+        vm.lcm = 11
+        must(transfer(vm, "epilog", epilog_lines(vm, "host3")), "epilog")
+        nothing_left("host3", vm, 0)
+        check(rbd_export(f"{POOL}/one-{f}") == bytes(model), "the image holds what host1 wrote")
+    finally:
+        reset_conf("host3")
 
 
 @scenario
