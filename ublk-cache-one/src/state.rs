@@ -129,14 +129,18 @@ impl State {
             .join(format!("{}.json", disk_name(vm, disk)))
     }
 
-    fn lock_file(path: &Path) -> Result<Lock> {
-        let f = OpenOptions::new()
+    fn open_lock(path: &Path) -> Result<File> {
+        OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .mode(0o600)
             .open(path)
-            .map_err(io_at(format!("opening the lock {}", path.display())))?;
+            .map_err(io_at(format!("opening the lock {}", path.display())))
+    }
+
+    fn lock_file(path: &Path) -> Result<Lock> {
+        let f = Self::open_lock(path)?;
         rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| Error::io(format!("locking {}", path.display()), e.into()))?;
         Ok(Lock { _file: f })
@@ -147,13 +151,7 @@ impl State {
         let path = self
             .locks_dir()
             .join(format!("{}.lock", disk_name(vm, disk)));
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_at(format!("opening the lock {}", path.display())))?;
+        let f = Self::open_lock(&path)?;
         match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
             Ok(()) => Ok(Some(Lock { _file: f })),
             Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
