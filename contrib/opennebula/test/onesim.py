@@ -409,7 +409,11 @@ def base_content(seed):
     return b"".join(bytes([(i * 7 + seed) & 0xFF or 1]) * MIB for i in range(DISK_MB))
 
 
+IMAGES = []
+
+
 def make_image(image_id, seed):
+    IMAGES.append(image_id)
     f = T / f"base-{image_id}.img"
     f.write_bytes(base_content(seed))
     rbd("import", "--no-progress", str(f), f"{POOL}/one-{image_id}")
@@ -1197,6 +1201,7 @@ RUN_DIR={t}/host/run
 UBLK_CACHE={shim}/ublk-cache
 DEFAULT_CACHE_MB=16
 WAIT_LIVE_S=120
+STOP_TIMEOUT_S=300
 CEPH_PATHS={ceph_dir}
 """
 
@@ -1247,6 +1252,19 @@ def setup():
     (fx / "ds" / f"{CEPH_DS}.xml").write_text(datastore_xml(CEPH_DS, "ceph"))
 
 
+def cleanup_images():
+    """Every image the run made, clones first (the test cluster is kept between
+    runs by hand, and memstore does not grow)."""
+    names = rbd("ls", POOL).stdout.decode().split()
+    ours = [n for n in names if any(n == f"one-{i}" or n.startswith(f"one-{i}-") for i in IMAGES)]
+    for n in sorted(ours, key=len, reverse=True):
+        for snap in json.loads(rbd("snap", "ls", "--format", "json", f"{POOL}/{n}").stdout):
+            if snap["protected"] == "true":
+                rbd("snap", "unprotect", f"{POOL}/{n}@{snap['name']}", check_rc=False)
+        rbd("snap", "purge", "--no-progress", f"{POOL}/{n}", check_rc=False)
+        rbd("rm", "--no-progress", f"{POOL}/{n}", check_rc=False)
+
+
 def main():
     only = sys.argv[1:]
     setup()
@@ -1265,6 +1283,10 @@ def main():
             log(f"FAIL: {fn.__name__} ({time.time() - t0:.1f} s): {e}")
             if not isinstance(e, Fail):
                 traceback.print_exc()
+    try:
+        cleanup_images()
+    except Fail as e:
+        log(f"warning: removing the run's RBD images: {e}")
     log(f"opennebula harness: {len(PASSED)} passed, {len(FAILED)} failed in {time.time() - t_all:.0f} s")
     for f in FAILED:
         log(f"  failed: {f}")
