@@ -5,13 +5,14 @@
 #   scripts/ceph-cluster.sh env DIR     # print `export CEPH_CONF=...` lines for tests
 #   scripts/ceph-cluster.sh stop DIR    # stop the OSD, then the mon; delete DIR
 #   scripts/ceph-cluster.sh status DIR  # exit 0 if the cluster in DIR answers
+#   scripts/ceph-cluster.sh mgr DIR     # also start a ceph-mgr (for `ceph df`); waits for pool stats
 #
 # Everything (conf, keyring, mon store, OSD data, pid files, sockets, logs) lives
 # under DIR; nothing is registered with systemd. The daemons listen on 127.0.0.1
 # only, on a free port range picked at start (or CEPH_CLUSTER_PORT). Data sits in
 # RAM (memstore), sized by CEPH_MEMSTORE_BYTES (default 2 GiB: memstore keeps
-# accepting writes past it, so tests must stay well below). No mgr is run, so
-# `ceph config show`/`ceph df` would hang: every CLI call here is under `timeout`.
+# accepting writes past it, so tests must stay well below). No mgr is run unless
+# asked (`mgr`), so `ceph df` shows no pools: every CLI call here is under `timeout`.
 #
 # `start` installs the Debian packages it needs (ceph-mon ceph-osd ceph-common
 # librbd-dev librados-dev) when they are missing and we are root. It is
@@ -106,6 +107,7 @@ stop() {
         [[ -z $(ls -A "$dir" 2>/dev/null) ]] && return 0
         die "$dir was not made by this script; not touching it"
     fi
+    stop_daemon mgr.x
     stop_daemon osd.0
     stop_daemon mon.a
     if [[ ${CEPH_CLUSTER_KEEP:-0} == 1 ]]; then
@@ -210,8 +212,34 @@ start() {
     say "ready in $((SECONDS - t0)) s: mon 127.0.0.1:$port, dir $dir"
 }
 
+# A mgr on the running cluster, for the pool statistics of `ceph df` (the
+# OpenNebula driver's monitor action); idempotent. Debian's ceph-mgr is
+# installed when missing.
+mgr() {
+    alive || die "no running cluster in $dir (run: $0 start $dir)"
+    if ! pid_of mgr.x >/dev/null; then
+        PKGS=(ceph-mgr)
+        install_pkgs
+        mkdir -p "$dir/mgr/ceph-x"
+        cephq auth get-or-create mgr.x mon 'allow profile mgr' osd 'allow *' mds 'allow *' \
+            >"$dir/mgr/ceph-x/keyring" 2>>"$dir/log/setup.log" || die "creating the mgr key failed; see $dir/log"
+        ceph-mgr -c "$conf" -i x --mgr-data "$dir/mgr/ceph-x" --keyring "$dir/mgr/ceph-x/keyring" \
+            >>"$dir/log/setup.log" 2>&1 || die "ceph-mgr did not start; see $dir/log"
+    fi
+    local i
+    for ((i = 0; i < 600; i++)); do
+        if cephq df --format json 2>/dev/null | grep -q '"name":"rbd"'; then
+            say "mgr ready: ceph df reports the pools"
+            return 0
+        fi
+        sleep 0.1
+    done
+    die "the mgr did not report pool statistics within 60 s; see $dir/log"
+}
+
 case $cmd in
 start) start ;;
+mgr) mgr ;;
 stop) stop ;;
 status) alive ;;
 env)

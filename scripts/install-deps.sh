@@ -16,8 +16,10 @@ have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok
 # scripts/ceph-cluster.sh. nbdkit (its file plugin), python3: the benchmark
 # runner benches/run.py, which compares our NBD export with qemu-nbd and nbdkit.
 # openssl: certificates for the NBD TLS tests. dpkg-dev (dpkg-shlibdeps) and
-# mmdebstrap: scripts/build-deb.sh and scripts/test-deb.sh.
-for p in libclang-dev pkg-config gcc fio e2fsprogs qemu-utils libnbd-bin librbd-dev librados-dev nbdkit python3 openssl dpkg-dev mmdebstrap; do
+# mmdebstrap: scripts/build-deb.sh and scripts/test-deb.sh. shellcheck: the
+# OpenNebula driver's scripts are checked in the harness
+# (contrib/opennebula/test/run.sh).
+for p in libclang-dev pkg-config gcc fio e2fsprogs qemu-utils libnbd-bin librbd-dev librados-dev nbdkit python3 openssl dpkg-dev mmdebstrap shellcheck; do
     have_pkg "$p" || need_apt+=("$p")
 done
 if ((${#need_apt[@]})); then

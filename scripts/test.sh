@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # scripts/test.sh — the whole test suite: formatting, lints, unit and property
 # tests, the NBD export against real clients (qemu-io, qemu-img, nbdinfo,
-# nbdcopy, fio), and the end-to-end scenarios on a real ublk kernel in a QEMU guest.
+# nbdcopy, fio), the OpenNebula driver harness, and the end-to-end scenarios on
+# a real ublk kernel in a QEMU guest.
 #   scripts/test.sh                 # everything (what CI runs)
 #   UBLK_CACHE_SKIP_VM=1 scripts/test.sh   # host tests only (says SKIP loudly)
 # The RBD tests run against a throw-away single-node Ceph cluster that this
@@ -36,6 +37,9 @@ else
 fi
 echo "== cargo test"
 cargo test --workspace
+echo "== OpenNebula driver: transfer actions replayed as oned runs them (contrib/opennebula/test/run.sh)"
+cargo build -q -p ublk-cache -p ublk-cache-one
+contrib/opennebula/test/run.sh
 scripts/ceph-cluster.sh stop "$ceph_dir" || true
 trap - EXIT
 echo "== crash-state harness (fixed seeds, at least 100000 states; CRASH_SOAK=1 for a long soak)"

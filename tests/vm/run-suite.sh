@@ -9,14 +9,16 @@ REPO=$(cd "$HERE/../.." && pwd)
 cd "$REPO"
 
 "$HERE/setup.sh"
-cargo build --release -p ublk-cache
+cargo build --release -p ublk-cache -p ublk-cache-one
 suites=("$@")
-((${#suites[@]})) || suites=(core recovery)
+((${#suites[@]})) || suites=(core recovery opennebula)
 
 rc=0
 for s in "${suites[@]}"; do
     case $s in
         core) disks=(--disk backend:256M --disk cache:48M) ;;
+        # An LVM physical volume for LS_MAD=lvm.
+        opennebula) disks=(--disk pv:96M) ;;
         *) disks=(--disk backend:256M --disk cache:48M) ;;
     esac
     script="$HERE/guest/$s.sh"

@@ -29,11 +29,12 @@ KERNEL_META=${VM_KERNEL_META:-linux-image-6.12-amd64}
 # "crypto-crc32c" (wanted by ext4/jbd2) are not resolved, so the crc32c
 # implementations are listed explicitly. To add a module, append it here.
 MODULES=(crc32c_generic crc32c_intel crc16 mbcache jbd2 ext4 loop virtio_blk
-         netfs 9pnet 9pnet_virtio 9p ublk_drv)
+         netfs 9pnet 9pnet_virtio 9p ublk_drv dm_mod)
 
 # Debian packages the test bed uses on the host (and, through the read-only
-# /usr share, inside the guest). libclang-dev is for the project's bindgen.
-PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio xz-utils fio e2fsprogs libclang-dev)
+# /usr share, inside the guest). libclang-dev is for the project's bindgen;
+# lvm2 for the OpenNebula suite's LS_MAD=lvm (device-mapper is dm_mod above).
+PACKAGES=(qemu-system-x86 qemu-utils busybox-static cpio xz-utils fio e2fsprogs libclang-dev lvm2)
 
 [[ -f $INIT_SRC ]] || die "missing $INIT_SRC"
 mkdir -p "$CACHE"

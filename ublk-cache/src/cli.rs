@@ -193,6 +193,11 @@ pub struct ServeArgs {
     /// earlier stay on this host may be older than the source's last write).
     #[arg(long)]
     pub migrate_in: bool,
+    /// Open the backend read-only and share it (CD-ROMs, images several VMs read):
+    /// an RBD image without its exclusive lock, a file or device with a shared
+    /// flock. Guest writes fail with EIO. Needs --mode none, around or through.
+    #[arg(long)]
+    pub read_only: bool,
 }
 
 /// TLS on the NBD exports (NBD_OPT_STARTTLS).
@@ -230,8 +235,12 @@ pub struct CephArgs {
     #[arg(long, value_name = "NAME", default_value = "admin")]
     pub ceph_id: String,
     /// Keyring with the client's key (default: the one ceph.conf names).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "ceph_keyfile")]
     pub ceph_keyring: Option<PathBuf>,
+    /// A file that holds only the client's key, as `rbd --keyfile` takes it
+    /// (OpenNebula's CEPH_KEY), instead of a keyring.
+    #[arg(long, value_name = "PATH")]
+    pub ceph_keyfile: Option<PathBuf>,
     /// Seconds a backend request (rbd: only) waits for the cluster before it fails
     /// with EIO (default 30; 0 waits forever). Write-back that times out is retried.
     #[arg(long, value_name = "SECS")]

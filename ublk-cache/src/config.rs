@@ -7,6 +7,25 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
+/// The `--config FILE` of a `serve`/`recover` command line, found before
+/// clap parses it (the file may supply options clap requires).
+pub fn config_path(argv: &[OsString]) -> Option<std::path::PathBuf> {
+    let is_serve = argv.iter().skip(1).any(|a| a == "serve" || a == "recover");
+    if !is_serve {
+        return None;
+    }
+    let mut it = argv.iter().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--config" {
+            return it.next().map(std::path::PathBuf::from);
+        }
+        if let Some(v) = a.to_str().and_then(|s| s.strip_prefix("--config=")) {
+            return Some(std::path::PathBuf::from(v));
+        }
+    }
+    None
+}
+
 /// The command-line words a config file stands for, leaving out options that
 /// `given` (the real command line) already has.
 pub fn config_args(path: &Path, given: &[OsString]) -> Result<Vec<OsString>> {
@@ -116,6 +135,24 @@ mod tests {
                 "nbd:unix:/s",
                 "--format"
             ]
+        );
+    }
+
+    #[test]
+    fn the_config_path_is_found_before_parsing() {
+        let v = |a: &[&str]| a.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            config_path(&v(&["ublk-cache", "serve", "--config", "/etc/x.toml"])),
+            Some("/etc/x.toml".into())
+        );
+        assert_eq!(
+            config_path(&v(&["ublk-cache", "recover", "3", "--config=/c"])),
+            Some("/c".into())
+        );
+        assert_eq!(config_path(&v(&["ublk-cache", "list", "--json"])), None);
+        assert_eq!(
+            config_path(&v(&["ublk-cache", "serve", "--backend", "file:/b"])),
+            None
         );
     }
 

@@ -38,17 +38,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Parse the command line; for `serve`/`recover --config FILE`, parse again with
-/// the file's options added (those not given on the command line).
+/// Parse the command line; for `serve`/`recover --config FILE`, with the file's
+/// options added (those not given on the command line) before parsing, so
+/// that required options (`--backend`) may come from the file alone.
 fn parse_cli() -> Result<Cli> {
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let cli = Cli::parse_from(&argv);
-    let config = match &cli.command {
-        Command::Serve(a) | Command::Recover { serve: a, .. } => a.config.clone(),
-        _ => None,
-    };
-    let Some(path) = config else {
-        return Ok(cli);
+    let Some(path) = config::config_path(&argv) else {
+        return Ok(Cli::parse_from(&argv));
     };
     let mut full = argv.clone();
     full.extend(config::config_args(&path, &argv)?);
@@ -421,6 +417,7 @@ fn demo(dir: Option<&Path>, size: u64, cache_size: u64, run_dir: &Path) -> Resul
             ceph_conf: None,
             ceph_id: "admin".into(),
             ceph_keyring: None,
+            ceph_keyfile: None,
             backend_timeout: None,
         },
         cache: Some(cache),
@@ -442,6 +439,7 @@ fn demo(dir: Option<&Path>, size: u64, cache_size: u64, run_dir: &Path) -> Resul
         preload_wait: false,
         metrics: None,
         migrate_in: false,
+        read_only: false,
     };
     server::serve(&args, run_dir)
 }

@@ -55,6 +55,10 @@ pub const META_GENERATION: &str = "ublk-cache.generation";
 /// The change marker of a cache whose server handed the image over in a live
 /// migration: it never matches, so the next attach drops all clean data.
 pub const HANDED_OVER_MARKER: &str = "rbd-handed-over";
+/// The change marker of a cache served over a read-only open of the image
+/// (no lock, so no snapshot of ours can say what others wrote meanwhile): it
+/// never matches, so the next attach drops all clean data.
+pub const READ_ONLY_MARKER: &str = "rbd-read-only-open";
 /// While requests abandoned after their timeout hold this many bytes of buffer,
 /// new requests fail at once instead of piling up more (the cluster is not
 /// answering anyway); they are accepted again as the old ones complete.
@@ -130,16 +134,21 @@ pub(crate) fn connect(opts: &RbdOptions) -> Result<Arc<Cluster>> {
             e,
         )
     })?;
-    if let Some(k) = &opts.keyring {
-        if !k.exists() {
+    // A keyring, or a file with the bare key (`rbd --keyfile`, OpenNebula's CEPH_KEY).
+    for (option, path, what) in [
+        ("keyring", &opts.keyring, "keyring"),
+        ("keyfile", &opts.keyfile, "key file"),
+    ] {
+        let Some(k) = path else { continue };
+        if !k.is_file() {
             return Err(unavailable(
-                format!("ceph keyring {} does not exist", k.display()),
+                format!("ceph {what} {} does not exist", k.display()),
                 Errno(libc::ENOENT),
             ));
         }
         cluster
-            .conf_set("keyring", &k.to_string_lossy())
-            .map_err(|e| unavailable(format!("ceph keyring {}: refused", k.display()), e))?;
+            .conf_set(option, &k.to_string_lossy())
+            .map_err(|e| unavailable(format!("ceph {what} {}: refused", k.display()), e))?;
     }
     let set = |k: &str, v: &str| {
         cluster
@@ -200,7 +209,7 @@ impl RbdBackend {
     pub fn open(spec: &RbdSpec, opts: &RbdOptions) -> Result<RbdBackend> {
         let cluster = connect(opts)?;
         let io = ioctx(&cluster, spec)?;
-        let read_only = spec.snap.is_some();
+        let read_only = spec.snap.is_some() || opts.read_only;
         let image = io
             .open_image(&spec.image, spec.snap.as_deref(), read_only)
             .map_err(|e| match (e.0, &spec.snap) {
@@ -653,7 +662,10 @@ impl RbdBackend {
         if self.read_only {
             return Err(BackendError::new(
                 ErrorKind::ReadOnly,
-                format!("rbd:{}: {op} on a snapshot (read-only)", self.spec),
+                format!(
+                    "rbd:{}: {op} on a read-only open (a snapshot, or --read-only)",
+                    self.spec
+                ),
                 io::Error::from_raw_os_error(libc::EROFS),
             ));
         }
@@ -770,6 +782,9 @@ impl Backend for RbdBackend {
         if let Some(id) = self.snap_id {
             return Ok(Some(format!("rbd-snapshot:{id}")));
         }
+        if self.read_only {
+            return Ok(Some(READ_ONLY_MARKER.to_string()));
+        }
         if !self.holds_for_good() {
             // Handed over (or never claimed): the image is another server's now,
             // so neither a snapshot nor the owner record is ours to write.
@@ -811,6 +826,11 @@ impl Backend for RbdBackend {
                 Some(s) if id.parse() == Ok(s) => BackendChanges::Unchanged,
                 _ => BackendChanges::Unknown,
             });
+        }
+        if marker == READ_ONLY_MARKER {
+            tracing::info!(image = %self.spec,
+                "this cache was filled over a read-only open of the image; treating the whole image as changed");
+            return Ok(BackendChanges::Unknown);
         }
         if marker == HANDED_OVER_MARKER {
             tracing::info!(image = %self.spec,

@@ -79,6 +79,9 @@ pub struct RbdOptions {
     pub id: String,
     /// Keyring file; `None` takes the one ceph.conf names (or the default places).
     pub keyring: Option<PathBuf>,
+    /// A file holding only the client's key (librados' `keyfile`, what
+    /// `rbd --keyfile` and OpenNebula's CEPH_KEY name), instead of a keyring.
+    pub keyfile: Option<PathBuf>,
     /// Seconds to wait for the monitors at connect (librados' client_mount_timeout).
     pub connect_timeout_secs: u32,
     /// How long one I/O request (read, write, flush, discard, write-zeroes) may
@@ -94,6 +97,10 @@ pub struct RbdOptions {
     /// source still writes); take it at the first write instead, waiting up to
     /// `lock_timeout` for the source to stop writing.
     pub defer_lock: bool,
+    /// Open the image read-only, without its exclusive lock and without the
+    /// owner record (CD-ROMs and images several VMs read at once): every
+    /// modifying request fails with `ErrorKind::ReadOnly`.
+    pub read_only: bool,
 }
 
 /// The default of [`RbdOptions::io_timeout`] (and of `--backend-timeout`).
@@ -107,10 +114,12 @@ impl Default for RbdOptions {
             conf: None,
             id: "admin".into(),
             keyring: None,
+            keyfile: None,
             connect_timeout_secs: 30,
             io_timeout: Some(DEFAULT_IO_TIMEOUT),
             lock_timeout: Some(DEFAULT_LOCK_TIMEOUT),
             defer_lock: false,
+            read_only: false,
         }
     }
 }

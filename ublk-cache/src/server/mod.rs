@@ -3,6 +3,7 @@
 //! write back, persist, remove the device) or detach (dirty data stays in the
 //! cache; a ublk device stays for `recover`).
 
+pub mod notify;
 pub mod open;
 pub mod registry;
 pub mod services;
@@ -50,7 +51,8 @@ fn export_lines(exports: &[ExportSpec], device: &str, uris: &[String]) -> Vec<St
         .collect()
 }
 
-/// Print what the drivers and tests wait for, all at once.
+/// Print what the drivers and tests wait for, all at once, and tell systemd
+/// (`Type=notify`) that the server is ready.
 fn announce(lines: &[String]) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
@@ -58,6 +60,7 @@ fn announce(lines: &[String]) {
         let _ = writeln!(out, "{l}");
     }
     let _ = out.flush();
+    notify::ready(lines);
 }
 
 /// Run a server in the foreground until it is stopped.
@@ -84,6 +87,7 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
     if args.mode.uses_cache() && args.cache.is_none() {
         anyhow::bail!("--mode {} needs --cache", args.mode);
     }
+    open::check_read_only(args.read_only, args.mode)?;
     // Check the kernel side and bind the sockets first, before touching any data.
     if with_ublk {
         fe::check_control()?;
@@ -101,7 +105,8 @@ pub fn serve(args: &ServeArgs, run_dir: &Path) -> Result<()> {
     } else {
         Some(Listeners::bind(&nbd_specs, args.socket_mode)?)
     };
-    let (backend, backend_lock) = open::open_backend(&args.backend, &args.ceph, args.migrate_in)?;
+    let (backend, backend_lock) =
+        open::open_backend(&args.backend, &args.ceph, args.migrate_in, args.read_only)?;
     let mut cache = None;
     let mut _cache_lock = None;
     let mut created = false;

@@ -27,17 +27,27 @@ impl PathLock {
 
 /// Lock `path` exclusively, or say who is in the way.
 pub fn lock_path(path: &Path, what: &str) -> Result<PathLock> {
+    flock_path(path, what, false)
+}
+
+/// Lock `path` exclusively, or shared (read-only servers share a backend with
+/// each other, never with a writer).
+fn flock_path(path: &Path, what: &str, shared: bool) -> Result<PathLock> {
     let file = File::open(path)
         .with_context(|| format!("{what} {}: cannot open to lock it", path.display()))?;
+    let how = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
     // SAFETY: flock on a file descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let rc = unsafe { libc::flock(file.as_raw_fd(), how | libc::LOCK_NB) };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            bail!(
-                "{what} {} is in use by another ublk-cache server (see `ublk-cache list`); refusing to share it",
-                path.display()
-            );
+            let share = if shared {
+                "a read-write ublk-cache server has it (see `ublk-cache list`); a read-only server shares it only with other read-only ones"
+            } else {
+                "it is in use by another ublk-cache server (see `ublk-cache list`); refusing to share it \
+                 (only --read-only servers share a backend, with each other)"
+            };
+            bail!("{what} {}: {share}", path.display());
         }
         return Err(err).with_context(|| format!("{what} {}: lock failed", path.display()));
     }
@@ -51,11 +61,14 @@ pub fn lock_path(path: &Path, what: &str) -> Result<PathLock> {
 /// file or device, the image's exclusive lock for RBD (held by the backend
 /// itself, so no `PathLock`).
 /// `migrate_in`: an RBD image's lock is taken at the first write, not at open
-/// (the migration source still writes until switchover).
+/// (the migration source still writes until switchover). `read_only`: no
+/// exclusive lock (RBD: a read-only open; files and devices: a shared flock),
+/// and every write fails.
 pub fn open_backend(
     spec: &BackendSpec,
     ceph: &CephArgs,
     migrate_in: bool,
+    read_only: bool,
 ) -> Result<(Arc<dyn Backend>, Option<PathLock>)> {
     let (path, want_dev) = match spec {
         BackendSpec::File(p) => (p, false),
@@ -66,6 +79,8 @@ pub fn open_backend(
                 conf: ceph.ceph_conf.clone(),
                 id: ceph.ceph_id.clone(),
                 keyring: ceph.ceph_keyring.clone(),
+                keyfile: ceph.ceph_keyfile.clone(),
+                read_only,
                 io_timeout: match ceph.backend_timeout {
                     None => Some(rbd_backend::rbd::DEFAULT_IO_TIMEOUT),
                     Some(0) => None,
@@ -80,8 +95,10 @@ pub fn open_backend(
         }
     };
     let _ = migrate_in; // a file or device is flock'ed; migrate-out releases that
-    if ceph.ceph_conf.is_some() || ceph.ceph_keyring.is_some() {
-        bail!("backend {spec}: --ceph-conf and --ceph-keyring apply to rbd: backends only");
+    if ceph.ceph_conf.is_some() || ceph.ceph_keyring.is_some() || ceph.ceph_keyfile.is_some() {
+        bail!(
+            "backend {spec}: --ceph-conf, --ceph-keyring and --ceph-keyfile apply to rbd: backends only"
+        );
     }
     if ceph.backend_timeout.is_some() {
         bail!(
@@ -103,10 +120,27 @@ pub fn open_backend(
             path.display()
         );
     }
-    let lock = lock_path(path, "backend")?;
-    let b = FileBackend::open(path, OpenOptions::default())
-        .with_context(|| format!("backend {spec}"))?;
+    let lock = flock_path(path, "backend", read_only)?;
+    let opts = OpenOptions {
+        read_only,
+        ..OpenOptions::default()
+    };
+    let b = FileBackend::open(path, opts).with_context(|| format!("backend {spec}"))?;
     Ok((Arc::new(b), Some(lock)))
+}
+
+/// `--read-only` serves only modes that send every write to the backend (where
+/// it fails): `back` and `offline` would acknowledge writes from the cache that
+/// could never be written back.
+pub fn check_read_only(read_only: bool, mode: policies::CacheMode) -> Result<()> {
+    use policies::CacheMode;
+    if read_only && matches!(mode, CacheMode::Back | CacheMode::Offline) {
+        bail!(
+            "--read-only cannot serve --mode {mode}: it would keep guest writes in the cache that can never \
+             reach the read-only backend; use --mode none, around or through"
+        );
+    }
+    Ok(())
 }
 
 /// Open the cache, creating a file of `size` bytes if nothing is there yet.
