@@ -15,8 +15,8 @@ use ublk_cache::{Engine, EngineConfig};
 use crate::check::History;
 use crate::overlay::{Delta, Overlay};
 use crate::recording::{Clock, DevOp, Recording, Stamped};
-use crate::rng::Rng;
 use crate::workload::{self, WorkloadConfig, SECTOR};
+use testkit::Rng;
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {

@@ -1,21 +1,13 @@
 //! The command line refuses bad input with messages that name the problem, and
 //! exits non-zero without touching data. Runs the real binary.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-#[path = "common/nbd_client.rs"]
-mod nbd_client;
-#[path = "common/serve.rs"]
-mod serve;
-
-use nbd_client::Client;
-
-fn bin() -> Command {
-    serve::bin()
-}
+use testkit::nbd_client::Client;
+use testkit::serve;
 
 fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("the binary runs")
+    serve::bin().args(args).output().expect("the binary runs")
 }
 
 fn stderr(o: &Output) -> String {
@@ -186,7 +178,7 @@ fn demo_without_the_ublk_driver_serves_over_nbd() {
     }
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("demo");
-    let mut cmd = bin();
+    let mut cmd = serve::bin();
     cmd.arg("--run-dir")
         .arg(d.path().join("run"))
         .args(["demo", "--size", "64M", "--cache-size", "16M", "--dir"])

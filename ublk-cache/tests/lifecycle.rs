@@ -4,20 +4,16 @@
 //! between two servers on one backend (two hosts sharing storage), completed
 //! and aborted.
 
-#[path = "common/nbd_client.rs"]
-mod nbd_client;
-#[path = "common/serve.rs"]
-mod serve;
-
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nbd_client::Client;
 use serde_json::Value;
-use serve::{bin, run, Disk};
+use testkit::nbd_client::Client;
+use testkit::pattern;
+use testkit::serve::{bin, run, Disk};
 
 const MIB: u64 = 1 << 20;
 
@@ -50,12 +46,6 @@ fn cmd_json(run_dir: &Path, verb: &str, id: u64) -> Value {
         .arg(id.to_string())
         .arg("--json"));
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{verb}: {e}: {out}"))
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
-        .collect()
 }
 
 fn file_range(p: &Path, off: u64, len: usize) -> Vec<u8> {

@@ -39,12 +39,10 @@ fn run(order: WritebackOrder, load: Load, seconds: f64) -> f64 {
     };
     let e = Engine::open(backend, Some(cache as Arc<dyn Backend>), cfg).expect("attach");
     let data = vec![7u8; 4096];
-    let (mut n, mut x) = (0u64, 12345u64);
+    let (mut n, mut rng) = (0u64, testkit::Rng::new(12345));
     let t = Instant::now();
     while t.elapsed().as_secs_f64() < seconds {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = rng.next_u64();
         match load {
             Load::Journal => {
                 e.write((x % 8) * 4096, &data, false).expect("write");

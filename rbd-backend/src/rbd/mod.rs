@@ -28,8 +28,6 @@ mod admin;
 mod ffi;
 mod handover;
 mod spec;
-#[doc(hidden)]
-pub mod testing;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -1,11 +1,7 @@
-//! Running the real binary as an NBD server in tests, and the real NBD clients
-//! (qemu-io, qemu-img, nbdinfo, nbdcopy, fio) against it.
-//!
-//! A missing client tool prints `SKIP: ...` and the test returns, unless
-//! `UBLK_CACHE_REQUIRE_NBD_CLIENTS=1` (scripts/test.sh, i.e. CI, sets it after
-//! installing them): then it fails.
-
-#![allow(dead_code)]
+//! Running the real `ublk-cache` binary in tests (a `serve` process with NBD
+//! exports, and the CLI), and the real NBD clients (qemu-io, qemu-img,
+//! nbdinfo, nbdcopy, fio) against it. A missing client tool follows the SKIP
+//! rule of [`crate::skip`].
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,29 +9,34 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-pub fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ublk-cache"))
+pub use crate::skip::{fio_with_nbd, tool};
+
+/// The `ublk-cache` binary cargo built for this test run. Integration test
+/// binaries live in `target/PROFILE/deps/`, the crate's binaries one up.
+pub fn bin_path() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("the target directory");
+    let p = dir.join("ublk-cache");
+    assert!(
+        p.is_file(),
+        "{} is missing: run the tests through cargo (it builds the binary for the ublk-cache package's tests)",
+        p.display()
+    );
+    p
 }
 
-/// The path of `tool`, or `None` after printing why the test is skipped.
-pub fn tool(name: &str) -> Option<PathBuf> {
-    // /usr/bin first: a pyenv python earlier on PATH breaks Debian's python tools.
-    let path = format!(
-        "/usr/bin:/usr/sbin:{}",
-        std::env::var("PATH").unwrap_or_default()
-    );
-    for dir in std::env::split_paths(&path) {
-        let p = dir.join(name);
-        if p.is_file() {
-            return Some(p);
-        }
-    }
-    let why = format!("{name} is not installed (scripts/install-deps.sh installs it)");
-    if std::env::var("UBLK_CACHE_REQUIRE_NBD_CLIENTS").as_deref() == Ok("1") {
-        panic!("{why}, and UBLK_CACHE_REQUIRE_NBD_CLIENTS=1");
-    }
-    println!("SKIP: {why}");
-    None
+/// A command running the `ublk-cache` binary.
+pub fn bin() -> Command {
+    Command::new(bin_path())
 }
 
 /// Run a command; fail the test with its output if it fails. Returns stdout.
@@ -254,29 +255,11 @@ impl Drop for Server {
     }
 }
 
-/// A small deterministic PRNG (xorshift64*), so workloads are reproducible.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// `ublk-cache --run-dir DIR/run serve --backend rbd:SPEC` with the test
 /// cluster's conf and keyring; the caller adds the rest.
 #[cfg(feature = "rbd")]
 pub fn rbd_serve_cmd(
-    c: &rbd_backend::rbd::testing::TestCluster,
+    c: &crate::ceph::TestCluster,
     spec: &rbd_backend::RbdSpec,
     dir: &Path,
 ) -> Command {

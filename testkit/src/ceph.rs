@@ -1,11 +1,13 @@
 //! Helpers for tests that need the real Ceph cluster of `scripts/ceph-cluster.sh`
-//! (shared by this crate's and ublk-cache's integration tests).
+//! (rbd-backend's and ublk-cache's integration tests, and the rbd row of the
+//! backend factory).
 //!
 //! The cluster is found through `UBLK_CACHE_CEPH_CONF` (and
 //! `UBLK_CACHE_CEPH_KEYRING`, `UBLK_CACHE_CEPH_DIR`), which
 //! `scripts/ceph-cluster.sh env DIR` prints and `scripts/test.sh` exports.
 //! Without them a test prints `SKIP:` and passes, unless
-//! `UBLK_CACHE_REQUIRE_CEPH=1` (set by scripts/test.sh, so CI never skips).
+//! `UBLK_CACHE_REQUIRE_CEPH=1` (set by scripts/test.sh, so CI never skips):
+//! the rule of [`crate::skip`].
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -13,7 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{RbdAdmin, RbdOptions, RbdSpec};
+use rbd_backend::{RbdAdmin, RbdOptions, RbdSpec};
+
+use crate::skip::{missing, Bed};
 
 pub struct TestCluster {
     pub conf: PathBuf,
@@ -26,14 +30,14 @@ pub struct TestCluster {
 /// The test cluster, or `None` after printing a loud SKIP line.
 pub fn cluster(test: &str) -> Option<TestCluster> {
     let Some(conf) = std::env::var_os("UBLK_CACHE_CEPH_CONF").map(PathBuf::from) else {
-        if std::env::var("UBLK_CACHE_REQUIRE_CEPH").as_deref() == Ok("1") {
-            panic!("{test}: UBLK_CACHE_REQUIRE_CEPH=1 but UBLK_CACHE_CEPH_CONF is not set");
-        }
-        eprintln!(
-            "SKIP: {test}: no Ceph test cluster (run `scripts/ceph-cluster.sh start DIR` and \
-             `eval \"$(scripts/ceph-cluster.sh env DIR)\"`, or scripts/test.sh): the RBD backend was NOT tested"
+        return missing(
+            Bed::Ceph,
+            &format!(
+                "{test}: no Ceph test cluster, UBLK_CACHE_CEPH_CONF is not set (run \
+                 `scripts/ceph-cluster.sh start DIR` and `eval \"$(scripts/ceph-cluster.sh env DIR)\"`, \
+                 or scripts/test.sh): the RBD backend was NOT tested"
+            ),
         );
-        return None;
     };
     let keyring = std::env::var_os("UBLK_CACHE_CEPH_KEYRING").map(PathBuf::from);
     let dir = std::env::var_os("UBLK_CACHE_CEPH_DIR").map(PathBuf::from);
@@ -284,19 +288,4 @@ impl Drop for Watchdog {
     fn drop(&mut self) {
         self.done.store(true, Ordering::Release);
     }
-}
-
-/// Deterministic test data: a splitmix64 stream.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = x;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        v.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
-    }
-    v.truncate(len);
-    v
 }

@@ -3,9 +3,8 @@
 //! `send`/`recv`). Written from the protocol document independently of the
 //! server's code (its own constants), so the two check each other.
 //!
-//! Shared by the library's unit tests and the integration tests (`#[path]`).
-
-#![allow(dead_code)]
+//! Used by the library's unit tests and the integration tests. Do not build it
+//! on the server's `proto` module: its independence is the point.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
