@@ -65,6 +65,7 @@ fn setup(mode: CacheMode, backend_lines: u64, cache_lines: u64) -> Setup {
         format: true,
         cache_bytes: Some(cache_bytes),
         line_size: Some(LINE as u32),
+        shadow_dir: ublk_cache_benches::shadow_dir(),
         ..EngineConfig::default()
     };
     let engine = Engine::open(
@@ -246,7 +247,7 @@ fn main() {
         tempfile::tempdir()
     }
     .expect("a directory for crash shadows");
-    std::env::set_var(ublk_cache::engine::shadow::SHADOW_DIR_ENV, dir.path());
+    ublk_cache_benches::use_shadow_dir(dir.path());
     benches();
     Criterion::default().configure_from_args().final_summary();
 }

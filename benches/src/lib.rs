@@ -2,7 +2,25 @@
 //! interleaved, and prints ratios: on these noisy machines only numbers taken
 //! side by side mean anything.
 
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
+
+static SHADOW_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Give this bench process's engines a private crash-shadow directory (the
+/// caller owns and removes it); [`shadow_dir`] hands it out.
+pub fn use_shadow_dir(dir: &Path) {
+    let _ = SHADOW_DIR.set(dir.to_path_buf());
+}
+
+/// The directory set by [`use_shadow_dir`] (else the engine's default).
+pub fn shadow_dir() -> PathBuf {
+    SHADOW_DIR
+        .get()
+        .cloned()
+        .unwrap_or_else(|| ublk_cache::engine::shadow::DEFAULT_DIR.into())
+}
 
 /// Median, min and max of a set of samples.
 pub fn summary(mut v: Vec<f64>) -> (f64, f64, f64) {

@@ -209,6 +209,7 @@ fn read_only_refuses_changes_but_reads_and_flushes() {
         let opts = OpenOptions {
             read_only: true,
             direct: s.direct,
+            ..OpenOptions::default()
         };
         let b = FileBackend::open_with_engine(&path, opts, Arc::clone(&s.engine)).expect("open");
         assert!(b.is_read_only());
@@ -411,4 +412,36 @@ fn unaligned_file_size_falls_back_to_buffered() {
         assert_eq!(&r[..10], &pattern(2, 1000)[980..990]);
         assert_eq!(std::fs::metadata(&path).expect("stat").len(), 1000);
     });
+}
+
+/// An exclusive backend holds its flock until dropped; `release_lock` lends it
+/// (a migration's source), `acquire_lock` takes it back once it is free.
+#[test]
+fn an_exclusive_backend_holds_its_flock_and_can_lend_it() {
+    let dir = scratch_dir!();
+    let path = make_file(&dir, "lock.img", &vec![0u8; MIB]);
+    let excl = OpenOptions {
+        exclusive: true,
+        ..OpenOptions::default()
+    };
+    let a = FileBackend::open(&path, excl).expect("first holder");
+    let err = FileBackend::open(&path, excl).expect_err("a second holder is refused");
+    assert!(rbd_backend::file::is_locked_elsewhere(&err), "{err}");
+    assert!(
+        err.to_string().contains("locked by another process"),
+        "{err}"
+    );
+    // Without `exclusive` nothing is locked (tests, tools).
+    FileBackend::open(&path, OpenOptions::default()).expect("a plain open");
+    a.release_lock().expect("release");
+    a.write_at(0, &[1u8; 4096])
+        .expect("writes go on while the lock is lent");
+    let b = FileBackend::open(&path, excl).expect("the lock is free now");
+    let err = a
+        .acquire_lock()
+        .expect_err("taken while someone else holds it");
+    assert!(rbd_backend::file::is_locked_elsewhere(&err), "{err}");
+    drop(b);
+    a.acquire_lock().expect("free again");
+    assert!(FileBackend::open(&path, excl).is_err());
 }

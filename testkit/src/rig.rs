@@ -3,6 +3,7 @@
 //! engine tests, the RBD engine tests and the benches, so that a set-up is
 //! written once.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -30,13 +31,27 @@ pub fn cfg(mode: CacheMode) -> EngineConfig {
     cfg_line(mode, LINE)
 }
 
-/// `mode` with `line`-byte lines.
+/// `mode` with `line`-byte lines, crash shadows in [`shadow_dir`].
 pub fn cfg_line(mode: CacheMode, line: u32) -> EngineConfig {
     EngineConfig {
         mode,
         line_size: Some(line),
+        shadow_dir: shadow_dir(),
         ..EngineConfig::default()
     }
+}
+
+/// Where test engines (and test servers) keep their crash shadows: a tmpfs
+/// like production's where there is one, but not production's directory.
+/// Shared by test processes; shadows are named by their cache's uuid.
+pub fn shadow_dir() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    let base = if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    base.join("ublk-cache-tests")
 }
 
 /// Attach `cache` in front of `backend`.

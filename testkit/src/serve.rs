@@ -34,9 +34,12 @@ pub fn bin_path() -> PathBuf {
     p
 }
 
-/// A command running the `ublk-cache` binary.
+/// A command running the `ublk-cache` binary, its crash shadows kept out of
+/// production's directory.
 pub fn bin() -> Command {
-    Command::new(bin_path())
+    let mut c = Command::new(bin_path());
+    c.env("UBLK_CACHE_SHADOW_DIR", crate::rig::shadow_dir());
+    c
 }
 
 /// Run a command; fail the test with its output if it fails. Returns stdout.

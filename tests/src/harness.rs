@@ -31,6 +31,8 @@ pub struct RunConfig {
     pub variants: usize,
     /// Test-only fault: write back newest epoch first. The harness must catch it.
     pub reverse_writeback_bug: bool,
+    /// Where the engines keep their crash shadows (a private directory).
+    pub shadow_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Default)]
@@ -150,6 +152,7 @@ pub fn run(cfg: &RunConfig) -> RunReport {
         mode: cfg.mode,
         order: cfg.order,
         line_size: Some(cfg.line_size),
+        shadow_dir: cfg.shadow_dir.clone(),
         ..EngineConfig::default()
     };
     let engine = match Engine::open(

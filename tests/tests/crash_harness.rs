@@ -14,20 +14,20 @@ fn cfg(mode: CacheMode, order: WritebackOrder, seed: u64) -> RunConfig {
         points: 25,
         variants: 3,
         reverse_writeback_bug: false,
+        shadow_dir: shadow_dir(),
     }
 }
 
-/// One shadow directory for the whole test process: the variable is global, and
-/// a test that changed it under another would leave that one's shadows behind.
-fn shadow_dir() {
+/// One private shadow directory for the whole test process.
+fn shadow_dir() -> std::path::PathBuf {
     static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    let d = DIR.get_or_init(|| tempfile::tempdir().unwrap());
-    std::env::set_var(ublk_cache::engine::shadow::SHADOW_DIR_ENV, d.path());
+    DIR.get_or_init(|| tempfile::tempdir().unwrap())
+        .path()
+        .to_path_buf()
 }
 
 #[test]
 fn short_runs_in_every_mode_find_no_violation() {
-    shadow_dir();
     let mut states = 0;
     for mode in [
         CacheMode::None,
@@ -50,7 +50,6 @@ fn short_runs_in_every_mode_find_no_violation() {
 
 #[test]
 fn writing_back_newest_epoch_first_is_caught() {
-    shadow_dir();
     // Several seeds: the bug shows whenever two epochs are dirty at once and
     // the crash lands between their write-backs.
     let caught = (1..=6).any(|seed| {

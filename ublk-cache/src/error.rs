@@ -16,9 +16,9 @@ pub enum EngineErrorKind {
     Corrupt,
     /// The cache belongs to another backend or another geometry: refused.
     Mismatch,
-    /// The cache device holds data that is not a ublk-cache: refused without --format.
+    /// The cache device holds data that is not a ublk-cache: refused unless formatting is asked for.
     NotEmpty,
-    /// Acting would lose dirty data: refused without an explicit operator flag.
+    /// Acting would lose dirty data: refused unless the operator says so.
     DirtyData,
     /// A guest request outside the device or otherwise malformed.
     InvalidRequest,
@@ -28,12 +28,33 @@ pub enum EngineErrorKind {
     Config,
 }
 
+/// A way forward from a refusal, for the operator. The engine names the
+/// problem and the remedies; the binary says how to apply each (its options),
+/// so no engine message names a command-line flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Remedy {
+    /// Initialize the cache device anew; destroys what it holds.
+    Format,
+    /// Drop the cache's dirty data; the writes it holds are lost.
+    DiscardDirty,
+    /// Write the dirty data back over the backend's newer data in those ranges.
+    AcceptBackendChange,
+    /// Restart the server in offline mode.
+    StartOffline,
+    /// Write the dirty data back to the backend first, then try again.
+    WriteBackFirst,
+    /// Give the crash shadow a writable tmpfs directory.
+    ShadowDir,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct EngineError {
     kind: EngineErrorKind,
     message: String,
     errno: i32,
+    remedies: Vec<Remedy>,
 }
 
 impl EngineError {
@@ -47,7 +68,19 @@ impl EngineError {
             kind,
             message: message.into(),
             errno,
+            remedies: Vec::new(),
         }
+    }
+
+    /// The same error, naming these ways forward.
+    pub fn with_remedies(mut self, remedies: &[Remedy]) -> Self {
+        self.remedies = remedies.to_vec();
+        self
+    }
+
+    /// What the operator can do about it (empty: nothing but fixing the cause).
+    pub fn remedies(&self) -> &[Remedy] {
+        &self.remedies
     }
 
     pub fn backend(context: &str, e: BackendError) -> Self {
@@ -61,6 +94,7 @@ impl EngineError {
             kind: EngineErrorKind::BackendIo,
             message: format!("backend {context}: {e}"),
             errno,
+            remedies: Vec::new(),
         }
     }
 
@@ -69,6 +103,7 @@ impl EngineError {
             kind: EngineErrorKind::CacheIo,
             message: format!("cache device {context}: {e}"),
             errno: libc::EIO,
+            remedies: Vec::new(),
         }
     }
 

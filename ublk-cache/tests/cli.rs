@@ -344,3 +344,46 @@ fn list_and_stop_use_the_registry() {
         "{out}"
     );
 }
+
+/// `UBLK_CACHE_IO_ENGINE` forces the file backends' I/O engine; a misspelt
+/// value is refused naming the variable (the binary reads it, not the library).
+#[test]
+fn the_io_engine_variable_is_read_by_the_binary() {
+    let d = tempfile::tempdir().unwrap();
+    let backend = d.path().join("b.img");
+    std::fs::File::create(&backend)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let sock = d.path().join("nbd.sock");
+    let args = [
+        "--run-dir".to_string(),
+        d.path().join("run").display().to_string(),
+        "serve".into(),
+        "--backend".into(),
+        format!("file:{}", backend.display()),
+        "--mode".into(),
+        "none".into(),
+        "--export".into(),
+        format!("nbd:unix:{}", sock.display()),
+    ];
+    let o = serve::bin()
+        .args(&args)
+        .env("UBLK_CACHE_IO_ENGINE", "posix-aio")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("UBLK_CACHE_IO_ENGINE") && e.contains("posix-aio"),
+        "{e}"
+    );
+    let mut cmd = serve::bin();
+    cmd.args(&args)
+        .env("UBLK_CACHE_IO_ENGINE", "sync")
+        .env("UBLK_CACHE_LOG", "debug");
+    let srv = serve::start(cmd, 1, d.path().join("serve.log"));
+    let log = srv.log();
+    srv.stop();
+    assert!(log.contains("engine=sync"), "{log}");
+}

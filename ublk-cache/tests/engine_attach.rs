@@ -10,7 +10,7 @@ use testkit::rig::{
     assert_refused, back_engine_refusing_write_back, cfg, fill, mem, open, read, try_open, MIB,
 };
 use ublk_cache::target::BlockTarget;
-use ublk_cache::EngineErrorKind;
+use ublk_cache::{EngineErrorKind, Remedy};
 
 #[test]
 fn warm_restart_serves_from_the_cache() {
@@ -137,11 +137,12 @@ fn a_device_holding_other_data_is_not_formatted_without_asking() {
     let mut raw = vec![0u8; 4 * MIB as usize];
     raw[1024..1028].copy_from_slice(b"\x53\xef\x01\x00");
     let c = Arc::new(MemBackend::builder().data(raw).build());
-    assert_refused(
+    let err = assert_refused(
         try_open(b.clone(), c.clone(), cfg(CacheMode::Back)),
         EngineErrorKind::NotEmpty,
-        "--format",
+        "first MiB is not empty",
     );
+    assert_eq!(err.remedies(), [Remedy::Format], "{err}");
     let mut f = cfg(CacheMode::Back);
     f.format = true;
     open(b.clone(), c.clone(), f).shutdown().unwrap();
@@ -209,9 +210,13 @@ fn backend_changed_with_dirty_data_is_refused_naming_both_ways_forward() {
     let err = assert_refused(
         try_open(open_file(), c.clone(), cfg(CacheMode::Back)),
         EngineErrorKind::DirtyData,
-        "--discard-dirty",
+        "for changed ranges",
     );
-    assert!(err.to_string().contains("--accept-backend-change"), "{err}");
+    assert_eq!(
+        err.remedies(),
+        [Remedy::AcceptBackendChange, Remedy::DiscardDirty],
+        "both ways forward are named"
+    );
     let mut accept = cfg(CacheMode::Back);
     accept.accept_backend_change = true;
     let e = open(open_file(), c.clone(), accept);

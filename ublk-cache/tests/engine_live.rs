@@ -13,7 +13,7 @@ use testkit::rig::{
 };
 use ublk_cache::engine::PreloadOptions;
 use ublk_cache::target::BlockTarget;
-use ublk_cache::{Engine, EngineConfig, EngineErrorKind};
+use ublk_cache::{Engine, EngineConfig, EngineErrorKind, Remedy};
 
 #[test]
 fn switching_from_back_drains_with_writes_going_on_and_loses_nothing() {
@@ -214,7 +214,7 @@ fn invalidate_refuses_while_dirty_and_drops_clean_data_after_a_flush() {
     e.write(0, &[1u8; 65536], false).unwrap();
     let err = e.invalidate_clean().unwrap_err();
     assert_eq!(err.kind(), EngineErrorKind::DirtyData);
-    assert!(err.to_string().contains("ctl flush"), "{err}");
+    assert_eq!(err.remedies(), [Remedy::WriteBackFirst], "{err}");
     fb.set_read_only(false);
     e.flush_to_backend(None).unwrap();
     assert_eq!(&b.snapshot()[..65536], &[1u8; 65536][..]);
@@ -264,7 +264,7 @@ fn a_migration_destination_starts_cold_and_refuses_dirty_data() {
     e.write(0, &[2u8; 4096], false).unwrap();
     e.detach_keep_dirty().unwrap();
     assert_eq!(e.stats().dirty_bytes, 4096);
-    assert_refused(
+    let err = assert_refused(
         try_open(
             b.clone(),
             c.clone(),
@@ -274,8 +274,9 @@ fn a_migration_destination_starts_cold_and_refuses_dirty_data() {
             },
         ),
         EngineErrorKind::DirtyData,
-        "--discard-dirty",
+        "a migration destination",
     );
+    assert_eq!(err.remedies(), [Remedy::DiscardDirty], "{err}");
 }
 
 #[test]

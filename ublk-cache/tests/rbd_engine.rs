@@ -14,7 +14,7 @@ use testkit::ceph::{rbd_test, TestCluster};
 use testkit::pattern;
 use testkit::rig::{self, open};
 use ublk_cache::target::BlockTarget;
-use ublk_cache::{Engine, EngineConfig, EngineErrorKind};
+use ublk_cache::{Engine, EngineConfig, EngineErrorKind, Remedy};
 
 fn open_engine(
     backend: Arc<dyn Backend>,
@@ -114,9 +114,13 @@ fn rbd_dirty_data_over_a_changed_range_is_refused() {
     let err = rig::assert_refused(
         rig::try_open(open_rbd(&c, &img.spec), cache.clone(), back_cfg()),
         EngineErrorKind::DirtyData,
-        "--accept-backend-change",
+        "for changed ranges",
     );
-    assert!(err.to_string().contains("--discard-dirty"), "{err}");
+    assert_eq!(
+        err.remedies(),
+        [Remedy::AcceptBackendChange, Remedy::DiscardDirty],
+        "both ways forward are named"
+    );
 
     // Writing the dirty data back over the change (the snapshot was consumed by
     // the refused attach, so this attach sees "unknown" and keeps only dirty data).

@@ -47,6 +47,7 @@ fn outage(c: &TestCluster, osd: i32, order: WritebackOrder) {
         mode: CacheMode::Back,
         order,
         line_size: Some(LINE as u32),
+        shadow_dir: testkit::rig::shadow_dir(),
         ..EngineConfig::default()
     };
     let rbd = RbdBackend::open(&img.spec, &c.opts()).expect("open");

@@ -49,6 +49,7 @@ fn rbd_requests_time_out_during_an_osd_outage() {
         mode: CacheMode::Back,
         order: WritebackOrder::Ordered,
         line_size: Some(LINE as u32),
+        shadow_dir: testkit::rig::shadow_dir(),
         ..EngineConfig::default()
     };
     let e = open(rbd.clone(), cache, cfg);

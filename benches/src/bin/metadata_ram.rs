@@ -79,6 +79,7 @@ fn measure(gib: u64, base: &Path, shadow_dir: &Path) -> Result<Row, String> {
         mode: CacheMode::Back,
         cache_bytes: Some(cache_bytes),
         line_size: Some(LINE as u32),
+        shadow_dir: ublk_cache_benches::shadow_dir(),
         ..EngineConfig::default()
     };
     let before = rss_anon()?;
@@ -134,7 +135,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    std::env::set_var(ublk_cache::engine::shadow::SHADOW_DIR_ENV, shadow.path());
+    ublk_cache_benches::use_shadow_dir(shadow.path());
     let mut sizes = Vec::new();
     let mut json = false;
     for a in std::env::args().skip(1) {

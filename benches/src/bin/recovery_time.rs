@@ -35,6 +35,7 @@ fn attach(dir: &std::path::Path, cache_bytes: u64) -> (Arc<Engine>, f64) {
     let cfg = EngineConfig {
         mode: CacheMode::Back,
         cache_bytes: Some(cache_bytes),
+        shadow_dir: ublk_cache_benches::shadow_dir(),
         ..EngineConfig::default()
     };
     let t = Instant::now();
@@ -44,7 +45,7 @@ fn attach(dir: &std::path::Path, cache_bytes: u64) -> (Arc<Engine>, f64) {
 
 fn main() {
     let shadow = tempfile::tempdir().expect("shadow dir");
-    std::env::set_var(ublk_cache::engine::shadow::SHADOW_DIR_ENV, shadow.path());
+    ublk_cache_benches::use_shadow_dir(shadow.path());
     let sizes: Vec<u64> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())

@@ -48,7 +48,7 @@ fn run() -> Result<(), String> {
     }
 
     let shadow = tempfile::tempdir().map_err(|e| format!("shadow dir: {e}"))?;
-    std::env::set_var(ublk_cache::engine::shadow::SHADOW_DIR_ENV, shadow.path());
+    ublk_cache_benches::use_shadow_dir(shadow.path());
 
     let file = FileBackend::open(&backend_path, OpenOptions::default())
         .map_err(|e| format!("backend {}: {e}", backend_path.display()))?;
@@ -74,6 +74,7 @@ fn run() -> Result<(), String> {
     let cfg = EngineConfig {
         mode: CacheMode::Back,
         cache_bytes: Some(cache_bytes),
+        shadow_dir: ublk_cache_benches::shadow_dir(),
         ..EngineConfig::default()
     };
     let e = Engine::open(

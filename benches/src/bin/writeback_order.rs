@@ -35,6 +35,7 @@ fn run(order: WritebackOrder, load: Load, seconds: f64) -> f64 {
     let cfg = EngineConfig {
         mode: CacheMode::Back,
         order,
+        shadow_dir: ublk_cache_benches::shadow_dir(),
         ..EngineConfig::default()
     };
     let e = Engine::open(backend, Some(cache as Arc<dyn Backend>), cfg).expect("attach");
@@ -66,7 +67,7 @@ fn run(order: WritebackOrder, load: Load, seconds: f64) -> f64 {
 
 fn main() {
     let shadow = tempfile::tempdir().expect("shadow dir");
-    std::env::set_var(ublk_cache::engine::shadow::SHADOW_DIR_ENV, shadow.path());
+    ublk_cache_benches::use_shadow_dir(shadow.path());
     let rounds: usize = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())

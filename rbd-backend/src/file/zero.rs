@@ -173,8 +173,8 @@ mod tests {
             let b = FileBackend::open_with_engine(
                 &path,
                 OpenOptions {
-                    read_only: false,
                     direct,
+                    ..OpenOptions::default()
                 },
                 Arc::new(SyncEngine::new()),
             )

@@ -10,11 +10,11 @@ use rbd_backend::{Backend, BackendChanges};
 use tracing::{info, warn};
 
 use super::persist::{encode_block, write_blocks};
-use super::shadow::{shadow_dir, Shadow, SHADOW_DIR_ENV};
+use super::shadow::Shadow;
 use super::state::{Line, State};
 use super::store::{read_superblock, write_superblock, CacheStore};
 use super::{bits, lock, Cache, Engine, Stats};
-use crate::error::{EngineError, EngineErrorKind, EngineResult};
+use crate::error::{EngineError, EngineErrorKind, EngineResult, Remedy};
 use crate::format::superblock::BackendRecord;
 use crate::format::{
     EntryCodec, FormatError, Layout, LineEntry, SbState, Superblock, META_BLOCK, SECTOR_SIZE,
@@ -39,6 +39,8 @@ pub struct EngineConfig {
     /// Drop all clean cached data at attach (a live-migration destination: the
     /// source may write the backend until switchover); refuse dirty data.
     pub cold_start: bool,
+    /// Where the crash shadow lives: a tmpfs directory (see `shadow`).
+    pub shadow_dir: std::path::PathBuf,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +54,7 @@ impl Default for EngineConfig {
             discard_dirty: false,
             accept_backend_change: false,
             cold_start: false,
+            shadow_dir: super::shadow::DEFAULT_DIR.into(),
         }
     }
 }
@@ -160,8 +163,8 @@ impl Engine {
                 if cfg.format {
                     return Err(refuse(
                         EngineErrorKind::Config,
-                        "the cache device holds a ublk-cache; --format re-creates only caches that are unreadable or foreign. \
-                         To start over, detach cleanly and delete or wipe the cache first",
+                        "the cache device holds a ublk-cache; formatting re-creates only caches that are unreadable or \
+                         foreign. To start over, detach cleanly and delete or wipe the cache first",
                     ));
                 }
                 Self::validate(&sb, &rec, dev_size, cfg)?
@@ -170,22 +173,22 @@ impl Engine {
                 if !cfg.format && !Self::looks_empty(dev.as_ref())? {
                     return Err(refuse(
                         EngineErrorKind::NotEmpty,
-                        "the cache device has no ublk-cache superblock and its first MiB is not empty; \
-                         pass --format to initialize it (this destroys what it holds)",
-                    ));
+                        "the cache device has no ublk-cache superblock and its first MiB is not empty",
+                    )
+                    .with_remedies(&[Remedy::Format]));
                 }
                 Self::format(dev.as_ref(), dev_size, &rec, cfg)?
             }
             Err(e) if cfg.format => {
-                warn!("re-formatting the cache device as requested with --format (it was unreadable: {e})");
+                warn!("re-formatting the cache device as requested (it was unreadable: {e})");
                 Self::format(dev.as_ref(), dev_size, &rec, cfg)?
             }
             Err(e) => {
                 return Err(EngineError::corrupt(
-                    "the cache superblock is unreadable (no copy is intact); refusing to use it. \
-                     If its data is expendable, re-create it with --format",
+                    "the cache superblock is unreadable (no copy is intact); refusing to use it",
                     e,
-                ))
+                )
+                .with_remedies(&[Remedy::Format]))
             }
         };
         let layout = sb.layout;
@@ -211,7 +214,7 @@ impl Engine {
         // change up to the last acknowledged request.
         let mut from_shadow = false;
         if sb.state == SbState::Active {
-            match Shadow::load(&sb.uuid, sb.attach_gen, &layout, &codec) {
+            match Shadow::load(&cfg.shadow_dir, &sb.uuid, sb.attach_gen, &layout, &codec) {
                 Ok(Some(entries)) => {
                     lines = Self::lines_from_entries(entries, backend_lines, "the crash shadow")?;
                     from_shadow = true;
@@ -262,17 +265,16 @@ impl Engine {
                     EngineErrorKind::DirtyData,
                     format!(
                         "the backend was modified since this cache detached, and the cache holds dirty data \
-                         ({dirty} lines) for changed ranges. Either write it back anyway (serve with \
-                         --accept-backend-change; the backend's newer data in those ranges is overwritten), or \
-                         drop it (serve with --discard-dirty; the writes it holds are lost)"
+                         ({dirty} lines) for changed ranges"
                     ),
-                ));
+                )
+                .with_remedies(&[Remedy::AcceptBackendChange, Remedy::DiscardDirty]));
             }
         }
         if cfg.discard_dirty && dirty > 0 {
             warn!(
                 dirty_lines = dirty,
-                "discarding dirty data as requested by --discard-dirty: these writes are lost"
+                "discarding dirty data as requested: these writes are lost"
             );
             for slot in 0..state.lines.len() as u32 {
                 let l = state.lines[slot as usize];
@@ -292,10 +294,13 @@ impl Engine {
                 return Err(refuse(
                     EngineErrorKind::DirtyData,
                     format!(
-                        "--migrate-in: this cache holds dirty data ({} lines) from an earlier server that did not                          write it back, and the source host may have written the same disk since. Refusing to                          serve it. If the disk's current data is on the backend, drop it with --discard-dirty",
+                        "a migration destination: this cache holds dirty data ({} lines) from an earlier server \
+                         that did not write it back, and the source host may have written the same disk since. \
+                         Refusing to serve it",
                         state.dirty_lines
                     ),
-                ));
+                )
+                .with_remedies(&[Remedy::DiscardDirty]));
             }
             // The source keeps writing to the backend until switchover, so no
             // clean data cached here before can be trusted.
@@ -326,6 +331,7 @@ impl Engine {
         }
         let mut sb = sb;
         let shadow = Shadow::create(
+            &cfg.shadow_dir,
             &sb.uuid,
             sb.attach_gen + 1,
             &layout,
@@ -339,11 +345,12 @@ impl Engine {
                     EngineErrorKind::Config,
                     format!(
                         "cannot create the crash shadow in {} ({e}); in {} mode it is what keeps acknowledged \
-                         writes across a daemon crash. Point {SHADOW_DIR_ENV} at a writable tmpfs directory",
-                        shadow_dir().display(),
+                         writes across a daemon crash",
+                        cfg.shadow_dir.display(),
                         cfg.mode
                     ),
-                ))
+                )
+                .with_remedies(&[Remedy::ShadowDir]))
             }
             Err(e) => warn!("no crash shadow ({e}); clean cached data is dropped after a daemon crash"),
         }
@@ -726,8 +733,9 @@ impl Engine {
     /// attach then recovers as after a power cut (tests and crash harnesses).
     pub fn forget_crash_shadow(&self) {
         if let Some(c) = self.cache.as_ref() {
-            lock(&c.st).shadow = None;
-            Shadow::remove_for(&lock(&c.sb).uuid);
+            if let Some(sh) = lock(&c.st).shadow.take() {
+                sh.remove();
+            }
         }
     }
 }

@@ -22,8 +22,8 @@ use tracing::error;
 
 use crate::format::{EntryCodec, Layout, LineEntry};
 
-pub const SHADOW_DIR_ENV: &str = "UBLK_CACHE_SHADOW_DIR";
-const DEFAULT_DIR: &str = "/dev/shm/ublk-cache";
+/// Where shadows live unless `EngineConfig::shadow_dir` says otherwise.
+pub const DEFAULT_DIR: &str = "/dev/shm/ublk-cache";
 const MAGIC: &[u8; 8] = b"UBLKSHDW";
 const HEADER: u64 = 4096;
 
@@ -33,12 +33,6 @@ pub struct Shadow {
     codec: EntryCodec,
     entry_size: u64,
     failed: bool,
-}
-
-pub fn shadow_dir() -> PathBuf {
-    std::env::var_os(SHADOW_DIR_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
 }
 
 fn path_for(dir: &Path, uuid: &[u8; 16]) -> PathBuf {
@@ -59,17 +53,17 @@ fn header(uuid: &[u8; 16], attach_gen: u64, layout: &Layout) -> Vec<u8> {
 }
 
 impl Shadow {
-    /// Create the shadow of attach `attach_gen` holding `entries`.
+    /// Create the shadow of attach `attach_gen` in `dir`, holding `entries`.
     pub fn create(
+        dir: &Path,
         uuid: &[u8; 16],
         attach_gen: u64,
         layout: &Layout,
         codec: EntryCodec,
         entries: impl Iterator<Item = LineEntry>,
     ) -> io::Result<Shadow> {
-        let dir = shadow_dir();
-        fs::create_dir_all(&dir)?;
-        let path = path_for(&dir, uuid);
+        fs::create_dir_all(dir)?;
+        let path = path_for(dir, uuid);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -127,12 +121,13 @@ impl Shadow {
     /// The entries a crashed attach `attach_gen` left, if its shadow exists.
     /// `Err` names why an existing shadow cannot be trusted.
     pub fn load(
+        dir: &Path,
         uuid: &[u8; 16],
         attach_gen: u64,
         layout: &Layout,
         codec: &EntryCodec,
     ) -> Result<Option<Vec<LineEntry>>, String> {
-        let path = path_for(&shadow_dir(), uuid);
+        let path = path_for(dir, uuid);
         let data = match fs::read(&path) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -161,8 +156,8 @@ impl Shadow {
         Ok(Some(out))
     }
 
-    /// Remove the shadow of `uuid` (at clean detach, or once it has been used).
-    pub fn remove_for(uuid: &[u8; 16]) {
-        let _ = fs::remove_file(path_for(&shadow_dir(), uuid));
+    /// Remove this shadow's file.
+    pub fn remove(self) {
+        let _ = fs::remove_file(&self.path);
     }
 }

@@ -10,15 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
 use policies::CacheMode;
-use serde::Serialize;
 use tracing::{info, warn};
-use ublk_cache::engine::{PreloadOptions, Progress, StatsSnapshot};
-use ublk_cache::Engine;
 
-use super::{Reply, Request, MAX_REQUEST};
-use crate::server::open::{lock_path, PathLock};
+use super::{
+    FlushReply, InvalidateReply, Line, MigrateAbortReply, MigrateOutReply, ModeReply, PreloadReply,
+    Rates, Reply, Request, StatsReply, MAX_REQUEST,
+};
+use crate::daemon::error::{DaemonError, DaemonResult};
+use crate::engine::{PreloadOptions, Progress, StatsSnapshot};
+use crate::Engine;
 
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 16;
@@ -33,27 +34,19 @@ pub struct ControlContext {
     pub preload_ranges: Vec<(u64, u64)>,
     pub preload_rate: Option<u64>,
     /// The mode to return to while migrated out (`migrate-out` done, no abort yet).
-    pub migrated_from: Mutex<Option<CacheMode>>,
-    /// The flock on a file or device backend: released by migrate-out so the
-    /// destination (on this host, in tests) can open it; taken back on abort.
-    pub backend_lock: Mutex<Option<PathLock>>,
-    backend_lock_path: Option<std::path::PathBuf>,
-    pub started: Instant,
-    rates: Mutex<Rates>,
+    migrated_from: Mutex<Option<CacheMode>>,
+    started: Instant,
+    rates: Mutex<Sampler>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Rates {
-    pub writeback_bps: u64,
-    pub backend_read_bps: u64,
-    pub backend_write_bps: u64,
-    pub read_bps: u64,
-    pub write_bps: u64,
-    #[serde(skip)]
+/// Turns counters into rates once a second.
+#[derive(Debug, Default)]
+struct Sampler {
+    rates: Rates,
     last: Option<(Instant, [u64; 5])>,
 }
 
-impl Rates {
+impl Sampler {
     fn sample(&mut self, s: &StatsSnapshot) {
         let now = Instant::now();
         let cur = [
@@ -66,28 +59,16 @@ impl Rates {
         if let Some((t, prev)) = self.last {
             let dt = now.duration_since(t).as_secs_f64().max(1e-3);
             let r = |i: usize| (cur[i].saturating_sub(prev[i]) as f64 / dt) as u64;
-            self.writeback_bps = r(0);
-            self.backend_read_bps = r(1);
-            self.backend_write_bps = r(2);
-            self.read_bps = r(3);
-            self.write_bps = r(4);
+            self.rates = Rates {
+                writeback_bps: r(0),
+                backend_read_bps: r(1),
+                backend_write_bps: r(2),
+                read_bps: r(3),
+                write_bps: r(4),
+            };
         }
         self.last = Some((now, cur));
     }
-}
-
-/// `ctl stats`: the engine's counters plus what only the server knows.
-#[derive(Debug, Clone, Serialize)]
-pub struct ServerStats {
-    pub id: u32,
-    pub backend: String,
-    pub cache: String,
-    pub uptime_s: u64,
-    pub migrated_out: bool,
-    pub hydrated: bool,
-    #[serde(flatten)]
-    pub engine: StatsSnapshot,
-    pub rates: Rates,
 }
 
 impl ControlContext {
@@ -98,11 +79,8 @@ impl ControlContext {
         cache: String,
         preload_ranges: Vec<(u64, u64)>,
         preload_rate: Option<u64>,
-        backend_lock: Option<PathLock>,
     ) -> Self {
         Self {
-            backend_lock_path: backend_lock.as_ref().map(|l| l.path().to_path_buf()),
-            backend_lock: Mutex::new(backend_lock),
             id,
             engine,
             backend,
@@ -111,12 +89,12 @@ impl ControlContext {
             preload_rate,
             migrated_from: Mutex::new(None),
             started: Instant::now(),
-            rates: Mutex::new(Rates::default()),
+            rates: Mutex::new(Sampler::default()),
         }
     }
 
-    pub fn stats(&self) -> ServerStats {
-        ServerStats {
+    pub fn stats(&self) -> StatsReply {
+        StatsReply {
             id: self.id,
             backend: self.backend.clone(),
             cache: self.cache.clone(),
@@ -124,7 +102,7 @@ impl ControlContext {
             migrated_out: lock(&self.migrated_from).is_some(),
             hydrated: self.engine.hydration_done(),
             engine: self.engine.stats(),
-            rates: *lock(&self.rates),
+            rates: lock(&self.rates).rates,
         }
     }
 
@@ -138,76 +116,104 @@ impl ControlContext {
         &self,
         req: Request,
         progress: &(dyn Fn(&Progress) + Sync),
-    ) -> Result<serde_json::Value> {
+    ) -> DaemonResult<Reply> {
         let e = &self.engine;
+        let engine_err = |what: &str| {
+            let what = what.to_string();
+            move |err| DaemonError::engine(what, err)
+        };
         Ok(match req {
-            Request::Stats => serde_json::to_value(self.stats())?,
-            Request::Mode { mode } => {
-                let new: CacheMode = mode.parse().map_err(|e| anyhow!("{e}"))?;
+            Request::Stats => Reply::Stats(Box::new(self.stats())),
+            Request::Mode { mode: new } => {
                 if lock(&self.migrated_from).is_some() {
-                    bail!("the disk is migrated out (serving write-through for the destination); run migrate-abort first");
+                    return Err(DaemonError::refused(
+                        "the disk is migrated out (serving write-through for the destination); run migrate-abort first",
+                    ));
                 }
-                let old = e.set_mode(new, Some(progress))?;
-                serde_json::json!({ "previous": old.as_str(), "mode": new.as_str() })
+                let old = e
+                    .set_mode(new, Some(progress))
+                    .map_err(engine_err("mode switch"))?;
+                Reply::Mode(ModeReply {
+                    previous: old,
+                    mode: new,
+                })
             }
             Request::Flush => {
-                e.flush_to_backend(Some(progress))?;
-                serde_json::json!({ "dirty_bytes": e.stats().dirty_bytes })
+                e.flush_to_backend(Some(progress))
+                    .map_err(engine_err("flush"))?;
+                Reply::Flush(FlushReply {
+                    dirty_bytes: e.stats().dirty_bytes,
+                })
             }
             Request::Preload { ranges } => {
-                let ranges = match ranges {
-                    Some(r) => r,
-                    None if !self.preload_ranges.is_empty() => self.preload_ranges.clone(),
-                    None => {
-                        bail!("give a RANGE to preload (this server was started without --preload)")
-                    }
-                };
+                let ranges =
+                    match ranges {
+                        Some(r) => r,
+                        None if !self.preload_ranges.is_empty() => self.preload_ranges.clone(),
+                        None => return Err(DaemonError::refused(
+                            "give a RANGE to preload (this server was started without --preload)",
+                        )),
+                    };
                 let opts = PreloadOptions {
                     rate: self.preload_rate,
                 };
                 let mut total = 0;
                 let mut fetched = 0;
                 for (off, len) in ranges {
-                    let r = e.preload(off, len, opts, None, Some(progress))?;
+                    let r = e
+                        .preload(off, len, opts, None, Some(progress))
+                        .map_err(engine_err("preload"))?;
                     total += r.total;
                     fetched += r.fetched;
                     if r.interrupted {
-                        bail!("preload interrupted (the server is stopping or the mode changed)");
+                        return Err(DaemonError::refused(
+                            "preload interrupted (the server is stopping or the mode changed)",
+                        ));
                     }
                 }
-                serde_json::json!({ "total": total, "fetched": fetched })
+                Reply::Preload(PreloadReply { total, fetched })
             }
             Request::Invalidate => {
-                let dropped = e.invalidate_clean()?;
-                serde_json::json!({ "dropped_bytes": dropped })
+                let dropped = e.invalidate_clean().map_err(engine_err("invalidate"))?;
+                Reply::Invalidate(InvalidateReply {
+                    dropped_bytes: dropped,
+                })
             }
             Request::MigrateOut => {
                 let mut m = lock(&self.migrated_from);
                 if let Some(prev) = *m {
                     // Idempotent: a retried premigrate hook must not lose the mode to go back to.
-                    serde_json::json!({ "ready": true, "previous": prev.as_str(), "already": true })
+                    Reply::MigrateOut(MigrateOutReply {
+                        ready: true,
+                        previous: prev,
+                        already: true,
+                    })
                 } else {
-                    let prev = e.migrate_out(Some(progress))?;
-                    // Nothing is dirty and the backend is flushed: hand the file over.
-                    lock(&self.backend_lock).take();
+                    // Nothing dirty, the backend flushed, its lock released (the
+                    // backend lets it go itself: an flock or an RBD lock).
+                    let prev = e
+                        .migrate_out(Some(progress))
+                        .map_err(engine_err("migrate-out"))?;
                     *m = Some(prev);
-                    serde_json::json!({ "ready": true, "previous": prev.as_str() })
+                    Reply::MigrateOut(MigrateOutReply {
+                        ready: true,
+                        previous: prev,
+                        already: false,
+                    })
                 }
             }
             Request::MigrateAbort => {
                 let mut m = lock(&self.migrated_from);
                 let Some(prev) = *m else {
-                    bail!("no migration to abort: migrate-out was not run on this server");
+                    return Err(DaemonError::refused(
+                        "no migration to abort: migrate-out was not run on this server",
+                    ));
                 };
-                if let Some(p) = &self.backend_lock_path {
-                    let l = lock_path(p, "backend").map_err(|e| {
-                        anyhow!("{e:#}; if the destination server runs, stop it (or migrate back) first")
-                    })?;
-                    *lock(&self.backend_lock) = Some(l);
-                }
-                e.migrate_abort(prev)?;
+                e.migrate_abort(prev).map_err(engine_err(
+                    "migrate-abort (if the destination server runs, stop it, or migrate back, first)",
+                ))?;
                 *m = None;
-                serde_json::json!({ "mode": prev.as_str() })
+                Reply::MigrateAbort(MigrateAbortReply { mode: prev })
             }
         })
     }
@@ -225,12 +231,12 @@ pub struct ControlServer {
 
 impl ControlServer {
     /// Bind `path` (0600) and start answering requests for `ctx`.
-    pub fn start(path: &Path, ctx: Arc<ControlContext>) -> Result<Self> {
-        let (listener, path) = ublk_cache::unix_socket::bind(path, 0o600, "control")
-            .map_err(|e| anyhow!("control socket {}: {e}", path.display()))?;
+    pub fn start(path: &Path, ctx: Arc<ControlContext>) -> DaemonResult<Self> {
+        let (listener, path) = crate::unix_socket::bind(path, 0o600, "control")
+            .map_err(|e| DaemonError::refused(format!("control socket {}: {e}", path.display())))?;
         listener
             .set_nonblocking(true)
-            .context("control socket: set_nonblocking")?;
+            .map_err(|e| DaemonError::io("control socket: set_nonblocking", e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let (c, s) = (Arc::clone(&ctx), Arc::clone(&stop));
@@ -238,7 +244,7 @@ impl ControlServer {
             std::thread::Builder::new()
                 .name("ctl-accept".into())
                 .spawn(move || accept_loop(listener, c, s))
-                .context("starting the control thread")?,
+                .map_err(|e| DaemonError::io("starting the control thread", e))?,
         );
         let (c, s) = (ctx, Arc::clone(&stop));
         threads.push(
@@ -250,7 +256,7 @@ impl ControlServer {
                         std::thread::sleep(Duration::from_secs(1));
                     }
                 })
-                .context("starting the stats sampler")?,
+                .map_err(|e| DaemonError::io("starting the stats sampler", e))?,
         );
         info!(path = %path.display(), "control socket ready");
         Ok(Self {
@@ -287,7 +293,7 @@ fn accept_loop(listener: UnixListener, ctx: Arc<ControlContext>, stop: Arc<Atomi
                         .name("ctl-conn".into())
                         .spawn(move || {
                             if let Err(e) = serve_conn(conn, &c) {
-                                warn!("control connection: {e:#}");
+                                warn!("control connection: {e}");
                             }
                             a.fetch_sub(1, Ordering::AcqRel);
                         });
@@ -307,7 +313,7 @@ fn accept_loop(listener: UnixListener, ctx: Arc<ControlContext>, stop: Arc<Atomi
     }
 }
 
-fn write_line(mut conn: &UnixStream, r: &Reply) -> std::io::Result<()> {
+fn write_line(mut conn: &UnixStream, r: &Line) -> std::io::Result<()> {
     let mut s = serde_json::to_string(r).map_err(std::io::Error::other)?;
     s.push('\n');
     conn.write_all(s.as_bytes())
@@ -316,15 +322,16 @@ fn write_line(mut conn: &UnixStream, r: &Reply) -> std::io::Result<()> {
 fn reply_error(conn: &UnixStream, msg: &str) -> std::io::Result<()> {
     write_line(
         conn,
-        &Reply::Done {
+        &Line::Done {
             ok: false,
             result: None,
             error: Some(msg.to_string()),
+            remedies: Vec::new(),
         },
     )
 }
 
-fn serve_conn(conn: UnixStream, ctx: &ControlContext) -> Result<()> {
+fn serve_conn(conn: UnixStream, ctx: &ControlContext) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
     // A client that connects and says nothing must not hold a thread forever.
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -349,21 +356,26 @@ fn serve_conn(conn: UnixStream, ctx: &ControlContext) -> Result<()> {
         // A client that went away only loses its progress lines.
         let _ = write_line(
             &conn,
-            &Reply::Progress {
+            &Line::Progress {
                 progress: p.clone(),
             },
         );
     };
     let done = match ctx.handle(req, &progress) {
-        Ok(v) => Reply::Done {
+        Ok(r) => Line::Done {
             ok: true,
-            result: Some(v),
+            result: Some(serde_json::to_value(r).map_err(std::io::Error::other)?),
             error: None,
+            remedies: Vec::new(),
         },
-        Err(e) => Reply::Done {
+        Err(e) => Line::Done {
             ok: false,
             result: None,
-            error: Some(format!("{e:#}")),
+            error: Some(e.chain()),
+            remedies: e
+                .engine_error()
+                .map(|e| e.remedies().to_vec())
+                .unwrap_or_default(),
         },
     };
     write_line(&conn, &done)?;

@@ -5,32 +5,19 @@
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
 use tracing::{info, warn};
 
-use super::server::{ControlContext, ServerStats};
+use super::server::ControlContext;
+use super::StatsReply;
+use crate::daemon::error::{DaemonError, DaemonResult};
 
-/// Parse `PORT`, `:PORT` or `HOST:PORT` (HOST defaults to 127.0.0.1).
-pub fn parse_addr(s: &str) -> Result<SocketAddr> {
-    let s = s.trim();
-    let full = if let Ok(port) = s.trim_start_matches(':').parse::<u16>() {
-        format!("127.0.0.1:{port}")
-    } else {
-        s.to_string()
-    };
-    full.to_socket_addrs()
-        .map_err(|e| anyhow!("--metrics {s}: not PORT or HOST:PORT ({e})"))?
-        .next()
-        .ok_or_else(|| anyhow!("--metrics {s}: resolves to no address"))
-}
-
-pub fn render(s: &ServerStats) -> String {
+pub fn render(s: &StatsReply) -> String {
     let mut o = String::new();
     let d = s.id;
     let e = &s.engine;
@@ -210,11 +197,14 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    pub fn start(addr: SocketAddr, ctx: Arc<ControlContext>) -> Result<Self> {
-        let listener = TcpListener::bind(addr)
-            .with_context(|| format!("--metrics: cannot listen on {addr}"))?;
-        let addr = listener.local_addr()?;
-        listener.set_nonblocking(true)?;
+    pub fn start(addr: SocketAddr, ctx: Arc<ControlContext>) -> DaemonResult<Self> {
+        let io = |what: String| move |e| DaemonError::io(what, e);
+        let listener =
+            TcpListener::bind(addr).map_err(io(format!("--metrics: cannot listen on {addr}")))?;
+        let addr = listener.local_addr().map_err(io("--metrics".into()))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io("--metrics".into()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
@@ -236,7 +226,8 @@ impl MetricsServer {
                         }
                     }
                 }
-            })?;
+            })
+            .map_err(io("starting the metrics thread".into()))?;
         info!(%addr, "metrics at http://{addr}/metrics");
         Ok(Self {
             stop,

@@ -3,32 +3,32 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-
-use crate::size::parse_size;
+use super::error::{DaemonError, DaemonResult};
+use super::size::parse_size;
 
 /// `LEN` or `OFFSET+LEN` (e.g. `512M`, `1G+256M`).
-pub fn parse_range(s: &str) -> Result<(u64, u64)> {
+pub fn parse_range(s: &str) -> Result<(u64, u64), String> {
     let (off, len) = match s.split_once('+') {
-        Some((o, l)) => (
-            parse_size(o).map_err(anyhow::Error::msg)?,
-            parse_size(l).map_err(anyhow::Error::msg)?,
-        ),
-        None => (0, parse_size(s).map_err(anyhow::Error::msg)?),
+        Some((o, l)) => (parse_size(o)?, parse_size(l)?),
+        None => (0, parse_size(s)?),
     };
     if len == 0 {
-        bail!("range '{s}' is empty");
+        return Err(format!("range '{s}' is empty"));
     }
     if off.checked_add(len).is_none() {
-        bail!("range '{s}' reaches past 2^64");
+        return Err(format!("range '{s}' reaches past 2^64"));
     }
     Ok((off, len))
 }
 
 /// A ranges file: one `OFFSET LEN` or `OFFSET+LEN` per line; `#` starts a comment.
-pub fn parse_ranges_file(path: &Path) -> Result<Vec<(u64, u64)>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("--preload-ranges {}: cannot read it", path.display()))?;
+pub fn parse_ranges_file(path: &Path) -> DaemonResult<Vec<(u64, u64)>> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        DaemonError::io(
+            format!("--preload-ranges {}: cannot read it", path.display()),
+            e,
+        )
+    })?;
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let line = raw.split('#').next().unwrap_or("").trim();
@@ -39,18 +39,21 @@ pub fn parse_ranges_file(path: &Path) -> Result<Vec<(u64, u64)>> {
         let r = match words.as_slice() {
             [one] if one.contains('+') => parse_range(one),
             [off, len] => parse_range(&format!("{off}+{len}")),
-            _ => Err(anyhow::anyhow!("expected `OFFSET LEN` or `OFFSET+LEN`")),
+            _ => Err("expected `OFFSET LEN` or `OFFSET+LEN`".to_string()),
         };
-        out.push(r.with_context(|| {
-            format!(
-                "--preload-ranges {} line {}: '{raw}'",
+        out.push(r.map_err(|e| {
+            DaemonError::config(format!(
+                "--preload-ranges {} line {}: '{raw}': {e}",
                 path.display(),
                 i + 1
-            )
+            ))
         })?);
     }
     if out.is_empty() {
-        bail!("--preload-ranges {}: no ranges in it", path.display());
+        return Err(DaemonError::config(format!(
+            "--preload-ranges {}: no ranges in it",
+            path.display()
+        )));
     }
     Ok(out)
 }
@@ -72,7 +75,7 @@ mod tests {
             vec![(0, 1 << 20), (4 << 20, 65536)]
         );
         std::fs::write(f.path(), "0 1M\n1 2 3\n").unwrap();
-        let e = format!("{:#}", parse_ranges_file(f.path()).unwrap_err());
+        let e = parse_ranges_file(f.path()).unwrap_err().chain();
         assert!(e.contains("line 2"), "{e}");
     }
 }

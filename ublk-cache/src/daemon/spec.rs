@@ -5,9 +5,9 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::frontend::nbd::{ListenSpec, DEFAULT_PORT};
 #[cfg(feature = "rbd")]
 use rbd_backend::RbdSpec;
-use ublk_cache::frontend::nbd::{ListenSpec, DEFAULT_PORT};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendSpec {
@@ -15,6 +15,20 @@ pub enum BackendSpec {
     Dev(PathBuf),
     #[cfg(feature = "rbd")]
     Rbd(RbdSpec),
+    /// A backend the caller opened itself (`daemon::Devices`), by its label;
+    /// never parsed from a command line or a config file.
+    Given(String),
+}
+
+impl BackendSpec {
+    /// Whether this is an RBD image (the Ceph options apply to it only).
+    pub fn is_rbd(&self) -> bool {
+        #[cfg(feature = "rbd")]
+        if matches!(self, BackendSpec::Rbd(_)) {
+            return true;
+        }
+        false
+    }
 }
 
 impl fmt::Display for BackendSpec {
@@ -24,6 +38,7 @@ impl fmt::Display for BackendSpec {
             BackendSpec::Dev(p) => write!(f, "dev:{}", p.display()),
             #[cfg(feature = "rbd")]
             BackendSpec::Rbd(r) => write!(f, "rbd:{r}"),
+            BackendSpec::Given(label) => write!(f, "given:{label}"),
         }
     }
 }

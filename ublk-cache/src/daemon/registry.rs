@@ -6,25 +6,55 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use policies::CacheMode;
 use serde::{Deserialize, Serialize};
 
+use super::config::text;
+
 pub const DEFAULT_RUN_DIR: &str = "/run/ublk-cache";
-pub const RUN_DIR_ENV: &str = "UBLK_CACHE_RUN_DIR";
 /// Servers without a ublk device (NBD only) are registered under ids from here
 /// on. The kernel's ublk device ids are below 2^20 (its minor number space), so
 /// the two never collide.
 pub const NBD_ONLY_ID_BASE: u32 = 1 << 20;
+
+/// Where a server is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerState {
+    Serving,
+    /// Writing back and detaching after a stop request.
+    Stopping,
+    /// Gone, the ublk device left for `recover`.
+    Detached,
+}
+
+impl ServerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerState::Serving => "serving",
+            ServerState::Stopping => "stopping",
+            ServerState::Detached => "detached",
+        }
+    }
+}
+
+impl std::fmt::Display for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Record {
     pub id: u32,
     pub device: String,
     pub pid: u32,
-    pub mode: String,
+    /// The mode the server was started in.
+    #[serde(with = "text")]
+    pub mode: CacheMode,
     pub backend: String,
     pub cache: String,
-    /// "serving", "stopping" or "detached".
-    pub state: String,
+    pub state: ServerState,
     /// Where the disk is served: the device path and/or NBD URIs, in `--export` order.
     #[serde(default)]
     pub exports: Vec<String>,
@@ -35,13 +65,6 @@ impl Record {
     pub fn has_device(&self) -> bool {
         self.id < NBD_ONLY_ID_BASE
     }
-}
-
-pub fn run_dir(explicit: Option<&Path>) -> PathBuf {
-    explicit
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os(RUN_DIR_ENV).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_RUN_DIR))
 }
 
 fn path_of(dir: &Path, id: u32) -> PathBuf {
@@ -176,10 +199,10 @@ mod tests {
             id: 3,
             device: "/dev/ublkb3".into(),
             pid: std::process::id(),
-            mode: "back".into(),
+            mode: CacheMode::Back,
             backend: "file:/x".into(),
             cache: "/c".into(),
-            state: "serving".into(),
+            state: ServerState::Serving,
             exports: vec!["/dev/ublkb3".into()],
         };
         write(d.path(), &r).unwrap();
@@ -202,10 +225,10 @@ mod tests {
             id: 0,
             device: String::new(),
             pid: std::process::id(),
-            mode: "back".into(),
+            mode: CacheMode::Back,
             backend: "file:/x".into(),
             cache: "/c".into(),
-            state: "serving".into(),
+            state: ServerState::Serving,
             exports: vec!["nbd+unix:///?socket=/s".into()],
         };
         assert_eq!(

@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use ublk_cache::engine::Progress;
+use crate::engine::Progress;
 
 pub struct ProgressView {
     tty: bool,
