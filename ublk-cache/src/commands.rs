@@ -77,22 +77,44 @@ pub fn run(cli: Cli, env: &Environment) -> Result<(), Failure> {
 
 /// The configuration of `serve` (and `recover DEVICE`): the config file, with
 /// the command line over it, then what the environment says where neither did.
+/// To recover a device whose server is in the registry, its recorded
+/// configuration is the base: `recover ID` needs nothing else, and what is
+/// given still wins (but not another backend, and not another existing cache).
 fn serve_config(
     args: ServeArgs,
     recover: Option<u32>,
     run_dir: &Path,
     env: &Environment,
 ) -> Result<ServeConfig> {
+    let recover = recover.or(args.recover);
+    let recorded = match recover {
+        Some(id) => match registry::read(run_dir, id) {
+            Ok(r) => r.and_then(|r| r.config),
+            Err(e) => {
+                tracing::warn!("the registry record of {id} is unreadable ({e}); recovering with what is given");
+                None
+            }
+        },
+        None => None,
+    };
+    let mut base = recorded.clone().unwrap_or_default();
+    base.run_dir = run_dir.to_path_buf();
     let mut cfg = match &args.config {
-        Some(path) => ServeConfig::from_file(path)?,
-        None => ServeConfig::default(),
+        Some(path) => ServeConfig::over_file(&base, path)?,
+        None => base,
     };
     args.apply(&mut cfg);
     if recover.is_some() {
         cfg.recover = recover;
     }
-    cfg.run_dir = run_dir.to_path_buf();
     from_environment(&mut cfg, env)?;
+    if let (Some(id), Some(recorded)) = (cfg.recover, &recorded) {
+        cfg.check_recovers(id, recorded)?;
+        tracing::info!(
+            id,
+            "recovering with the configuration recorded when it was started"
+        );
+    }
     Ok(cfg)
 }
 

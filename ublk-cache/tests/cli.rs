@@ -387,3 +387,76 @@ fn the_io_engine_variable_is_read_by_the_binary() {
     srv.stop();
     assert!(log.contains("engine=sync"), "{log}");
 }
+
+/// `recover ID` takes how the server was started from its registry record:
+/// nothing else is needed; options given still win, but not another backend.
+#[test]
+fn recover_reuses_the_recorded_configuration() {
+    use ublk_cache::daemon::config::ServeConfig;
+    use ublk_cache::daemon::registry::{self, Record, ServerState};
+    if has_ublk() {
+        println!("SKIP: /dev/ublk-control exists here; the VM suite recovers real devices");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let run_dir = d.path().join("run");
+    let backend = d.path().join("b.img");
+    std::fs::File::create(&backend)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let cache = d.path().join("c.img");
+    std::fs::write(&cache, b"").unwrap();
+    registry::write(
+        &run_dir,
+        &Record {
+            id: 7,
+            device: "/dev/ublkb7".into(),
+            pid: 999_999_999,
+            mode: policies::CacheMode::Back,
+            backend: format!("file:{}", backend.display()),
+            cache: cache.display().to_string(),
+            state: ServerState::Serving,
+            exports: vec!["/dev/ublkb7".into()],
+            config: Some(ServeConfig {
+                backend: Some(format!("file:{}", backend.display()).parse().unwrap()),
+                cache: Some(cache.clone()),
+                ..ServeConfig::default()
+            }),
+        },
+    )
+    .unwrap();
+    let rd = run_dir.to_str().unwrap();
+    // Everything validated from the record; what stops it here is the kernel.
+    assert_refused(&["--run-dir", rd, "recover", "7"], "/dev/ublk-control");
+    assert_refused(
+        &["--run-dir", rd, "recover", "7", "--mode", "none"],
+        "/dev/ublk-control",
+    );
+    assert_refused(
+        &[
+            "--run-dir",
+            rd,
+            "recover",
+            "7",
+            "--backend",
+            "file:/other.img",
+        ],
+        "and this names backend file:/other.img",
+    );
+    let other = d.path().join("other-cache.img");
+    std::fs::write(&other, b"").unwrap();
+    assert_refused(
+        &[
+            "--run-dir",
+            rd,
+            "recover",
+            "7",
+            "--cache",
+            other.to_str().unwrap(),
+        ],
+        "the device was served with cache",
+    );
+    // No record: the options are needed, as for serve.
+    assert_refused(&["--run-dir", rd, "recover", "8"], "no backend");
+}

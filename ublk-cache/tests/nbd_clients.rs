@@ -354,6 +354,17 @@ fn list_shows_the_nbd_export_and_stop_by_id_works() {
     );
     let text = run(serve::bin().arg("--run-dir").arg(&disk.run_dir).arg("list"));
     assert!(text.contains(&disk.uri()), "{text}");
+    // The record says how the server was started (what `recover ID` reuses).
+    let rec = ublk_cache::daemon::registry::read(&disk.run_dir, id as u32)
+        .unwrap()
+        .expect("a record");
+    let cfg = rec.config.expect("the record holds the configuration");
+    assert_eq!(
+        cfg.backend.map(|b| b.to_string()),
+        Some(format!("file:{}", disk.backend.display()))
+    );
+    assert_eq!(cfg.cache.as_deref(), Some(disk.cache.as_path()));
+    assert_eq!(cfg.mode, policies::CacheMode::Back);
     // `stop ID` signals the server, which exits 0 after write-back.
     let mut srv = srv;
     run(serve::bin()

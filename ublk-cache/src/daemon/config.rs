@@ -334,7 +334,7 @@ fn is_default_depth(d: &u16) -> bool {
 }
 
 /// Everything that says how one server runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ServeConfig {
     /// The slow disk: `file:PATH`, `dev:/dev/X`, or `rbd:POOL/IMAGE[@SNAP]`. Required.
@@ -509,6 +509,12 @@ impl ServeConfig {
 
     /// Parse a TOML config file's text; `origin` names it in errors.
     pub fn from_toml(text: &str, origin: &str) -> DaemonResult<Self> {
+        Self::over(&Self::default(), text, origin)
+    }
+
+    /// `base` with the keys of the TOML text `text` put over it (each key the
+    /// text has replaces base's); `origin` names the text in errors.
+    pub fn over(base: &Self, text: &str, origin: &str) -> DaemonResult<Self> {
         let bad = |m: String| DaemonError::config(format!("config {origin}: {m}"));
         let table: toml::Table = text
             .parse()
@@ -526,15 +532,64 @@ impl ServeConfig {
                 )));
             }
         }
-        ServeConfig::deserialize(toml::Value::Table(table)).map_err(|e| bad(e.to_string()))
+        let mut merged = toml::Table::try_from(base)
+            .map_err(|e| bad(format!("the configuration below it: {e}")))?;
+        merged.extend(table);
+        let mut c =
+            ServeConfig::deserialize(toml::Value::Table(merged)).map_err(|e| bad(e.to_string()))?;
+        c.run_dir = base.run_dir.clone();
+        Ok(c)
+    }
+
+    /// [`ServeConfig::over`] with the file at `path`.
+    pub fn over_file(base: &Self, path: &Path) -> DaemonResult<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            DaemonError::io(format!("config {}: cannot read it", path.display()), e)
+        })?;
+        Self::over(base, &text, &path.display().to_string())
     }
 
     /// [`ServeConfig::from_toml`] of the file at `path`.
     pub fn from_file(path: &Path) -> DaemonResult<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            DaemonError::io(format!("config {}: cannot read it", path.display()), e)
-        })?;
-        Self::from_toml(&text, &path.display().to_string())
+        Self::over_file(&Self::default(), path)
+    }
+
+    /// A configuration to recover device `id` with, against the one `recorded`
+    /// when it was started: the same backend always (another one would serve
+    /// the guest another disk), and the same cache unless the cache given is
+    /// new (a cache lost for good is replaced by a fresh one). Refusals name both.
+    pub fn check_recovers(&self, id: u32, recorded: &ServeConfig) -> DaemonResult<()> {
+        let show = |b: &Option<BackendSpec>| b.as_ref().map_or("none".into(), |b| b.to_string());
+        if self.backend != recorded.backend {
+            return Err(DaemonError::refused(format!(
+                "recover {id}: the device was served with backend {}, and this names backend {}; \
+                 recovering it onto another backend would show the guest another disk",
+                show(&recorded.backend),
+                show(&self.backend)
+            )));
+        }
+        let showp = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map_or("none".into(), |p| p.display().to_string())
+        };
+        if self.cache != recorded.cache {
+            let fresh = self.cache.as_ref().is_some_and(|p| !p.exists());
+            if !fresh {
+                return Err(DaemonError::refused(format!(
+                    "recover {id}: the device was served with cache {}, and this names cache {}; \
+                     give the recorded cache, or a new one (a path that does not exist yet, with \
+                     --cache-size) if that one is lost",
+                    showp(&recorded.cache),
+                    showp(&self.cache)
+                )));
+            }
+            tracing::warn!(
+                "recover {id}: onto a new cache {} instead of {} (the old cache's data is not used)",
+                showp(&self.cache),
+                showp(&recorded.cache)
+            );
+        }
+        Ok(())
     }
 
     /// The exports, `ublk` when none is given, each at most once.
@@ -705,6 +760,65 @@ mod tests {
         // Defaults are left out.
         let t = toml::to_string(&ServeConfig::default()).unwrap();
         assert_eq!(t.trim(), "mode = \"back\"");
+    }
+
+    #[test]
+    fn a_file_goes_over_a_configuration_key_by_key() {
+        let base = ServeConfig {
+            backend: Some("file:/b".parse().unwrap()),
+            cache: Some("/c".into()),
+            mode: CacheMode::Through,
+            depth: 64,
+            run_dir: "/run/x".into(),
+            ..ServeConfig::default()
+        };
+        let c = ServeConfig::over(&base, "mode = \"back\"\npreload = \"1M\"", "t").unwrap();
+        assert_eq!(c.mode, CacheMode::Back);
+        assert_eq!(c.preload, Some(ByteSize(1 << 20)));
+        assert_eq!((c.depth, c.cache.clone()), (64, Some("/c".into())));
+        assert_eq!(c.run_dir, PathBuf::from("/run/x"));
+        assert!(ServeConfig::over(&base, "cache_size = 1", "t").is_err());
+    }
+
+    #[test]
+    fn recover_keeps_the_backend_and_the_cache_unless_the_cache_is_new() {
+        let d = tempfile::tempdir().unwrap();
+        let old_cache = d.path().join("c.img");
+        std::fs::write(&old_cache, b"x").unwrap();
+        let other = d.path().join("other.img");
+        std::fs::write(&other, b"x").unwrap();
+        let recorded = ServeConfig {
+            backend: Some("file:/b".parse().unwrap()),
+            cache: Some(old_cache.clone()),
+            ..ServeConfig::default()
+        };
+        recorded.check_recovers(7, &recorded).unwrap();
+        let e = ServeConfig {
+            backend: Some("file:/other".parse().unwrap()),
+            ..recorded.clone()
+        }
+        .check_recovers(7, &recorded)
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("file:/b") && e.contains("file:/other"), "{e}");
+        let e = ServeConfig {
+            cache: Some(other.clone()),
+            ..recorded.clone()
+        }
+        .check_recovers(7, &recorded)
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&old_cache.display().to_string())
+                && e.contains(&other.display().to_string()),
+            "{e}"
+        );
+        ServeConfig {
+            cache: Some(d.path().join("fresh.img")),
+            ..recorded.clone()
+        }
+        .check_recovers(7, &recorded)
+        .expect("a new cache replaces a lost one");
     }
 
     #[test]

@@ -321,6 +321,14 @@ impl Running {
                 .unwrap_or_default(),
             state: ServerState::Serving,
             exports: self.lines.clone(),
+            // How to start it again: `recover ID` reads this. (Not for devices
+            // the caller opened: there is nothing to open them by.)
+            config: (!matches!(self.plan.backend, spec::BackendSpec::Given(_))).then(|| {
+                ServeConfig {
+                    recover: None,
+                    ..self.cfg.clone()
+                }
+            }),
         };
         let run_dir = &self.cfg.run_dir;
         let registered = match device {

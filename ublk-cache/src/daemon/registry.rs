@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use policies::CacheMode;
 use serde::{Deserialize, Serialize};
 
-use super::config::text;
+use super::config::{text, ServeConfig};
 
 pub const DEFAULT_RUN_DIR: &str = "/run/ublk-cache";
 /// Servers without a ublk device (NBD only) are registered under ids from here
@@ -58,6 +58,9 @@ pub struct Record {
     /// Where the disk is served: the device path and/or NBD URIs, in `--export` order.
     #[serde(default)]
     pub exports: Vec<String>,
+    /// How the server was started, so that `recover ID` needs nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ServeConfig>,
 }
 
 impl Record {
@@ -204,6 +207,12 @@ mod tests {
             cache: "/c".into(),
             state: ServerState::Serving,
             exports: vec!["/dev/ublkb3".into()],
+            config: Some(ServeConfig {
+                backend: Some("file:/x".parse().unwrap()),
+                cache: Some("/c".into()),
+                id: Some(3),
+                ..ServeConfig::default()
+            }),
         };
         write(d.path(), &r).unwrap();
         assert_eq!(read(d.path(), 3).unwrap(), Some(r.clone()));
@@ -230,6 +239,7 @@ mod tests {
             cache: "/c".into(),
             state: ServerState::Serving,
             exports: vec!["nbd+unix:///?socket=/s".into()],
+            config: None,
         };
         assert_eq!(
             claim(d.path(), NBD_ONLY_ID_BASE, &mut r).unwrap(),
@@ -261,9 +271,8 @@ mod tests {
             r#"{"id":5,"device":"/dev/ublkb5","pid":1,"mode":"back","backend":"file:/b","cache":"/c","state":"serving"}"#,
         )
         .unwrap();
-        assert_eq!(
-            read(d.path(), 5).unwrap().unwrap().exports,
-            Vec::<String>::new()
-        );
+        let old = read(d.path(), 5).unwrap().unwrap();
+        assert_eq!(old.exports, Vec::<String>::new());
+        assert_eq!(old.config, None);
     }
 }
