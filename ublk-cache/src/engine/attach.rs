@@ -711,7 +711,12 @@ impl Engine {
             .map_err(|e| EngineError::backend("change marker", e))?
             .unwrap_or_default();
         write_superblock(c.dev.as_ref(), &sb)?;
-        let st = lock(&c.st);
+        let mut st = lock(&c.st);
+        // Cleanly detached, the on-disk table is complete: the shadow would
+        // only keep tmpfs RAM (and a list of what is cached) for nothing.
+        if let Some(sh) = st.shadow.take() {
+            sh.remove();
+        }
         info!(
             cached_lines = st.map.len(),
             dirty_lines = st.dirty_lines,

@@ -15,7 +15,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tracing::error;
@@ -33,6 +33,22 @@ pub struct Shadow {
     codec: EntryCodec,
     entry_size: u64,
     failed: bool,
+}
+
+/// Create `dir` as 0700, or make it 0700 if it is ours: a shadow says which
+/// blocks of which disk are cached, which no other user may read.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = fs::metadata(dir)?;
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() == me && meta.permissions().mode() & 0o777 != 0o700 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 fn path_for(dir: &Path, uuid: &[u8; 16]) -> PathBuf {
@@ -62,14 +78,17 @@ impl Shadow {
         codec: EntryCodec,
         entries: impl Iterator<Item = LineEntry>,
     ) -> io::Result<Shadow> {
-        fs::create_dir_all(dir)?;
+        private_dir(dir)?;
         let path = path_for(dir, uuid);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&path)?;
+        // A file left by an older version may be more open than that.
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
         let es = layout.entry_size as u64;
         file.set_len(HEADER + layout.nr_lines * es)?;
         let mut buf = vec![0u8; (256 * es) as usize];
@@ -156,7 +175,8 @@ impl Shadow {
         Ok(Some(out))
     }
 
-    /// Remove this shadow's file.
+    /// Remove this shadow's file (a clean detach needs it no more; a test
+    /// forgets it as a reboot would).
     pub fn remove(self) {
         let _ = fs::remove_file(&self.path);
     }
