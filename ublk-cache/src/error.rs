@@ -107,6 +107,19 @@ impl EngineError {
         }
     }
 
+    /// Offline mode refused: a cache of `capacity` data bytes cannot hold an
+    /// image of `image` bytes (at attach and at a live switch alike).
+    pub fn offline_capacity(capacity: u64, image: u64) -> Self {
+        Self::new(
+            EngineErrorKind::Config,
+            format!(
+                "offline mode keeps the whole image in the cache, but the cache holds {capacity} bytes of \
+                 data and the image is {image} bytes; give the cache at least the image size plus 1% for \
+                 metadata"
+            ),
+        )
+    }
+
     pub fn corrupt(what: &str, e: FormatError) -> Self {
         Self::new(EngineErrorKind::Corrupt, format!("{what}: {e}"))
     }

@@ -151,11 +151,12 @@ fn a_device_holding_other_data_is_not_formatted_without_asking() {
 #[test]
 fn offline_mode_refuses_a_cache_smaller_than_the_image() {
     let (b, c) = (mem(8 * MIB), mem(4 * MIB));
-    assert_refused(
+    let err = assert_refused(
         try_open(b.clone(), c.clone(), cfg(CacheMode::Offline)),
         EngineErrorKind::Config,
         "image",
     );
+    assert!(!err.to_string().contains("  "), "stray spaces: {err}");
 }
 
 #[test]

@@ -171,8 +171,8 @@ impl Server {
         let plan = cfg.validate()?;
         // The kernel side and the sockets first, before touching any data.
         let mut exports = Self::exports(&cfg, &plan)?;
-        let (backend, cache, created) = match devices {
-            Some(d) => (d.backend, d.cache, false),
+        let (backend, cache, created, undo) = match devices {
+            Some(d) => (d.backend, d.cache, false, None),
             None => {
                 let backend = open::open_backend(&plan.backend, &cfg)?;
                 let cache = match &cfg.cache {
@@ -180,7 +180,8 @@ impl Server {
                     None => None,
                 };
                 let created = cache.as_ref().is_some_and(|c| c.created);
-                (backend, cache.map(|c| c.dev), created)
+                let undo = cache.as_ref().map(|c| c.undo.clone());
+                (backend, cache.map(|c| c.dev), created, undo)
             }
         };
         let ecfg = EngineConfig {
@@ -194,8 +195,16 @@ impl Server {
             cold_start: cfg.start.is_on(),
             shadow_dir: cfg.shadow_dir(),
         };
-        let engine = Engine::open(backend, cache, ecfg)
-            .map_err(|e| DaemonError::engine("attaching the cache", e))?;
+        let engine = match Engine::open(backend, cache, ecfg) {
+            Ok(e) => e,
+            Err(e) => {
+                // Refused before serving anything: the cache goes back as it was.
+                if let Some(u) = &undo {
+                    u.undo();
+                }
+                return Err(DaemonError::engine("attaching the cache", e));
+            }
+        };
         let mut running = Running {
             exports: Vec::new(),
             jobs: None,
@@ -212,10 +221,16 @@ impl Server {
             Ok(()) => Ok(running),
             Err(e) => {
                 // Nothing acknowledged may be lost: what was started stops, and
-                // the engine writes back and persists.
+                // the engine writes back and persists. Only once that worked
+                // does a cache file this start made go again.
                 running.exports.append(&mut exports);
-                if let Err(e2) = running.teardown(StopKind::Stop) {
-                    error!("stopping after a failed start: {}", e2.chain());
+                match running.teardown(StopKind::Stop) {
+                    Ok(_) => {
+                        if let Some(u) = &undo {
+                            u.remove_created();
+                        }
+                    }
+                    Err(e2) => error!("stopping after a failed start: {}", e2.chain()),
                 }
                 Err(e)
             }

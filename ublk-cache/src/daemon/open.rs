@@ -6,7 +6,7 @@
 
 use std::fs::OpenOptions as FsOpenOptions;
 use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rbd_backend::{open_engine, Backend, BackendError, FileBackend, OpenOptions};
@@ -87,11 +87,62 @@ pub fn open_backend(spec: &BackendSpec, cfg: &ServeConfig) -> DaemonResult<Arc<d
     open_file(cfg, "backend", path)
 }
 
-/// The cache device, and whether it was created (a new file may be formatted
-/// without asking).
+/// The cache device, and what opening it changed on disk.
 pub struct OpenedCache {
     pub dev: Arc<dyn Backend>,
+    /// Whether the file was created (a new file may be formatted without asking).
     pub created: bool,
+    pub undo: CacheUndo,
+}
+
+/// What to put back if the start is refused: a cache file the start created
+/// is removed, one it grew gets its old length back, so a refused start
+/// leaves nothing behind.
+#[derive(Debug, Clone)]
+pub struct CacheUndo {
+    path: PathBuf,
+    created: bool,
+    grown_from: Option<u64>,
+}
+
+impl CacheUndo {
+    /// Remove the cache file if this start created it (call once nothing can
+    /// be lost by it: a failed start has stopped cleanly). A file that was
+    /// there before stays: the engine may have formatted it to its new size.
+    pub fn remove_created(&self) {
+        if self.created {
+            self.undo();
+        }
+    }
+
+    /// Put the cache file back as it was (call once the engine refused it,
+    /// before it wrote anything that the old size would cut).
+    pub fn undo(&self) {
+        let shown = self.path.display();
+        if self.created {
+            match std::fs::remove_file(&self.path) {
+                Ok(()) => {
+                    tracing::info!("removed the cache file {shown} this refused start created")
+                }
+                Err(e) => tracing::warn!(
+                    "could not remove the cache file {shown} this start created: {e}"
+                ),
+            }
+        } else if let Some(len) = self.grown_from {
+            let r = FsOpenOptions::new()
+                .write(true)
+                .open(&self.path)
+                .and_then(|f| f.set_len(len));
+            match r {
+                Ok(()) => {
+                    tracing::info!("the cache file {shown} has its old size of {len} bytes again")
+                }
+                Err(e) => {
+                    tracing::warn!("could not give the cache file {shown} its old size back: {e}")
+                }
+            }
+        }
+    }
 }
 
 /// Open the cache at `path`, creating a file of `size` bytes if nothing is
@@ -127,6 +178,11 @@ pub fn open_cache(path: &Path, size: Option<u64>, cfg: &ServeConfig) -> DaemonRe
         }
         Err(e) => return Err(io("cannot stat", e)),
     };
+    let mut undo = CacheUndo {
+        path: path.to_path_buf(),
+        created,
+        grown_from: None,
+    };
     if let (false, Some(size)) = (created, size) {
         // A regular file that is too small is grown (sparse); a device is what
         // it is. Only while nobody else holds it: the flock is tried first.
@@ -140,8 +196,14 @@ pub fn open_cache(path: &Path, size: Option<u64>, cfg: &ServeConfig) -> DaemonRe
                 .map_err(|e| io("cannot open", e))?;
             f.set_len(size)
                 .map_err(|e| io(&format!("cannot grow to {size} bytes"), e))?;
+            undo.grown_from = Some(meta.len());
         }
     }
-    let dev = open_file(cfg, "cache", path)?;
-    Ok(OpenedCache { dev, created })
+    match open_file(cfg, "cache", path) {
+        Ok(dev) => Ok(OpenedCache { dev, created, undo }),
+        Err(e) => {
+            undo.undo();
+            Err(e)
+        }
+    }
 }

@@ -194,13 +194,7 @@ impl Engine {
         let layout = sb.layout;
         let capacity = layout.nr_lines * layout.line_size as u64;
         if cfg.mode == CacheMode::Offline && capacity < backend.size() {
-            return Err(refuse(
-                EngineErrorKind::Config,
-                format!(
-                    "offline mode keeps the whole image in the cache, but the cache holds {capacity} bytes of data                      and the image is {} bytes; give the cache at least the image size plus 1% for metadata",
-                    backend.size()
-                ),
-            ));
+            return Err(EngineError::offline_capacity(capacity, backend.size()));
         }
         let codec = EntryCodec::new(layout.entry_size, layout.spl(), &sb.uuid);
         let store = CacheStore::new(Arc::clone(&dev), layout);

@@ -77,14 +77,7 @@ impl Engine {
                 .as_ref()
                 .map_or(0, |c| c.layout.nr_lines * c.layout.line_size as u64);
             if capacity < self.size {
-                return Err(refuse(
-                    EngineErrorKind::Config,
-                    format!(
-                        "offline mode keeps the whole image in the cache, but the cache holds {capacity} bytes of \
-                         data and the image is {} bytes",
-                        self.size
-                    ),
-                ));
+                return Err(EngineError::offline_capacity(capacity, self.size));
             }
             if !self.started_offline {
                 // The copy-in runs only for a server started offline.

@@ -267,10 +267,15 @@ impl ControlServer {
     }
 
     /// Stop accepting and remove the socket. Requests in progress finish on
-    /// their own threads.
-    pub fn stop(self) {
+    /// their own threads. (Dropping it does the same, so a start that fails
+    /// after the socket was bound leaves no socket behind.)
+    pub fn stop(self) {}
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        for t in self.threads {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
         let _ = std::fs::remove_file(&self.path);
