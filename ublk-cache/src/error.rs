@@ -48,6 +48,16 @@ pub enum Remedy {
     ShadowDir,
 }
 
+/// The error an engine error came from, kept with its kind so that callers
+/// (write-back, the daemon, the CLI) can tell causes apart.
+#[derive(Debug, thiserror::Error)]
+pub enum ErrorSource {
+    #[error(transparent)]
+    Backend(BackendError),
+    #[error(transparent)]
+    Format(FormatError),
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct EngineError {
@@ -55,6 +65,10 @@ pub struct EngineError {
     message: String,
     errno: i32,
     remedies: Vec<Remedy>,
+    /// Boxed: engine results are returned on every request, and the common
+    /// error has no source.
+    #[source]
+    source: Option<Box<ErrorSource>>,
 }
 
 impl EngineError {
@@ -69,6 +83,7 @@ impl EngineError {
             message: message.into(),
             errno,
             remedies: Vec::new(),
+            source: None,
         }
     }
 
@@ -95,6 +110,7 @@ impl EngineError {
             message: format!("backend {context}: {e}"),
             errno,
             remedies: Vec::new(),
+            source: Some(Box::new(ErrorSource::Backend(e))),
         }
     }
 
@@ -104,6 +120,7 @@ impl EngineError {
             message: format!("cache device {context}: {e}"),
             errno: libc::EIO,
             remedies: Vec::new(),
+            source: Some(Box::new(ErrorSource::Backend(e))),
         }
     }
 
@@ -121,7 +138,42 @@ impl EngineError {
     }
 
     pub fn corrupt(what: &str, e: FormatError) -> Self {
-        Self::new(EngineErrorKind::Corrupt, format!("{what}: {e}"))
+        let mut err = Self::new(EngineErrorKind::Corrupt, format!("{what}: {e}"));
+        err.source = Some(Box::new(ErrorSource::Format(e)));
+        err
+    }
+
+    /// The backend's (or cache device's) error this one came from.
+    pub fn backend_error(&self) -> Option<&BackendError> {
+        match self.source.as_deref() {
+            Some(ErrorSource::Backend(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// The kind of the backend's (or cache device's) error this one came from.
+    pub fn backend_kind(&self) -> Option<BackendKind> {
+        self.backend_error().map(BackendError::kind)
+    }
+
+    /// The backend refused to write: its exclusive lock went to another client
+    /// (or it is read-only). Retrying will not help until that changes.
+    pub fn is_lock_lost(&self) -> bool {
+        self.kind == EngineErrorKind::BackendIo
+            && self.backend_kind() == Some(BackendKind::ReadOnly)
+    }
+
+    /// The backend did not answer in time (an outage); retrying may help.
+    pub fn is_timeout(&self) -> bool {
+        self.kind == EngineErrorKind::BackendIo && self.backend_kind() == Some(BackendKind::Timeout)
+    }
+
+    /// The on-disk format error this one came from.
+    pub fn format_error(&self) -> Option<&FormatError> {
+        match self.source.as_deref() {
+            Some(ErrorSource::Format(e)) => Some(e),
+            _ => None,
+        }
     }
 
     pub fn kind(&self) -> EngineErrorKind {
@@ -140,3 +192,52 @@ impl From<EngineError> for TargetError {
 }
 
 pub type EngineResult<T> = Result<T, EngineError>;
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+    use std::io;
+
+    use super::*;
+
+    fn backend_err(kind: BackendKind, errno: i32) -> BackendError {
+        BackendError::new(
+            kind,
+            "rbd:one/disk: write",
+            io::Error::from_raw_os_error(errno),
+        )
+    }
+
+    #[test]
+    fn backend_errors_keep_their_kind_and_source() {
+        let lost = EngineError::backend(
+            "write-back",
+            backend_err(BackendKind::ReadOnly, libc::EROFS),
+        );
+        assert!(lost.is_lock_lost() && !lost.is_timeout());
+        assert_eq!(lost.kind(), EngineErrorKind::BackendIo);
+        assert_eq!(lost.errno(), libc::EIO);
+        let src = lost.source().expect("a source");
+        assert!(src.to_string().contains("rbd:one/disk"), "{src}");
+        let slow = EngineError::backend(
+            "write-back",
+            backend_err(BackendKind::Timeout, libc::ETIMEDOUT),
+        );
+        assert!(slow.is_timeout() && !slow.is_lock_lost());
+        assert_eq!(slow.backend_kind(), Some(BackendKind::Timeout));
+        // The cache device's errors are not the backend's lock or outage.
+        let cache = EngineError::cache("read", backend_err(BackendKind::ReadOnly, libc::EROFS));
+        assert!(!cache.is_lock_lost());
+        assert_eq!(cache.backend_kind(), Some(BackendKind::ReadOnly));
+        let bad = EngineError::backend(
+            "read",
+            backend_err(BackendKind::InvalidRequest, libc::EINVAL),
+        );
+        assert_eq!(TargetError::from(bad).errno, libc::EINVAL);
+        let c = EngineError::corrupt("superblock", FormatError::NoMagic);
+        assert_eq!(c.format_error(), Some(&FormatError::NoMagic));
+        assert!(EngineError::new(EngineErrorKind::Config, "x")
+            .source()
+            .is_none());
+    }
+}

@@ -35,7 +35,7 @@ pub enum DaemonError {
     Engine {
         context: String,
         #[source]
-        source: EngineError,
+        source: Box<EngineError>,
     },
     #[error("{context}")]
     Ublk {
@@ -83,7 +83,7 @@ impl DaemonError {
     pub fn engine(context: impl Into<String>, source: EngineError) -> Self {
         DaemonError::Engine {
             context: context.into(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -105,6 +105,16 @@ impl DaemonError {
     pub fn engine_error(&self) -> Option<&EngineError> {
         match self {
             DaemonError::Engine { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
+    /// The kind of the backend error at the root of this one, directly or
+    /// through the engine: a lost lock, a timeout, a missing disk, ...
+    pub fn backend_kind(&self) -> Option<rbd_backend::ErrorKind> {
+        match self {
+            DaemonError::Backend { source, .. } => Some(source.kind()),
+            DaemonError::Engine { source, .. } => source.backend_kind(),
             _ => None,
         }
     }
@@ -142,3 +152,26 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 }
 
 pub type DaemonResult<T> = Result<T, DaemonError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chain_names_every_cause_once_and_kinds_reach_the_edge() {
+        let io = io::Error::from_raw_os_error(libc::ETIMEDOUT);
+        let b = BackendError::new(rbd_backend::ErrorKind::Timeout, "rbd:p/i: read", io);
+        let e = DaemonError::engine(
+            "preloading 0+4096",
+            EngineError::backend("read of line 0", b),
+        );
+        assert_eq!(e.backend_kind(), Some(rbd_backend::ErrorKind::Timeout));
+        let c = e.chain();
+        assert_eq!(c.matches("rbd:p/i: read").count(), 1, "{c}");
+        assert!(
+            c.starts_with("preloading 0+4096: backend read of line 0"),
+            "{c}"
+        );
+        assert!(DaemonError::config("x").backend_kind().is_none());
+    }
+}

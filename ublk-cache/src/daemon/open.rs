@@ -15,13 +15,17 @@ use super::config::{ServeConfig, Start};
 use super::error::{DaemonError, DaemonResult};
 use super::spec::BackendSpec;
 
-/// The error of a file or device that another server holds, as operators know it.
+/// The error of opening `path`, saying so as operators know it when another
+/// server holds it (the backend error, with its kind, stays the source).
 fn in_use(what: &str, path: &Path, e: BackendError) -> DaemonError {
     if rbd_backend::file::is_locked_elsewhere(&e) {
-        return DaemonError::refused(format!(
-            "{what} {} is in use by another ublk-cache server (see `ublk-cache list`); refusing to share it",
-            path.display()
-        ));
+        return DaemonError::backend(
+            format!(
+                "{what} {} is in use by another ublk-cache server (see `ublk-cache list`); refusing to share it",
+                path.display()
+            ),
+            e,
+        );
     }
     DaemonError::backend(format!("{what} {}", path.display()), e)
 }
