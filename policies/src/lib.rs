@@ -5,6 +5,6 @@ pub mod eviction;
 pub mod mode;
 pub mod writeback;
 
-pub use eviction::{EvictionPolicy, LruPolicy};
+pub use eviction::{EvictionBuilder, EvictionKind, EvictionPolicy, LruPolicy, ParseEvictionError};
 pub use mode::{CacheMode, FlushAction, ParseModeError, WriteRoute};
 pub use writeback::WritebackOrder;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use policies::{CacheMode, WritebackOrder};
+use policies::{CacheMode, EvictionKind, WritebackOrder};
 use ublk_cache::daemon::config::{
     ByteSize, DirtyData, OnBackendChange, OnForeignCache, PreloadStart, ServeConfig, Start,
 };
@@ -152,6 +152,9 @@ pub struct ServeArgs {
     /// (faster; see README) [default: ordered].
     #[arg(long)]
     pub writeback_order: Option<WritebackOrder>,
+    /// Which clean line to give up when the cache is full: lru [default: lru].
+    #[arg(long)]
+    pub eviction: Option<EvictionKind>,
     /// ublk hardware queues (default min(CPUs, 4)).
     #[arg(long)]
     pub queues: Option<u16>,
@@ -245,6 +248,7 @@ impl ServeArgs {
         set(&mut cfg.mode, self.mode);
         set_opt(&mut cfg.line_size, self.line_size.map(ByteSize));
         set(&mut cfg.writeback_order, self.writeback_order);
+        set(&mut cfg.eviction, self.eviction);
         set_opt(&mut cfg.queues, self.queues);
         set(&mut cfg.depth, self.depth);
         set_opt(&mut cfg.id, self.id);

@@ -47,6 +47,10 @@ fn bad_arguments_are_named() {
             "unknown write-back order",
         ),
         (
+            vec!["serve", "--backend", "file:/x", "--eviction", "arc"],
+            "unknown eviction policy 'arc'",
+        ),
+        (
             vec!["stop", "/dev/sda"],
             "neither a device id nor /dev/ublkbN",
         ),

@@ -15,7 +15,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use policies::{CacheMode, WritebackOrder};
+use policies::{CacheMode, EvictionKind, WritebackOrder};
 use serde::{Deserialize, Serialize};
 
 use super::error::{DaemonError, DaemonResult};
@@ -383,6 +383,9 @@ pub struct ServeConfig {
     pub line_size: Option<ByteSize>,
     #[serde(default, with = "text", skip_serializing_if = "is_default")]
     pub writeback_order: WritebackOrder,
+    /// Which clean line to give up when the cache is full (`lru`).
+    #[serde(default, with = "text", skip_serializing_if = "is_default")]
+    pub eviction: EvictionKind,
     /// ublk hardware queues (default `min(CPUs, 4)`).
     #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]
     pub queues: Option<u16>,
@@ -457,6 +460,7 @@ impl Default for ServeConfig {
             mode: CacheMode::default(),
             line_size: None,
             writeback_order: WritebackOrder::default(),
+            eviction: EvictionKind::default(),
             queues: None,
             depth: default_depth(),
             id: None,
@@ -699,6 +703,7 @@ mod tests {
         assert_eq!(c.preload_start, PreloadStart::Background);
         assert_eq!((c.depth, c.queues, c.socket_mode), (64, Some(2), 0o660));
         assert_eq!(c.mode, CacheMode::Back);
+        assert_eq!(c.eviction, EvictionKind::Lru);
         let c =
             ServeConfig::from_toml("backend = \"file:/b\"\nexport = \"nbd:tcp::0\"", "t").unwrap();
         assert_eq!(c.exports.len(), 1);

@@ -194,6 +194,7 @@ impl Server {
             accept_backend_change: cfg.on_backend_change.is_on(),
             cold_start: cfg.start.is_on(),
             shadow_dir: cfg.shadow_dir(),
+            eviction: cfg.eviction,
         };
         let engine = match Engine::open(backend, cache, ecfg) {
             Ok(e) => e,

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
-use policies::{CacheMode, LruPolicy, WritebackOrder};
+use policies::{CacheMode, EvictionKind, WritebackOrder};
 use rbd_backend::{Backend, BackendChanges};
 use tracing::{info, warn};
 
@@ -41,6 +41,8 @@ pub struct EngineConfig {
     pub cold_start: bool,
     /// Where the crash shadow lives: a tmpfs directory (see `shadow`).
     pub shadow_dir: std::path::PathBuf,
+    /// Which clean line to give up when space is needed.
+    pub eviction: EvictionKind,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +57,7 @@ impl Default for EngineConfig {
             accept_backend_change: false,
             cold_start: false,
             shadow_dir: super::shadow::DEFAULT_DIR.into(),
+            eviction: EvictionKind::default(),
         }
     }
 }
@@ -227,7 +230,7 @@ impl Engine {
                 .collect();
             write_blocks(&store, &blocks)?;
         }
-        let mut state = Self::build_state(lines, &layout, sb.epoch);
+        let mut state = Self::build_state(lines, &layout, sb.epoch, cfg.eviction);
         let dirty = state.dirty_lines;
         let clean_detach = sb.state == SbState::Clean;
         // Only a clean detach recorded a marker; after a crash our own unfinished
@@ -586,11 +589,16 @@ impl Engine {
         Ok(lines)
     }
 
-    fn build_state(lines: Vec<Line>, layout: &Layout, sb_epoch: u64) -> State {
+    fn build_state(
+        lines: Vec<Line>,
+        layout: &Layout,
+        sb_epoch: u64,
+        eviction: EvictionKind,
+    ) -> State {
         let mut st = State {
-            lines,
             map: HashMap::new(),
-            evict: Box::new(LruPolicy::new()),
+            evict: eviction.builder().slots(lines.len()).build(),
+            lines,
             free: Vec::new(),
             pending_free: Vec::new(),
             releasing: HashSet::new(),

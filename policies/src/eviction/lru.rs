@@ -1,37 +1,27 @@
-//! Which clean cache line to give up when space is needed.
-//!
-//! Only lines that may be evicted are tracked: the engine removes a line when it
-//! becomes dirty and adds it back once it is clean again, so a victim never needs
-//! to be searched for among dirty lines.
+//! Least recently used, on the `lru` crate.
 
 use lru::LruCache;
 
-/// A replacement policy over cache slots (indices into the line table).
-pub trait EvictionPolicy: Send {
-    /// A slot became evictable (clean and mapped).
-    fn insert(&mut self, slot: u32);
-    /// A slot was used; it becomes the least likely victim.
-    fn touch(&mut self, slot: u32);
-    /// The slot is no longer evictable (it became dirty, or was freed).
-    fn remove(&mut self, slot: u32);
-    /// Take the best victim for which `usable` is true, and stop tracking it.
-    /// Slots for which `usable` is false stay tracked in place.
-    fn pop_victim(&mut self, usable: &mut dyn FnMut(u32) -> bool) -> Option<u32>;
-    fn len(&self) -> usize;
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
+use super::EvictionPolicy;
 
 /// Least recently used, on the `lru` crate.
 pub struct LruPolicy {
     lru: LruCache<u32, ()>,
+    /// Slots are below this (0: not known); checked in debug builds.
+    slots: usize,
 }
 
 impl LruPolicy {
     pub fn new() -> Self {
+        Self::with_slots(0)
+    }
+
+    /// An LRU for a cache of `slots` slots (0: any number). It grows as
+    /// needed; the bound only checks the caller in debug builds.
+    pub fn with_slots(slots: usize) -> Self {
         Self {
             lru: LruCache::unbounded(),
+            slots,
         }
     }
 }
@@ -44,6 +34,11 @@ impl Default for LruPolicy {
 
 impl EvictionPolicy for LruPolicy {
     fn insert(&mut self, slot: u32) {
+        debug_assert!(
+            self.slots == 0 || (slot as usize) < self.slots,
+            "slot {slot} of a {}-slot cache",
+            self.slots
+        );
         self.lru.put(slot, ());
     }
 
@@ -78,6 +73,7 @@ impl EvictionPolicy for LruPolicy {
 mod tests {
     use super::*;
 
+    /// What makes it LRU (the contract all policies keep is in `../tests.rs`).
     #[test]
     fn evicts_least_recently_used_first() {
         let mut p = LruPolicy::new();
@@ -90,28 +86,5 @@ mod tests {
         assert_eq!(p.pop_victim(&mut |_| true), Some(3));
         assert_eq!(p.pop_victim(&mut |_| true), Some(0));
         assert_eq!(p.pop_victim(&mut |_| true), None);
-    }
-
-    #[test]
-    fn skips_busy_slots_without_losing_them() {
-        let mut p = LruPolicy::new();
-        for s in 0..3 {
-            p.insert(s);
-        }
-        assert_eq!(p.pop_victim(&mut |s| s != 0), Some(1));
-        assert_eq!(p.len(), 2);
-        assert_eq!(p.pop_victim(&mut |_| true), Some(0));
-    }
-
-    #[test]
-    fn removed_slots_are_never_victims_and_touch_ignores_them() {
-        let mut p = LruPolicy::new();
-        p.insert(7);
-        p.insert(8);
-        p.remove(7);
-        p.touch(7);
-        assert_eq!(p.len(), 1);
-        assert_eq!(p.pop_victim(&mut |_| true), Some(8));
-        assert!(p.is_empty());
     }
 }
