@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rbd_backend::{RbdAdmin, RbdOptions, RbdSpec};
+use rustix::process::Signal;
 
 use crate::skip::{missing, Bed};
 
@@ -179,8 +180,7 @@ impl Frozen {
             .stderr(std::process::Stdio::null())
             .spawn()
             .ok();
-        // SAFETY: kill(2) with a pid read from the cluster's pid file; no memory involved.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP osd");
+        kill(pid, Signal::STOP).expect("SIGSTOP osd");
         // kill(2) returns before every thread has stopped: wait until they
         // have, or a request sent now could still be served.
         let t = std::time::Instant::now();
@@ -189,6 +189,12 @@ impl Frozen {
         }
         Frozen { pid, switch }
     }
+}
+
+fn kill(pid: i32, sig: Signal) -> std::io::Result<()> {
+    let p = rustix::process::Pid::from_raw(pid)
+        .ok_or_else(|| std::io::Error::other(format!("{pid} is not a process id")))?;
+    Ok(rustix::process::kill_process(p, sig)?)
 }
 
 /// Whether every thread of `pid` is in the stopped state (`T`).
@@ -214,8 +220,8 @@ impl Drop for Frozen {
             let _ = sw.kill();
             let _ = sw.wait();
         }
-        // SAFETY: as above; SIGCONT on a running process is harmless.
-        unsafe { libc::kill(self.pid, libc::SIGCONT) };
+        // SIGCONT on a running process is harmless.
+        let _ = kill(self.pid, Signal::CONT);
     }
 }
 

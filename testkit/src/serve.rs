@@ -225,14 +225,14 @@ impl Server {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn signal(&self, sig: i32) {
-        // SAFETY: sending a signal to our own child process; no memory involved.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_child(&self.child);
+        rustix::process::kill_process(pid, sig).expect("signalling the server");
     }
 
     /// SIGTERM; the server must exit 0 (write-back done).
     pub fn stop(mut self) {
-        self.signal(libc::SIGTERM);
+        self.signal(rustix::process::Signal::TERM);
         let st = self.child.wait().unwrap();
         assert!(
             st.success(),
@@ -243,7 +243,7 @@ impl Server {
 
     /// kill -9: a crash.
     pub fn kill9(mut self) {
-        self.signal(libc::SIGKILL);
+        self.signal(rustix::process::Signal::KILL);
         let _ = self.child.wait();
     }
 }

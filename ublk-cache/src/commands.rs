@@ -395,12 +395,15 @@ fn stop(run_dir: &Path, target: &str, detach: bool, timeout: u64) -> Result<()> 
         }
         bail!("the server of device {id} (pid {pid}) is not running; use `ublk-cache recover {id}` to take over the device");
     }
-    let sig = if detach { libc::SIGUSR1 } else { libc::SIGTERM };
-    // SAFETY: sending a signal to a pid; no memory is involved.
-    if unsafe { libc::kill(pid as i32, sig) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("signalling pid {pid}"));
-    }
+    use rustix::process::{kill_process, Pid, Signal};
+    let sig = if detach { Signal::USR1 } else { Signal::TERM };
+    let p = i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .with_context(|| format!("pid {pid} is not a process id"))?;
+    kill_process(p, sig)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("signalling pid {pid}"))?;
     eprintln!(
         "ublk-cache: asked pid {pid} to {}; waiting for it to exit",
         if detach { "detach" } else { "stop" }

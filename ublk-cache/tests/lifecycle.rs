@@ -177,7 +177,9 @@ fn control_socket_verbs_stats_and_metrics() {
             3 * MIB
         ),
         format!("ublk_cache_request_latency_seconds_count{{{d},op=\"read\"}}"),
-        "# TYPE ublk_cache_requests_total counter".to_string(),
+        "# TYPE ublk_cache_requests counter".to_string(),
+        "# TYPE ublk_cache_request_latency_seconds histogram".to_string(),
+        format!("ublk_cache_request_latency_seconds_bucket{{le=\"+Inf\",{d},op=\"write\"}}"),
     ] {
         assert!(m.contains(&want), "metrics lack {want}:\n{m}");
     }

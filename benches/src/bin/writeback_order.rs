@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use policies::{CacheMode, WritebackOrder};
 use rbd_backend::{Backend, FaultyBackend, MemBackend};
 use ublk_cache::target::BlockTarget;
@@ -65,13 +66,19 @@ fn run(order: WritebackOrder, load: Load, seconds: f64) -> f64 {
     iops
 }
 
+/// Ordered against relaxed write-back, interleaved.
+#[derive(Debug, clap::Parser)]
+#[command(name = "writeback-order")]
+struct Opts {
+    /// Rounds of each load and order.
+    #[arg(default_value_t = 5)]
+    rounds: usize,
+}
+
 fn main() {
     let shadow = tempfile::tempdir().expect("shadow dir");
     ublk_cache_benches::use_shadow_dir(shadow.path());
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(5);
+    let rounds = Opts::parse().rounds;
     println!("| load (backend: 2 ms writes and flushes) | ordered IOPS (median, min-max) | relaxed IOPS | ordered / relaxed |");
     println!("|---|---|---|---|");
     for (name, load) in [

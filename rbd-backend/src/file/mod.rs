@@ -260,12 +260,9 @@ impl FileBackend {
 /// Take the exclusive flock of `file`, or say that someone else holds it
 /// (`ErrorKind::Unavailable`, errno EWOULDBLOCK).
 fn lock_exclusive(file: &File, kind: FileKind, path: &Path) -> Result<()> {
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: flock on a descriptor we own; no memory is involved.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+    let Err(e) = crate::sys::flock_exclusive(file) else {
         return Ok(());
-    }
-    let e = io::Error::last_os_error();
+    };
     let what = if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
         "is locked by another process"
     } else {
@@ -384,12 +381,7 @@ impl Backend for FileBackend {
         if !self.exclusive {
             return Ok(());
         }
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        if unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) } != 0 {
-            return Err(self.io_error("unlock", 0, 0, io::Error::last_os_error()));
-        }
-        Ok(())
+        crate::sys::flock_release(&self.file).map_err(|e| self.io_error("unlock", 0, 0, e))
     }
 
     /// Take the flock back (an aborted migration); refused while someone else holds it.

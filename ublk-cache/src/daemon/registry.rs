@@ -174,8 +174,11 @@ pub fn all(dir: &Path) -> (Vec<Record>, Vec<String>) {
 }
 
 pub fn pid_alive(pid: u32) -> bool {
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    let exists = pid > 0 && unsafe { libc::kill(pid as i32, 0) } == 0;
+    // Signal 0 only checks that the process exists (and may be signalled).
+    let exists = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .is_some_and(|p| rustix::process::test_kill_process(p).is_ok());
     // A zombie has exited; only its parent has not collected it yet.
     exists && !is_zombie(pid)
 }

@@ -1,45 +1,23 @@
-//! Human sizes on the command line: `512M`, `20G`, `64K`, `4096`, `1.5G`.
+//! Human sizes on the command line, in config files and in range lists:
+//! `512M`, `20G`, `64K`, `4096`, `1.5G`, `2 GiB`. One grammar everywhere
+//! (the `parse-size` crate, exact for decimals); every unit is a power of
+//! 1024, as operators of disks mean it.
 
-/// Parse a size with an optional binary suffix (K, M, G, T; `KiB`/`KB` forms and
-/// lower case accepted; all are powers of 1024).
+use parse_size::Config;
+
+const SIZES: Config = Config::new().with_binary();
+
+/// Parse a size with an optional binary suffix (K, M, G, T, P; `KiB`/`KB` forms
+/// and lower case accepted). Errors name the input and the problem.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        other => {
-            return Err(format!(
-                "size '{s}': unknown unit '{other}' (use K, M, G or T)"
-            ))
-        }
-    };
-    if num.is_empty() {
-        return Err(format!("size '{s}': no number"));
-    }
-    let bytes = if num.contains('.') {
-        let v: f64 = num
-            .parse()
-            .map_err(|_| format!("size '{s}': bad number '{num}'"))?;
-        let b = v * mult as f64;
-        if !b.is_finite() || b >= u64::MAX as f64 {
-            return Err(format!("size '{s}' is too large"));
-        }
-        b as u64
-    } else {
-        let v: u64 = num
-            .parse()
-            .map_err(|_| format!("size '{s}': bad number '{num}'"))?;
-        v.checked_mul(mult)
-            .ok_or_else(|| format!("size '{s}' is too large"))?
-    };
-    Ok(bytes)
+    SIZES.parse_size(s.trim()).map_err(|e| match e {
+        parse_size::Error::Empty => format!("size '{s}': no number"),
+        parse_size::Error::InvalidDigit => format!(
+            "size '{s}': unknown unit or stray character (a number with K, M, G or T, e.g. 512M)"
+        ),
+        parse_size::Error::PosOverflow => format!("size '{s}' is too large"),
+        _ => format!("size '{s}': {e}"),
+    })
 }
 
 #[cfg(test)]
@@ -54,12 +32,15 @@ mod tests {
         assert_eq!(parse_size("20G").unwrap(), 20 << 30);
         assert_eq!(parse_size("1.5g").unwrap(), 3 << 29);
         assert_eq!(parse_size("2 GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1kb").unwrap(), 1024);
+        assert_eq!(parse_size(" 8T ").unwrap(), 8 << 40);
     }
 
     #[test]
     fn names_the_problem() {
         assert!(parse_size("12X").unwrap_err().contains("unknown unit"));
         assert!(parse_size("M").unwrap_err().contains("no number"));
+        assert!(parse_size("").unwrap_err().contains("no number"));
         assert!(parse_size("99999999999T")
             .unwrap_err()
             .contains("too large"));

@@ -82,17 +82,7 @@ fn backend_record(b: &dyn Backend) -> BackendRecord {
 }
 
 fn random_uuid() -> [u8; 16] {
-    let mut u = [0u8; 16];
-    // SAFETY: getrandom writes at most `u.len()` bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(u.as_mut_ptr().cast(), u.len(), 0) };
-    if n != u.len() as isize {
-        // Uniqueness, not secrecy, is what matters: fall back to time and pid.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        u.copy_from_slice(&(t ^ ((std::process::id() as u128) << 64)).to_le_bytes());
-    }
-    u
+    uuid::Uuid::new_v4().into_bytes()
 }
 
 impl Engine {

@@ -29,7 +29,7 @@ use policies::{CacheMode, WritebackOrder};
 use rbd_backend::Backend;
 
 pub use attach::EngineConfig;
-pub use latency::{LatencySnapshot, Op};
+pub use latency::{bucket_upper_us, LatencySnapshot, Op};
 pub use live::{PreloadOptions, PreloadReport, Progress, ProgressFn};
 pub use stats::{Stats, StatsSnapshot};
 
