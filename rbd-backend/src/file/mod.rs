@@ -97,12 +97,7 @@ impl FileBackend {
         Self::open_with_engine(path, opts, engine)
     }
 
-    /// Opens `file:PATH` or `dev:PATH`, insisting that PATH is of that kind.
-    pub fn open_spec(spec: &str, opts: OpenOptions) -> Result<Self> {
-        let engine = open_engine(EngineChoice::Auto)?;
-        Self::open_spec_with_engine(spec, opts, engine)
-    }
-
+    /// Opens `file:PATH` or `dev:PATH` with `engine`, insisting that PATH is of that kind.
     pub fn open_spec_with_engine(
         spec: &str,
         opts: OpenOptions,

