@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use policies::CacheMode;
 use rbd_backend::{Backend, FaultyBackend, MemBackend};
 use ublk_cache::target::BlockTarget;
-use ublk_cache::{Engine, EngineConfig, EngineError, EngineErrorKind};
+use ublk_cache::{Engine, EngineConfig, EngineError, EngineErrorKind, Remedy};
 
 pub const MIB: u64 = 1 << 20;
 /// The line size the rig's configurations use unless told otherwise.
@@ -95,6 +95,18 @@ pub fn assert_refused(
     assert!(
         err.to_string().contains(needle),
         "the refusal does not name '{needle}': {err}"
+    );
+    err
+}
+
+/// The attach was refused because the cache holds dirty data over ranges the
+/// backend changed, naming both ways forward.
+pub fn assert_dirty_conflict_refused(r: Result<Arc<Engine>, EngineError>) -> EngineError {
+    let err = assert_refused(r, EngineErrorKind::DirtyData, "for changed ranges");
+    assert_eq!(
+        err.remedies(),
+        [Remedy::AcceptBackendChange, Remedy::DiscardDirty],
+        "both ways forward are named: {err}"
     );
     err
 }

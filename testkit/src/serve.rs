@@ -34,6 +34,33 @@ pub fn bin_path() -> PathBuf {
     p
 }
 
+/// A sparse file of `size` bytes at `path` (a backend), replacing what is there.
+pub fn sparse_file(path: &Path, size: u64) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(size))
+        .unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+}
+
+/// A TCP port nobody listens on right now (for `--metrics`, `nbd:tcp:`).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Whether this host has the ublk driver; tests of the driverless behaviour
+/// print a SKIP line and return when it has.
+pub fn skip_with_ublk(test: &str) -> bool {
+    let has = Path::new("/dev/ublk-control").exists();
+    if has {
+        crate::skip::note(&format!(
+            "{test}: /dev/ublk-control exists here; this checks a host without it"
+        ));
+    }
+    has
+}
+
 /// A command running the `ublk-cache` binary, its crash shadows kept out of
 /// production's directory.
 pub fn bin() -> Command {
@@ -97,10 +124,7 @@ pub struct Disk {
 impl Disk {
     pub fn new(dir: &Path, size: u64) -> Self {
         let backend = dir.join("backend.img");
-        std::fs::File::create(&backend)
-            .unwrap()
-            .set_len(size)
-            .unwrap();
+        sparse_file(&backend, size);
         Self {
             dir: dir.to_path_buf(),
             backend,

@@ -25,10 +25,6 @@ fn assert_refused(args: &[&str], want: &str) {
     );
 }
 
-fn has_ublk() -> bool {
-    std::path::Path::new("/dev/ublk-control").exists()
-}
-
 #[test]
 fn bad_arguments_are_named() {
     for (args, want) in [
@@ -145,10 +141,7 @@ fn backend_timeout_is_for_rbd_backends_only() {
 
 #[test]
 fn serve_without_the_ublk_driver_says_what_to_do_and_creates_nothing() {
-    if has_ublk() {
-        println!(
-            "SKIP: /dev/ublk-control exists here; this checks the message on kernels without it"
-        );
+    if serve::skip_with_ublk("serve_without_the_ublk_driver_says_what_to_do_and_creates_nothing") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -176,8 +169,7 @@ fn serve_without_the_ublk_driver_says_what_to_do_and_creates_nothing() {
 
 #[test]
 fn demo_without_the_ublk_driver_serves_over_nbd() {
-    if has_ublk() {
-        println!("SKIP: /dev/ublk-control exists here; the demo would serve /dev/ublkbN");
+    if serve::skip_with_ublk("demo_without_the_ublk_driver_serves_over_nbd") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -285,10 +277,7 @@ fn nbd_serve_refuses_a_busy_socket_before_touching_data() {
     let sock = d.path().join("busy.sock");
     let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let backend = d.path().join("b.img");
-    std::fs::File::create(&backend)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    serve::sparse_file(&backend, 16 << 20);
     let cache = d.path().join("c.img");
     let o = run(&[
         "serve",
@@ -355,10 +344,7 @@ fn list_and_stop_use_the_registry() {
 fn the_io_engine_variable_is_read_by_the_binary() {
     let d = tempfile::tempdir().unwrap();
     let backend = d.path().join("b.img");
-    std::fs::File::create(&backend)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    serve::sparse_file(&backend, 16 << 20);
     let sock = d.path().join("nbd.sock");
     let args = [
         "--run-dir".to_string(),
@@ -398,17 +384,13 @@ fn the_io_engine_variable_is_read_by_the_binary() {
 fn recover_reuses_the_recorded_configuration() {
     use ublk_cache::daemon::config::ServeConfig;
     use ublk_cache::daemon::registry::{self, Record, ServerState};
-    if has_ublk() {
-        println!("SKIP: /dev/ublk-control exists here; the VM suite recovers real devices");
+    if serve::skip_with_ublk("recover_reuses_the_recorded_configuration") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
     let run_dir = d.path().join("run");
     let backend = d.path().join("b.img");
-    std::fs::File::create(&backend)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    serve::sparse_file(&backend, 16 << 20);
     let cache = d.path().join("c.img");
     std::fs::write(&cache, b"").unwrap();
     registry::write(

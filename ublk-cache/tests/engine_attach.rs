@@ -7,7 +7,8 @@ use std::time::Duration;
 use policies::{CacheMode, WritebackOrder};
 use rbd_backend::{Backend, FaultyBackend, MemBackend, OpKind};
 use testkit::rig::{
-    assert_refused, back_engine_refusing_write_back, cfg, fill, mem, open, read, try_open, MIB,
+    assert_dirty_conflict_refused, assert_refused, back_engine_refusing_write_back, cfg, fill, mem,
+    open, read, try_open, MIB,
 };
 use ublk_cache::target::BlockTarget;
 use ublk_cache::{EngineErrorKind, Remedy};
@@ -208,16 +209,7 @@ fn backend_changed_with_dirty_data_is_refused_naming_both_ways_forward() {
     assert_eq!(e.stats().dirty_lines, 1);
     std::thread::sleep(Duration::from_millis(20));
     std::fs::write(&bpath, vec![1u8; 4 * MIB as usize]).unwrap();
-    let err = assert_refused(
-        try_open(open_file(), c.clone(), cfg(CacheMode::Back)),
-        EngineErrorKind::DirtyData,
-        "for changed ranges",
-    );
-    assert_eq!(
-        err.remedies(),
-        [Remedy::AcceptBackendChange, Remedy::DiscardDirty],
-        "both ways forward are named"
-    );
+    assert_dirty_conflict_refused(try_open(open_file(), c.clone(), cfg(CacheMode::Back)));
     let mut accept = cfg(CacheMode::Back);
     accept.accept_backend_change = true;
     let e = open(open_file(), c.clone(), accept);

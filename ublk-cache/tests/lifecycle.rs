@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 use testkit::nbd_client::Client;
 use testkit::pattern;
-use testkit::serve::{bin, run, Disk};
+use testkit::serve::{bin, free_port, run, Disk};
 
 const MIB: u64 = 1 << 20;
 
@@ -51,14 +51,6 @@ fn cmd_json(run_dir: &Path, verb: &str, id: u64) -> Value {
 fn file_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
     let all = std::fs::read(p).unwrap();
     all[off as usize..off as usize + len].to_vec()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn http_get(port: u16, path: &str) -> String {

@@ -14,7 +14,7 @@ use testkit::ceph::{rbd_test, TestCluster};
 use testkit::pattern;
 use testkit::rig::{self, open};
 use ublk_cache::target::BlockTarget;
-use ublk_cache::{Engine, EngineConfig, EngineErrorKind, Remedy};
+use ublk_cache::{Engine, EngineConfig};
 
 fn open_engine(
     backend: Arc<dyn Backend>,
@@ -111,16 +111,11 @@ fn rbd_dirty_data_over_a_changed_range_is_refused() {
         raw.write(4096, &pattern(6, 4096)).expect("write behind");
         raw.flush().expect("flush");
     }
-    let err = rig::assert_refused(
-        rig::try_open(open_rbd(&c, &img.spec), cache.clone(), back_cfg()),
-        EngineErrorKind::DirtyData,
-        "for changed ranges",
-    );
-    assert_eq!(
-        err.remedies(),
-        [Remedy::AcceptBackendChange, Remedy::DiscardDirty],
-        "both ways forward are named"
-    );
+    rig::assert_dirty_conflict_refused(rig::try_open(
+        open_rbd(&c, &img.spec),
+        cache.clone(),
+        back_cfg(),
+    ));
 
     // Writing the dirty data back over the change (the snapshot was consumed by
     // the refused attach, so this attach sees "unknown" and keeps only dirty data).

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use testkit::serve::{self, Disk};
+use testkit::serve::{self, free_port, sparse_file, Disk};
 
 const MIB: u64 = 1 << 20;
 
@@ -54,14 +54,6 @@ fn refused_leaving_nothing(dir: &Path, mut cmd: Command, want: &str) {
         changed.is_empty(),
         "{cmd:?} left {changed:?} behind or changed it:\n{err}"
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]
@@ -144,10 +136,7 @@ fn a_cache_in_use_by_another_server_is_left_to_it() {
     let other = d.path().join("other");
     std::fs::create_dir(&other).unwrap();
     let backend = other.join("b.img");
-    std::fs::File::create(&backend)
-        .unwrap()
-        .set_len(16 * MIB)
-        .unwrap();
+    sparse_file(&backend, 16 * MIB);
     let mut cmd = serve::bin();
     cmd.arg("--run-dir")
         .arg(other.join("run"))
