@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, BatchSize, Criterion};
 use policies::{CacheMode, EvictionPolicy, LruPolicy};
 use rbd_backend::{Backend, FaultyBackend, MemBackend};
+use testkit::Rng;
 use ublk_cache::engine::bits;
 use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig};
@@ -34,17 +35,6 @@ use ublk_cache::{Engine, EngineConfig};
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const LINE: u64 = 64 * KIB;
-
-/// xorshift: cheap, deterministic offsets.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
 
 struct Setup {
     engine: Arc<Engine>,
@@ -75,6 +65,7 @@ fn setup(mode: CacheMode, backend_lines: u64, cache_lines: u64) -> Setup {
         format: true,
         cache_bytes: Some(cache_bytes),
         line_size: Some(LINE as u32),
+        shadow_dir: ublk_cache_benches::shadow_dir(),
         ..EngineConfig::default()
     };
     let engine = Engine::open(
@@ -96,11 +87,11 @@ fn warm(e: &Engine, lines: u64) {
 fn map_lookup(c: &mut Criterion) {
     let mut g = c.benchmark_group("map_lookup");
     for n in [16 * 1024u64, 1024 * 1024] {
-        let mut rng = Rng(7);
+        let mut rng = Rng::new(7);
         let mut m: HashMap<u64, u32> = HashMap::with_capacity(n as usize);
         // Backend lines of a 16 TiB disk, spread out.
         for slot in 0..n {
-            m.insert(rng.next() % (1 << 28), slot as u32);
+            m.insert(rng.next_u64() % (1 << 28), slot as u32);
         }
         let keys: Vec<u64> = m.keys().copied().collect();
         let mut i = 0usize;
@@ -121,10 +112,10 @@ fn hit(c: &mut Criterion) {
     let mut g = c.benchmark_group("hit");
     for size in [4 * KIB, 64 * KIB] {
         let mut buf = vec![0u8; size as usize];
-        let mut rng = Rng(11);
+        let mut rng = Rng::new(11);
         g.bench_function(format!("read_{}k", size / KIB), |b| {
             b.iter(|| {
-                let off = (rng.next() % (lines * LINE / size)) * size;
+                let off = (rng.next_u64() % (lines * LINE / size)) * size;
                 s.engine.read(off, &mut buf).expect("read");
             })
         });
@@ -186,10 +177,10 @@ fn dirty(c: &mut Criterion) {
     // alone (no flusher competing for the state lock).
     s.backend.stall();
     let data = vec![0x5au8; 4096];
-    let mut rng = Rng(13);
+    let mut rng = Rng::new(13);
     g.bench_function("write_4k_back", |b| {
         b.iter(|| {
-            let off = (rng.next() % (lines * LINE / 4096)) * 4096;
+            let off = (rng.next_u64() % (lines * LINE / 4096)) * 4096;
             s.engine.write(off, &data, false).expect("write");
         })
     });
@@ -204,9 +195,9 @@ fn lru(c: &mut Criterion) {
     for s in 0..n {
         p.insert(s);
     }
-    let mut rng = Rng(17);
+    let mut rng = Rng::new(17);
     g.bench_function("touch_64k_slots", |b| {
-        b.iter(|| p.touch((rng.next() % n as u64) as u32))
+        b.iter(|| p.touch((rng.next_u64() % n as u64) as u32))
     });
     g.bench_function("pop_victim_and_insert_64k_slots", |b| {
         b.iter(|| {
@@ -216,7 +207,7 @@ fn lru(c: &mut Criterion) {
     });
     g.bench_function("insert_remove_64k_slots", |b| {
         b.iter_batched(
-            || (rng.next() % n as u64) as u32,
+            || (rng.next_u64() % n as u64) as u32,
             |s| {
                 p.remove(s);
                 p.insert(s);
@@ -256,7 +247,7 @@ fn main() {
         tempfile::tempdir()
     }
     .expect("a directory for crash shadows");
-    std::env::set_var(ublk_cache::engine::shadow::SHADOW_DIR_ENV, dir.path());
+    ublk_cache_benches::use_shadow_dir(dir.path());
     benches();
     Criterion::default().configure_from_args().final_summary();
 }

@@ -1,12 +1,12 @@
 //! Pure decision logic for ublk-cache: per-mode request rules, eviction and
 //! write-back ordering. Nothing here does I/O, so all of it is unit-tested directly.
 
-pub mod clock;
 pub mod eviction;
 pub mod mode;
 pub mod writeback;
 
-pub use clock::ClockPolicy;
-pub use eviction::{EvictionPolicy, LruPolicy};
+pub use eviction::{
+    ClockPolicy, EvictionBuilder, EvictionKind, EvictionPolicy, LruPolicy, ParseEvictionError,
+};
 pub use mode::{CacheMode, FlushAction, ParseModeError, WriteRoute};
 pub use writeback::WritebackOrder;

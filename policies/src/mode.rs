@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum CacheMode {
     /// Pass-through: the cache is not touched.
     None,
@@ -12,6 +12,8 @@ pub enum CacheMode {
     /// Writes go to the backend and the cache.
     Through,
     /// Writes complete from the cache and are written back later, in order.
+    /// The default.
+    #[default]
     Back,
     /// Whole image local while running; dirty parts written back at stop.
     Offline,
@@ -86,6 +88,12 @@ impl CacheMode {
     /// Whether the cache may hold data the backend does not have yet.
     pub fn holds_dirty(self) -> bool {
         matches!(self, CacheMode::Back | CacheMode::Offline)
+    }
+
+    /// Whether a server started in this mode copies the whole image into the
+    /// cache in the background (offline mode's hydration).
+    pub fn hydrates_at_start(self) -> bool {
+        self == CacheMode::Offline
     }
 
     /// Whether the background flusher writes dirty data back while serving.

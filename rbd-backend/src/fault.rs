@@ -147,11 +147,6 @@ impl<B: Backend> FaultyBackend<B> {
         });
     }
 
-    /// Cancels all pending `fail_next` faults.
-    pub fn clear_faults(&self) {
-        *lock(&self.fail) = [None; 5];
-    }
-
     /// While on, writes, discards and write_zeroes fail with EROFS (a lost lock or a
     /// backend gone read-only); reads and flushes still work.
     pub fn set_read_only(&self, on: bool) {

@@ -24,9 +24,7 @@ pub use error::{BackendError, ErrorKind, Result};
 pub use fault::{FaultStats, FaultyBackend, FaultyBackendBuilder, OpKind};
 pub use file::{FileBackend, FileKind, OpenOptions};
 pub use io::{IoFut, WriteMode};
-pub use io_engine::{
-    open_engine, EngineChoice, EngineKind, IoEngine, SyncEngine, UringEngine, ENGINE_ENV,
-};
+pub use io_engine::{open_engine, EngineChoice, EngineKind, IoEngine, SyncEngine, UringEngine};
 pub use mem::{MemBackend, MemBackendBuilder};
 #[cfg(feature = "rbd")]
 pub use rbd::{RbdAdmin, RbdBackend, RbdOptions, RbdRawImage, RbdSpec};

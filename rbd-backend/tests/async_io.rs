@@ -2,21 +2,20 @@
 //! (engine x O_DIRECT), aligned and unaligned requests, concurrency on one loop,
 //! and the fault injector's delays and stalls without blocking the loop.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{for_each_setup, make_file, pattern, scratch_dir};
 use rbd_backend::aio::{self, DmaBuf};
 use rbd_backend::{Backend, FaultyBackend, MemBackend, OpKind, WriteMode};
+use testkit::backends::{for_each_file_setup, make_file};
+use testkit::{pattern, scratch_dir};
 
 const MIB: usize = 1 << 20;
 
 #[test]
 fn reads_and_writes_round_trip_on_every_file_setup() {
-    for_each_setup(|s| {
-        let dir = scratch_dir();
+    for_each_file_setup(|s| {
+        let dir = scratch_dir!();
         let path = make_file(&dir, "a.img", &vec![0u8; 4 * MIB]);
         let b = s.open(&path);
         aio::block_on(async {
@@ -25,14 +24,14 @@ fn reads_and_writes_round_trip_on_every_file_setup() {
                 (8192u64, 128 * 1024, 3u8),
                 (MIB as u64 + 512 * 3, 4096 * 3 + 512, 4),
             ] {
-                let src = DmaBuf::copy_of(&pattern(len, seed));
+                let src = DmaBuf::copy_of(&pattern(seed.into(), len));
                 b.write_async(off, src.slice_all(), WriteMode::Normal)
                     .await
                     .expect("write");
                 let mut dst = DmaBuf::new(len);
                 b.read_async(off, dst.slice_all()).await.expect("read");
                 let got = dst.bytes_mut().unwrap();
-                let want = pattern(len, seed);
+                let want = pattern(seed.into(), len);
                 let bad = got.iter().zip(&want).position(|(a, b)| a != b);
                 assert!(
                     bad.is_none(),
@@ -53,7 +52,7 @@ fn reads_and_writes_round_trip_on_every_file_setup() {
         let on_disk = std::fs::read(&path).unwrap();
         assert!(on_disk[..4096] == [7u8; 4096][..], "{}", s.label());
         assert!(
-            on_disk[8192..8192 + 128 * 1024] == pattern(128 * 1024, 3)[..],
+            on_disk[8192..8192 + 128 * 1024] == pattern(3, 128 * 1024)[..],
             "{}",
             s.label()
         );
@@ -73,9 +72,9 @@ fn requests_past_the_end_are_refused() {
 
 #[test]
 fn many_requests_run_concurrently_on_one_loop() {
-    for_each_setup(|s| {
-        let dir = scratch_dir();
-        let path = make_file(&dir, "c.img", &pattern(4 * MIB, 5));
+    for_each_file_setup(|s| {
+        let dir = scratch_dir!();
+        let path = make_file(&dir, "c.img", &pattern(5, 4 * MIB));
         let b = Arc::new(s.open(&path));
         aio::block_on(async {
             let mut tasks = Vec::new();
@@ -90,7 +89,7 @@ fn many_requests_run_concurrently_on_one_loop() {
                     .unwrap(),
                 );
             }
-            let want = pattern(4 * MIB, 5);
+            let want = pattern(5, 4 * MIB);
             for (i, t) in tasks.into_iter().enumerate() {
                 let off = i * 65536;
                 assert_eq!(t.await, want[off..off + 8].to_vec());

@@ -1,18 +1,17 @@
 //! The I/O engines on their own: EOF handling, big and concurrent transfers.
 
-mod common;
-
 use std::fs::OpenOptions;
 use std::io;
 use std::sync::Arc;
 use std::thread;
 
-use common::{for_each_engine, pattern, scratch_dir, Rng};
 use rbd_backend::{EngineKind, IoEngine, UringEngine};
+use testkit::backends::for_each_engine;
+use testkit::{pattern, scratch_dir, Rng};
 
 fn scratch_file(dir: &tempfile::TempDir, len: usize) -> std::fs::File {
     let p = dir.path().join("e.img");
-    std::fs::write(&p, pattern(len, 4)).expect("create");
+    std::fs::write(&p, pattern(4, len)).expect("create");
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -23,26 +22,26 @@ fn scratch_file(dir: &tempfile::TempDir, len: usize) -> std::fs::File {
 #[test]
 fn reads_stop_at_end_of_file() {
     for_each_engine(|e| {
-        let dir = scratch_dir();
+        let dir = scratch_dir!();
         let f = scratch_file(&dir, 10_000);
         let mut buf = vec![0u8; 4096];
         let n = e.read_upto(&f, 9000, &mut buf).expect("read_upto");
         assert_eq!(n, 1000, "{:?}", e.kind());
-        assert!(buf[..1000] == pattern(10_000, 4)[9000..]);
+        assert!(buf[..1000] == pattern(4, 10_000)[9000..]);
         assert_eq!(e.read_upto(&f, 20_000, &mut buf).expect("past eof"), 0);
         let err = e
             .read_at(&f, 9000, &mut buf)
             .expect_err("short read is an error");
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         e.read_at(&f, 5000, &mut buf).expect("full read");
-        assert!(buf == pattern(10_000, 4)[5000..9096]);
+        assert!(buf == pattern(4, 10_000)[5000..9096]);
     });
 }
 
 #[test]
 fn huge_offsets_are_refused_not_wrapped() {
     for_each_engine(|e| {
-        let dir = scratch_dir();
+        let dir = scratch_dir!();
         let f = scratch_file(&dir, 4096);
         let mut buf = [0u8; 16];
         // u64::MAX would mean "current file position" to io_uring.
@@ -68,7 +67,7 @@ fn huge_offsets_are_refused_not_wrapped() {
 #[test]
 fn big_transfer_and_fdatasync() {
     for_each_engine(|e| {
-        let dir = scratch_dir();
+        let dir = scratch_dir!();
         let f = scratch_file(&dir, 0);
         let data = Rng::new(3).bytes(9 << 20);
         e.write_at(&f, 12_345, &data).expect("write");
@@ -91,7 +90,7 @@ fn tiny_ring_many_threads() {
         }
     };
     assert_eq!(e.kind(), EngineKind::Uring);
-    let dir = scratch_dir();
+    let dir = scratch_dir!();
     let f = Arc::new(scratch_file(&dir, 0));
     const T: usize = 16;
     const CHUNK: usize = 8192;

@@ -1,21 +1,20 @@
 //! FileBackend on regular files, on every engine, with and without O_DIRECT.
 
-mod common;
-
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use common::{for_each_engine, for_each_setup, make_file, misaligned, pattern, scratch_dir, Rng};
 use rbd_backend::{AlignedBuf, Backend, ErrorKind, FileBackend, FileKind, OpenOptions};
+use testkit::backends::{for_each_engine, for_each_file_setup, make_file, misaligned};
+use testkit::{pattern, scratch_dir, Rng};
 
 const MIB: usize = 1 << 20;
 
 #[test]
 fn aligned_round_trip_reaches_the_file() {
-    for_each_setup(|s| {
-        let dir = scratch_dir();
+    for_each_file_setup(|s| {
+        let dir = scratch_dir!();
         let path = make_file(&dir, "a.img", &vec![0u8; 4 * MIB]);
         let b = s.open(&path);
         assert_eq!(b.size(), 4 * MIB as u64);
@@ -29,7 +28,7 @@ fn aligned_round_trip_reaches_the_file() {
         // 64 KiB and a request longer than the bounce size, both aligned.
         for (off, len, seed) in [(3 * 4096, 64 * 1024, 1u8), (MIB, 2 * MIB + 4096, 2)] {
             let mut w = AlignedBuf::new(len).expect("buf");
-            w.as_mut_slice().copy_from_slice(&pattern(len, seed));
+            w.as_mut_slice().copy_from_slice(&pattern(seed as u64, len));
             b.write_at(off as u64, w.as_slice()).expect("write");
             let mut r = AlignedBuf::new(len).expect("buf");
             b.read_at(off as u64, r.as_mut_slice()).expect("read");
@@ -40,11 +39,11 @@ fn aligned_round_trip_reaches_the_file() {
         let on_disk = std::fs::read(&path).expect("read file");
         assert_eq!(
             &on_disk[3 * 4096..3 * 4096 + 64 * 1024],
-            &pattern(64 * 1024, 1)[..]
+            &pattern(1, 64 * 1024)[..]
         );
         assert_eq!(
             &on_disk[MIB..3 * MIB + 4096],
-            &pattern(2 * MIB + 4096, 2)[..]
+            &pattern(2, 2 * MIB + 4096)[..]
         );
         assert!(on_disk[..3 * 4096].iter().all(|&x| x == 0));
     });
@@ -52,10 +51,10 @@ fn aligned_round_trip_reaches_the_file() {
 
 #[test]
 fn unaligned_offsets_lengths_and_buffers() {
-    for_each_setup(|s| {
-        let dir = scratch_dir();
+    for_each_file_setup(|s| {
+        let dir = scratch_dir!();
         let size = 4 * MIB;
-        let mut shadow = pattern(size, 9);
+        let mut shadow = pattern(9, size);
         let path = make_file(&dir, "u.img", &shadow);
         let b = s.open(&path);
         let mut rng = Rng::new(7);
@@ -104,10 +103,10 @@ fn unaligned_offsets_lengths_and_buffers() {
 
 #[test]
 fn out_of_range_requests_are_refused() {
-    for_each_setup(|s| {
-        let dir = scratch_dir();
+    for_each_file_setup(|s| {
+        let dir = scratch_dir!();
         let size = MIB as u64;
-        let original = pattern(MIB, 3);
+        let original = pattern(3, MIB);
         let path = make_file(&dir, "r.img", &original);
         let b = s.open(&path);
         let mut buf = vec![0u8; 512];
@@ -155,9 +154,9 @@ fn out_of_range_requests_are_refused() {
 
 #[test]
 fn discard_reads_back_zeroes_and_spares_neighbours() {
-    for_each_setup(|s| {
-        let dir = scratch_dir();
-        let mut shadow = pattern(4 * MIB, 5);
+    for_each_file_setup(|s| {
+        let dir = scratch_dir!();
+        let mut shadow = pattern(5, 4 * MIB);
         let path = make_file(&dir, "d.img", &shadow);
         let b = s.open(&path);
         for (off, len) in [(MIB, MIB), (12_345, 100_001), (3 * MIB + 1, 511)] {
@@ -174,9 +173,9 @@ fn discard_reads_back_zeroes_and_spares_neighbours() {
 
 #[test]
 fn write_zeroes_zeroes_exactly_the_range() {
-    for_each_setup(|s| {
-        let dir = scratch_dir();
-        let mut shadow = pattern(8 * MIB, 6);
+    for_each_file_setup(|s| {
+        let dir = scratch_dir!();
+        let mut shadow = pattern(6, 8 * MIB);
         let path = make_file(&dir, "z.img", &shadow);
         let b = s.open(&path);
         for (off, len) in [
@@ -203,13 +202,14 @@ fn write_zeroes_zeroes_exactly_the_range() {
 
 #[test]
 fn read_only_refuses_changes_but_reads_and_flushes() {
-    for_each_setup(|s| {
-        let dir = scratch_dir();
-        let data = pattern(MIB, 8);
+    for_each_file_setup(|s| {
+        let dir = scratch_dir!();
+        let data = pattern(8, MIB);
         let path = make_file(&dir, "ro.img", &data);
         let opts = OpenOptions {
             read_only: true,
             direct: s.direct,
+            ..OpenOptions::default()
         };
         let b = FileBackend::open_with_engine(&path, opts, Arc::clone(&s.engine)).expect("open");
         assert!(b.is_read_only());
@@ -238,8 +238,8 @@ fn concurrent_writers_on_disjoint_ranges() {
     const THREADS: usize = 8;
     const REGION: usize = 100_003;
     const OPS: usize = 150;
-    for_each_setup(|s| {
-        let dir = scratch_dir();
+    for_each_file_setup(|s| {
+        let dir = scratch_dir!();
         let size = (THREADS * REGION).next_multiple_of(4096); // aligned: else buffered
         let path = make_file(&dir, "c.img", &vec![0u8; size]);
         let b = Arc::new(s.open(&path));
@@ -298,7 +298,7 @@ fn concurrent_writers_on_disjoint_ranges() {
 #[test]
 fn open_errors_name_the_path_and_the_problem() {
     for_each_engine(|engine| {
-        let dir = scratch_dir();
+        let dir = scratch_dir!();
         let open = |p: &str| {
             FileBackend::open_spec_with_engine(p, OpenOptions::default(), Arc::clone(&engine))
         };
@@ -341,8 +341,8 @@ fn open_errors_name_the_path_and_the_problem() {
 
 #[test]
 fn identity_is_stable_across_writes_and_mtime_moves() {
-    for_each_setup(|s| {
-        let dir = scratch_dir();
+    for_each_file_setup(|s| {
+        let dir = scratch_dir!();
         let path = make_file(&dir, "id.img", &vec![0u8; MIB]);
         let b = s.open(&path);
         let meta = std::fs::metadata(&path).expect("stat");
@@ -384,7 +384,7 @@ fn identity_is_stable_across_writes_and_mtime_moves() {
 
 #[test]
 fn default_open_uses_an_engine_and_direct_io() {
-    let dir = scratch_dir();
+    let dir = scratch_dir!();
     let path = make_file(&dir, "def.img", &vec![0u8; MIB]);
     let b = FileBackend::open(&path, OpenOptions::default()).expect("open");
     eprintln!("default open: {b:?}");
@@ -399,8 +399,8 @@ fn default_open_uses_an_engine_and_direct_io() {
 #[test]
 fn unaligned_file_size_falls_back_to_buffered() {
     for_each_engine(|engine| {
-        let dir = scratch_dir();
-        let path = make_file(&dir, "odd.img", &pattern(1000, 2));
+        let dir = scratch_dir!();
+        let path = make_file(&dir, "odd.img", &pattern(2, 1000));
         let b = FileBackend::open_with_engine(&path, OpenOptions::default(), engine).expect("open");
         assert!(!b.is_direct());
         assert_eq!(b.size(), 1000);
@@ -409,7 +409,39 @@ fn unaligned_file_size_falls_back_to_buffered() {
         let mut r = [0u8; 20];
         b.read_at(980, &mut r).expect("tail read");
         assert_eq!(&r[10..], &[7u8; 10]);
-        assert_eq!(&r[..10], &pattern(1000, 2)[980..990]);
+        assert_eq!(&r[..10], &pattern(2, 1000)[980..990]);
         assert_eq!(std::fs::metadata(&path).expect("stat").len(), 1000);
     });
+}
+
+/// An exclusive backend holds its flock until dropped; `release_lock` lends it
+/// (a migration's source), `acquire_lock` takes it back once it is free.
+#[test]
+fn an_exclusive_backend_holds_its_flock_and_can_lend_it() {
+    let dir = scratch_dir!();
+    let path = make_file(&dir, "lock.img", &vec![0u8; MIB]);
+    let excl = OpenOptions {
+        exclusive: true,
+        ..OpenOptions::default()
+    };
+    let a = FileBackend::open(&path, excl).expect("first holder");
+    let err = FileBackend::open(&path, excl).expect_err("a second holder is refused");
+    assert!(rbd_backend::file::is_locked_elsewhere(&err), "{err}");
+    assert!(
+        err.to_string().contains("locked by another process"),
+        "{err}"
+    );
+    // Without `exclusive` nothing is locked (tests, tools).
+    FileBackend::open(&path, OpenOptions::default()).expect("a plain open");
+    a.release_lock().expect("release");
+    a.write_at(0, &[1u8; 4096])
+        .expect("writes go on while the lock is lent");
+    let b = FileBackend::open(&path, excl).expect("the lock is free now");
+    let err = a
+        .acquire_lock()
+        .expect_err("taken while someone else holds it");
+    assert!(rbd_backend::file::is_locked_elsewhere(&err), "{err}");
+    drop(b);
+    a.acquire_lock().expect("free again");
+    assert!(FileBackend::open(&path, excl).is_err());
 }

@@ -1,15 +1,14 @@
 //! FileBackend on a real kernel block device: a loop device over a scratch file.
 //! Needs root and loop support; without them the tests print SKIP and pass.
 
-mod common;
-
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use common::{for_each_engine, make_file, misaligned, pattern, scratch_dir, Rng};
 use rbd_backend::{Backend, ErrorKind, FileBackend, FileKind, OpenOptions};
+use testkit::backends::{for_each_engine, make_file, misaligned};
+use testkit::{pattern, scratch_dir, Rng};
 
 const MIB: usize = 1 << 20;
 
@@ -51,8 +50,8 @@ impl Drop for LoopDev {
 }
 
 fn with_loop(sector_size: u32, size: usize, f: impl FnOnce(&Path, &Path)) {
-    let dir = scratch_dir();
-    let file = make_file(&dir, "loop.img", &pattern(size, 11));
+    let dir = scratch_dir!();
+    let file = make_file(&dir, "loop.img", &pattern(11, size));
     match LoopDev::attach(&file, sector_size) {
         Ok(l) => f(&l.dev, &file),
         Err(why) => {
@@ -93,7 +92,7 @@ fn device_suite(sector_size: u32) {
             );
 
             // Restore the known contents, then change them in aligned and unaligned ways.
-            let mut shadow = pattern(size, 11);
+            let mut shadow = pattern(11, size);
             b.write_at(0, &shadow).expect("fill");
             let mut rng = Rng::new(u64::from(sector_size));
             let mut scratch = Vec::new();

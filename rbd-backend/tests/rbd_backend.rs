@@ -5,9 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use rbd_backend::rbd::testing::{pattern, rbd_test, TestCluster};
 use rbd_backend::rbd::{META_GENERATION, META_OWNER};
 use rbd_backend::{Backend, BackendChanges, ErrorKind, RbdAdmin, RbdBackend, RbdOptions, RbdSpec};
+use testkit::ceph::{rbd_test, TestCluster};
+use testkit::pattern;
 
 const MIB: u64 = 1 << 20;
 

@@ -16,8 +16,8 @@ use ublk_cache::{Engine, EngineConfig};
 use crate::check::History;
 use crate::overlay::{Delta, Overlay};
 use crate::recording::{Clock, DevOp, Recording, Stamped};
-use crate::rng::Rng;
 use crate::workload::{self, WorkloadConfig, SECTOR};
+use testkit::Rng;
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -38,6 +38,8 @@ pub struct RunConfig {
     /// Test-only fault: recovery trusts the newest log record's data without
     /// its checksums. The harness must catch it.
     pub skip_log_checksums_bug: bool,
+    /// Where the engines keep their crash shadows (a private directory).
+    pub shadow_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Default)]
@@ -158,6 +160,7 @@ pub fn run(cfg: &RunConfig) -> RunReport {
         order: cfg.order,
         line_size: Some(cfg.line_size),
         format_version: cfg.format,
+        shadow_dir: cfg.shadow_dir.clone(),
         ..EngineConfig::default()
     };
     let engine = match Engine::open(

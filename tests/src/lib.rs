@@ -10,5 +10,4 @@ pub mod check;
 pub mod harness;
 pub mod overlay;
 pub mod recording;
-pub mod rng;
 pub mod workload;

@@ -13,7 +13,7 @@ use ublk_cache::target::BlockTarget;
 use ublk_cache::Engine;
 
 use crate::recording::Clock;
-use crate::rng::Rng;
+use testkit::Rng;
 
 pub const SECTOR: u64 = 512;
 
@@ -41,15 +41,7 @@ pub fn sector_data(id: u64, sector: u64) -> [u8; 512] {
     let mut b = [0u8; 512];
     b[..8].copy_from_slice(&id.to_le_bytes());
     b[8..16].copy_from_slice(&sector.to_le_bytes());
-    let mut x =
-        id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ sector.wrapping_mul(0xC2B2_AE3D_27D4_EB4F) | 1;
-    for chunk in b[16..].chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let v = x.to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
-    }
+    Rng::new(id ^ sector.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)).fill(&mut b[16..]);
     b
 }
 

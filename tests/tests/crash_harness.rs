@@ -17,20 +17,20 @@ fn cfg(mode: CacheMode, order: WritebackOrder, seed: u64) -> RunConfig {
         reverse_writeback_bug: false,
         format: FormatVersion::V2,
         skip_log_checksums_bug: false,
+        shadow_dir: shadow_dir(),
     }
 }
 
-/// One shadow directory for the whole test process: the variable is global, and
-/// a test that changed it under another would leave that one's shadows behind.
-fn shadow_dir() {
+/// One private shadow directory for the whole test process.
+fn shadow_dir() -> std::path::PathBuf {
     static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    let d = DIR.get_or_init(|| tempfile::tempdir().unwrap());
-    std::env::set_var(ublk_cache::engine::shadow::SHADOW_DIR_ENV, d.path());
+    DIR.get_or_init(|| tempfile::tempdir().unwrap())
+        .path()
+        .to_path_buf()
 }
 
 #[test]
 fn short_runs_in_every_mode_find_no_violation() {
-    shadow_dir();
     let mut states = 0;
     for mode in [
         CacheMode::None,
@@ -53,7 +53,6 @@ fn short_runs_in_every_mode_find_no_violation() {
 
 #[test]
 fn short_runs_on_a_format_v1_cache_find_no_violation() {
-    shadow_dir();
     for order in [WritebackOrder::Ordered, WritebackOrder::Relaxed] {
         let mut c = cfg(CacheMode::Back, order, 5);
         c.format = FormatVersion::V1;
@@ -69,7 +68,6 @@ fn short_runs_on_a_format_v1_cache_find_no_violation() {
 
 #[test]
 fn writing_back_newest_epoch_first_is_caught() {
-    shadow_dir();
     // Several seeds: the bug shows whenever two epochs are dirty at once and
     // the crash lands between their write-backs.
     let caught = (1..=6).any(|seed| {
@@ -87,7 +85,6 @@ fn writing_back_newest_epoch_first_is_caught() {
 
 #[test]
 fn trusting_torn_log_records_is_caught() {
-    shadow_dir();
     // A power cut during a round's flush: the record can land while some of
     // the data it names does not. Without the checksum check, recovery serves
     // whatever the slot held before.

@@ -3,11 +3,14 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use policies::{CacheMode, WritebackOrder};
-
-use crate::size::parse_size;
-use crate::spec::{parse_mode, BackendSpec, ExportSpec};
+use clap::{Args, Parser, Subcommand};
+use policies::{CacheMode, EvictionKind, WritebackOrder};
+use ublk_cache::daemon::config::{
+    Access, ByteSize, DirtyData, OnBackendChange, OnForeignCache, PreloadStart, ServeConfig, Start,
+};
+use ublk_cache::daemon::size::parse_size;
+use ublk_cache::daemon::spec::{parse_mode, BackendSpec, ExportSpec};
+use ublk_cache::daemon::tls::TlsMode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -112,6 +115,9 @@ pub enum CtlVerb {
     Invalidate,
 }
 
+/// The options of `serve` and `recover`. Every one is optional here: what is
+/// not given comes from the config file (`--config`), or, for `recover`, from
+/// the registry record of the server being recovered, else the default.
 #[derive(Debug, Clone, Args)]
 #[command(args_override_self = true)]
 pub struct ServeArgs {
@@ -121,14 +127,14 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
     /// The slow disk: file:PATH, dev:/dev/X, or rbd:POOL/IMAGE[@SNAP] (a snapshot is served read-only).
     #[arg(long)]
-    pub backend: BackendSpec,
+    pub backend: Option<BackendSpec>,
     /// Where to serve the disk (repeatable): ublk (a /dev/ublkbN device; the default),
     /// nbd:unix:PATH, or nbd:tcp:[HOST]:PORT (HOST defaults to 127.0.0.1, PORT to 10809).
     #[arg(long = "export", value_name = "EXPORT")]
     pub exports: Vec<ExportSpec>,
-    /// Permissions of NBD unix sockets, octal.
-    #[arg(long, default_value = "0600", value_parser = parse_mode)]
-    pub socket_mode: u32,
+    /// Permissions of NBD unix sockets, octal [default: 0600].
+    #[arg(long, value_parser = parse_mode)]
+    pub socket_mode: Option<u32>,
     #[command(flatten)]
     pub tls: TlsArgs,
     #[command(flatten)]
@@ -139,21 +145,25 @@ pub struct ServeArgs {
     /// Bytes of the cache to use, e.g. 512M or 20G (default: the whole cache device or file).
     #[arg(long, value_parser = parse_size)]
     pub cache_size: Option<u64>,
-    /// none, around, through, back or offline.
-    #[arg(long, default_value = "back")]
-    pub mode: CacheMode,
+    /// none, around, through, back or offline [default: back].
+    #[arg(long)]
+    pub mode: Option<CacheMode>,
     /// Cache line size, 4K to 1M (a new cache only; default 64K).
     #[arg(long, value_parser = parse_size)]
     pub line_size: Option<u64>,
-    /// ordered (the backend is always at one of the guest's flush points) or relaxed (faster; see README).
-    #[arg(long, default_value = "ordered")]
-    pub writeback_order: WritebackOrder,
+    /// ordered (the backend is always at one of the guest's flush points) or relaxed
+    /// (faster; see README) [default: ordered].
+    #[arg(long)]
+    pub writeback_order: Option<WritebackOrder>,
+    /// Which clean line to give up when the cache is full: clock or lru [default: clock].
+    #[arg(long)]
+    pub eviction: Option<EvictionKind>,
     /// ublk hardware queues (default min(CPUs, 4)).
     #[arg(long)]
     pub queues: Option<u16>,
-    /// Requests in flight per queue.
-    #[arg(long, default_value_t = 128)]
-    pub depth: u16,
+    /// Requests in flight per queue [default: 128].
+    #[arg(long)]
+    pub depth: Option<u16>,
     /// Device id N for /dev/ublkbN (default: the kernel picks one).
     #[arg(long)]
     pub id: Option<u32>,
@@ -218,22 +228,15 @@ pub struct TlsArgs {
     pub tls: Option<TlsMode>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum TlsMode {
-    Require,
-    Optional,
-    Off,
-}
-
-/// How an rbd: backend reaches its cluster (ignored by other backends).
+/// How an rbd: backend reaches its cluster (refused for other backends).
 #[derive(Debug, Clone, Args)]
 pub struct CephArgs {
     /// ceph.conf of the cluster (default: $CEPH_CONF, then /etc/ceph/ceph.conf).
     #[arg(long, value_name = "PATH")]
     pub ceph_conf: Option<PathBuf>,
-    /// Ceph client name, without "client.".
-    #[arg(long, value_name = "NAME", default_value = "admin")]
-    pub ceph_id: String,
+    /// Ceph client name, without "client." [default: admin].
+    #[arg(long, value_name = "NAME")]
+    pub ceph_id: Option<String>,
     /// Keyring with the client's key (default: the one ceph.conf names).
     #[arg(long, value_name = "PATH", conflicts_with = "ceph_keyfile")]
     pub ceph_keyring: Option<PathBuf>,
@@ -245,4 +248,67 @@ pub struct CephArgs {
     /// with EIO (default 30; 0 waits forever). Write-back that times out is retried.
     #[arg(long, value_name = "SECS")]
     pub backend_timeout: Option<u64>,
+}
+
+impl ServeArgs {
+    /// Put every option given on the command line into `cfg` (they win over
+    /// the config file's and the registry's).
+    pub fn apply(self, cfg: &mut ServeConfig) {
+        fn set<T>(field: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *field = v;
+            }
+        }
+        fn set_opt<T>(field: &mut Option<T>, v: Option<T>) {
+            if v.is_some() {
+                *field = v;
+            }
+        }
+        set_opt(&mut cfg.backend, self.backend);
+        if !self.exports.is_empty() {
+            cfg.exports = self.exports;
+        }
+        set(&mut cfg.socket_mode, self.socket_mode);
+        set_opt(&mut cfg.tls_cert, self.tls.tls_cert);
+        set_opt(&mut cfg.tls_key, self.tls.tls_key);
+        set_opt(&mut cfg.tls_ca, self.tls.tls_ca);
+        set_opt(&mut cfg.tls, self.tls.tls);
+        set_opt(&mut cfg.ceph_conf, self.ceph.ceph_conf);
+        set(&mut cfg.ceph_id, self.ceph.ceph_id);
+        set_opt(&mut cfg.ceph_keyring, self.ceph.ceph_keyring);
+        set_opt(&mut cfg.ceph_keyfile, self.ceph.ceph_keyfile);
+        set_opt(&mut cfg.backend_timeout, self.ceph.backend_timeout);
+        set_opt(&mut cfg.cache, self.cache);
+        set_opt(&mut cfg.cache_size, self.cache_size.map(ByteSize));
+        set(&mut cfg.mode, self.mode);
+        set_opt(&mut cfg.line_size, self.line_size.map(ByteSize));
+        set(&mut cfg.writeback_order, self.writeback_order);
+        set(&mut cfg.eviction, self.eviction);
+        set_opt(&mut cfg.queues, self.queues);
+        set(&mut cfg.depth, self.depth);
+        set_opt(&mut cfg.id, self.id);
+        set_opt(&mut cfg.recover, self.recover);
+        if self.format {
+            cfg.on_foreign_cache = OnForeignCache::Format;
+        }
+        if self.discard_dirty {
+            cfg.dirty_data = DirtyData::Discard;
+        }
+        if self.accept_backend_change {
+            cfg.on_backend_change = OnBackendChange::WriteBack;
+        }
+        set_opt(&mut cfg.preload, self.preload.map(ByteSize));
+        set_opt(&mut cfg.preload_ranges, self.preload_ranges);
+        set_opt(&mut cfg.preload_rate, self.preload_rate.map(ByteSize));
+        if self.preload_wait {
+            cfg.preload_start = PreloadStart::BeforeExports;
+        }
+        set_opt(&mut cfg.metrics, self.metrics);
+        if self.migrate_in {
+            cfg.start = Start::MigrateIn;
+        }
+        if self.read_only {
+            cfg.access = Access::ReadOnly;
+        }
+    }
 }

@@ -3,6 +3,7 @@
 //! [`engine`] through [`target::BlockTarget`]; the engine calls the cache store
 //! and the `rbd_backend::Backend` trait.
 
+pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod format;
@@ -11,4 +12,4 @@ pub mod target;
 pub mod unix_socket;
 
 pub use engine::{Engine, EngineConfig};
-pub use error::{EngineError, EngineErrorKind};
+pub use error::{EngineError, EngineErrorKind, Remedy};

@@ -48,11 +48,10 @@ pub fn bind(path: &Path, mode: u32, what: &str) -> Result<(UnixListener, PathBuf
     // it is never more permissive than asked, even for an instant; the umask is
     // process-wide, so another thread creating a file meanwhile gets at most
     // stricter permissions, never looser ones.
-    // SAFETY: umask only swaps the process's file-creation mask; no memory involved.
-    let old = unsafe { libc::umask(0o177) };
+    use rustix::fs::Mode;
+    let old = rustix::process::umask(Mode::from_bits_truncate(0o177));
     let res = UnixListener::bind(&path);
-    // SAFETY: as above; restores the previous mask.
-    unsafe { libc::umask(old) };
+    rustix::process::umask(old);
     let listener = res.map_err(|e| format!("bind: {e}"))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("chmod {mode:o}: {e}"))?;

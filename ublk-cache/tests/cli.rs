@@ -1,21 +1,13 @@
 //! The command line refuses bad input with messages that name the problem, and
 //! exits non-zero without touching data. Runs the real binary.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
-#[path = "common/nbd_client.rs"]
-mod nbd_client;
-#[path = "common/serve.rs"]
-mod serve;
-
-use nbd_client::Client;
-
-fn bin() -> Command {
-    serve::bin()
-}
+use testkit::nbd_client::Client;
+use testkit::serve;
 
 fn run(args: &[&str]) -> Output {
-    bin().args(args).output().expect("the binary runs")
+    serve::bin().args(args).output().expect("the binary runs")
 }
 
 fn stderr(o: &Output) -> String {
@@ -31,10 +23,6 @@ fn assert_refused(args: &[&str], want: &str) {
         "{args:?}: stderr was {}",
         stderr(&o)
     );
-}
-
-fn has_ublk() -> bool {
-    std::path::Path::new("/dev/ublk-control").exists()
 }
 
 #[test]
@@ -53,6 +41,10 @@ fn bad_arguments_are_named() {
         (
             vec!["serve", "--backend", "file:/x", "--writeback-order", "fast"],
             "unknown write-back order",
+        ),
+        (
+            vec!["serve", "--backend", "file:/x", "--eviction", "arc"],
+            "unknown eviction policy 'arc'",
         ),
         (
             vec!["stop", "/dev/sda"],
@@ -149,10 +141,7 @@ fn backend_timeout_is_for_rbd_backends_only() {
 
 #[test]
 fn serve_without_the_ublk_driver_says_what_to_do_and_creates_nothing() {
-    if has_ublk() {
-        println!(
-            "SKIP: /dev/ublk-control exists here; this checks the message on kernels without it"
-        );
+    if serve::skip_with_ublk("serve_without_the_ublk_driver_says_what_to_do_and_creates_nothing") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -180,13 +169,12 @@ fn serve_without_the_ublk_driver_says_what_to_do_and_creates_nothing() {
 
 #[test]
 fn demo_without_the_ublk_driver_serves_over_nbd() {
-    if has_ublk() {
-        println!("SKIP: /dev/ublk-control exists here; the demo would serve /dev/ublkbN");
+    if serve::skip_with_ublk("demo_without_the_ublk_driver_serves_over_nbd") {
         return;
     }
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("demo");
-    let mut cmd = bin();
+    let mut cmd = serve::bin();
     cmd.arg("--run-dir")
         .arg(d.path().join("run"))
         .args(["demo", "--size", "64M", "--cache-size", "16M", "--dir"])
@@ -289,10 +277,7 @@ fn nbd_serve_refuses_a_busy_socket_before_touching_data() {
     let sock = d.path().join("busy.sock");
     let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
     let backend = d.path().join("b.img");
-    std::fs::File::create(&backend)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    serve::sparse_file(&backend, 16 << 20);
     let cache = d.path().join("c.img");
     let o = run(&[
         "serve",
@@ -351,4 +336,113 @@ fn list_and_stop_use_the_registry() {
         out.contains("/dev/ublkb7") && out.contains("false"),
         "{out}"
     );
+}
+
+/// `UBLK_CACHE_IO_ENGINE` forces the file backends' I/O engine; a misspelt
+/// value is refused naming the variable (the binary reads it, not the library).
+#[test]
+fn the_io_engine_variable_is_read_by_the_binary() {
+    let d = tempfile::tempdir().unwrap();
+    let backend = d.path().join("b.img");
+    serve::sparse_file(&backend, 16 << 20);
+    let sock = d.path().join("nbd.sock");
+    let args = [
+        "--run-dir".to_string(),
+        d.path().join("run").display().to_string(),
+        "serve".into(),
+        "--backend".into(),
+        format!("file:{}", backend.display()),
+        "--mode".into(),
+        "none".into(),
+        "--export".into(),
+        format!("nbd:unix:{}", sock.display()),
+    ];
+    let o = serve::bin()
+        .args(&args)
+        .env("UBLK_CACHE_IO_ENGINE", "posix-aio")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("UBLK_CACHE_IO_ENGINE") && e.contains("posix-aio"),
+        "{e}"
+    );
+    let mut cmd = serve::bin();
+    cmd.args(&args)
+        .env("UBLK_CACHE_IO_ENGINE", "sync")
+        .env("UBLK_CACHE_LOG", "debug");
+    let srv = serve::start(cmd, 1, d.path().join("serve.log"));
+    let log = srv.log();
+    srv.stop();
+    assert!(log.contains("engine=sync"), "{log}");
+}
+
+/// `recover ID` takes how the server was started from its registry record:
+/// nothing else is needed; options given still win, but not another backend.
+#[test]
+fn recover_reuses_the_recorded_configuration() {
+    use ublk_cache::daemon::config::ServeConfig;
+    use ublk_cache::daemon::registry::{self, Record, ServerState};
+    if serve::skip_with_ublk("recover_reuses_the_recorded_configuration") {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let run_dir = d.path().join("run");
+    let backend = d.path().join("b.img");
+    serve::sparse_file(&backend, 16 << 20);
+    let cache = d.path().join("c.img");
+    std::fs::write(&cache, b"").unwrap();
+    registry::write(
+        &run_dir,
+        &Record {
+            id: 7,
+            device: "/dev/ublkb7".into(),
+            pid: 999_999_999,
+            mode: policies::CacheMode::Back,
+            backend: format!("file:{}", backend.display()),
+            cache: cache.display().to_string(),
+            state: ServerState::Serving,
+            exports: vec!["/dev/ublkb7".into()],
+            config: Some(ServeConfig {
+                backend: Some(format!("file:{}", backend.display()).parse().unwrap()),
+                cache: Some(cache.clone()),
+                ..ServeConfig::default()
+            }),
+        },
+    )
+    .unwrap();
+    let rd = run_dir.to_str().unwrap();
+    // Everything validated from the record; what stops it here is the kernel.
+    assert_refused(&["--run-dir", rd, "recover", "7"], "/dev/ublk-control");
+    assert_refused(
+        &["--run-dir", rd, "recover", "7", "--mode", "none"],
+        "/dev/ublk-control",
+    );
+    assert_refused(
+        &[
+            "--run-dir",
+            rd,
+            "recover",
+            "7",
+            "--backend",
+            "file:/other.img",
+        ],
+        "and this names backend file:/other.img",
+    );
+    let other = d.path().join("other-cache.img");
+    std::fs::write(&other, b"").unwrap();
+    assert_refused(
+        &[
+            "--run-dir",
+            rd,
+            "recover",
+            "7",
+            "--cache",
+            other.to_str().unwrap(),
+        ],
+        "the device was served with cache",
+    );
+    // No record: the options are needed, as for serve.
+    assert_refused(&["--run-dir", rd, "recover", "8"], "no backend");
 }

@@ -7,14 +7,11 @@
 //! `UBLK_CACHE_REQUIRE_CEPH=1`); a missing qemu-io prints `SKIP:` (and fails
 //! under `UBLK_CACHE_REQUIRE_NBD_CLIENTS=1`).
 
-#[path = "common/serve.rs"]
-mod serve;
-
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serve::{qemu_io, start, tool, Disk};
+use testkit::serve::{qemu_io, start, tool, Disk};
 
 const MIB: u64 = 1 << 20;
 
@@ -124,8 +121,8 @@ fn read_only_shares_a_file_and_refuses_writes() {
 #[cfg(feature = "rbd")]
 mod rbd {
     use super::*;
-    use rbd_backend::rbd::testing::rbd_test;
-    use serve::rbd_serve_cmd;
+    use testkit::ceph::rbd_test;
+    use testkit::serve::rbd_serve_cmd;
 
     #[test]
     fn read_only_rbd_takes_no_lock_and_refuses_writes() {
@@ -209,7 +206,7 @@ mod rbd {
         std::fs::write(&keyfile, &out.stdout).unwrap();
 
         let cmd = |extra: &[&str]| {
-            let mut cmd = serve::bin();
+            let mut cmd = testkit::serve::bin();
             cmd.arg("--run-dir")
                 .arg(d.path().join("run"))
                 .arg("serve")
@@ -274,7 +271,7 @@ fn a_config_file_alone_is_enough() {
         ),
     )
     .unwrap();
-    let mut cmd = serve::bin();
+    let mut cmd = testkit::serve::bin();
     cmd.arg("serve").arg("--config").arg(&conf);
     let srv = start(cmd, 1, d.path().join("serve.log"));
     assert_eq!(srv.uris[0], disk.uri());

@@ -6,69 +6,21 @@ use std::time::Duration;
 
 use policies::{CacheMode, WritebackOrder};
 use rbd_backend::{Backend, FaultyBackend, MemBackend, OpKind};
+use testkit::rig::{
+    assert_dirty_conflict_refused, assert_refused, back_engine_refusing_write_back, cfg, fill, mem,
+    open, read, try_open, MIB,
+};
 use ublk_cache::target::BlockTarget;
-use ublk_cache::{Engine, EngineConfig, EngineErrorKind};
-
-const MIB: u64 = 1 << 20;
-const LINE: u32 = 64 * 1024;
-
-fn mem(size: u64) -> Arc<MemBackend> {
-    Arc::new(MemBackend::new(size as usize))
-}
-
-fn cfg(mode: CacheMode) -> EngineConfig {
-    EngineConfig {
-        mode,
-        line_size: Some(LINE),
-        ..EngineConfig::default()
-    }
-}
-
-fn open(
-    b: &Arc<MemBackend>,
-    c: &Arc<MemBackend>,
-    cfg: EngineConfig,
-) -> Result<Arc<Engine>, ublk_cache::EngineError> {
-    let b: Arc<dyn Backend> = b.clone();
-    let c: Arc<dyn Backend> = c.clone();
-    Engine::open(b, Some(c), cfg)
-}
-
-fn fill(byte: u8, len: usize) -> Vec<u8> {
-    vec![byte; len]
-}
-
-fn read(e: &Engine, off: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    e.read(off, &mut buf).expect("read");
-    buf
-}
-
-/// A back-mode engine whose backend refuses writes, so that written data stays
-/// only in the cache (dirty) until the test lets the flusher through.
-type Refusing = Arc<FaultyBackend<Arc<MemBackend>>>;
-
-fn back_engine_backend_refusing() -> (Arc<MemBackend>, Arc<MemBackend>, Refusing, Arc<Engine>) {
-    let (b, c) = (mem(8 * MIB), mem(4 * MIB));
-    let fb = Arc::new(FaultyBackend::builder(b.clone()).build());
-    fb.set_read_only(true);
-    let e = Engine::open(
-        fb.clone(),
-        Some(c.clone() as Arc<dyn Backend>),
-        cfg(CacheMode::Back),
-    )
-    .unwrap();
-    (b, c, fb, e)
-}
+use ublk_cache::{EngineErrorKind, Remedy};
 
 #[test]
 fn warm_restart_serves_from_the_cache() {
     let (b, c) = (mem(8 * MIB), mem(4 * MIB));
-    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Back));
     e.write(0, &fill(0xab, 256 * 1024), false).unwrap();
     e.shutdown().unwrap();
     assert!(b.snapshot()[..256 * 1024] == fill(0xab, 256 * 1024)[..]);
-    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Back));
     let before = e.stats().backend_read_bytes;
     assert!(read(&e, 0, 256 * 1024) == fill(0xab, 256 * 1024));
     assert_eq!(
@@ -82,7 +34,7 @@ fn warm_restart_serves_from_the_cache() {
 
 #[test]
 fn flushed_writes_survive_a_power_cut_and_dirty_data_is_written_back_after() {
-    let (b, c, _fb, e) = back_engine_backend_refusing();
+    let (b, c, _fb, e) = back_engine_refusing_write_back(8, 4);
     e.write(MIB, &fill(1, 128 * 1024), false).unwrap();
     e.flush().unwrap();
     e.write(2 * MIB, &fill(2, 4096), true).unwrap();
@@ -94,7 +46,7 @@ fn flushed_writes_survive_a_power_cut_and_dirty_data_is_written_back_after() {
         b.snapshot()[MIB as usize..].iter().all(|&x| x == 0),
         "data reached the backend"
     );
-    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Back));
     assert!(
         read(&e, MIB, 128 * 1024) == fill(1, 128 * 1024),
         "flushed write lost"
@@ -113,37 +65,36 @@ fn flushed_writes_survive_a_power_cut_and_dirty_data_is_written_back_after() {
 #[test]
 fn a_cache_of_another_backend_is_refused() {
     let (b, c) = (mem(8 * MIB), mem(4 * MIB));
-    open(&b, &c, cfg(CacheMode::Back))
-        .unwrap()
+    open(b.clone(), c.clone(), cfg(CacheMode::Back))
         .shutdown()
         .unwrap();
     let other = mem(16 * MIB);
-    let err = open(&other, &c, cfg(CacheMode::Back))
-        .err()
-        .expect("refused");
-    assert_eq!(err.kind(), EngineErrorKind::Mismatch);
-    assert!(err.to_string().contains("backend size was"), "{err}");
+    assert_refused(
+        try_open(other.clone(), c.clone(), cfg(CacheMode::Back)),
+        EngineErrorKind::Mismatch,
+        "backend size was",
+    );
 }
 
 #[test]
 fn geometry_mismatch_is_refused_by_name() {
     let (b, c) = (mem(8 * MIB), mem(4 * MIB));
-    open(&b, &c, cfg(CacheMode::Back))
-        .unwrap()
+    open(b.clone(), c.clone(), cfg(CacheMode::Back))
         .shutdown()
         .unwrap();
     let mut other = cfg(CacheMode::Back);
     other.line_size = Some(128 * 1024);
-    let err = open(&b, &c, other).err().expect("refused");
-    assert_eq!(err.kind(), EngineErrorKind::Mismatch);
-    assert!(err.to_string().contains("65536-byte lines"), "{err}");
+    assert_refused(
+        try_open(b.clone(), c.clone(), other),
+        EngineErrorKind::Mismatch,
+        "65536-byte lines",
+    );
 }
 
 #[test]
 fn corrupt_superblock_and_metadata_are_refused_not_served() {
     let (b, c) = (mem(8 * MIB), mem(4 * MIB));
-    open(&b, &c, cfg(CacheMode::Back))
-        .unwrap()
+    open(b.clone(), c.clone(), cfg(CacheMode::Back))
         .shutdown()
         .unwrap();
     // Both superblock copies damaged.
@@ -151,29 +102,33 @@ fn corrupt_superblock_and_metadata_are_refused_not_served() {
     raw[100] ^= 0xff;
     raw[4096 + 100] ^= 0xff;
     let c2 = Arc::new(MemBackend::builder().data(raw).build());
-    let err = open(&b, &c2, cfg(CacheMode::Back)).err().expect("refused");
-    assert_eq!(err.kind(), EngineErrorKind::Corrupt);
-    assert!(err.to_string().contains("superblock"), "{err}");
+    assert_refused(
+        try_open(b.clone(), c2.clone(), cfg(CacheMode::Back)),
+        EngineErrorKind::Corrupt,
+        "superblock",
+    );
     // One metadata entry damaged.
     let mut raw = c.snapshot();
     raw[64 * 1024 + 40] ^= 0x01;
     let c3 = Arc::new(MemBackend::builder().data(raw).build());
-    let err = open(&b, &c3, cfg(CacheMode::Back)).err().expect("refused");
-    assert_eq!(err.kind(), EngineErrorKind::Corrupt);
-    assert!(err.to_string().contains("line entry 1"), "{err}");
+    assert_refused(
+        try_open(b.clone(), c3.clone(), cfg(CacheMode::Back)),
+        EngineErrorKind::Corrupt,
+        "line entry 1",
+    );
 }
 
 #[test]
 fn one_torn_superblock_copy_is_survived() {
     let (b, c) = (mem(8 * MIB), mem(4 * MIB));
-    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Back));
     e.write(0, &fill(7, 4096), false).unwrap();
     e.shutdown().unwrap();
     let mut raw = c.snapshot();
     // Whichever copy is newest, damaging one leaves the other.
     raw[200] ^= 0xff;
     let c2 = Arc::new(MemBackend::builder().data(raw).build());
-    let e = open(&b, &c2, cfg(CacheMode::Back)).unwrap();
+    let e = open(b.clone(), c2.clone(), cfg(CacheMode::Back));
     assert!(read(&e, 0, 4096) == fill(7, 4096));
 }
 
@@ -183,22 +138,26 @@ fn a_device_holding_other_data_is_not_formatted_without_asking() {
     let mut raw = vec![0u8; 4 * MIB as usize];
     raw[1024..1028].copy_from_slice(b"\x53\xef\x01\x00");
     let c = Arc::new(MemBackend::builder().data(raw).build());
-    let err = open(&b, &c, cfg(CacheMode::Back)).err().expect("refused");
-    assert_eq!(err.kind(), EngineErrorKind::NotEmpty);
-    assert!(err.to_string().contains("--format"), "{err}");
+    let err = assert_refused(
+        try_open(b.clone(), c.clone(), cfg(CacheMode::Back)),
+        EngineErrorKind::NotEmpty,
+        "first MiB is not empty",
+    );
+    assert_eq!(err.remedies(), [Remedy::Format], "{err}");
     let mut f = cfg(CacheMode::Back);
     f.format = true;
-    open(&b, &c, f).unwrap().shutdown().unwrap();
+    open(b.clone(), c.clone(), f).shutdown().unwrap();
 }
 
 #[test]
 fn offline_mode_refuses_a_cache_smaller_than_the_image() {
     let (b, c) = (mem(8 * MIB), mem(4 * MIB));
-    let err = open(&b, &c, cfg(CacheMode::Offline))
-        .err()
-        .expect("refused");
-    assert_eq!(err.kind(), EngineErrorKind::Config);
-    assert!(err.to_string().contains("image"), "{err}");
+    let err = assert_refused(
+        try_open(b.clone(), c.clone(), cfg(CacheMode::Offline)),
+        EngineErrorKind::Config,
+        "image",
+    );
+    assert!(!err.to_string().contains("  "), "stray spaces: {err}");
 }
 
 #[test]
@@ -212,12 +171,7 @@ fn backend_changed_behind_a_clean_cache_drops_clean_data() {
             rbd_backend::FileBackend::open(&bpath, rbd_backend::OpenOptions::default()).unwrap(),
         )
     };
-    let e = Engine::open(
-        open_file(),
-        Some(c.clone() as Arc<dyn Backend>),
-        cfg(CacheMode::Back),
-    )
-    .unwrap();
+    let e = open(open_file(), c.clone(), cfg(CacheMode::Back));
     e.write(0, &fill(5, 65536), false).unwrap();
     assert!(read(&e, 0, 65536) == fill(5, 65536));
     e.shutdown().unwrap();
@@ -226,12 +180,7 @@ fn backend_changed_behind_a_clean_cache_drops_clean_data() {
     let mut raw = std::fs::read(&bpath).unwrap();
     raw[..65536].fill(9);
     std::fs::write(&bpath, raw).unwrap();
-    let e = Engine::open(
-        open_file(),
-        Some(c.clone() as Arc<dyn Backend>),
-        cfg(CacheMode::Back),
-    )
-    .unwrap();
+    let e = open(open_file(), c.clone(), cfg(CacheMode::Back));
     assert!(
         read(&e, 0, 65536) == fill(9, 65536),
         "stale cached data was served"
@@ -254,33 +203,16 @@ fn backend_changed_with_dirty_data_is_refused_naming_both_ways_forward() {
     // dirty at detach (the flusher would otherwise race the test and clean it).
     let refusing = Arc::new(FaultyBackend::builder(open_file()).build());
     refusing.set_read_only(true);
-    let e = Engine::open(
-        refusing.clone(),
-        Some(c.clone() as Arc<dyn Backend>),
-        cfg(CacheMode::Back),
-    )
-    .unwrap();
+    let e = open(refusing.clone(), c.clone(), cfg(CacheMode::Back));
     e.write(0, &fill(5, 65536), false).unwrap();
     e.detach_keep_dirty().unwrap();
     assert_eq!(e.stats().dirty_lines, 1);
     std::thread::sleep(Duration::from_millis(20));
     std::fs::write(&bpath, vec![1u8; 4 * MIB as usize]).unwrap();
-    let err = Engine::open(
-        open_file(),
-        Some(c.clone() as Arc<dyn Backend>),
-        cfg(CacheMode::Back),
-    )
-    .err()
-    .expect("refused");
-    assert_eq!(err.kind(), EngineErrorKind::DirtyData);
-    let msg = err.to_string();
-    assert!(
-        msg.contains("--discard-dirty") && msg.contains("--accept-backend-change"),
-        "{msg}"
-    );
+    assert_dirty_conflict_refused(try_open(open_file(), c.clone(), cfg(CacheMode::Back)));
     let mut accept = cfg(CacheMode::Back);
     accept.accept_backend_change = true;
-    let e = Engine::open(open_file(), Some(c.clone() as Arc<dyn Backend>), accept).unwrap();
+    let e = open(open_file(), c.clone(), accept);
     assert!(read(&e, 0, 65536) == fill(5, 65536));
     e.shutdown().unwrap();
     assert!(std::fs::read(&bpath).unwrap()[..65536] == fill(5, 65536)[..]);
@@ -296,7 +228,7 @@ fn full_cache_of_dirty_data_applies_backpressure_instead_of_failing() {
     );
     // 16 lines of 64 KiB: 1 MiB of cache for a 32 MiB disk.
     let c = mem(2 * MIB);
-    let e = Engine::open(slow, Some(c as Arc<dyn Backend>), cfg(CacheMode::Back)).unwrap();
+    let e = open(slow, c, cfg(CacheMode::Back));
     let chunk = 256 * 1024;
     for i in 0..16u64 {
         e.write(i * chunk as u64, &fill(i as u8 + 1, chunk), false)
@@ -320,12 +252,7 @@ fn write_back_keeps_data_dirty_while_the_backend_refuses_and_resumes_after() {
     let fb = Arc::new(FaultyBackend::builder(b.clone()).build());
     fb.set_read_only(true);
     let c = mem(4 * MIB);
-    let e = Engine::open(
-        fb.clone(),
-        Some(c as Arc<dyn Backend>),
-        cfg(CacheMode::Back),
-    )
-    .unwrap();
+    let e = open(fb.clone(), c, cfg(CacheMode::Back));
     e.write(0, &fill(4, 65536), false).unwrap();
     e.flush().unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -346,12 +273,7 @@ fn through_mode_reports_backend_errors_to_the_guest() {
     let b = mem(8 * MIB);
     let fb = Arc::new(FaultyBackend::builder(b.clone()).build());
     let c = mem(4 * MIB);
-    let e = Engine::open(
-        fb.clone(),
-        Some(c as Arc<dyn Backend>),
-        cfg(CacheMode::Through),
-    )
-    .unwrap();
+    let e = open(fb.clone(), c, cfg(CacheMode::Through));
     e.write(0, &fill(1, 8192), false).unwrap();
     fb.fail_next(OpKind::Write, 1, libc::EIO);
     let err = e.write(0, &fill(2, 8192), false).unwrap_err();
@@ -365,7 +287,7 @@ fn concurrent_writers_and_readers_on_disjoint_ranges() {
     for mode in [CacheMode::Back, CacheMode::Through, CacheMode::Around] {
         let b = mem(16 * MIB);
         let c = mem(3 * MIB);
-        let e = open(&b, &c, cfg(mode)).unwrap();
+        let e = open(b.clone(), c.clone(), cfg(mode));
         std::thread::scope(|s| {
             for t in 0..6u64 {
                 let e = &e;
@@ -384,7 +306,7 @@ fn concurrent_writers_and_readers_on_disjoint_ranges() {
             }
         });
         e.shutdown().unwrap();
-        let e = open(&b, &c, cfg(mode)).unwrap();
+        let e = open(b.clone(), c.clone(), cfg(mode));
         for t in 0..6u64 {
             let off = t * 2 * MIB + (39 * 37 % 64) * 16384;
             assert!(
@@ -402,7 +324,7 @@ fn relaxed_and_ordered_orders_both_reach_the_same_final_state() {
         let (b, c) = (mem(4 * MIB), mem(2 * MIB));
         let mut conf = cfg(CacheMode::Back);
         conf.order = order;
-        let e = open(&b, &c, conf).unwrap();
+        let e = open(b.clone(), c.clone(), conf);
         for i in 0..50u8 {
             e.write((i as u64 % 7) * 65536, &fill(i, 65536), false)
                 .unwrap();
@@ -467,12 +389,7 @@ fn changed_ranges_reported_by_the_backend_drop_only_those_lines() {
         changed: std::sync::Mutex::new(None),
     });
     let c = mem(4 * MIB);
-    let e = Engine::open(
-        rb.clone(),
-        Some(c.clone() as Arc<dyn Backend>),
-        cfg(CacheMode::Back),
-    )
-    .unwrap();
+    let e = open(rb.clone(), c.clone(), cfg(CacheMode::Back));
     e.write(0, &fill(1, 65536), false).unwrap();
     e.write(MIB, &fill(2, 65536), false).unwrap();
     e.shutdown().unwrap();
@@ -480,12 +397,7 @@ fn changed_ranges_reported_by_the_backend_drop_only_those_lines() {
     inner.write_at(0, &fill(8, 65536)).unwrap();
     inner.write_at(MIB, &fill(9, 65536)).unwrap();
     *rb.changed.lock().unwrap() = Some(vec![(4096, 100)]);
-    let e = Engine::open(
-        rb.clone(),
-        Some(c as Arc<dyn Backend>),
-        cfg(CacheMode::Back),
-    )
-    .unwrap();
+    let e = open(rb.clone(), c, cfg(CacheMode::Back));
     assert!(
         read(&e, 0, 65536) == fill(8, 65536),
         "a reported range was served from the cache"
@@ -497,13 +409,13 @@ fn changed_ranges_reported_by_the_backend_drop_only_those_lines() {
 
 #[test]
 fn a_daemon_crash_keeps_every_acknowledged_write_and_the_warm_cache() {
-    let (b, c, fb, e) = back_engine_backend_refusing();
+    let (b, c, fb, e) = back_engine_refusing_write_back(8, 4);
     // Written and acknowledged, never flushed: only the shadow knows.
     e.write(MIB, &fill(1, 128 * 1024), false).unwrap();
     e.write(2 * MIB + 512, &fill(2, 1024), false).unwrap();
     e.abandon();
     fb.set_read_only(false);
-    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Back));
     let before = e.stats().backend_read_bytes;
     assert!(
         read(&e, MIB, 128 * 1024) == fill(1, 128 * 1024),
@@ -522,18 +434,18 @@ fn a_daemon_crash_keeps_every_acknowledged_write_and_the_warm_cache() {
 #[test]
 fn a_shadow_left_by_another_attach_is_not_trusted() {
     let (b, c) = (mem(8 * MIB), mem(4 * MIB));
-    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Back));
     e.write(0, &fill(1, 4096), false).unwrap();
     e.flush().unwrap();
     e.abandon();
     // A second crash of a later attach whose shadow is gone: the first shadow
     // must not come back to life.
-    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Back));
     e.write(0, &fill(2, 4096), false).unwrap();
     e.flush().unwrap();
     e.abandon();
     e.forget_crash_shadow();
-    let e = open(&b, &c, cfg(CacheMode::Back)).unwrap();
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Back));
     assert!(
         read(&e, 0, 4096) == fill(2, 4096),
         "old shadow or stale table used"

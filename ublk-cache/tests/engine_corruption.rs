@@ -7,28 +7,20 @@ use std::sync::Arc;
 use policies::CacheMode;
 use proptest::prelude::*;
 use rbd_backend::{Backend, MemBackend};
+use testkit::rig::{cfg_line, open};
 use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig, EngineErrorKind};
 
 const MIB: usize = 1 << 20;
 
 fn cfg() -> EngineConfig {
-    EngineConfig {
-        mode: CacheMode::Back,
-        line_size: Some(16384),
-        ..EngineConfig::default()
-    }
+    cfg_line(CacheMode::Back, 16384)
 }
 
 /// A detached cache with data in it (clean and dirty lines), as raw bytes.
 fn sample_cache(backend: &Arc<MemBackend>) -> Vec<u8> {
     let cache = Arc::new(MemBackend::new(MIB + 64 * 16384));
-    let e = Engine::open(
-        backend.clone(),
-        Some(cache.clone() as Arc<dyn Backend>),
-        cfg(),
-    )
-    .unwrap();
+    let e = open(backend.clone(), cache.clone(), cfg());
     for i in 0..40u64 {
         e.write(i * 12288, &vec![i as u8 + 1; 8192], false).unwrap();
     }

@@ -7,117 +7,20 @@ use std::sync::{Arc, Mutex};
 
 use policies::CacheMode;
 use rbd_backend::{Backend, FaultyBackend, MemBackend};
+use testkit::rig::{
+    assert_refused, back_engine_refusing_write_back, back_engine_refusing_write_back_on, cfg,
+    mems, open, read, refusing, try_open, writes_during, MIB,
+};
 use ublk_cache::engine::PreloadOptions;
 use ublk_cache::format::layout::FormatVersion;
 use ublk_cache::target::BlockTarget;
-use ublk_cache::{Engine, EngineConfig, EngineErrorKind};
-
-const MIB: u64 = 1 << 20;
-
-fn cfg(mode: CacheMode) -> EngineConfig {
-    EngineConfig {
-        mode,
-        line_size: Some(64 * 1024),
-        ..EngineConfig::default()
-    }
-}
-
-fn open(b: &Arc<MemBackend>, c: &Arc<MemBackend>, cfg: EngineConfig) -> Arc<Engine> {
-    Engine::open(
-        b.clone() as Arc<dyn Backend>,
-        Some(c.clone() as Arc<dyn Backend>),
-        cfg,
-    )
-    .expect("open")
-}
-
-/// A backend and a cache of these sizes in MiB, both in memory.
-fn mems(backend_mib: u64, cache_mib: u64) -> (Arc<MemBackend>, Arc<MemBackend>) {
-    (
-        Arc::new(MemBackend::new((backend_mib * MIB) as usize)),
-        Arc::new(MemBackend::new((cache_mib * MIB) as usize)),
-    )
-}
-
-/// A back-mode engine over a 4 MiB backend that refuses writes (so write-back
-/// fails until the test calls `set_read_only(false)`).
-fn back_engine_refusing_write_back(
-    version: FormatVersion,
-) -> (
-    Arc<MemBackend>,
-    Arc<FaultyBackend<Arc<MemBackend>>>,
-    Arc<Engine>,
-) {
-    let (b, c) = mems(4, 4);
-    let fb = Arc::new(FaultyBackend::builder(b.clone()).build());
-    fb.set_read_only(true);
-    let e = Engine::open(
-        fb.clone() as Arc<dyn Backend>,
-        Some(c as Arc<dyn Backend>),
-        EngineConfig {
-            format_version: version,
-            ..cfg(CacheMode::Back)
-        },
-    )
-    .unwrap();
-    (b, fb, e)
-}
-
-fn read(e: &Engine, off: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    e.read(off, &mut buf).expect("read");
-    buf
-}
-
-/// Random 4 KiB-aligned writes from `threads` threads while `during` runs;
-/// every write must succeed. Returns the reference image.
-fn writes_during(e: &Arc<Engine>, size: u64, threads: u64, during: impl FnOnce()) -> Vec<u8> {
-    let reference = Arc::new(Mutex::new(vec![0u8; size as usize]));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut hs = Vec::new();
-    for t in 0..threads {
-        let (e, r, s) = (e.clone(), reference.clone(), stop.clone());
-        hs.push(std::thread::spawn(move || {
-            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
-            let mut n = 0u64;
-            // Each thread owns every `threads`-th 4 KiB block, so the reference
-            // order per block is the thread's own order.
-            while !s.load(Ordering::Acquire) || n < 64 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let blocks = size / 4096 / threads;
-                let blk = (x % blocks) * threads + t;
-                let len = 4096 * (1 + (x >> 40) % 3).min(1);
-                let data = vec![(x >> 24) as u8 | 1; len as usize];
-                e.write(blk * 4096, &data, false)
-                    .expect("write during the switch");
-                r.lock().unwrap()[(blk * 4096) as usize..(blk * 4096 + len) as usize]
-                    .copy_from_slice(&data);
-                if n.is_multiple_of(16) {
-                    e.flush().expect("flush during the switch");
-                }
-                n += 1;
-            }
-        }));
-    }
-    during();
-    stop.store(true, Ordering::Release);
-    for h in hs {
-        h.join().unwrap();
-    }
-    let r = reference.lock().unwrap().clone();
-    r
-}
+use ublk_cache::{Engine, EngineConfig, EngineErrorKind, Remedy};
 
 #[test]
 fn switching_from_back_drains_with_writes_going_on_and_loses_nothing() {
     let size = 8 * MIB;
-    let (b, c) = (
-        Arc::new(MemBackend::new(size as usize)),
-        Arc::new(MemBackend::new(4 * MIB as usize)),
-    );
-    let e = open(&b, &c, cfg(CacheMode::Back));
+    let (b, c) = mems(8, 4);
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Back));
     let progress = Mutex::new(Vec::new());
     let reference = writes_during(&e, size, 2, || {
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -168,11 +71,11 @@ fn switching_from_back_drains_with_writes_going_on_and_loses_nothing() {
 #[test]
 fn a_switch_to_offline_or_without_a_cache_is_refused_by_name() {
     let (b, c) = mems(4, 4);
-    let e = open(&b, &c, cfg(CacheMode::Through));
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Through));
     let err = e.set_mode(CacheMode::Offline, None).unwrap_err();
     assert!(err.to_string().contains("offline"), "{err}");
     assert_eq!(e.mode(), CacheMode::Through);
-    let none = Engine::open(b.clone() as Arc<dyn Backend>, None, cfg(CacheMode::None)).unwrap();
+    let none = Engine::open(b.clone(), None, cfg(CacheMode::None)).unwrap();
     let err = none.set_mode(CacheMode::Back, None).unwrap_err();
     assert_eq!(err.kind(), EngineErrorKind::Config);
     assert!(err.to_string().contains("cache device"), "{err}");
@@ -187,7 +90,7 @@ fn preload_fetches_each_line_once_and_guest_reads_then_hit() {
             .build(),
     );
     let c = Arc::new(MemBackend::new(4 * MIB as usize));
-    let e = open(&b, &c, cfg(CacheMode::Back));
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Back));
     // A guest read of part of the range first: the preload must not fetch it again.
     assert_eq!(read(&e, 0, 65536), b.snapshot()[..65536].to_vec());
     let rep = e
@@ -237,12 +140,7 @@ fn offline_hydrates_keeps_writes_local_resumes_and_writes_back_only_dirty_data()
             .read_delay(std::time::Duration::from_millis(50))
             .build(),
     );
-    let e = Engine::open(
-        slow as Arc<dyn Backend>,
-        Some(c.clone() as Arc<dyn Backend>),
-        cfg(CacheMode::Offline),
-    )
-    .unwrap();
+    let e = open(slow as Arc<dyn Backend>, c.clone(), cfg(CacheMode::Offline));
     let cancel = AtomicBool::new(false);
     let seen = Mutex::new(0u64);
     let rep = e
@@ -272,12 +170,7 @@ fn offline_hydrates_keeps_writes_local_resumes_and_writes_back_only_dirty_data()
     );
     // Restart: hydration continues with what is missing, and only that.
     let fb = Arc::new(FaultyBackend::builder(mem.clone()).build());
-    let e = Engine::open(
-        fb.clone() as Arc<dyn Backend>,
-        Some(c.clone() as Arc<dyn Backend>),
-        cfg(CacheMode::Offline),
-    )
-    .unwrap();
+    let e = open(fb.clone(), c.clone(), cfg(CacheMode::Offline));
     let rep = e.hydrate(PreloadOptions::default(), None, None).unwrap();
     assert!(!rep.interrupted);
     assert_eq!(
@@ -309,29 +202,21 @@ fn offline_hydrates_keeps_writes_local_resumes_and_writes_back_only_dirty_data()
 
 #[test]
 fn offline_refuses_a_cache_smaller_than_the_image() {
-    let b = Arc::new(MemBackend::new(8 * MIB as usize));
-    let c = Arc::new(MemBackend::new(4 * MIB as usize));
-    let err = Engine::open(
-        b as Arc<dyn Backend>,
-        Some(c as Arc<dyn Backend>),
-        cfg(CacheMode::Offline),
-    )
-    .err()
-    .expect("must be refused");
-    assert!(
-        err.to_string()
-            .contains("offline mode keeps the whole image"),
-        "{err}"
+    let (b, c) = mems(8, 4);
+    assert_refused(
+        try_open(b, c, cfg(CacheMode::Offline)),
+        EngineErrorKind::Config,
+        "offline mode keeps the whole image",
     );
 }
 
 #[test]
 fn invalidate_refuses_while_dirty_and_drops_clean_data_after_a_flush() {
-    let (b, fb, e) = back_engine_refusing_write_back(FormatVersion::V2);
+    let (b, _c, fb, e) = back_engine_refusing_write_back(4, 4);
     e.write(0, &[1u8; 65536], false).unwrap();
     let err = e.invalidate_clean().unwrap_err();
     assert_eq!(err.kind(), EngineErrorKind::DirtyData);
-    assert!(err.to_string().contains("ctl flush"), "{err}");
+    assert_eq!(err.remedies(), [Remedy::WriteBackFirst], "{err}");
     fb.set_read_only(false);
     e.flush_to_backend(None).unwrap();
     assert_eq!(&b.snapshot()[..65536], &[1u8; 65536][..]);
@@ -344,7 +229,7 @@ fn invalidate_refuses_while_dirty_and_drops_clean_data_after_a_flush() {
 #[test]
 fn migrate_out_leaves_nothing_dirty_and_abort_returns_to_the_old_mode() {
     let (b, c) = mems(4, 4);
-    let e = open(&b, &c, cfg(CacheMode::Back));
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Back));
     e.write(0, &[5u8; 65536], false).unwrap();
     let prev = e.migrate_out(None).unwrap();
     assert_eq!(prev, CacheMode::Back);
@@ -362,46 +247,44 @@ fn migrate_out_leaves_nothing_dirty_and_abort_returns_to_the_old_mode() {
 #[test]
 fn a_migration_destination_starts_cold_and_refuses_dirty_data() {
     let (b, c) = mems(4, 4);
-    let e = open(&b, &c, cfg(CacheMode::Back));
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Back));
     e.write(0, &[1u8; 65536], false).unwrap();
     e.shutdown().unwrap();
     // The cache still holds line 0 (clean). Behind its back the disk changes
     // (the other host), in a way no change marker of a MemBackend shows.
     // The backend refuses write-back this time, so the write is certainly
     // still dirty at detach (the flusher would otherwise race the test).
-    let refusing = Arc::new(FaultyBackend::builder(b.clone()).build());
-    refusing.set_read_only(true);
-    let e = Engine::open(
-        refusing as Arc<dyn Backend>,
-        Some(c.clone() as Arc<dyn Backend>),
+    let e = open(
+        refusing(&b),
+        c.clone(),
         EngineConfig {
             cold_start: true,
             ..cfg(CacheMode::Back)
         },
-    )
-    .unwrap();
+    );
     assert_eq!(e.stats().valid_bytes, 0, "nothing cached before is trusted");
     e.write(0, &[2u8; 4096], false).unwrap();
     e.detach_keep_dirty().unwrap();
     assert_eq!(e.stats().dirty_bytes, 4096);
-    let err = Engine::open(
-        b.clone() as Arc<dyn Backend>,
-        Some(c.clone() as Arc<dyn Backend>),
-        EngineConfig {
-            cold_start: true,
-            ..cfg(CacheMode::Back)
-        },
-    )
-    .err()
-    .expect("must be refused");
-    assert_eq!(err.kind(), EngineErrorKind::DirtyData);
-    assert!(err.to_string().contains("--discard-dirty"), "{err}");
+    let err = assert_refused(
+        try_open(
+            b.clone(),
+            c.clone(),
+            EngineConfig {
+                cold_start: true,
+                ..cfg(CacheMode::Back)
+            },
+        ),
+        EngineErrorKind::DirtyData,
+        "a migration destination",
+    );
+    assert_eq!(err.remedies(), [Remedy::DiscardDirty], "{err}");
 }
 
 #[test]
 fn stats_count_hits_misses_partial_hits_and_latency() {
     let (b, c) = mems(4, 4);
-    let e = open(&b, &c, cfg(CacheMode::Through));
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Through));
     read(&e, 0, 65536); // miss, promoted
     read(&e, 0, 65536); // hit
     read(&e, 0, 131072); // partial
@@ -424,7 +307,7 @@ fn stats_count_hits_misses_partial_hits_and_latency() {
 #[test]
 fn an_offline_server_returns_to_offline_after_an_aborted_migration() {
     let (b, c) = mems(4, 8);
-    let e = open(&b, &c, cfg(CacheMode::Offline));
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Offline));
     e.write(0, &[3u8; 8192], false).unwrap();
     assert_eq!(e.migrate_out(None).unwrap(), CacheMode::Offline);
     assert_eq!(&b.snapshot()[..8192], &[3u8; 8192][..]);
@@ -446,7 +329,7 @@ fn an_offline_server_returns_to_offline_after_an_aborted_migration() {
 #[test]
 fn offline_overwrites_after_a_flush_do_not_wait_for_write_back() {
     let (b, c) = mems(4, 8);
-    let e = open(&b, &c, cfg(CacheMode::Offline));
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Offline));
     let (tx, rx) = std::sync::mpsc::channel();
     let e2 = e.clone();
     std::thread::spawn(move || {
@@ -473,7 +356,7 @@ fn offline_overwrites_after_a_flush_do_not_wait_for_write_back() {
 #[test]
 fn ordered_overwrites_keep_completing_while_write_back_fails() {
     for version in [FormatVersion::V2, FormatVersion::V1] {
-        let (b, fb, e) = back_engine_refusing_write_back(version);
+        let (b, _c, fb, e) = back_engine_refusing_write_back_on(version, 4, 4);
         e.write(0, &[1u8; 65536], false).unwrap();
         e.flush().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();

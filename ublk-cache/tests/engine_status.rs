@@ -15,6 +15,7 @@ fn cfg(mode: CacheMode) -> EngineConfig {
     EngineConfig {
         mode,
         line_size: Some(64 * 1024),
+        shadow_dir: testkit::rig::shadow_dir(),
         ..EngineConfig::default()
     }
 }

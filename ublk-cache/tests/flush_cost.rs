@@ -36,6 +36,7 @@ fn write_flush_rounds(format: FormatVersion) -> Cost {
             mode: CacheMode::Back,
             line_size: Some(64 * 1024),
             format_version: format,
+            shadow_dir: testkit::rig::shadow_dir(),
             ..EngineConfig::default()
         },
     )

@@ -4,20 +4,16 @@
 //! between two servers on one backend (two hosts sharing storage), completed
 //! and aborted.
 
-#[path = "common/nbd_client.rs"]
-mod nbd_client;
-#[path = "common/serve.rs"]
-mod serve;
-
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nbd_client::Client;
 use serde_json::Value;
-use serve::{bin, run, Disk};
+use testkit::nbd_client::Client;
+use testkit::pattern;
+use testkit::serve::{bin, free_port, run, Disk};
 
 const MIB: u64 = 1 << 20;
 
@@ -52,23 +48,9 @@ fn cmd_json(run_dir: &Path, verb: &str, id: u64) -> Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{verb}: {e}: {out}"))
 }
 
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
-        .collect()
-}
-
 fn file_range(p: &Path, off: u64, len: usize) -> Vec<u8> {
     let all = std::fs::read(p).unwrap();
     all[off as usize..off as usize + len].to_vec()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn http_get(port: u16, path: &str) -> String {
@@ -187,7 +169,9 @@ fn control_socket_verbs_stats_and_metrics() {
             3 * MIB
         ),
         format!("ublk_cache_request_latency_seconds_count{{{d},op=\"read\"}}"),
-        "# TYPE ublk_cache_requests_total counter".to_string(),
+        "# TYPE ublk_cache_requests counter".to_string(),
+        "# TYPE ublk_cache_request_latency_seconds histogram".to_string(),
+        format!("ublk_cache_request_latency_seconds_bucket{{le=\"+Inf\",{d},op=\"write\"}}"),
     ] {
         assert!(m.contains(&want), "metrics lack {want}:\n{m}");
     }

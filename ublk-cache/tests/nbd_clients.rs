@@ -5,18 +5,14 @@
 //! A missing client prints `SKIP:` (or fails under
 //! `UBLK_CACHE_REQUIRE_NBD_CLIENTS=1`, which scripts/test.sh sets).
 
-#[path = "common/nbd_client.rs"]
-mod nbd_client;
-#[path = "common/serve.rs"]
-mod serve;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use nbd_client::Client;
-use serve::{qemu_io, run, tool, Disk, Rng};
+use testkit::nbd_client::Client;
+use testkit::serve::{self, fio_with_nbd, qemu_io, run, tool, Disk};
+use testkit::Rng;
 
 const MIB: u64 = 1 << 20;
 
@@ -115,7 +111,7 @@ enum Op {
 }
 
 fn workload(seed: u64, size: u64, n: usize) -> Vec<Op> {
-    let mut r = Rng(seed);
+    let mut r = Rng::new(seed);
     (0..n)
         .map(|_| {
             let off = r.below(size / 512) * 512;
@@ -196,8 +192,8 @@ fn nbdcopy_a_file_in_and_back_out() {
     };
     let d = tempfile::tempdir().unwrap();
     let disk = Disk::new(d.path(), 32 * MIB);
-    let mut r = Rng(42);
-    let src: Vec<u8> = (0..32 * MIB).map(|_| r.next() as u8).collect();
+    let mut r = Rng::new(42);
+    let src: Vec<u8> = r.bytes(32 * MIB as usize);
     let src_path = d.path().join("src.bin");
     std::fs::write(&src_path, &src).unwrap();
     let srv = disk.serve("back", "8M", &[]);
@@ -218,18 +214,9 @@ fn nbdcopy_a_file_in_and_back_out() {
 
 #[test]
 fn fio_writes_and_verifies_in_every_mode() {
-    let Some(fio) = tool("fio") else {
+    let Some(fio) = fio_with_nbd() else {
         return;
     };
-    let out = Command::new(&fio).arg("--enghelp").output().unwrap();
-    if !String::from_utf8_lossy(&out.stdout).contains("nbd") {
-        assert!(
-            std::env::var("UBLK_CACHE_REQUIRE_NBD_CLIENTS").as_deref() != Ok("1"),
-            "this fio has no nbd engine"
-        );
-        println!("SKIP: this fio has no nbd engine");
-        return;
-    }
     for mode in ["none", "around", "through", "back"] {
         let d = tempfile::tempdir().unwrap();
         let disk = Disk::new(d.path(), 32 * MIB);
@@ -367,6 +354,17 @@ fn list_shows_the_nbd_export_and_stop_by_id_works() {
     );
     let text = run(serve::bin().arg("--run-dir").arg(&disk.run_dir).arg("list"));
     assert!(text.contains(&disk.uri()), "{text}");
+    // The record says how the server was started (what `recover ID` reuses).
+    let rec = ublk_cache::daemon::registry::read(&disk.run_dir, id as u32)
+        .unwrap()
+        .expect("a record");
+    let cfg = rec.config.expect("the record holds the configuration");
+    assert_eq!(
+        cfg.backend.map(|b| b.to_string()),
+        Some(format!("file:{}", disk.backend.display()))
+    );
+    assert_eq!(cfg.cache.as_deref(), Some(disk.cache.as_path()));
+    assert_eq!(cfg.mode, policies::CacheMode::Back);
     // `stop ID` signals the server, which exits 0 after write-back.
     let mut srv = srv;
     run(serve::bin()

@@ -4,18 +4,13 @@
 //! A missing client prints `SKIP:` (or fails under
 //! `UBLK_CACHE_REQUIRE_NBD_CLIENTS=1`, which scripts/test.sh sets).
 
-#[path = "common/nbd_client.rs"]
-mod nbd_client;
-#[path = "common/serve.rs"]
-mod serve;
-
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nbd_client::Client;
 use serde_json::Value;
-use serve::{bin, qemu_io, run, start, tool, Disk, Server};
+use testkit::nbd_client::Client;
+use testkit::serve::{bin, qemu_io, run, start, tool, Disk, Server};
 
 const MIB: u64 = 1 << 20;
 

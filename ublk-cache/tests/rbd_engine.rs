@@ -1,221 +1,37 @@
-//! The engine over a real RBD image (scripts/ceph-cluster.sh): random request
-//! sequences in every mode checked against a reference disk (as engine_model.rs
-//! does over memory), warm restarts through the RBD change marker, and the
-//! coherency rules: writes made behind a detached cache are never served stale.
+//! The engine over a real RBD image (scripts/ceph-cluster.sh): the coherency
+//! rules (writes made behind a detached cache are never served stale, dirty
+//! data over a changed range is refused) and a resize under a running engine.
+//! The model test (random request sequences in every mode against a reference
+//! disk, with warm restarts through the RBD change marker) runs on RBD as the
+//! rbd row of engine_model.rs.
 #![cfg(feature = "rbd")]
 
 use std::sync::Arc;
 
-use policies::{CacheMode, WritebackOrder};
-use rbd_backend::rbd::testing::{pattern, rbd_test, TestCluster};
+use policies::CacheMode;
 use rbd_backend::{Backend, FaultyBackend, MemBackend, RbdBackend};
+use testkit::ceph::{rbd_test, TestCluster};
+use testkit::pattern;
+use testkit::rig::{self, open};
 use ublk_cache::target::BlockTarget;
-use ublk_cache::{Engine, EngineConfig, EngineErrorKind};
-
-const SECTOR: u64 = 512;
-
-/// A small deterministic generator (splitmix64): failures print the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+use ublk_cache::{Engine, EngineConfig};
 
 fn open_engine(
     backend: Arc<dyn Backend>,
     cache: &Arc<MemBackend>,
     cfg: &EngineConfig,
 ) -> Arc<Engine> {
-    let c: Arc<dyn Backend> = cache.clone();
-    Engine::open(backend, Some(c), cfg.clone()).expect("engine attaches")
+    open(backend, cache.clone(), cfg.clone())
 }
 
 fn open_rbd(c: &TestCluster, spec: &rbd_backend::RbdSpec) -> Arc<RbdBackend> {
     Arc::new(RbdBackend::open(spec, &c.opts()).unwrap_or_else(|e| panic!("open: {e}")))
 }
 
-/// One random run: `ops` requests over a 16-line cache on an image of 8× that.
-fn run(c: &TestCluster, mode: CacheMode, order: WritebackOrder, line: u32, seed: u64, ops: usize) {
-    let lines = 16u64;
-    let disk = 8 * lines * line as u64;
-    let img = c.image("model", disk);
-    let cache = Arc::new(MemBackend::new((1 << 20) + (lines * line as u64) as usize));
-    let cfg = EngineConfig {
-        mode,
-        order,
-        line_size: Some(line),
-        ..EngineConfig::default()
-    };
-    let mut backend = open_rbd(c, &img.spec);
-    let mut engine = open_engine(backend.clone(), &cache, &cfg);
-    let mut model = vec![0u8; disk as usize];
-    let mut rng = Rng(seed);
-    let ctx = |i: usize| format!("mode={mode} order={order:?} line={line} seed={seed} step={i}");
-    for i in 0..ops {
-        let sectors = disk / SECTOR;
-        let s = rng.below(sectors);
-        let n = match rng.below(3) {
-            0 => 1 + rng.below(8),
-            1 => 1 + rng.below(64),
-            _ => 1 + rng.below(400),
-        }
-        .min(sectors - s);
-        let (off, len) = (s * SECTOR, n * SECTOR);
-        let r = off as usize..(off + len) as usize;
-        match rng.below(17) {
-            0..=5 => {
-                let mut buf = vec![0u8; len as usize];
-                engine
-                    .read(off, &mut buf)
-                    .unwrap_or_else(|e| panic!("{}: read: {e}", ctx(i)));
-                if buf != model[r.clone()] {
-                    let at = buf.iter().zip(&model[r]).position(|(a, b)| a != b).unwrap();
-                    panic!(
-                        "{}: read {off}+{len} differs from the reference at byte {}",
-                        ctx(i),
-                        off + at as u64
-                    );
-                }
-            }
-            6..=11 => {
-                let data = pattern(rng.next(), len as usize);
-                let fua = rng.below(10) == 0;
-                engine
-                    .write(off, &data, fua)
-                    .unwrap_or_else(|e| panic!("{}: write: {e}", ctx(i)));
-                model[r].copy_from_slice(&data);
-            }
-            12 => engine
-                .flush()
-                .unwrap_or_else(|e| panic!("{}: flush: {e}", ctx(i))),
-            13 => {
-                engine
-                    .discard(off, len)
-                    .unwrap_or_else(|e| panic!("{}: discard: {e}", ctx(i)));
-                // Unspecified contents (RBD skips partial discards), but stable.
-                let mut buf = vec![0u8; len as usize];
-                engine
-                    .read(off, &mut buf)
-                    .unwrap_or_else(|e| panic!("{}: read: {e}", ctx(i)));
-                model[r].copy_from_slice(&buf);
-            }
-            14 => {
-                engine
-                    .write_zeroes(off, len)
-                    .unwrap_or_else(|e| panic!("{}: zeroes: {e}", ctx(i)));
-                model[r].fill(0);
-            }
-            15 => {
-                // Warm restart on the same connection: marker snapshot, diff, attach.
-                engine
-                    .shutdown()
-                    .unwrap_or_else(|e| panic!("{}: shutdown: {e}", ctx(i)));
-                drop(engine);
-                engine = open_engine(backend.clone(), &cache, &cfg);
-            }
-            _ => {
-                // Restart with a new connection: the lock goes and comes back.
-                engine
-                    .shutdown()
-                    .unwrap_or_else(|e| panic!("{}: shutdown: {e}", ctx(i)));
-                drop(engine);
-                drop(backend);
-                backend = open_rbd(c, &img.spec);
-                engine = open_engine(backend.clone(), &cache, &cfg);
-            }
-        }
-    }
-    let mut all = vec![0u8; disk as usize];
-    engine.read(0, &mut all).expect("full read");
-    assert!(
-        all == model,
-        "{}: full read differs from the reference",
-        ctx(ops)
-    );
-    engine.shutdown().expect("clean stop");
-    drop(engine);
-    drop(backend);
-    // The image alone, read by another client, holds the reference disk.
-    let raw = c.admin().open_raw(&img.spec).expect("raw open");
-    let got = raw.read_all().expect("read image");
-    assert!(
-        got == model,
-        "{}: image after clean stop differs from the reference",
-        ctx(ops)
-    );
-    assert!(
-        c.admin().snaps(&img.spec).expect("snaps").len() <= 1,
-        "at most one change-marker snapshot is left"
-    );
-}
-
-fn cases() -> u64 {
-    std::env::var("RBD_MODEL_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
-}
-
-macro_rules! mode_test {
-    ($name:ident, $mode:expr, $order:expr) => {
-        #[test]
-        fn $name() {
-            let Some((c, _wd)) = rbd_test(stringify!($name), 600) else {
-                return;
-            };
-            for case in 0..cases() {
-                for (k, line) in [4096u32, 16384, 65536].into_iter().enumerate() {
-                    let seed = 0x5eed_0000 + case * 16 + k as u64 + (($mode).code() as u64) * 1000;
-                    run(&c, $mode, $order, line, seed, 120);
-                }
-            }
-        }
-    };
-}
-
-mode_test!(
-    rbd_none_matches_reference,
-    CacheMode::None,
-    WritebackOrder::Ordered
-);
-mode_test!(
-    rbd_around_matches_reference,
-    CacheMode::Around,
-    WritebackOrder::Ordered
-);
-mode_test!(
-    rbd_through_matches_reference,
-    CacheMode::Through,
-    WritebackOrder::Ordered
-);
-mode_test!(
-    rbd_back_ordered_matches_reference,
-    CacheMode::Back,
-    WritebackOrder::Ordered
-);
-mode_test!(
-    rbd_back_relaxed_matches_reference,
-    CacheMode::Back,
-    WritebackOrder::Relaxed
-);
-
-const LINE: u64 = 65536;
+const LINE: u64 = rig::LINE as u64;
 
 fn back_cfg() -> EngineConfig {
-    EngineConfig {
-        mode: CacheMode::Back,
-        line_size: Some(LINE as u32),
-        ..EngineConfig::default()
-    }
+    rig::cfg(CacheMode::Back)
 }
 
 /// Attach, write, clean detach; `rbd bench` writes the first 8 KiB behind our
@@ -295,19 +111,11 @@ fn rbd_dirty_data_over_a_changed_range_is_refused() {
         raw.write(4096, &pattern(6, 4096)).expect("write behind");
         raw.flush().expect("flush");
     }
-    let err = Engine::open(
+    rig::assert_dirty_conflict_refused(rig::try_open(
         open_rbd(&c, &img.spec),
-        Some(cache.clone() as Arc<dyn Backend>),
+        cache.clone(),
         back_cfg(),
-    )
-    .err()
-    .expect("dirty data over a changed range must be refused");
-    assert_eq!(err.kind(), EngineErrorKind::DirtyData, "{err}");
-    let msg = err.to_string();
-    assert!(
-        msg.contains("--accept-backend-change") && msg.contains("--discard-dirty"),
-        "{msg}"
-    );
+    ));
 
     // Writing the dirty data back over the change (the snapshot was consumed by
     // the refused attach, so this attach sees "unknown" and keeps only dirty data).

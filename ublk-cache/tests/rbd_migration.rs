@@ -10,19 +10,15 @@
 //! Without a cluster it prints `SKIP:` (and fails under UBLK_CACHE_REQUIRE_CEPH=1).
 #![cfg(feature = "rbd")]
 
-#[path = "common/nbd_client.rs"]
-mod nbd_client;
-#[path = "common/serve.rs"]
-mod serve;
-
 use std::path::Path;
 use std::process::Command;
 
-use nbd_client::Client;
-use rbd_backend::rbd::testing::{pattern, rbd_test, TestCluster};
 use rbd_backend::RbdSpec;
 use serde_json::Value;
-use serve::{run, start, Server};
+use testkit::ceph::{rbd_test, TestCluster};
+use testkit::nbd_client::Client;
+use testkit::pattern;
+use testkit::serve::{self, run, start, Server};
 
 const MIB: u64 = 1 << 20;
 

@@ -11,15 +11,12 @@
 //! fails under `UBLK_CACHE_REQUIRE_NBD_CLIENTS=1`).
 #![cfg(feature = "rbd")]
 
-#[path = "common/serve.rs"]
-mod serve;
-
 use std::path::Path;
 use std::process::Command;
 
-use rbd_backend::rbd::testing::{rbd_test, TestCluster};
 use rbd_backend::RbdSpec;
-use serve::{qemu_io, run, start, tool, Server};
+use testkit::ceph::{rbd_test, TestCluster};
+use testkit::serve::{self, fio_with_nbd, qemu_io, run, start, tool, Server};
 
 const MIB: u64 = 1 << 20;
 
@@ -44,22 +41,13 @@ fn rbd_over_nbd_with_fio_and_qemu_io() {
         return;
     };
     let (Some(fio), Some(qio), Some(qimg), Some(nbdcopy)) = (
-        tool("fio"),
+        fio_with_nbd(),
         tool("qemu-io"),
         tool("qemu-img"),
         tool("nbdcopy"),
     ) else {
         return;
     };
-    let help = Command::new(&fio).arg("--enghelp").output().expect("fio");
-    if !String::from_utf8_lossy(&help.stdout).contains("nbd") {
-        assert!(
-            std::env::var("UBLK_CACHE_REQUIRE_NBD_CLIENTS").as_deref() != Ok("1"),
-            "this fio has no nbd engine"
-        );
-        println!("SKIP: this fio has no nbd engine: RBD over NBD was NOT tested");
-        return;
-    }
     for mode in ["back", "through"] {
         let d = tempfile::tempdir().expect("tempdir");
         let img = c.image(&format!("nbd-{mode}"), 32 * MIB);

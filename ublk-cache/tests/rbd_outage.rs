@@ -17,10 +17,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use policies::{CacheMode, WritebackOrder};
-use rbd_backend::rbd::testing::{cluster, pattern, watchdog, Frozen, TestCluster};
-use rbd_backend::{Backend, FaultyBackend, MemBackend, RbdBackend};
+use rbd_backend::{FaultyBackend, MemBackend, RbdBackend};
+use testkit::ceph::{cluster, watchdog, Frozen, TestCluster};
+use testkit::pattern;
+use testkit::rig::open;
 use ublk_cache::target::BlockTarget;
-use ublk_cache::{Engine, EngineConfig};
+use ublk_cache::EngineConfig;
 
 const LINE: u64 = 65536;
 
@@ -51,16 +53,12 @@ fn outage(c: &TestCluster, osd: i32, order: WritebackOrder) {
         mode: CacheMode::Back,
         order,
         line_size: Some(LINE as u32),
+        shadow_dir: testkit::rig::shadow_dir(),
         ..EngineConfig::default()
     };
     let rbd = RbdBackend::open(&img.spec, &c.opts()).expect("open");
     let b = Arc::new(FaultyBackend::new(rbd));
-    let e = Engine::open(
-        b.clone() as Arc<dyn Backend>,
-        Some(cache as Arc<dyn Backend>),
-        cfg,
-    )
-    .expect("attach");
+    let e = open(b.clone(), cache, cfg);
     let mut model = vec![0u8; disk as usize];
     let first = pattern(1, 2 << 20);
     e.write(0, &first, false).expect("write");

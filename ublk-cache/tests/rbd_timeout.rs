@@ -14,10 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use policies::{CacheMode, WritebackOrder};
-use rbd_backend::rbd::testing::{cluster, pattern, watchdog, Frozen};
 use rbd_backend::{Backend, ErrorKind, MemBackend, RbdBackend, RbdOptions};
+use testkit::ceph::{cluster, watchdog, Frozen};
+use testkit::pattern;
+use testkit::rig::open;
 use ublk_cache::target::BlockTarget;
-use ublk_cache::{Engine, EngineConfig};
+use ublk_cache::EngineConfig;
 
 const LINE: usize = 65536;
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -47,14 +49,10 @@ fn rbd_requests_time_out_during_an_osd_outage() {
         mode: CacheMode::Back,
         order: WritebackOrder::Ordered,
         line_size: Some(LINE as u32),
+        shadow_dir: testkit::rig::shadow_dir(),
         ..EngineConfig::default()
     };
-    let e = Engine::open(
-        rbd.clone() as Arc<dyn Backend>,
-        Some(cache as Arc<dyn Backend>),
-        cfg,
-    )
-    .expect("attach");
+    let e = open(rbd.clone(), cache, cfg);
     // Line 0 is cached (clean); line 40 is not.
     let mut got = vec![0u8; LINE];
     e.read(0, &mut got).expect("warm line 0");

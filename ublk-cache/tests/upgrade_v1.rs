@@ -65,7 +65,7 @@ fn rehome(backend: &Path, cache: &Path) {
     std::fs::write(cache, raw).unwrap();
 }
 
-fn open(backend: &Path, cache: &Path) -> Arc<Engine> {
+fn open(backend: &Path, cache: &Path, shadows: &Path) -> Arc<Engine> {
     let file = |p: &Path| -> Arc<dyn Backend> {
         Arc::new(FileBackend::open(p, OpenOptions::default()).expect("open image"))
     };
@@ -74,6 +74,7 @@ fn open(backend: &Path, cache: &Path) -> Arc<Engine> {
         Some(file(cache)),
         EngineConfig {
             mode: CacheMode::Back,
+            shadow_dir: shadows.to_path_buf(),
             ..EngineConfig::default()
         },
     )
@@ -92,19 +93,18 @@ fn assert_all(buf: &[u8], byte: u8, what: &str) {
     }
 }
 
-/// The cases share the process-wide shadow directory (an environment
-/// variable), so they run in one test, one after the other.
+/// The cases share one shadow directory, so they run in one test, one after
+/// the other.
 #[test]
 fn a_v1_cache_left_by_a_crash_of_the_v1_release_attaches_and_keeps_its_data() {
     let shadows = tempfile::tempdir().unwrap();
-    std::env::set_var("UBLK_CACHE_SHADOW_DIR", shadows.path());
 
     // A power cut: the tmpfs shadow is gone. The flushed first write survives;
     // the unflushed second one had been written back before the kill (the
     // fixture's backend image holds it), so it is there too.
     let dir = tempfile::tempdir().unwrap();
     let (backend, cache) = unpack(dir.path());
-    let e = open(&backend, &cache);
+    let e = open(&backend, &cache, shadows.path());
     assert_eq!(e.stats().format_version, 1, "a v1 cache stays v1");
     assert_all(
         &read(&e, 0, 256 * KIB),
@@ -124,7 +124,7 @@ fn a_v1_cache_left_by_a_crash_of_the_v1_release_attaches_and_keeps_its_data() {
     let (backend, cache) = unpack(dir.path());
     let shadow = "faad4c75c406e4db99e7b5b81f8484ef.shadow";
     std::fs::copy(fixture(shadow), shadows.path().join(shadow)).unwrap();
-    let e = open(&backend, &cache);
+    let e = open(&backend, &cache, shadows.path());
     assert_eq!(e.stats().format_version, 1);
     assert_all(&read(&e, 0, 256 * KIB), 0xa1, "first write");
     assert_all(
@@ -138,7 +138,7 @@ fn a_v1_cache_left_by_a_crash_of_the_v1_release_attaches_and_keeps_its_data() {
     e.write(768 * KIB as u64, &[0xc3; 64 * KIB], false).unwrap();
     e.flush().unwrap();
     e.shutdown().unwrap();
-    let e = open(&backend, &cache);
+    let e = open(&backend, &cache, shadows.path());
     assert_eq!(e.stats().format_version, 1);
     assert_all(&read(&e, 0, 256 * KIB), 0xa1, "first write after restart");
     assert_all(

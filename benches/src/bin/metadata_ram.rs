@@ -11,6 +11,7 @@
 //! The numbers are RSS growth, so they include the allocator's slack; the
 //! in-memory per-line record's own size is printed beside them.
 
+use clap::Parser;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +79,7 @@ fn measure(gib: u64, base: &Path, shadow_dir: &Path) -> Result<Row, String> {
         mode: CacheMode::Back,
         cache_bytes: Some(cache_bytes),
         line_size: Some(LINE as u32),
+        shadow_dir: ublk_cache_benches::shadow_dir(),
         ..EngineConfig::default()
     };
     let before = rss_anon()?;
@@ -117,6 +119,18 @@ fn measure(gib: u64, base: &Path, shadow_dir: &Path) -> Result<Row, String> {
     r
 }
 
+/// Metadata RAM per GiB of cache.
+#[derive(Debug, clap::Parser)]
+#[command(name = "metadata-ram")]
+struct Opts {
+    /// Cache sizes in GiB.
+    #[arg(default_values_t = [1u64, 4], value_parser = clap::value_parser!(u64).range(1..))]
+    gib: Vec<u64>,
+    /// One JSON object per size instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() {
     let base = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
     // The shadow lives in tmpfs in production (/dev/shm); measure it there too.
@@ -133,25 +147,8 @@ fn main() {
             std::process::exit(1);
         }
     };
-    std::env::set_var(ublk_cache::engine::shadow::SHADOW_DIR_ENV, shadow.path());
-    let mut sizes = Vec::new();
-    let mut json = false;
-    for a in std::env::args().skip(1) {
-        if a == "--json" {
-            json = true;
-            continue;
-        }
-        match a.parse::<u64>() {
-            Ok(n) if n > 0 => sizes.push(n),
-            _ => {
-                eprintln!("metadata-ram: {a:?} is not a positive number of GiB\nusage: metadata-ram [--json] [GIB...]");
-                std::process::exit(2);
-            }
-        }
-    }
-    if sizes.is_empty() {
-        sizes = vec![1, 4];
-    }
+    ublk_cache_benches::use_shadow_dir(shadow.path());
+    let Opts { gib: sizes, json } = Opts::parse();
     let line_rec = ublk_cache::engine::slot_record_bytes(64 * 1024);
     if !json {
         print_header(line_rec);

@@ -18,67 +18,46 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use clap::Parser;
 use policies::CacheMode;
 use rbd_backend::{Backend, FaultyBackend, FileBackend, OpenOptions};
 use ublk_cache::frontend::nbd::{ListenSpec, Listeners, NbdOptions, NbdServer};
 use ublk_cache::{Engine, EngineConfig};
-use ublk_cache_benches::{parse_size, Args};
+use ublk_cache_benches::{parse_ms, parse_size};
 
+/// An NBD server over a slow file backend, for the fio benchmarks.
+#[derive(Debug, clap::Parser)]
+#[command(name = "nbd-bench-server")]
 struct Opts {
+    /// The backend file.
+    #[arg(long)]
     backend: PathBuf,
+    /// The unix socket to serve on.
+    #[arg(long)]
     socket: PathBuf,
+    /// none, around, through or back.
+    #[arg(long, default_value = "back")]
     mode: CacheMode,
+    /// The cache file (created if missing, with --cache-size bytes).
+    #[arg(long)]
     cache: Option<PathBuf>,
+    #[arg(long, value_parser = parse_size)]
     cache_size: Option<u64>,
+    /// Milliseconds each backend read waits first.
+    #[arg(long = "read-delay-ms", value_parser = parse_ms, default_value = "0")]
     read_delay: Duration,
+    #[arg(long = "write-delay-ms", value_parser = parse_ms, default_value = "0")]
     write_delay: Duration,
+    #[arg(long = "flush-delay-ms", value_parser = parse_ms, default_value = "0")]
     flush_delay: Duration,
 }
 
 fn parse() -> Result<Opts, String> {
-    let mut a = Args::from_env(
-        "nbd-bench-server --backend PATH --socket PATH [--mode none|back|through|around] \
-         [--cache PATH --cache-size SIZE] [--read-delay-ms N] [--write-delay-ms N] [--flush-delay-ms N]",
-    )?;
-    let backend = PathBuf::from(a.required("--backend")?);
-    let socket = PathBuf::from(a.required("--socket")?);
-    let mode: CacheMode = match a.optional("--mode")? {
-        Some(m) => m.parse().map_err(|e| format!("--mode {m}: {e}"))?,
-        None => CacheMode::Back,
-    };
-    let cache = a.optional("--cache")?.map(PathBuf::from);
-    let cache_size = a
-        .optional("--cache-size")?
-        .map(|s| parse_size(&s))
-        .transpose()?;
-    let ms = |v: Option<String>, name: &str| -> Result<Duration, String> {
-        match v {
-            None => Ok(Duration::ZERO),
-            Some(s) => s
-                .parse::<f64>()
-                .ok()
-                .filter(|x| x.is_finite() && *x >= 0.0)
-                .map(|x| Duration::from_secs_f64(x / 1000.0))
-                .ok_or_else(|| format!("{name} {s}: not a number of milliseconds")),
-        }
-    };
-    let read_delay = ms(a.optional("--read-delay-ms")?, "--read-delay-ms")?;
-    let write_delay = ms(a.optional("--write-delay-ms")?, "--write-delay-ms")?;
-    let flush_delay = ms(a.optional("--flush-delay-ms")?, "--flush-delay-ms")?;
-    a.finish()?;
-    if mode.uses_cache() && cache.is_none() {
-        return Err(format!("--mode {mode} needs --cache"));
+    let o = Opts::parse();
+    if o.mode.uses_cache() && o.cache.is_none() {
+        return Err(format!("--mode {} needs --cache", o.mode));
     }
-    Ok(Opts {
-        backend,
-        socket,
-        mode,
-        cache,
-        cache_size,
-        read_delay,
-        write_delay,
-        flush_delay,
-    })
+    Ok(o)
 }
 
 fn open_cache(path: &PathBuf, size: Option<u64>) -> Result<Arc<dyn Backend>, String> {
@@ -115,6 +94,10 @@ fn run(o: Opts) -> Result<(), String> {
     let cfg = EngineConfig {
         mode: o.mode,
         cache_bytes: o.cache_size,
+        // A binary may read the environment: benches/run.py gives each bench
+        // server a private shadow directory.
+        shadow_dir: std::env::var_os("UBLK_CACHE_SHADOW_DIR")
+            .map_or_else(ublk_cache_benches::shadow_dir, Into::into),
         ..EngineConfig::default()
     };
     let engine = Engine::open(backend, cache, cfg).map_err(|e| format!("attaching: {e}"))?;

@@ -24,6 +24,7 @@
 //! every B sample: the next attach then drops the whole cache, and the untimed
 //! warm-up reads it all in again.
 
+use clap::Parser;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -168,24 +169,31 @@ impl Env {
 /// SIGTERM and wait: in `back` the server writes everything back first.
 fn stop(mut child: Child) -> Duration {
     let t = Instant::now();
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    );
     match child.wait() {
         Ok(st) if st.success() => t.elapsed(),
         st => die(&format!("the server did not stop cleanly: {st:?}")),
     }
 }
 
+/// fio through our NBD export over RBD against fio's rbd engine.
+#[derive(Debug, clap::Parser)]
+#[command(name = "rbd-vs-fio")]
+struct Opts {
+    /// Interleaved rounds.
+    #[arg(default_value_t = 3)]
+    rounds: u64,
+    /// Seconds per sample.
+    #[arg(default_value_t = 8)]
+    secs: u64,
+}
+
 fn main() {
-    let args: Vec<u64> = std::env::args()
-        .skip(1)
-        .map(|a| {
-            a.parse()
-                .unwrap_or_else(|_| die(&format!("usage: rbd-vs-fio [ROUNDS] [SECS]; got '{a}'")))
-        })
-        .collect();
-    let rounds = args.first().copied().unwrap_or(3).max(1);
-    let secs = args.get(1).copied().unwrap_or(8).max(1);
+    let Opts { rounds, secs } = Opts::parse();
+    let (rounds, secs) = (rounds.max(1), secs.max(1));
     let Some(conf) = std::env::var_os("UBLK_CACHE_CEPH_CONF").map(PathBuf::from) else {
         die(
             "UBLK_CACHE_CEPH_CONF is not set: run benches/rbd-bench.sh, or start a cluster with \

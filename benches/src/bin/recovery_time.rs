@@ -4,6 +4,7 @@
 //!   cargo run --release -p ublk-cache-benches --bin recovery-time [-- GIB...]
 //! Default sizes: 8 and 64 GiB.
 
+use clap::Parser;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,6 +36,7 @@ fn attach(dir: &std::path::Path, cache_bytes: u64) -> (Arc<Engine>, f64) {
     let cfg = EngineConfig {
         mode: CacheMode::Back,
         cache_bytes: Some(cache_bytes),
+        shadow_dir: ublk_cache_benches::shadow_dir(),
         ..EngineConfig::default()
     };
     let t = Instant::now();
@@ -42,14 +44,19 @@ fn attach(dir: &std::path::Path, cache_bytes: u64) -> (Arc<Engine>, f64) {
     (e, ms(t.elapsed()))
 }
 
+/// Attach times after a clean detach, a daemon crash and a power cut.
+#[derive(Debug, clap::Parser)]
+#[command(name = "recovery-time")]
+struct Opts {
+    /// Cache sizes in GiB.
+    #[arg(default_values_t = [8u64, 64])]
+    gib: Vec<u64>,
+}
+
 fn main() {
     let shadow = tempfile::tempdir().expect("shadow dir");
-    std::env::set_var(ublk_cache::engine::shadow::SHADOW_DIR_ENV, shadow.path());
-    let sizes: Vec<u64> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let sizes = if sizes.is_empty() { vec![8, 64] } else { sizes };
+    ublk_cache_benches::use_shadow_dir(shadow.path());
+    let sizes = Opts::parse().gib;
     println!("| cache | lines (64 KiB) | metadata | format | clean re-attach | after daemon crash | after power cut |");
     println!("|---|---|---|---|---|---|---|");
     for gib in sizes {

@@ -14,33 +14,37 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use policies::CacheMode;
 use rbd_backend::{Backend, FaultyBackend, FileBackend, OpenOptions};
 use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig};
-use ublk_cache_benches::{parse_size, Args};
+use ublk_cache_benches::{parse_millis, parse_size};
 
 const MIB: u64 = 1 << 20;
 
+/// Write-back drain throughput.
+#[derive(Debug, clap::Parser)]
+#[command(name = "writeback-drain")]
+struct Opts {
+    /// The backend file (at least --bytes long; overwritten).
+    #[arg(long)]
+    backend: PathBuf,
+    /// The cache file (created, replacing any file there, and removed afterwards).
+    #[arg(long)]
+    cache: PathBuf,
+    /// Dirty data to drain.
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    bytes: u64,
+    /// Milliseconds each backend write waits first.
+    #[arg(long = "write-delay-ms", value_parser = parse_millis, default_value = "0")]
+    write_delay_ms: f64,
+}
+
 fn run() -> Result<(), String> {
-    let mut a = Args::from_env(
-        "writeback-drain --backend PATH --cache PATH [--bytes 256M] [--write-delay-ms N]",
-    )?;
-    let backend_path = PathBuf::from(a.required("--backend")?);
-    let cache_path = PathBuf::from(a.required("--cache")?);
-    let bytes = match a.optional("--bytes")? {
-        Some(s) => parse_size(&s)?,
-        None => 256 * MIB,
-    };
-    let delay_ms: f64 = match a.optional("--write-delay-ms")? {
-        Some(s) => s
-            .parse()
-            .ok()
-            .filter(|x: &f64| x.is_finite() && *x >= 0.0)
-            .ok_or_else(|| format!("--write-delay-ms {s}: not a number of milliseconds"))?,
-        None => 0.0,
-    };
-    a.finish()?;
+    let o = Opts::parse();
+    let (backend_path, cache_path, bytes) = (o.backend, o.cache, o.bytes);
+    let delay_ms = o.write_delay_ms;
     if bytes < MIB || !bytes.is_multiple_of(MIB) {
         return Err(format!(
             "--bytes {bytes}: must be a positive multiple of 1 MiB"
@@ -48,7 +52,7 @@ fn run() -> Result<(), String> {
     }
 
     let shadow = tempfile::tempdir().map_err(|e| format!("shadow dir: {e}"))?;
-    std::env::set_var(ublk_cache::engine::shadow::SHADOW_DIR_ENV, shadow.path());
+    ublk_cache_benches::use_shadow_dir(shadow.path());
 
     let file = FileBackend::open(&backend_path, OpenOptions::default())
         .map_err(|e| format!("backend {}: {e}", backend_path.display()))?;
@@ -74,6 +78,7 @@ fn run() -> Result<(), String> {
     let cfg = EngineConfig {
         mode: CacheMode::Back,
         cache_bytes: Some(cache_bytes),
+        shadow_dir: ublk_cache_benches::shadow_dir(),
         ..EngineConfig::default()
     };
     let e = Engine::open(

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use policies::{CacheMode, WritebackOrder};
 use rbd_backend::{Backend, FaultyBackend, MemBackend};
 use ublk_cache::target::BlockTarget;
@@ -35,16 +36,15 @@ fn run(order: WritebackOrder, load: Load, seconds: f64) -> f64 {
     let cfg = EngineConfig {
         mode: CacheMode::Back,
         order,
+        shadow_dir: ublk_cache_benches::shadow_dir(),
         ..EngineConfig::default()
     };
     let e = Engine::open(backend, Some(cache as Arc<dyn Backend>), cfg).expect("attach");
     let data = vec![7u8; 4096];
-    let (mut n, mut x) = (0u64, 12345u64);
+    let (mut n, mut rng) = (0u64, testkit::Rng::new(12345));
     let t = Instant::now();
     while t.elapsed().as_secs_f64() < seconds {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
+        let x = rng.next_u64();
         match load {
             Load::Journal => {
                 e.write((x % 8) * 4096, &data, false).expect("write");
@@ -66,13 +66,19 @@ fn run(order: WritebackOrder, load: Load, seconds: f64) -> f64 {
     iops
 }
 
+/// Ordered against relaxed write-back, interleaved.
+#[derive(Debug, clap::Parser)]
+#[command(name = "writeback-order")]
+struct Opts {
+    /// Rounds of each load and order.
+    #[arg(default_value_t = 5)]
+    rounds: usize,
+}
+
 fn main() {
     let shadow = tempfile::tempdir().expect("shadow dir");
-    std::env::set_var(ublk_cache::engine::shadow::SHADOW_DIR_ENV, shadow.path());
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(5);
+    ublk_cache_benches::use_shadow_dir(shadow.path());
+    let rounds = Opts::parse().rounds;
     println!("| load (backend: 2 ms writes and flushes) | ordered IOPS (median, min-max) | relaxed IOPS | ordered / relaxed |");
     println!("|---|---|---|---|");
     for (name, load) in [

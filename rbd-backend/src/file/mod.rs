@@ -28,6 +28,13 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Bypass the page cache (O_DIRECT), falling back to buffered I/O where refused.
     pub direct: bool,
+    /// Hold an exclusive `flock` on the file or device for as long as the
+    /// backend lives (refusing to open what another holder has locked), as an
+    /// RBD backend holds its image's exclusive lock. `release_lock` and
+    /// `acquire_lock` let it go and take it back (a live migration). With
+    /// `read_only` the flock is shared: read-only openers share a file with
+    /// each other, never with a writer.
+    pub exclusive: bool,
 }
 
 impl Default for OpenOptions {
@@ -35,6 +42,7 @@ impl Default for OpenOptions {
         Self {
             read_only: false,
             direct: true,
+            exclusive: false,
         }
     }
 }
@@ -73,6 +81,8 @@ pub struct FileBackend {
     /// We changed the file since the last fsync, so its mtime may not be durable.
     meta_dirty: AtomicBool,
     quirks: Quirks,
+    /// We hold (or should hold) an exclusive flock on `file`.
+    exclusive: bool,
 }
 
 /// Operations the kernel told us it cannot do on this file, so we stop asking.
@@ -85,19 +95,14 @@ struct Quirks {
 }
 
 impl FileBackend {
-    /// Opens a regular file or block device (whichever `path` is) with the engine
-    /// chosen by `UBLK_CACHE_IO_ENGINE` / io_uring-with-fallback.
+    /// Opens a regular file or block device (whichever `path` is) with io_uring,
+    /// falling back to psync where it is refused.
     pub fn open(path: impl AsRef<Path>, opts: OpenOptions) -> Result<Self> {
         let engine = open_engine(EngineChoice::Auto)?;
         Self::open_with_engine(path, opts, engine)
     }
 
-    /// Opens `file:PATH` or `dev:PATH`, insisting that PATH is of that kind.
-    pub fn open_spec(spec: &str, opts: OpenOptions) -> Result<Self> {
-        let engine = open_engine(EngineChoice::Auto)?;
-        Self::open_spec_with_engine(spec, opts, engine)
-    }
-
+    /// Opens `file:PATH` or `dev:PATH` with `engine`, insisting that PATH is of that kind.
     pub fn open_spec_with_engine(
         spec: &str,
         opts: OpenOptions,
@@ -134,6 +139,9 @@ impl FileBackend {
         engine: Arc<dyn IoEngine>,
     ) -> Result<Self> {
         let o = open::open(path, expect, opts)?;
+        if opts.exclusive {
+            lock_exclusive(&o.file, o.kind, &o.path, opts.read_only)?;
+        }
         tracing::debug!(path = %o.path.display(), kind = o.kind.as_str(), size = o.size,
             block_size = o.block_size, direct = o.direct, engine = %engine.kind(),
             "opened backend");
@@ -151,6 +159,7 @@ impl FileBackend {
             rmw: RwLock::new(()),
             meta_dirty: AtomicBool::new(false),
             quirks: Quirks::default(),
+            exclusive: opts.exclusive,
         })
     }
 
@@ -246,6 +255,34 @@ impl FileBackend {
             e,
         )
     }
+}
+
+/// Take the exclusive flock of `file` (shared if `read_only`), or say that
+/// someone else holds it (`ErrorKind::Unavailable`, errno EWOULDBLOCK).
+fn lock_exclusive(file: &File, kind: FileKind, path: &Path, read_only: bool) -> Result<()> {
+    let taken = if read_only {
+        crate::sys::flock_shared(file)
+    } else {
+        crate::sys::flock_exclusive(file)
+    };
+    let Err(e) = taken else {
+        return Ok(());
+    };
+    let what = if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        "is locked by another process"
+    } else {
+        "cannot be locked"
+    };
+    Err(BackendError::new(
+        ErrorKind::Unavailable,
+        format!("{} {} {what}", kind.as_str(), path.display()),
+        e,
+    ))
+}
+
+/// Whether `e` says that another process holds the lock of an exclusive backend.
+pub fn is_locked_elsewhere(e: &BackendError) -> bool {
+    e.kind() == ErrorKind::Unavailable && e.errno() == libc::EWOULDBLOCK
 }
 
 fn len64(len: usize) -> u64 {
@@ -366,6 +403,23 @@ impl Backend for FileBackend {
         self.meta_dirty.store(true, Ordering::Release);
         self.zero_io(offset, len)
             .map_err(|e| self.io_error("write_zeroes", offset, len, e))
+    }
+
+    /// Let the flock go (a live migration's source): the destination may open
+    /// the file now. Writes still work; the lock is advisory.
+    fn release_lock(&self) -> Result<()> {
+        if !self.exclusive {
+            return Ok(());
+        }
+        crate::sys::flock_release(&self.file).map_err(|e| self.io_error("unlock", 0, 0, e))
+    }
+
+    /// Take the flock back (an aborted migration); refused while someone else holds it.
+    fn acquire_lock(&self) -> Result<()> {
+        if !self.exclusive {
+            return Ok(());
+        }
+        lock_exclusive(&self.file, self.kind, &self.path, self.read_only)
     }
 }
 

@@ -31,7 +31,7 @@ impl FileBackend {
                 let _g = shared(&self.rmw);
                 sys::fallocate(
                     &self.file,
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    sys::Fallocate::PUNCH_HOLE | sys::Fallocate::KEEP_SIZE,
                     offset,
                     len,
                 )
@@ -68,15 +68,15 @@ impl FileBackend {
     }
 
     fn zero_file(&self, offset: u64, len: u64) -> io::Result<()> {
-        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        let keep = sys::Fallocate::KEEP_SIZE;
         for (mode, flag, name) in [
             (
-                libc::FALLOC_FL_ZERO_RANGE | keep,
+                sys::Fallocate::ZERO_RANGE | keep,
                 &self.quirks.no_zero_range,
                 "FALLOC_FL_ZERO_RANGE",
             ),
             (
-                libc::FALLOC_FL_PUNCH_HOLE | keep,
+                sys::Fallocate::PUNCH_HOLE | keep,
                 &self.quirks.no_punch_hole,
                 "FALLOC_FL_PUNCH_HOLE",
             ),
@@ -173,8 +173,8 @@ mod tests {
             let b = FileBackend::open_with_engine(
                 &path,
                 OpenOptions {
-                    read_only: false,
                     direct,
+                    ..OpenOptions::default()
                 },
                 Arc::new(SyncEngine::new()),
             )

@@ -18,9 +18,6 @@ use std::sync::Arc;
 
 use crate::error::{BackendError, ErrorKind, Result};
 
-/// The environment variable operators and tests use to force an engine.
-pub const ENGINE_ENV: &str = "UBLK_CACHE_IO_ENGINE";
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EngineKind {
     Sync,
@@ -45,7 +42,7 @@ impl fmt::Display for EngineKind {
 /// Which engine to open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EngineChoice {
-    /// `UBLK_CACHE_IO_ENGINE` if set, otherwise io_uring falling back to sync.
+    /// io_uring, falling back to sync.
     #[default]
     Auto,
     /// Exactly this engine; an error if it cannot be set up.
@@ -60,26 +57,6 @@ impl EngineChoice {
             "uring" | "io_uring" | "io-uring" => Some(Self::Force(EngineKind::Uring)),
             "auto" | "" => Some(Self::Auto),
             _ => None,
-        }
-    }
-
-    /// The choice from `UBLK_CACHE_IO_ENGINE`; a misspelt value is an error rather
-    /// than silently ignored, because the operator asked for something specific.
-    pub fn from_env() -> Result<Self> {
-        match std::env::var(ENGINE_ENV) {
-            Ok(v) => Self::parse(&v).ok_or_else(|| {
-                BackendError::new(
-                    ErrorKind::Unavailable,
-                    format!("{ENGINE_ENV}={v:?}: expected \"sync\", \"uring\" or \"auto\""),
-                    io::Error::from_raw_os_error(libc::EINVAL),
-                )
-            }),
-            Err(std::env::VarError::NotPresent) => Ok(Self::Auto),
-            Err(e) => Err(BackendError::new(
-                ErrorKind::Unavailable,
-                format!("{ENGINE_ENV} is not valid UTF-8"),
-                io::Error::new(io::ErrorKind::InvalidInput, e),
-            )),
         }
     }
 }
@@ -112,14 +89,11 @@ pub trait IoEngine: Send + Sync + fmt::Debug {
     }
 }
 
-/// Opens the engine `choice` asks for. `Auto` consults `UBLK_CACHE_IO_ENGINE`, then
-/// tries io_uring and falls back to the sync engine (with a warning) when the kernel
-/// or a seccomp filter refuses it: a slower backend beats no backend.
+/// Opens the engine `choice` asks for. `Auto` tries io_uring and falls back to
+/// the sync engine (with a warning) when the kernel or a seccomp filter refuses
+/// it: a slower backend beats no backend. (Operators force an engine with
+/// `UBLK_CACHE_IO_ENGINE`, which the binary reads and passes in as the choice.)
 pub fn open_engine(choice: EngineChoice) -> Result<Arc<dyn IoEngine>> {
-    let choice = match choice {
-        EngineChoice::Auto => EngineChoice::from_env()?,
-        forced => forced,
-    };
     match choice {
         EngineChoice::Force(EngineKind::Sync) => Ok(Arc::new(SyncEngine::new())),
         EngineChoice::Force(EngineKind::Uring) => UringEngine::new()

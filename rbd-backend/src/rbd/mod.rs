@@ -29,8 +29,6 @@ mod allocation;
 mod ffi;
 mod handover;
 mod spec;
-#[doc(hidden)]
-pub mod testing;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

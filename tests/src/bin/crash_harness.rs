@@ -20,7 +20,6 @@ fn arg(name: &str, default: u64) -> u64 {
 
 fn main() {
     let shadow = tempfile::tempdir().expect("temporary shadow directory");
-    std::env::set_var(ublk_cache::engine::shadow::SHADOW_DIR_ENV, shadow.path());
     let soak = std::env::var("CRASH_SOAK").is_ok_and(|v| v == "1");
     let seeds = arg("--seeds", if soak { 200 } else { 12 });
     let min_states = arg("--min-states", 100_000);
@@ -62,6 +61,7 @@ fn main() {
                 reverse_writeback_bug: false,
                 format,
                 skip_log_checksums_bug: false,
+                shadow_dir: shadow.path().to_path_buf(),
             };
             let t0 = std::time::Instant::now();
             let r = run(&cfg);

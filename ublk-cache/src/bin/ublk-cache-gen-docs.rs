@@ -7,12 +7,6 @@
 #[path = "../cli.rs"]
 #[allow(dead_code)]
 mod cli;
-#[path = "../size.rs"]
-#[allow(dead_code)]
-mod size;
-#[path = "../spec.rs"]
-#[allow(dead_code)]
-mod spec;
 
 use std::path::{Path, PathBuf};
 

@@ -6,21 +6,21 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use policies::{CacheMode, ClockPolicy, WritebackOrder};
+use policies::{CacheMode, EvictionKind, WritebackOrder};
 use rbd_backend::{Backend, BackendChanges};
 use tracing::{info, warn};
 
 use super::map::LineMap;
 use super::persist::{encode_block, PersistCtl};
 use super::recover::{self, LogReplay};
-use super::shadow::{shadow_dir, Shadow, SHADOW_DIR_ENV};
+use super::shadow::Shadow;
 use super::slots::{Rec, SlotTable, NO_SLOT};
 use super::state::LogState;
 use super::state::{Alloc, AtomicBits, Epochs, State};
 use super::store::{read_superblock, write_superblock, CacheStore};
 use super::sync::Gate;
 use super::{bits, Cache, Engine, Events, Stats};
-use crate::error::{EngineError, EngineErrorKind, EngineResult};
+use crate::error::{EngineError, EngineErrorKind, EngineResult, Remedy};
 use crate::format::superblock::BackendRecord;
 use crate::format::{
     EntryCodec, FormatError, FormatVersion, Layout, LineEntry, SbState, Superblock, META_BLOCK,
@@ -53,6 +53,10 @@ pub struct EngineConfig {
     /// data's checksums. The crash harness must catch it.
     #[doc(hidden)]
     pub skip_log_checksums_for_tests: bool,
+    /// Where the crash shadow lives: a tmpfs directory (see `shadow`).
+    pub shadow_dir: std::path::PathBuf,
+    /// Which clean line to give up when space is needed.
+    pub eviction: EvictionKind,
 }
 
 impl Default for EngineConfig {
@@ -68,6 +72,8 @@ impl Default for EngineConfig {
             cold_start: false,
             format_version: FormatVersion::V2,
             skip_log_checksums_for_tests: false,
+            shadow_dir: super::shadow::DEFAULT_DIR.into(),
+            eviction: EvictionKind::default(),
         }
     }
 }
@@ -92,17 +98,7 @@ fn backend_record(b: &dyn Backend) -> BackendRecord {
 }
 
 fn random_uuid() -> [u8; 16] {
-    let mut u = [0u8; 16];
-    // SAFETY: getrandom writes at most `u.len()` bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(u.as_mut_ptr().cast(), u.len(), 0) };
-    if n != u.len() as isize {
-        // Uniqueness, not secrecy, is what matters: fall back to time and pid.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        u.copy_from_slice(&(t ^ ((std::process::id() as u128) << 64)).to_le_bytes());
-    }
-    u
+    uuid::Uuid::new_v4().into_bytes()
 }
 
 impl Engine {
@@ -177,8 +173,8 @@ impl Engine {
                 if cfg.format {
                     return Err(refuse(
                         EngineErrorKind::Config,
-                        "the cache device holds a ublk-cache; --format re-creates only caches that are unreadable or foreign. \
-                         To start over, detach cleanly and delete or wipe the cache first",
+                        "the cache device holds a ublk-cache; formatting re-creates only caches that are unreadable or \
+                         foreign. To start over, detach cleanly and delete or wipe the cache first",
                     ));
                 }
                 Self::validate(&sb, &rec, dev_size, cfg)?
@@ -187,34 +183,28 @@ impl Engine {
                 if !cfg.format && !Self::looks_empty(dev.as_ref())? {
                     return Err(refuse(
                         EngineErrorKind::NotEmpty,
-                        "the cache device has no ublk-cache superblock and its first MiB is not empty; \
-                         pass --format to initialize it (this destroys what it holds)",
-                    ));
+                        "the cache device has no ublk-cache superblock and its first MiB is not empty",
+                    )
+                    .with_remedies(&[Remedy::Format]));
                 }
                 Self::format(&dev, dev_size, &rec, cfg)?
             }
             Err(e) if cfg.format => {
-                warn!("re-formatting the cache device as requested with --format (it was unreadable: {e})");
+                warn!("re-formatting the cache device as requested (it was unreadable: {e})");
                 Self::format(&dev, dev_size, &rec, cfg)?
             }
             Err(e) => {
                 return Err(EngineError::corrupt(
-                    "the cache superblock is unreadable (no copy is intact); refusing to use it. \
-                     If its data is expendable, re-create it with --format",
+                    "the cache superblock is unreadable (no copy is intact); refusing to use it",
                     e,
-                ))
+                )
+                .with_remedies(&[Remedy::Format]))
             }
         };
         let layout = sb.layout;
         let capacity = layout.nr_lines * layout.line_size as u64;
         if cfg.mode == CacheMode::Offline && capacity < backend.size() {
-            return Err(refuse(
-                EngineErrorKind::Config,
-                format!(
-                    "offline mode keeps the whole image in the cache, but the cache holds {capacity} bytes of data                      and the image is {} bytes; give the cache at least the image size plus 1% for metadata",
-                    backend.size()
-                ),
-            ));
+            return Err(EngineError::offline_capacity(capacity, backend.size()));
         }
         let codec = EntryCodec::new(layout.entry_size, layout.spl(), &sb.uuid);
         let store = CacheStore::new(Arc::clone(&dev), layout);
@@ -233,7 +223,7 @@ impl Engine {
         let mut from_shadow = false;
         let mut source = "cache metadata";
         if sb.state == SbState::Active {
-            match Shadow::load(&sb.uuid, sb.attach_gen, &layout, &codec) {
+            match Shadow::load(&cfg.shadow_dir, &sb.uuid, sb.attach_gen, &layout, &codec) {
                 Ok(Some(e)) => {
                     entries = Some(e);
                     source = "the crash shadow";
@@ -273,7 +263,13 @@ impl Engine {
             store.sync()?;
         }
         let flushed = replay.flushed_epoch.max(sb.flushed_epoch);
-        let state = Self::build_state(&recs, &layout, sb.epoch.max(replay.cur_epoch), flushed);
+        let state = Self::build_state(
+            &recs,
+            &layout,
+            sb.epoch.max(replay.cur_epoch),
+            flushed,
+            cfg.eviction,
+        );
         if version == FormatVersion::V2 {
             let mut log = state.log.lock();
             *log = LogState {
@@ -321,17 +317,16 @@ impl Engine {
                     EngineErrorKind::DirtyData,
                     format!(
                         "the backend was modified since this cache detached, and the cache holds dirty data \
-                         ({dirty} lines) for changed ranges. Either write it back anyway (serve with \
-                         --accept-backend-change; the backend's newer data in those ranges is overwritten), or \
-                         drop it (serve with --discard-dirty; the writes it holds are lost)"
+                         ({dirty} lines) for changed ranges"
                     ),
-                ));
+                )
+                .with_remedies(&[Remedy::AcceptBackendChange, Remedy::DiscardDirty]));
             }
         }
         if cfg.discard_dirty && dirty > 0 {
             warn!(
                 dirty_lines = dirty,
-                "discarding dirty data as requested by --discard-dirty: these writes are lost"
+                "discarding dirty data as requested: these writes are lost"
             );
             for slot in state.mapped_slots() {
                 let r = state.slots.get(slot);
@@ -360,10 +355,13 @@ impl Engine {
                 return Err(refuse(
                     EngineErrorKind::DirtyData,
                     format!(
-                        "--migrate-in: this cache holds dirty data ({} lines) from an earlier server that did not                          write it back, and the source host may have written the same disk since. Refusing to                          serve it. If the disk's current data is on the backend, drop it with --discard-dirty",
+                        "a migration destination: this cache holds dirty data ({} lines) from an earlier server \
+                         that did not write it back, and the source host may have written the same disk since. \
+                         Refusing to serve it",
                         state.dirty_lines()
                     ),
-                ));
+                )
+                .with_remedies(&[Remedy::DiscardDirty]));
             }
             // The source keeps writing to the backend until switchover, so no
             // clean data cached here before can be trusted.
@@ -394,6 +392,7 @@ impl Engine {
         }
         let mut sb = sb;
         let shadow = Shadow::create(
+            &cfg.shadow_dir,
             &sb.uuid,
             sb.attach_gen + 1,
             &layout,
@@ -407,11 +406,12 @@ impl Engine {
                     EngineErrorKind::Config,
                     format!(
                         "cannot create the crash shadow in {} ({e}); in {} mode it is what keeps acknowledged \
-                         writes across a daemon crash. Point {SHADOW_DIR_ENV} at a writable tmpfs directory",
-                        shadow_dir().display(),
+                         writes across a daemon crash",
+                        cfg.shadow_dir.display(),
                         cfg.mode
                     ),
-                ))
+                )
+                .with_remedies(&[Remedy::ShadowDir]))
             }
             Err(e) => warn!("no crash shadow ({e}); clean cached data is dropped after a daemon crash"),
         }
@@ -680,7 +680,13 @@ impl Engine {
     /// The in-memory state of loaded records. Format v2: the versions of a line
     /// are chained newest (highest epoch) first, and a version of an epoch the
     /// watermark covers is clean.
-    fn build_state(recs: &[Rec], layout: &Layout, sb_epoch: u64, flushed: u64) -> State {
+    fn build_state(
+        recs: &[Rec],
+        layout: &Layout,
+        sb_epoch: u64,
+        flushed: u64,
+        eviction: EvictionKind,
+    ) -> State {
         let n = recs.len();
         let version = layout.version();
         let st = State {
@@ -694,7 +700,7 @@ impl Engine {
                 pending: BTreeMap::new(),
                 writing: None,
             }),
-            evict: RwLock::new(Box::new(ClockPolicy::with_capacity(n))),
+            evict: RwLock::new(eviction.builder().slots(n).build()),
             meta_dirty: AtomicBits::new(layout.meta_blocks() as usize),
             cleaned: AtomicBits::new(n),
             entries_per_block: layout.entries_per_block(),
@@ -861,6 +867,11 @@ impl Engine {
             .map_err(|e| EngineError::backend("change marker", e))?
             .unwrap_or_default();
         write_superblock(c.dev.as_ref(), &sb)?;
+        // Cleanly detached, the on-disk table is complete: the shadow would
+        // only keep tmpfs RAM (and a list of what is cached) for nothing.
+        if let Some(sh) = c.st.shadow.lock().take() {
+            sh.remove();
+        }
         info!(
             cached_lines = c.st.map.len(),
             dirty_lines = c.st.dirty_lines(),
@@ -882,8 +893,9 @@ impl Engine {
     /// attach then recovers as after a power cut (tests and crash harnesses).
     pub fn forget_crash_shadow(&self) {
         if let Some(c) = self.cache.as_ref() {
-            c.st.shadow.lock().take();
-            Shadow::remove_for(&c.sb.lock().uuid);
+            if let Some(sh) = c.st.shadow.lock().take() {
+                sh.remove();
+            }
         }
     }
 }

@@ -50,7 +50,8 @@ fn bucket(us: u64) -> usize {
 }
 
 /// Upper edge of bucket `i`, in microseconds (what a percentile reports).
-fn bucket_upper_us(i: usize) -> u64 {
+/// Every fourth edge is a power of two: exporters can re-bucket exactly there.
+pub fn bucket_upper_us(i: usize) -> u64 {
     if i == 0 {
         return 1;
     }
@@ -91,6 +92,10 @@ pub struct LatencySnapshot {
     pub p99_us: u64,
     pub p999_us: u64,
     pub max_bucket_us: u64,
+    /// The count of each bucket (upper edges from [`bucket_upper_us`]), for
+    /// exporters of histograms; not part of the stats JSON.
+    #[serde(skip)]
+    pub buckets: Vec<u64>,
 }
 
 impl Latencies {
@@ -139,6 +144,7 @@ impl Latencies {
                     p99_us: pct(0.99),
                     p999_us: pct(0.999),
                     max_bucket_us,
+                    buckets: counts,
                 }
             })
             .collect()

@@ -12,7 +12,7 @@ use policies::CacheMode;
 use tracing::{info, warn};
 
 use super::{bits, Engine, SECTOR};
-use crate::error::{EngineError, EngineErrorKind, EngineResult};
+use crate::error::{EngineError, EngineErrorKind, EngineResult, Remedy};
 
 /// How far a long operation has come, in bytes.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -77,22 +77,16 @@ impl Engine {
                 .as_ref()
                 .map_or(0, |c| c.layout.nr_lines * c.layout.line_size as u64);
             if capacity < self.size {
-                return Err(refuse(
-                    EngineErrorKind::Config,
-                    format!(
-                        "offline mode keeps the whole image in the cache, but the cache holds {capacity} bytes of \
-                         data and the image is {} bytes",
-                        self.size
-                    ),
-                ));
+                return Err(EngineError::offline_capacity(capacity, self.size));
             }
             if !self.started_offline {
                 // The copy-in runs only for a server started offline.
                 return Err(refuse(
                     EngineErrorKind::Config,
-                    "offline mode needs the whole image in the cache, which only a server started with \
-                     --mode offline copies in; restart the server with --mode offline",
-                ));
+                    "offline mode needs the whole image in the cache, which only a server started in \
+                     offline mode copies in",
+                )
+                .with_remedies(&[Remedy::StartOffline]));
             }
         }
         let leaving_dirty = old.holds_dirty() && !new.holds_dirty();
@@ -146,11 +140,11 @@ impl Engine {
                 return Err(refuse(
                     EngineErrorKind::DirtyData,
                     format!(
-                        "{} lines hold dirty data that is not on the backend yet; write it back first \
-                         (`ctl flush`), then invalidate",
+                        "{} lines hold dirty data that is not on the backend yet",
                         st.dirty_lines()
                     ),
-                ));
+                )
+                .with_remedies(&[Remedy::WriteBackFirst]));
             }
             let before = st.valid_sectors.load(Ordering::Relaxed).max(0) as u64 * SECTOR;
             Self::drop_clean_in(st);

@@ -15,15 +15,15 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tracing::error;
 
 use crate::format::{EntryCodec, Layout, LineEntry};
 
-pub const SHADOW_DIR_ENV: &str = "UBLK_CACHE_SHADOW_DIR";
-const DEFAULT_DIR: &str = "/dev/shm/ublk-cache";
+/// Where shadows live unless `EngineConfig::shadow_dir` says otherwise.
+pub const DEFAULT_DIR: &str = "/dev/shm/ublk-cache";
 const MAGIC: &[u8; 8] = b"UBLKSHDW";
 const HEADER: u64 = 4096;
 
@@ -35,10 +35,19 @@ pub struct Shadow {
     failed: std::sync::atomic::AtomicBool,
 }
 
-pub fn shadow_dir() -> PathBuf {
-    std::env::var_os(SHADOW_DIR_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+/// Create `dir` as 0700, or make it 0700 if it is ours: a shadow says which
+/// blocks of which disk are cached, which no other user may read.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let meta = fs::metadata(dir)?;
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() == me && meta.permissions().mode() & 0o777 != 0o700 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
 
 fn path_for(dir: &Path, uuid: &[u8; 16]) -> PathBuf {
@@ -59,23 +68,26 @@ fn header(uuid: &[u8; 16], attach_gen: u64, layout: &Layout) -> Vec<u8> {
 }
 
 impl Shadow {
-    /// Create the shadow of attach `attach_gen` holding `entries`.
+    /// Create the shadow of attach `attach_gen` in `dir`, holding `entries`.
     pub fn create(
+        dir: &Path,
         uuid: &[u8; 16],
         attach_gen: u64,
         layout: &Layout,
         codec: EntryCodec,
         entries: impl Iterator<Item = LineEntry>,
     ) -> io::Result<Shadow> {
-        let dir = shadow_dir();
-        fs::create_dir_all(&dir)?;
-        let path = path_for(&dir, uuid);
+        private_dir(dir)?;
+        let path = path_for(dir, uuid);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&path)?;
+        // A file left by an older version may be more open than that.
+        file.set_permissions(fs::Permissions::from_mode(0o600))?;
         let es = layout.entry_size as u64;
         file.set_len(HEADER + layout.nr_lines * es)?;
         let mut buf = vec![0u8; (256 * es) as usize];
@@ -128,12 +140,13 @@ impl Shadow {
     /// The entries a crashed attach `attach_gen` left, if its shadow exists.
     /// `Err` names why an existing shadow cannot be trusted.
     pub fn load(
+        dir: &Path,
         uuid: &[u8; 16],
         attach_gen: u64,
         layout: &Layout,
         codec: &EntryCodec,
     ) -> Result<Option<Vec<LineEntry>>, String> {
-        let path = path_for(&shadow_dir(), uuid);
+        let path = path_for(dir, uuid);
         let data = match fs::read(&path) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -162,8 +175,9 @@ impl Shadow {
         Ok(Some(out))
     }
 
-    /// Remove the shadow of `uuid` (at clean detach, or once it has been used).
-    pub fn remove_for(uuid: &[u8; 16]) {
-        let _ = fs::remove_file(path_for(&shadow_dir(), uuid));
+    /// Remove this shadow's file (a clean detach needs it no more; a test
+    /// forgets it as a reboot would).
+    pub fn remove(self) {
+        let _ = fs::remove_file(&self.path);
     }
 }

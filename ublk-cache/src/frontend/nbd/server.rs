@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -103,10 +103,10 @@ enum Bound {
 }
 
 impl Bound {
-    fn fd(&self) -> RawFd {
+    fn fd(&self) -> BorrowedFd<'_> {
         match self {
-            Bound::Unix { listener, .. } => listener.as_raw_fd(),
-            Bound::Tcp { listener, .. } => listener.as_raw_fd(),
+            Bound::Unix { listener, .. } => listener.as_fd(),
+            Bound::Tcp { listener, .. } => listener.as_fd(),
         }
     }
 
@@ -388,27 +388,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Wait until one of `fds` is readable or `timeout` passes; returns which are.
-fn poll_readable(fds: &[RawFd], timeout: Duration) -> io::Result<Vec<bool>> {
-    let mut pfds: Vec<libc::pollfd> = fds
+fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<bool>> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut pfds: Vec<PollFd<'_>> = fds
         .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(|fd| PollFd::new(fd, PollFlags::IN))
         .collect();
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: `pfds` is a live, correctly sized array of pollfd for the duration
-    // of the call; poll writes only the `revents` fields.
-    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(vec![false; fds.len()]);
-        }
-        return Err(e);
+    let t = Timespec::try_from(timeout).unwrap_or(Timespec {
+        tv_sec: i64::MAX,
+        tv_nsec: 0,
+    });
+    match poll(&mut pfds, Some(&t)) {
+        Ok(_) => Ok(pfds.iter().map(|p| !p.revents().is_empty()).collect()),
+        Err(rustix::io::Errno::INTR) => Ok(vec![false; fds.len()]),
+        Err(e) => Err(e.into()),
     }
-    Ok(pfds.iter().map(|p| p.revents != 0).collect())
 }
 
 fn accept_loop<T: AsyncTarget + 'static>(
@@ -418,7 +412,7 @@ fn accept_loop<T: AsyncTarget + 'static>(
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<HashMap<u64, Conn>>>,
 ) {
-    let fds: Vec<RawFd> = listeners.bound.iter().map(Bound::fd).collect();
+    let fds: Vec<BorrowedFd<'_>> = listeners.bound.iter().map(Bound::fd).collect();
     let export = ExportInfo {
         size: target.size(),
         flags: export_flags(),
@@ -463,6 +457,7 @@ fn accept_loop<T: AsyncTarget + 'static>(
         }
     }
     // Dropping `listeners` closes them and removes the unix socket files.
+    drop(fds);
     drop(listeners);
 }
 

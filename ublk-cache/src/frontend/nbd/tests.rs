@@ -1,7 +1,7 @@
 //! Tests of the NBD frontend: request checks, property tests that feed the
 //! request parser and the handshake random and mutated byte streams, an exact
 //! model check of the transmission phase, and the server over real sockets with
-//! a minimal client written independently (tests/common/nbd_client.rs).
+//! a minimal client written independently (testkit/src/nbd_client.rs).
 
 use std::collections::HashMap;
 use std::io::{Cursor, Read, Write};
@@ -23,9 +23,9 @@ use super::*;
 use crate::target::{AsyncTarget, Extent, TargetError, TargetResult};
 use rbd_backend::aio::BufSlice;
 
-#[path = "../../../tests/common/nbd_client.rs"]
-mod client;
+// Written independently of `proto` (its own constants): the two check each other.
 use client::Client;
+use testkit::nbd_client as client;
 
 /// An in-memory disk; optionally slow, to keep requests in flight.
 struct MemTarget {

@@ -1,0 +1,438 @@
+//! `--metrics ADDR`: the `ctl stats` counters for Prometheus, in the
+//! OpenMetrics text format (written by the `prometheus-client` crate from the
+//! stats at each scrape), over a minimal HTTP/1.0 responder. Loopback unless
+//! an address is given. Names: `ublk_cache_<what>[_<unit>][_total]`, every
+//! series labelled `disk="ID"`; request latency is a histogram (so that the
+//! many disks of a host can be aggregated); see the README's metrics table.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tracing::{info, warn};
+
+use super::server::ControlContext;
+use super::StatsReply;
+use crate::daemon::error::{DaemonError, DaemonResult};
+use crate::engine::{bucket_upper_us, LatencySnapshot};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Upper edges of the exported latency buckets, in microseconds: every other
+/// power of two from 1 µs to about 67 s (the engine's finer buckets re-bucket
+/// exactly at powers of two), then +Inf.
+const EXPORT_EDGES_US: [u64; 14] = {
+    let mut e = [0u64; 14];
+    let mut i = 0;
+    while i < 14 {
+        e[i] = 1 << (2 * i);
+        i += 1;
+    }
+    e
+};
+
+/// The latency histogram of one operation with the exported edges: (upper
+/// edge in seconds, count in that bucket), the last edge +Inf.
+fn latency_buckets(l: &LatencySnapshot) -> Vec<(f64, u64)> {
+    let mut out: Vec<(f64, u64)> = EXPORT_EDGES_US
+        .iter()
+        .map(|&us| (us as f64 / 1e6, 0))
+        .chain(std::iter::once((f64::MAX, 0)))
+        .collect();
+    for (i, &c) in l.buckets.iter().enumerate() {
+        let upper = bucket_upper_us(i);
+        let at = EXPORT_EDGES_US
+            .iter()
+            .position(|&e| upper <= e)
+            .unwrap_or(EXPORT_EDGES_US.len());
+        out[at].1 += c;
+    }
+    out
+}
+
+/// The stats of one server, encoded at each scrape.
+#[derive(Debug)]
+struct StatsCollector(StatsReply);
+
+fn family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    series: Vec<(Labels, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in &series {
+        let e = m.encode_family(labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(*v).encode(e)?,
+            _ => ConstGauge::new(*v as i64).encode(e)?,
+        }
+    }
+    Ok(())
+}
+
+impl Collector for StatsCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use MetricType::{Counter, Gauge};
+        let s = &self.0;
+        let e = &s.engine;
+        let disk = s.id.to_string();
+        let one = |v: u64| vec![(vec![("disk", disk.clone())], v)];
+        let with = |pairs: &[(&[(&'static str, &str)], u64)]| -> Vec<(Labels, u64)> {
+            pairs
+                .iter()
+                .map(|(extra, v)| {
+                    let mut l: Labels = vec![("disk", disk.clone())];
+                    l.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+                    (l, *v)
+                })
+                .collect()
+        };
+        family(
+            &mut enc,
+            "ublk_cache_up",
+            "1 while the server runs.",
+            Gauge,
+            one(1),
+        )?;
+        let modes: Vec<(Labels, u64)> = policies::CacheMode::ALL
+            .iter()
+            .map(|m| {
+                (
+                    vec![("disk", disk.clone()), ("mode", m.to_string())],
+                    (m.as_str() == e.mode) as u64,
+                )
+            })
+            .collect();
+        family(
+            &mut enc,
+            "ublk_cache_mode",
+            "The current cache mode (1 for the current one).",
+            Gauge,
+            modes,
+        )?;
+        for (name, help, v) in [
+            (
+                "ublk_cache_device_size_bytes",
+                "Size of the served disk.",
+                e.size,
+            ),
+            (
+                "ublk_cache_capacity_bytes",
+                "Bytes of cache data space.",
+                e.cache_lines * e.line_size,
+            ),
+            (
+                "ublk_cache_valid_bytes",
+                "Bytes of data held in the cache (clean and dirty).",
+                e.valid_bytes,
+            ),
+            (
+                "ublk_cache_dirty_bytes",
+                "Bytes in the cache not yet written back.",
+                e.dirty_bytes,
+            ),
+        ] {
+            family(&mut enc, name, help, Gauge, one(v))?;
+        }
+        family(
+            &mut enc,
+            "ublk_cache_requests",
+            "Guest requests by operation and cache result.",
+            Counter,
+            with(&[
+                (&[("op", "read"), ("result", "hit")], e.read_hits),
+                (&[("op", "read"), ("result", "miss")], e.read_misses),
+                (&[("op", "read"), ("result", "partial")], e.read_partial),
+                (&[("op", "write"), ("result", "hit")], e.write_hits),
+                (&[("op", "write"), ("result", "miss")], e.write_misses),
+                (&[("op", "write"), ("result", "partial")], e.write_partial),
+            ]),
+        )?;
+        family(
+            &mut enc,
+            "ublk_cache_guest_bytes",
+            "Bytes the guest read (by where they came from) and wrote.",
+            Counter,
+            with(&[
+                (&[("op", "read"), ("source", "cache")], e.read_hit_bytes),
+                (&[("op", "read"), ("source", "backend")], e.read_miss_bytes),
+                (&[("op", "write"), ("source", "guest")], e.write_bytes),
+            ]),
+        )?;
+        family(
+            &mut enc,
+            "ublk_cache_backend_bytes",
+            "Bytes read from and written to the backend (all causes).",
+            Counter,
+            with(&[
+                (&[("op", "read")], e.backend_read_bytes),
+                (&[("op", "write")], e.backend_write_bytes),
+            ]),
+        )?;
+        family(
+            &mut enc,
+            "ublk_cache_cache_device_bytes",
+            "Line data bytes read from and written to the cache device.",
+            Counter,
+            with(&[
+                (&[("op", "read")], e.cache_read_bytes),
+                (&[("op", "write")], e.cache_write_bytes),
+            ]),
+        )?;
+        for (name, help, v) in [
+            (
+                "ublk_cache_writeback_bytes",
+                "Dirty bytes written back.",
+                e.writeback_bytes,
+            ),
+            (
+                "ublk_cache_writeback_retries",
+                "Write-back batches the backend failed (retried with backoff).",
+                e.writeback_retries,
+            ),
+            (
+                "ublk_cache_ordered_overwrites_in_place",
+                "Ordered overwrites that went in place because write-back was failing or stalled.",
+                e.ordered_overwrites_in_place,
+            ),
+            (
+                "ublk_cache_preload_bytes",
+                "Bytes fetched by preload and hydration.",
+                e.preload_bytes,
+            ),
+        ] {
+            family(&mut enc, name, help, Counter, one(v))?;
+        }
+        family(
+            &mut enc,
+            "ublk_cache_errors",
+            "Failed requests to the backend and to the cache device.",
+            Counter,
+            with(&[
+                (&[("device", "backend")], e.backend_errors),
+                (&[("device", "cache")], e.cache_errors),
+            ]),
+        )?;
+        family(
+            &mut enc,
+            "ublk_cache_flushes",
+            "Guest flushes and FUA writes.",
+            Counter,
+            one(e.flushes),
+        )?;
+        family(
+            &mut enc,
+            "ublk_cache_writeback_epoch",
+            "The write-back epoch new writes join.",
+            Gauge,
+            one(e.epoch),
+        )?;
+        family(
+            &mut enc,
+            "ublk_cache_migrated_out",
+            "1 between migrate-out and stop or migrate-abort.",
+            Gauge,
+            one(s.migrated_out as u64),
+        )?;
+        let mut m = enc.encode_descriptor(
+            "ublk_cache_request_latency_seconds",
+            "Guest request latency.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for l in &e.latency {
+            let labels: Labels = vec![("disk", disk.clone()), ("op", l.op.clone())];
+            let sum = l.mean_us as f64 * l.count as f64 / 1e6;
+            m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+                sum,
+                l.count,
+                &latency_buckets(l),
+                None,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The OpenMetrics text of `s`.
+pub fn render(s: &StatsReply) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(StatsCollector(s.clone())));
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
+
+pub struct MetricsServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    pub fn start(addr: SocketAddr, ctx: Arc<ControlContext>) -> DaemonResult<Self> {
+        let io = |what: String| move |e| DaemonError::io(what, e);
+        let listener =
+            TcpListener::bind(addr).map_err(io(format!("--metrics: cannot listen on {addr}")))?;
+        let addr = listener.local_addr().map_err(io("--metrics".into()))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io("--metrics".into()))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                while !s.load(Ordering::Acquire) {
+                    match listener.accept() {
+                        Ok((conn, _)) => {
+                            if let Err(e) = answer(conn, &ctx) {
+                                warn!("metrics request: {e}");
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(50))
+                        }
+                        Err(e) => {
+                            warn!("metrics accept: {e}");
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                    }
+                }
+            })
+            .map_err(io("starting the metrics thread".into()))?;
+        info!(%addr, "metrics at http://{addr}/metrics");
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Answer one request: `GET /metrics` gets the exposition, anything else 404.
+/// One request per connection; a client that sends nothing is cut off.
+fn answer(mut conn: TcpStream, ctx: &ControlContext) -> std::io::Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = [0u8; 4096];
+    let mut got = 0;
+    while got < buf.len() {
+        let n = conn.read(&mut buf[got..])?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+        if buf[..got].windows(4).any(|w| w == b"\r\n\r\n")
+            || buf[..got].windows(2).any(|w| w == b"\n\n")
+        {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..got]);
+    let first = head.lines().next().unwrap_or("");
+    let mut parts = first.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, ctype, body) =
+        if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+            (
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                render(&ctx.stats()),
+            )
+        } else {
+            (
+                "404 Not Found",
+                "text/plain; charset=utf-8",
+                "only GET /metrics is served\n".to_string(),
+            )
+        };
+    write!(
+        conn,
+        "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Op, StatsSnapshot};
+
+    fn reply() -> StatsReply {
+        let lat = crate::engine::latency::Latencies::default();
+        for us in [3u64, 90, 5_000, 70_000_000, 200_000_000] {
+            lat.record(Op::Read, Duration::from_micros(us));
+        }
+        StatsReply {
+            id: 7,
+            backend: "file:/b".into(),
+            cache: "/c".into(),
+            uptime_s: 1,
+            migrated_out: false,
+            hydrated: false,
+            engine: StatsSnapshot {
+                mode: "back".into(),
+                read_hits: 5,
+                write_bytes: 4096,
+                latency: lat.snapshot(),
+                ..StatsSnapshot::default()
+            },
+            rates: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_stats_are_openmetrics_with_latency_as_a_histogram() {
+        let text = render(&reply());
+        for want in [
+            "# TYPE ublk_cache_requests counter",
+            "ublk_cache_requests_total{disk=\"7\",op=\"read\",result=\"hit\"} 5",
+            "ublk_cache_guest_bytes_total{disk=\"7\",op=\"write\",source=\"guest\"} 4096",
+            "ublk_cache_mode{disk=\"7\",mode=\"back\"} 1",
+            "ublk_cache_mode{disk=\"7\",mode=\"none\"} 0",
+            "# TYPE ublk_cache_request_latency_seconds histogram",
+            "ublk_cache_request_latency_seconds_count{disk=\"7\",op=\"read\"} 5",
+            "ublk_cache_request_latency_seconds_bucket{le=\"+Inf\",disk=\"7\",op=\"read\"} 5",
+            "# EOF",
+        ] {
+            assert!(text.contains(want), "no '{want}' in:\n{text}");
+        }
+        // Cumulative and exact at the exported edges: 3 µs is below 4 µs, 90 µs
+        // below 256 µs, 5 ms below 16.4 ms; 70 s and 200 s are above the last edge.
+        let bucket = |le: &str| -> u64 {
+            let line = format!(
+                "ublk_cache_request_latency_seconds_bucket{{le=\"{le}\",disk=\"7\",op=\"read\"}} "
+            );
+            let l = text
+                .lines()
+                .find(|l| l.starts_with(&line))
+                .unwrap_or_else(|| panic!("no {line}"));
+            l[line.len()..].parse().unwrap()
+        };
+        assert_eq!(bucket("0.000001"), 0);
+        assert_eq!(bucket("0.000004"), 1);
+        assert_eq!(bucket("0.000256"), 2);
+        assert_eq!(bucket("0.016384"), 3);
+        assert_eq!(bucket("67.108864"), 3);
+    }
+}
