@@ -165,6 +165,30 @@ pub fn render(s: &ServerStats) -> String {
         &[("", e.epoch)],
     );
     metric(
+        "cache_device_flushes_total",
+        "counter",
+        "Flushes of the cache device (format v2: one per guest FLUSH that had something new).",
+        &[("", e.cache_flushes)],
+    );
+    metric(
+        "metadata_write_bytes_total",
+        "counter",
+        "Bytes of metadata (log records, tables, superblocks) written to the cache device.",
+        &[("", e.meta_write_bytes)],
+    );
+    metric(
+        "writeback_flushed_epoch",
+        "gauge",
+        "Every epoch up to this one is on the backend and flushed there (format v2).",
+        &[("", e.flushed_epoch)],
+    );
+    metric(
+        "writeback_order_broken_since_epoch",
+        "gauge",
+        "0, or the epoch since which overwrites went in place: the backend alone is not a flush-point state until write-back catches up.",
+        &[("", e.order_broken_since)],
+    );
+    metric(
         "migrated_out",
         "gauge",
         "1 between migrate-out and stop or migrate-abort.",
