@@ -91,6 +91,8 @@ impl Engine {
     async fn flusher_main(&self) {
         let Some(c) = self.cache.as_ref() else { return };
         let mut backoff = Duration::from_millis(50);
+        // Format v2: written back, but not yet under the durable watermark.
+        let mut uncovered: Vec<Item> = Vec::new();
         loop {
             let Some(items) = self.next_step(c).await else {
                 return;
@@ -128,7 +130,8 @@ impl Engine {
                             .await;
                             continue;
                         }
-                        self.clean_v2(c, &items);
+                        uncovered.extend_from_slice(&items);
+                        uncovered = self.clean_v2(c, &uncovered);
                     } else {
                         self.mark_clean(c, &items);
                     }
@@ -407,10 +410,17 @@ impl Engine {
     /// Format v2, after a step whose watermark is durable: versions it covers
     /// are clean; older versions of their lines are stale and freed (the free
     /// entries and the watermark that makes them stale are on disk together).
-    fn clean_v2(&self, c: &Cache, items: &[Item]) {
+    /// Returns the items whose epoch the watermark does not cover yet (a step
+    /// that left lines of its epoch pending): a later step cleans them.
+    fn clean_v2(&self, c: &Cache, items: &[Item]) -> Vec<Item> {
         let st = &c.st;
         let w = st.flushed_durable.load(Ordering::Acquire);
-        let mut tags: Vec<u64> = items.iter().map(|it| it.tag).collect();
+        let uncovered: Vec<Item> = items.iter().filter(|it| it.epoch > w).cloned().collect();
+        let mut tags: Vec<u64> = items
+            .iter()
+            .filter(|it| it.epoch <= w)
+            .map(|it| it.tag)
+            .collect();
         tags.sort_unstable();
         tags.dedup();
         for tag in tags {
@@ -437,6 +447,7 @@ impl Engine {
             st.order_broken_since.store(0, Ordering::Release);
             tracing::info!("write-back caught up: the backend alone is a flush-point state again");
         }
+        uncovered
     }
 
     /// After a successful step: lines still holding what was written back are

@@ -381,19 +381,26 @@ impl Engine {
                 .fill_and_write(c, tag * ls, slot, a, &data, &edges)
                 .await;
             let mut sh = st.map.shard(tag).write();
+            // The write leaves its epoch only once its record is in (and, when
+            // newly dirty, its slot in the epoch's pending list): the flusher
+            // takes an epoch once nothing applies to it, and a slot listed after
+            // that would be written back in a later step, one its watermark no
+            // longer covers the first step's versions in.
+            let res = res.map(|crcs| {
+                let r = st.slots.get(slot);
+                let rng = bits::range(s0, s1);
+                let dirty = if reset { rng } else { bits::or(&r.dirty, &rng) };
+                let new = Rec {
+                    valid: bits::or(&r.valid, &rng),
+                    dirty,
+                    epoch,
+                    ..r
+                };
+                st.set_rec_written(&mut sh, slot, new, &crcs);
+            });
             st.epochs.lock().end_apply(epoch);
             match res {
-                Ok(crcs) => {
-                    let r = st.slots.get(slot);
-                    let rng = bits::range(s0, s1);
-                    let dirty = if reset { rng } else { bits::or(&r.dirty, &rng) };
-                    let new = Rec {
-                        valid: bits::or(&r.valid, &rng),
-                        dirty,
-                        epoch,
-                        ..r
-                    };
-                    st.set_rec_written(&mut sh, slot, new, &crcs);
+                Ok(()) => {
                     drop(sh);
                     drop(guard);
                     c.ev.flusher.notify(1);

@@ -211,6 +211,16 @@ impl Collector for StatsCollector {
                 "Bytes fetched by preload and hydration.",
                 e.preload_bytes,
             ),
+            (
+                "ublk_cache_cache_device_flushes",
+                "Flushes of the cache device (format v2: one per guest FLUSH that had something new).",
+                e.cache_flushes,
+            ),
+            (
+                "ublk_cache_metadata_write_bytes",
+                "Bytes of metadata (log records, tables, superblocks) written to the cache device.",
+                e.meta_write_bytes,
+            ),
         ] {
             family(&mut enc, name, help, Counter, one(v))?;
         }
@@ -237,6 +247,20 @@ impl Collector for StatsCollector {
             "The write-back epoch new writes join.",
             Gauge,
             one(e.epoch),
+        )?;
+        family(
+            &mut enc,
+            "ublk_cache_writeback_flushed_epoch",
+            "Every epoch up to this one is on the backend and flushed there (format v2).",
+            Gauge,
+            one(e.flushed_epoch),
+        )?;
+        family(
+            &mut enc,
+            "ublk_cache_writeback_order_broken_since_epoch",
+            "0, or the epoch since which overwrites went in place: the backend alone is not a flush-point state until write-back catches up.",
+            Gauge,
+            one(e.order_broken_since),
         )?;
         family(
             &mut enc,
