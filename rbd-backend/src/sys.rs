@@ -79,7 +79,10 @@ pub fn flock_exclusive(file: &File) -> io::Result<()> {
 /// A shared flock without waiting (read-only openers share a file with each
 /// other, never with a writer); `EWOULDBLOCK` when a writer holds it.
 pub fn flock_shared(file: &File) -> io::Result<()> {
-    Ok(rustix::fs::flock(file, FlockOperation::NonBlockingLockShared)?)
+    Ok(rustix::fs::flock(
+        file,
+        FlockOperation::NonBlockingLockShared,
+    )?)
 }
 
 pub fn flock_release(file: &File) -> io::Result<()> {
@@ -123,22 +126,16 @@ pub fn dio_alignment(file: &File) -> io::Result<Option<DioAlign>> {
 /// the file position alone in any way that matters: every other I/O here is
 /// positional (pread/pwrite, io_uring with offsets).
 pub fn seek_data_or_hole(file: &File, offset: u64, data: bool) -> io::Result<Option<u64>> {
-    let off = to_off(offset)?;
     let whence = if data {
-        libc::SEEK_DATA
+        rustix::fs::SeekFrom::Data(offset)
     } else {
-        libc::SEEK_HOLE
+        rustix::fs::SeekFrom::Hole(offset)
     };
-    // SAFETY: plain syscall on a borrowed, open fd; no memory is passed.
-    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ENXIO) => Ok(None),
-            _ => Err(e),
-        };
+    match rustix::fs::seek(file, whence) {
+        Ok(pos) => Ok(Some(pos)),
+        Err(e) if e == rustix::io::Errno::NXIO => Ok(None),
+        Err(e) => Err(e.into()),
     }
-    Ok(Some(r as u64))
 }
 
 #[cfg(test)]

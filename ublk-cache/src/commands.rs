@@ -80,11 +80,7 @@ pub fn run(cli: Cli, env: &Environment) -> Result<(), Failure> {
 
 /// The run directory of `serve`/`recover`: `--run-dir`, else the config
 /// file's `run-dir`, else `$UBLK_CACHE_RUN_DIR` or the default (`otherwise`).
-fn serve_run_dir(
-    args: &ServeArgs,
-    given: Option<PathBuf>,
-    otherwise: PathBuf,
-) -> Result<PathBuf> {
+fn serve_run_dir(args: &ServeArgs, given: Option<PathBuf>, otherwise: PathBuf) -> Result<PathBuf> {
     if let Some(d) = given {
         return Ok(d);
     }

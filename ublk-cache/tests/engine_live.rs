@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use policies::CacheMode;
 use rbd_backend::{Backend, FaultyBackend, MemBackend};
 use testkit::rig::{
-    assert_refused, back_engine_refusing_write_back, back_engine_refusing_write_back_on, cfg,
-    mems, open, read, refusing, try_open, writes_during, MIB,
+    assert_refused, back_engine_refusing_write_back, back_engine_refusing_write_back_on, cfg, mems,
+    open, read, refusing, try_open, writes_during, MIB,
 };
 use ublk_cache::engine::PreloadOptions;
 use ublk_cache::format::layout::FormatVersion;

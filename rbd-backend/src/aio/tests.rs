@@ -88,10 +88,8 @@ fn a_dropped_future_keeps_its_buffer_until_the_kernel_is_done() {
     let mut buf = buf;
     assert!(buf.bytes_mut().is_none(), "the orphaned read still owns it");
     // SAFETY: writes 5 bytes from a live array into the pipe.
-    assert_eq!(
-        unsafe { libc::write(fds[1], b"hello".as_ptr().cast(), 5) },
-        5
-    );
+    let n = unsafe { libc::write(fds[1], b"hello".as_ptr().cast(), 5) };
+    assert_eq!(n, 5);
     lp.block_on(sleep(Duration::from_millis(5))).unwrap();
     assert_eq!(
         &buf.bytes_mut().expect("released after completion")[..5],

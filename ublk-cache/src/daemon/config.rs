@@ -701,11 +701,15 @@ impl ServeConfig {
         }
         if self.ceph_keyring.is_some() && self.ceph_keyfile.is_some() {
             return config(
-                "--ceph-keyring and --ceph-keyfile both name the client's key: give one of them".into(),
+                "--ceph-keyring and --ceph-keyfile both name the client's key: give one of them"
+                    .into(),
             );
         }
         if !backend.is_rbd() {
-            if self.ceph_conf.is_some() || self.ceph_keyring.is_some() || self.ceph_keyfile.is_some() {
+            if self.ceph_conf.is_some()
+                || self.ceph_keyring.is_some()
+                || self.ceph_keyfile.is_some()
+            {
                 return config(format!(
                     "backend {backend}: --ceph-conf, --ceph-keyring and --ceph-keyfile apply to rbd: backends only"
                 ));
@@ -772,7 +776,7 @@ mod tests {
         assert_eq!(c.preload_start, PreloadStart::Background);
         assert_eq!((c.depth, c.queues, c.socket_mode), (64, Some(2), 0o660));
         assert_eq!(c.mode, CacheMode::Back);
-        assert_eq!(c.eviction, EvictionKind::Lru);
+        assert_eq!(c.eviction, EvictionKind::Clock);
         let c =
             ServeConfig::from_toml("backend = \"file:/b\"\nexport = \"nbd:tcp::0\"", "t").unwrap();
         assert_eq!(c.exports.len(), 1);

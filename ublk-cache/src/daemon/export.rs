@@ -45,11 +45,7 @@ pub trait Export: Send {
     /// stdout (the device path, or one URI per NBD listener). If the export
     /// ends by itself later (a ublk device stopped from outside), it asks
     /// `server` to stop.
-    fn start(
-        &mut self,
-        target: Arc<Engine>,
-        server: &StopToken,
-    ) -> DaemonResult<Vec<String>>;
+    fn start(&mut self, target: Arc<Engine>, server: &StopToken) -> DaemonResult<Vec<String>>;
 
     /// The ublk device id, for an export that has one (it names the server).
     fn device_id(&self) -> Option<u32> {
@@ -113,11 +109,7 @@ impl Export for UblkExport {
         ExportKind::Ublk
     }
 
-    fn start(
-        &mut self,
-        target: Arc<Engine>,
-        server: &StopToken,
-    ) -> DaemonResult<Vec<String>> {
+    fn start(&mut self, target: Arc<Engine>, server: &StopToken) -> DaemonResult<Vec<String>> {
         let (tx, rx) = mpsc::channel();
         let (opts, recover, stop, server) = (
             self.opts.clone(),
@@ -213,11 +205,7 @@ impl Export for NbdExport {
         ExportKind::Nbd
     }
 
-    fn start(
-        &mut self,
-        target: Arc<Engine>,
-        _server: &StopToken,
-    ) -> DaemonResult<Vec<String>> {
+    fn start(&mut self, target: Arc<Engine>, _server: &StopToken) -> DaemonResult<Vec<String>> {
         let listeners = self
             .listeners
             .take()
