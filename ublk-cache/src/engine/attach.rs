@@ -212,7 +212,7 @@ impl Engine {
         let version = layout.version();
         let (entries, replay) = match version {
             FormatVersion::V1 => (
-                Self::load_entries(&store, &codec, &layout)?,
+                super::recover::load_table(&store, &codec, &layout, 0)?,
                 LogReplay::default(),
             ),
             FormatVersion::V2 => recover::load_v2(&store, &codec, &layout, &sb)?,
@@ -597,35 +597,6 @@ impl Engine {
             "formatted the cache device"
         );
         Ok(sb)
-    }
-
-    /// Read and decode every entry. Any bad entry refuses the whole cache: a
-    /// partly trusted map could serve stale data or lose dirty data.
-    fn load_entries(
-        store: &CacheStore,
-        codec: &EntryCodec,
-        layout: &Layout,
-    ) -> EngineResult<Vec<LineEntry>> {
-        let mut out = Vec::with_capacity(layout.nr_lines as usize);
-        let epb = layout.entries_per_block();
-        let total = layout.meta_blocks() as u32;
-        let mut b = 0u32;
-        while b < total {
-            let n = 256u32.min(total - b);
-            let buf = store.read_meta_blocks(b, n)?;
-            for i in 0..n * epb {
-                let slot = b * epb + i;
-                if slot as u64 >= layout.nr_lines {
-                    break;
-                }
-                let at = (i * layout.entry_size) as usize;
-                out.push(codec.decode(slot, &buf[at..]).map_err(|e| {
-                    EngineError::corrupt("cache metadata is corrupt; refusing to use it", e)
-                })?);
-            }
-            b += n;
-        }
-        Ok(out)
     }
 
     /// Turn entries into slot records, checking what a checksum cannot: every

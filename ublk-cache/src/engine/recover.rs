@@ -63,7 +63,9 @@ pub(super) fn format_v2_meta(
     store.sync()
 }
 
-/// The entries of table copy `table`.
+/// Read and decode every entry of table copy `table` (format v1 has one table,
+/// at the offsets of copy 0). Any bad entry refuses the whole cache: a partly
+/// trusted map could serve stale data or lose dirty data.
 pub(super) fn load_table(
     store: &CacheStore,
     codec: &EntryCodec,
@@ -86,7 +88,7 @@ pub(super) fn load_table(
             let at = (i * layout.entry_size) as usize;
             out.push(codec.decode(slot, &buf[at..]).map_err(|e| {
                 EngineError::corrupt(
-                    "cache metadata (checkpoint table) is corrupt; refusing to use it",
+                    &format!("cache metadata (table {table}) is corrupt; refusing to use it"),
                     e,
                 )
             })?);

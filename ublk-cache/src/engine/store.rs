@@ -197,15 +197,6 @@ impl CacheStore {
             .map_err(|e| EngineError::cache(&format!("write of metadata block {block}"), e))
     }
 
-    /// Read `count` metadata blocks starting at `first` into one buffer.
-    pub fn read_meta_blocks(&self, first: u32, count: u32) -> EngineResult<Vec<u8>> {
-        let mut buf = vec![0u8; count as usize * META_BLOCK as usize];
-        self.dev
-            .read_at(self.layout.meta_block_offset(first), &mut buf)
-            .map_err(|e| EngineError::cache("read of metadata", e))?;
-        Ok(buf)
-    }
-
     pub fn write_superblock(&self, sb: &Superblock) -> EngineResult<()> {
         write_superblock(self.dev.as_ref(), sb)
     }
