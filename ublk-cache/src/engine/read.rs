@@ -64,11 +64,47 @@ impl Engine {
             Stats::add(&self.stats.read_misses, 1);
             return self.backend_read(offset, dst).await;
         };
+        if let Some((slot, in_line, pin)) = self.whole_hit(c, offset, dst.len()) {
+            let n = dst.len() as u64;
+            c.store
+                .read_async(slot, in_line, dst)
+                .await
+                .inspect_err(|_| Stats::add(&self.stats.cache_errors, 1))?;
+            drop(pin);
+            let s = &self.stats;
+            Stats::add(&s.read_hit_bytes, n);
+            Stats::classify(&s.read_hits, &s.read_misses, &s.read_partial, n, 0);
+            return Ok(());
+        }
         let steps = self.plan(c, offset, &dst);
         let (hit, miss) = self.run_plan(c, steps, Reader::Guest).await?;
         let s = &self.stats;
         Stats::classify(&s.read_hits, &s.read_misses, &s.read_partial, hit, miss);
         Ok(())
+    }
+
+    /// The common hit, served without a plan: a request inside one line whose
+    /// newest version holds every sector of it. Returns the slot, the offset in
+    /// the line and the slot's pin (taken under the shard lock, as `plan` does),
+    /// or None for everything else (misses, partial hits, older versions,
+    /// requests across lines), which `plan` handles. Allocates nothing.
+    fn whole_hit<'a>(&self, c: &'a Cache, offset: u64, len: usize) -> Option<(u32, u64, Pin<'a>)> {
+        let ls = c.layout.line_size as u64;
+        let tag = offset / ls;
+        if len == 0 || (offset + len as u64 - 1) / ls != tag {
+            return None;
+        }
+        let a = offset - tag * ls;
+        let (s0, s1) = sectors(a, a + len as u64);
+        let st = &c.st;
+        let sh = st.map.shard(tag).read();
+        let slot = sh.head(&st.slots, tag)?;
+        if !bits::is_empty(&bits::and_not(&bits::range(s0, s1), &st.slots.valid(slot))) {
+            return None;
+        }
+        let pin = Pin::new(&st.slots, slot);
+        st.hit(slot);
+        Some((slot, a, pin))
     }
 
     /// Which bytes of `[offset, offset+dst.len())` come from which slot, and
