@@ -67,7 +67,8 @@ def parse_cpu(path):
         for line in part.splitlines():
             f = line.split()
             if f and f[0] == "thread":
-                threads[f[1]] = (f[2], int(f[3]) + int(f[4]))
+                # Context switches: absent in snapshots of older runs.
+                threads[f[1]] = (f[2], int(f[3]) + int(f[4]), int(f[5]) if len(f) > 5 else 0)
             elif f and f[0] == "cpu":
                 cpu = [int(x) for x in f[1:]]
         snaps.append((threads, cpu))
@@ -77,17 +78,20 @@ def parse_cpu(path):
 
 
 def cpu_use(path, seconds, clk_tck):
-    """Server CPU in cores (per thread name and in all), guest busy fraction."""
+    """Server CPU in cores (per thread name and in all), guest busy fraction,
+    context switches of the server's threads."""
     (t0, c0), (t1, c1) = parse_cpu(path)
     by_name = defaultdict(float)
-    for tid, (comm, ticks) in t1.items():
-        before = t0.get(tid, (comm, 0))[1]
-        by_name[comm] += (ticks - before) / clk_tck / seconds
+    switches = 0
+    for tid, (comm, ticks, cs) in t1.items():
+        _, ticks0, cs0 = t0.get(tid, (comm, 0, 0))
+        by_name[comm] += (ticks - ticks0) / clk_tck / seconds
+        switches += cs - cs0
     d = [b - a for a, b in zip(c0, c1)]
     total = sum(d[:8])
     idle = d[3] + d[4]  # idle + iowait
     busy = (total - idle) / total if total else 0.0
-    return dict(by_name), sum(by_name.values()), busy
+    return dict(by_name), sum(by_name.values()), busy, switches
 
 
 def med(xs):
@@ -131,12 +135,14 @@ def main():
                     "lat_us": fio_latency_us(job, data),
                     "fio_cpu": (data["jobs"][0]["usr_cpu"] + data["jobs"][0]["sys_cpu"]) / 100.0,
                 }
-                threads, server, busy = cpu_use(base.with_name(base.name + ".cpu"), seconds, clk_tck)
+                threads, server, busy, switches = cpu_use(base.with_name(base.name + ".cpu"), seconds, clk_tck)
                 s.update(threads=threads, server_cores=server, guest_busy=busy)
                 # I/Os in the window: IOPS x s, or MiB/s x s for the 1 MiB job.
                 ios = s["value"] * seconds
                 s["server_us_per_io"] = (server * seconds / ios * 1e6
                                          if peer in ("rublk", "ucache") and ios > 0 else None)
+                s["server_switches_per_io"] = (switches / ios
+                                               if peer in ("rublk", "ucache") and ios > 0 else None)
                 if peer == "ucache":
                     b = load_json(base.with_name(base.name + ".stats-before.json"))
                     e = load_json(base.with_name(base.name + ".stats-after.json"))
@@ -177,7 +183,8 @@ def main():
         p("| " + " | ".join([job] + [cell(vals(job, x, "lat_us"), "{:.0f}") for x in PEERS]) + " |")
     p("")
     p("CPU (medians over the rounds; server = all threads of the rublk or ublk-cache "
-      "process, in cores, and its CPU time per I/O in µs, ramp included; guest = "
+      "process, in cores, its CPU time per I/O in µs and context switches per I/O "
+      "(when recorded), ramp included; guest = "
       "busy share of all guest CPUs; fio = fio's own usr+sys in cores):")
     p("")
     p("| job | rublk server | ublk-cache server | guest busy raw / loop / rublk / ublk-cache | fio raw / loop / rublk / ublk-cache |")
@@ -186,7 +193,10 @@ def main():
         def srv(peer):
             c = med(vals(job, peer, "server_cores"))
             u = med([x for x in vals(job, peer, "server_us_per_io") if x is not None])
-            return f"{c:.2f} ({u:.0f} µs/IO)" if u is not None else f"{c:.2f}"
+            w = med([x for x in vals(job, peer, "server_switches_per_io") if x is not None])
+            if u is None:
+                return f"{c:.2f}"
+            return f"{c:.2f} ({u:.0f} µs/IO" + (f", {w:.2f} switches/IO)" if w else ")")
         busy = " / ".join(f"{med(vals(job, x, 'guest_busy')) * 100:.0f}%" for x in PEERS)
         fio = " / ".join(f"{med(vals(job, x, 'fio_cpu')):.2f}" for x in PEERS)
         p(f"| {job} | {srv('rublk')} | {srv('ucache')} | {busy} | {fio} |")

@@ -67,7 +67,7 @@ fio_run() {
         --numjobs=1 --group_reporting=1 --output-format=json --output="$out" "$@"
 }
 
-# cpu_snapshot PID: per-thread "tid comm utime stime" (clock ticks), then the
+# cpu_snapshot PID: per-thread "tid comm utime stime ctxt-switches" (CPU in clock ticks), then the
 # guest's aggregate cpu line from /proc/stat.
 cpu_snapshot() {
     local pid=$1 t s rest
@@ -77,7 +77,10 @@ cpu_snapshot() {
             rest=${s##*) }
             # shellcheck disable=SC2086
             set -- $rest
-            printf 'thread %s %s %s %s\n' "${t##*/}" "$(tr ' ' _ <"$t/comm")" "${12}" "${13}"
+            local ut=${12} st=${13} cs
+            # Context switches (voluntary + involuntary): how often it slept.
+            cs=$(awk '/ctxt_switches/ {n += $2} END {print n + 0}' "$t/status" 2>/dev/null)
+            printf 'thread %s %s %s %s %s\n' "${t##*/}" "$(tr ' ' _ <"$t/comm")" "$ut" "$st" "${cs:-0}"
         done
     fi
     grep '^cpu ' /proc/stat
