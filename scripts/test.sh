@@ -50,8 +50,9 @@ bench_json=$(mktemp -d /tmp/ublk-cache-bench-smoke.XXXXXX)
 BENCH_SMOKE=1 BENCH_JSON="$bench_json/smoke.json" /usr/bin/python3 benches/run.py
 rm -rf "$bench_json"
 echo "== Debian package: build, install into a clean Debian 12 root, run --version and demo there"
-deb=$(scripts/build-deb.sh)
-scripts/test-deb.sh "$deb"
+mapfile -t debs < <(scripts/build-deb.sh)
+((${#debs[@]} == 2)) || { echo "build-deb.sh made ${#debs[@]} packages, expected 2: ${debs[*]}" >&2; exit 1; }
+scripts/test-deb.sh "${debs[@]}"
 if [[ ${UBLK_CACHE_SKIP_VM:-0} == 1 ]]; then
     echo "SKIP: VM scenarios (UBLK_CACHE_SKIP_VM=1): the ublk path was NOT tested"
 else

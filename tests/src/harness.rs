@@ -15,7 +15,7 @@ use ublk_cache::{Engine, EngineConfig};
 
 use crate::check::History;
 use crate::overlay::{Delta, Overlay};
-use crate::recording::{Clock, DevOp, Recording, Stamped};
+use crate::recording::{Clock, DevOp, Logged, Recording, Stamped};
 use crate::workload::{self, WorkloadConfig, SECTOR};
 use testkit::Rng;
 
@@ -40,7 +40,17 @@ pub struct RunConfig {
     pub skip_log_checksums_bug: bool,
     /// Where the engines keep their crash shadows (a private directory).
     pub shadow_dir: std::path::PathBuf,
+    /// Test-only fault: the engine recovered after a crash writes back newest
+    /// epoch first (the one before the crash does not). The double-failure
+    /// check must catch it.
+    pub reverse_writeback_after_recovery_bug: bool,
+    /// Backend flushes take `SLOW_FLUSH` while the guest runs: write-back lags
+    /// behind, so lines gain versions and relaxed order drops superseded ones.
+    pub slow_writeback: bool,
 }
+
+/// A backend flush with `slow_writeback` (a few per write-back step).
+const SLOW_FLUSH: std::time::Duration = std::time::Duration::from_millis(3);
 
 #[derive(Debug, Default)]
 pub struct RunReport {
@@ -75,7 +85,8 @@ impl Replay {
     fn new(rec: &Recording) -> Self {
         Self {
             log: rec.log(),
-            durable: Arc::new(rec.initial().to_vec()),
+            // A recorded device starts zeroed.
+            durable: Arc::new(vec![0u8; rec.size() as usize]),
             applied: 0,
         }
     }
@@ -163,8 +174,17 @@ pub fn run(cfg: &RunConfig) -> RunReport {
         shadow_dir: cfg.shadow_dir.clone(),
         ..EngineConfig::default()
     };
+    let served: Arc<dyn Backend> = if cfg.slow_writeback {
+        Arc::new(
+            rbd_backend::FaultyBackend::builder(backend.clone())
+                .flush_delay(SLOW_FLUSH)
+                .build(),
+        )
+    } else {
+        backend.clone()
+    };
     let engine = match Engine::open(
-        backend.clone(),
+        served,
         Some(cache.clone() as Arc<dyn Backend>),
         ecfg.clone(),
     ) {
@@ -211,12 +231,16 @@ pub fn run(cfg: &RunConfig) -> RunReport {
     let mut rb = Replay::new(&backend);
     let mut rc = Replay::new(&cache);
     let mut debugged = false;
-    for &t in &points {
+    let ordered_back = cfg.mode == CacheMode::Back && cfg.order == WritebackOrder::Ordered;
+    for (pi, &t) in points.iter().enumerate() {
         for variant in 0..cfg.variants {
             let (bbase, bdelta) = rb.state_at(t, variant, &mut rng);
             let (cbase, cdelta) = rc.state_at(t, variant, &mut rng);
             report.states += 1;
-            if cfg.mode == CacheMode::Back && cfg.order == WritebackOrder::Ordered {
+            // One state per crash point also loses the cache during the
+            // recovered engine's drain (see `check_drain`).
+            let double_failure = ordered_back && variant == pi % cfg.variants;
+            if ordered_back {
                 if let Err(e) =
                     history.check_backend_consistent(t, |s| read_sector(&bbase, &bdelta, s))
                 {
@@ -232,14 +256,23 @@ pub fn run(cfg: &RunConfig) -> RunReport {
                 (bbase.clone(), bdelta.clone()),
                 (cbase.clone(), cdelta.clone()),
             );
-            let b = Arc::new(Overlay::new(bbase, bdelta, backend.identity()));
+            let b = Arc::new(Logged::wrap(
+                Overlay::new(bbase, bdelta, backend.identity()),
+                Arc::new(Clock::default()),
+            ));
             let c = Arc::new(Overlay::new(cbase, cdelta, cache.identity()));
             let rcfg = EngineConfig {
                 skip_log_checksums_for_tests: cfg.skip_log_checksums_bug,
                 ..ecfg.clone()
             };
-            let rec = match Engine::open(b, Some(c as Arc<dyn Backend>), rcfg) {
-                Ok(e) => e,
+            let rec = match Engine::open(b.clone(), Some(c as Arc<dyn Backend>), rcfg) {
+                Ok(e) => {
+                    e.reverse_writeback_for_tests.store(
+                        cfg.reverse_writeback_after_recovery_bug,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                    e
+                }
                 Err(e) => {
                     report
                         .violations
@@ -262,7 +295,24 @@ pub fn run(cfg: &RunConfig) -> RunReport {
                     }
                 }
             }
-            rec.abandon();
+            if double_failure && bad.is_none() {
+                // The recovered engine writes everything back (a clean stop);
+                // the cache may be lost at any point of that.
+                match rec.shutdown() {
+                    Ok(()) => {
+                        if let Err(e) = check_drain(&history, t, &dbg_b, &b.log(), &mut rng) {
+                            report.violations.push(format!(
+                                "G3 after a second failure {cfg:?} variant {variant}: {e}"
+                            ));
+                        }
+                    }
+                    Err(e) => report.violations.push(format!(
+                        "the recovery drain failed at t={t} variant {variant}: {e}"
+                    )),
+                }
+            } else {
+                rec.abandon();
+            }
             if let (Some(e), true) = (&bad, std::env::var_os("CRASH_DEBUG").is_some() && !debugged)
             {
                 debugged = true;
@@ -317,4 +367,73 @@ pub fn run(cfg: &RunConfig) -> RunReport {
     }
     engine.forget_crash_shadow();
     report
+}
+
+/// A double failure: a power cut at `t`, recovery, and then the cache device
+/// is lost while the recovered engine writes its dirty data back. Ordered
+/// write-back promises that the backend alone is still the disk at one of the
+/// guest's FLUSH points (plus some writes of the next epoch) whenever that
+/// happens: at every backend flush of the drain (`drain` is what reached the
+/// backend, replayed over its crash image `base`), at a random subset (torn at
+/// 512 bytes) of the writes between two such flushes, and at the end.
+fn check_drain(
+    history: &History,
+    t: u64,
+    base: &(Arc<Vec<u8>>, Delta),
+    drain: &[Stamped],
+    rng: &mut Rng,
+) -> Result<(), String> {
+    let mut img = (*base.0).clone();
+    for (s, sec) in &base.1 {
+        img[(*s * SECTOR) as usize..((*s + 1) * SECTOR) as usize].copy_from_slice(&sec[..]);
+    }
+    let check = |img: &[u8], at: &str| {
+        history
+            .check_backend_consistent(t, |s| {
+                img[(s * SECTOR) as usize..((s + 1) * SECTOR) as usize].to_vec()
+            })
+            .map_err(|e| format!("{at} of the recovery drain: {e}"))
+    };
+    let mut pending: Vec<&DevOp> = Vec::new();
+    let mut flushes = 0;
+    for op in drain.iter().map(|s| &s.op) {
+        if !matches!(op, DevOp::Flush) {
+            pending.push(op);
+            continue;
+        }
+        flushes += 1;
+        let mut torn = img.clone();
+        for op in &pending {
+            if rng.chance(60) {
+                apply_torn(&mut torn, op, rng);
+            }
+        }
+        check(
+            &torn,
+            &format!("before backend flush {flushes} (some writes lost)"),
+        )?;
+        for op in pending.drain(..) {
+            apply(&mut img, op);
+        }
+        check(&img, &format!("at backend flush {flushes}"))?;
+    }
+    for op in pending.drain(..) {
+        apply(&mut img, op);
+    }
+    check(&img, "at the end")
+}
+
+/// `apply`, with each 512-byte sector of a multi-sector write kept or lost.
+fn apply_torn(img: &mut [u8], op: &DevOp, rng: &mut Rng) {
+    match op {
+        DevOp::Write { off, data } if data.len() as u64 > SECTOR => {
+            for (k, sec) in data.chunks(SECTOR as usize).enumerate() {
+                if rng.chance(75) {
+                    let at = *off as usize + k * SECTOR as usize;
+                    img[at..at + sec.len()].copy_from_slice(sec);
+                }
+            }
+        }
+        _ => apply(img, op),
+    }
 }

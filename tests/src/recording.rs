@@ -45,35 +45,36 @@ impl Clock {
     }
 }
 
-pub struct Recording {
-    inner: MemBackend,
-    initial: Vec<u8>,
+/// A backend wrapper that logs every write, flush, discard and write-zeroes
+/// that reached `inner`, in completion order, each stamped from `clock`.
+pub struct Logged<B> {
+    inner: B,
     clock: Arc<Clock>,
     log: Mutex<Vec<Stamped>>,
-    name: String,
 }
+
+/// A recorded in-memory device; it starts zeroed.
+pub type Recording = Logged<MemBackend>;
 
 impl Recording {
     pub fn new(size: usize, name: &str, clock: Arc<Clock>) -> Self {
+        Logged::wrap(MemBackend::builder().size(size).name(name).build(), clock)
+    }
+}
+
+impl<B: Backend> Logged<B> {
+    /// Log what reaches `inner` (a recovered engine's drain over a crash
+    /// image, for one: see the harness's double failure).
+    pub fn wrap(inner: B, clock: Arc<Clock>) -> Self {
         Self {
-            inner: MemBackend::builder().size(size).name(name).build(),
-            initial: vec![0u8; size],
+            inner,
             clock,
             log: Mutex::new(Vec::new()),
-            name: name.into(),
         }
-    }
-
-    pub fn initial(&self) -> &[u8] {
-        &self.initial
     }
 
     pub fn log(&self) -> Vec<Stamped> {
         self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
     }
 
     fn record(&self, op: DevOp) {
@@ -84,7 +85,7 @@ impl Recording {
     }
 }
 
-impl Backend for Recording {
+impl<B: Backend> Backend for Logged<B> {
     fn size(&self) -> u64 {
         self.inner.size()
     }

@@ -18,6 +18,8 @@ fn cfg(mode: CacheMode, order: WritebackOrder, seed: u64) -> RunConfig {
         format: FormatVersion::V2,
         skip_log_checksums_bug: false,
         shadow_dir: shadow_dir(),
+        slow_writeback: false,
+        reverse_writeback_after_recovery_bug: false,
     }
 }
 
@@ -80,6 +82,33 @@ fn writing_back_newest_epoch_first_is_caught() {
     assert!(
         caught,
         "the harness did not notice write-back out of epoch order"
+    );
+}
+
+#[test]
+fn a_recovery_drain_out_of_epoch_order_is_caught_by_the_double_failure_check() {
+    // The engine before the crash is correct, so the backend at every crash
+    // point is fine; only losing the cache while the recovered engine writes
+    // back (newest epoch first) shows the bug.
+    let caught = (1..=8).any(|seed| {
+        let mut c = cfg(CacheMode::Back, WritebackOrder::Ordered, seed);
+        c.reverse_writeback_after_recovery_bug = true;
+        c.points = 120;
+        let r = run(&c);
+        assert!(
+            !r.violations
+                .iter()
+                .any(|v| v.starts_with("G3 Run") || v.starts_with("G1/G2")),
+            "a violation before the second failure: {:?}",
+            &r.violations[..r.violations.len().min(3)]
+        );
+        r.violations
+            .iter()
+            .any(|v| v.contains("after a second failure"))
+    });
+    assert!(
+        caught,
+        "the harness did not notice a recovery drain out of epoch order"
     );
 }
 

@@ -260,7 +260,7 @@ impl HostConf {
             conf_dir: abs("CONF_DIR", "/etc/ublk-cache")?,
             run_dir: abs("RUN_DIR", "/run/ublk-cache")?,
             systemd_dir: abs("SYSTEMD_DIR", "/etc/systemd/system")?,
-            ublk_cache: tool("UBLK_CACHE", "/usr/local/bin/ublk-cache"),
+            ublk_cache: tool("UBLK_CACHE", default_ublk_cache()),
             default_mode,
             default_cache_mb: num("DEFAULT_CACHE_MB", 10240)?,
             default_preload_mb: num("DEFAULT_PRELOAD_MB", 0)?,
@@ -313,6 +313,18 @@ pub fn valid_vg(s: &str) -> bool {
         && s.len() <= 127
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "+_.-".contains(c))
+}
+
+/// The server binary when one.conf names none: a hand-installed one
+/// (contrib/opennebula/install.sh --host puts it in /usr/local/bin) before the
+/// Debian package's, the order of sudo's secure_path.
+fn default_ublk_cache() -> &'static str {
+    const LOCAL: &str = "/usr/local/bin/ublk-cache";
+    if Path::new(LOCAL).exists() {
+        LOCAL
+    } else {
+        "/usr/bin/ublk-cache"
+    }
 }
 
 #[cfg(test)]

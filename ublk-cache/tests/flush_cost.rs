@@ -21,16 +21,14 @@ struct Cost {
     meta_bytes: u64,
 }
 
-/// `ROUNDS` times: a 4 KiB write, then a FLUSH.
-fn write_flush_rounds(format: FormatVersion) -> Cost {
-    let backend = Arc::new(MemBackend::new(64 * MIB));
-    let refusing = Arc::new(FaultyBackend::builder(backend).build());
-    refusing.set_read_only(true);
-    // A 64 MiB cache has a 2 MiB log: 100 one-block records fit without a
-    // checkpoint, so every round is the steady-state cost.
-    let cache = Arc::new(MemBackend::new(64 * MIB));
-    let e = Engine::open(
-        refusing as Arc<dyn Backend>,
+/// A `back` engine with 64 KiB lines; a fresh cache gets `format`.
+fn back_engine(
+    backend: Arc<FaultyBackend<Arc<MemBackend>>>,
+    cache: Arc<MemBackend>,
+    format: FormatVersion,
+) -> Arc<Engine> {
+    Engine::open(
+        backend as Arc<dyn Backend>,
         Some(cache as Arc<dyn Backend>),
         EngineConfig {
             mode: CacheMode::Back,
@@ -40,7 +38,18 @@ fn write_flush_rounds(format: FormatVersion) -> Cost {
             ..EngineConfig::default()
         },
     )
-    .expect("open");
+    .unwrap_or_else(|e| panic!("attach ({format:?}): {e}"))
+}
+
+/// `ROUNDS` times: a 4 KiB write, then a FLUSH.
+fn write_flush_rounds(format: FormatVersion) -> Cost {
+    let backend = Arc::new(MemBackend::new(64 * MIB));
+    let refusing = Arc::new(FaultyBackend::builder(backend).build());
+    refusing.set_read_only(true);
+    // A 64 MiB cache has a 2 MiB log: 100 one-block records fit without a
+    // checkpoint, so every round is the steady-state cost.
+    let cache = Arc::new(MemBackend::new(64 * MIB));
+    let e = back_engine(refusing, cache, format);
     let before = e.stats();
     for i in 0..ROUNDS {
         // Spread over lines and within them: new lines, overwrites of
@@ -79,4 +88,55 @@ fn a_flush_after_one_write_costs_one_device_flush_in_format_v2() {
         "format v1 flushes data and metadata separately ({} flushes)",
         v1.flushes
     );
+}
+
+/// A guest FLUSH with nothing written since the last one costs no device
+/// flush in format v2; a FLUSH after a rewrite of data already there (same
+/// version, in place) still costs one. Format v1 flushes every time.
+#[test]
+fn a_flush_with_nothing_new_costs_no_device_flush_in_format_v2() {
+    for format in [FormatVersion::V2, FormatVersion::V1] {
+        let backend = Arc::new(MemBackend::new(16 * MIB));
+        let refusing = Arc::new(FaultyBackend::builder(backend).build());
+        refusing.set_read_only(true);
+        let cache = Arc::new(MemBackend::new(16 * MIB));
+        let e = back_engine(refusing.clone(), cache.clone(), format);
+        e.write(0, &[1; 4096], false).expect("write");
+        e.flush().expect("flush");
+        let before = e.stats();
+        for _ in 0..10 {
+            e.flush().expect("empty flush");
+        }
+        let idle = e.stats();
+        let idle_flushes = idle.cache_flushes - before.cache_flushes;
+        // In place: the same epoch's version (no FLUSH between the writes).
+        e.write(8192, &[2; 4096], false).expect("write");
+        e.write(8192, &[3; 4096], false).expect("rewrite");
+        e.flush().expect("flush after a rewrite");
+        let after = e.stats();
+        match format {
+            FormatVersion::V2 => {
+                assert_eq!(idle_flushes, 0, "v2: empty FLUSHes flushed the device");
+                assert_eq!(
+                    idle.flushes_with_nothing_new - before.flushes_with_nothing_new,
+                    10
+                );
+                assert_eq!(
+                    after.cache_flushes - idle.cache_flushes,
+                    1,
+                    "v2: a FLUSH after writes"
+                );
+            }
+            FormatVersion::V1 => assert!(idle_flushes >= 10, "v1: {idle_flushes} flushes"),
+        }
+        e.abandon();
+        drop(e);
+        // What the FLUSHes promised is on the cache alone (it keeps its format).
+        let e = back_engine(refusing, cache, FormatVersion::V2);
+        let mut buf = vec![0u8; 12288];
+        e.read(0, &mut buf).expect("read");
+        assert!(buf[..4096].iter().all(|&b| b == 1), "{format:?}");
+        assert!(buf[8192..].iter().all(|&b| b == 3), "{format:?}");
+        e.abandon();
+    }
 }

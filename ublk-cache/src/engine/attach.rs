@@ -684,6 +684,8 @@ impl Engine {
             version,
             flushed: AtomicU64::new(flushed),
             flushed_durable: AtomicU64::new(flushed),
+            // Raised by the first metadata round (attach ends with a checkpoint).
+            durable_below: AtomicU64::new(0),
             order_broken_since: AtomicU64::new(0),
             slot_changed: AtomicBits::new(n),
             fresh: Mutex::new(HashMap::new()),

@@ -372,23 +372,51 @@ impl Engine {
                     guards.push(st.map.lock(tag).await);
                 }
             }
-            // A slot reused for another line between the plan and the locks
-            // would write that line's data here: never write it; the step
-            // fails and is planned again from the current map.
-            for &(i, slot, _, _) in &x.pieces {
-                if st.slots.tag(slot) != items[i].tag {
-                    debug_assert!(false, "slot {slot} changed line under write-back");
+            // Where each piece's data is now. Normally in the planned version.
+            // Relaxed order (or ordering given up) may have dropped that version
+            // since the plan (superseded, see `State::drop_superseded`) or moved
+            // it to a newer epoch in place: the line's newest data goes instead,
+            // which such write-back may always write. Anything else (a slot
+            // reused by another line or a later epoch) would write data this
+            // step must not: the step fails and is planned again.
+            let newest_allowed = st.version == FormatVersion::V2
+                && (self.order == WritebackOrder::Relaxed
+                    || st.order_broken_since.load(Ordering::Acquire) != 0);
+            let mut sources: Vec<(u32, u64, u64)> = Vec::new(); // (slot, in line, len)
+            let mut pins = Vec::new();
+            for &(i, slot, a, n) in &x.pieces {
+                let it = &items[i];
+                let r = st.slots.get(slot);
+                let planned =
+                    r.tag == it.tag && (st.version == FormatVersion::V1 || r.epoch == it.epoch);
+                if planned {
+                    sources.push((slot, a, n));
+                    continue;
+                }
+                let sh = st.map.shard(it.tag).read();
+                let (s0, s1) = ((a / SECTOR) as u32, ((a + n) / SECTOR) as u32);
+                let runs = st.resolve(&sh, it.tag, s0, s1);
+                if !newest_allowed || runs.iter().any(|r| r.2.is_none()) {
+                    debug_assert!(newest_allowed, "slot {slot} changed under write-back");
                     return Err(EngineError::new(
                         EngineErrorKind::CacheIo,
                         format!(
-                            "write-back: slot {slot} now holds another line; step planned again"
+                            "write-back: slot {slot} no longer holds the planned data of line {}; step planned again",
+                            it.tag
                         ),
                     ));
+                }
+                for (rs, re, src) in runs {
+                    let src = src.expect("checked above");
+                    // A slot found under the shard lock stays this line's while
+                    // pinned (a released slot is not handed out while pinned).
+                    pins.push(super::slots::Pin::new(&st.slots, src));
+                    sources.push((src, rs as u64 * SECTOR, (re - rs) as u64 * SECTOR));
                 }
             }
             let mut at = 0usize;
             let mut reads: Vec<Piece<'_, EngineResult<()>>> = Vec::new();
-            for &(_, slot, a, n) in &x.pieces {
+            for &(slot, a, n) in &sources {
                 let d = buf.slice(at, n as usize);
                 at += n as usize;
                 reads.push(Box::pin(c.store.read_async(slot, a, d)));
@@ -396,6 +424,7 @@ impl Engine {
             for r in join_all(reads).await {
                 r?;
             }
+            drop(pins);
         }
         let len = x.len;
         self.backend

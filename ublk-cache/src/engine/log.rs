@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 
 use rbd_backend::aio::DmaBuf;
 
-use super::persist::encode_block;
+use super::persist::encode_blocks;
 use super::sync::{join_all, Piece};
 use super::{Cache, Engine};
 use crate::error::EngineResult;
@@ -66,13 +66,19 @@ impl Engine {
     ) -> EngineResult<()> {
         let st = &c.st;
         let log_blocks = c.layout.log_blocks();
-        let (plan, taken) = {
+        let (plan, taken, stable) = {
             let _s = st.snap.write();
             let log = st.log.lock();
             let flushed = st.flushed.load(Ordering::Acquire);
             let broken = st.order_broken_since.load(Ordering::Acquire);
             let freed = std::mem::take(&mut st.alloc.lock().pending_free);
             let seq = log.seq + 1;
+            // Epochs below this have every write applied, so this round takes
+            // all of their versions (see `State::durable_below`).
+            let stable = {
+                let e = st.epochs.lock();
+                e.oldest_applying().map_or(e.cur, |a| a.min(e.cur))
+            };
             let checkpoint = force_checkpoint || log.must_checkpoint || log.used > log_blocks / 2;
             let mut plan = None;
             let mut taken = Taken {
@@ -133,18 +139,12 @@ impl Engine {
                     // block changed since the other copy was written.
                     let table = 1 - log.active_table;
                     let stale = st.table_stale[table as usize].take();
-                    let mut blocks = Vec::with_capacity(stale.len());
-                    for &b in &stale {
-                        let mut buf = DmaBuf::new(META_BLOCK as usize);
-                        encode_block(
-                            &c.codec,
-                            &c.layout,
-                            |slot| st.slots.get(slot).entry_v2(),
-                            b,
-                            buf.bytes_mut().expect("new buffer"),
-                        );
-                        blocks.push((b, buf));
-                    }
+                    let blocks = encode_blocks(
+                        &c.codec,
+                        &c.layout,
+                        |slot| st.slots.get(slot).entry_v2(),
+                        &stale,
+                    );
                     taken.stale = stale;
                     // Entries and checksums taken above (if any) are in the
                     // checkpoint (its flush makes their data durable); what
@@ -162,7 +162,7 @@ impl Engine {
                     }
                 }
             };
-            (plan, taken)
+            (plan, taken, stable)
         };
         let res = match &plan {
             Plan::Record {
@@ -249,6 +249,7 @@ impl Engine {
                         }
                     }
                 }
+                st.durable_below.fetch_max(stable, Ordering::AcqRel);
                 let mut a = st.alloc.lock();
                 for (slot, tag) in taken.freed {
                     a.releasing.remove(&tag);

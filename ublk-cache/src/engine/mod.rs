@@ -11,9 +11,6 @@
 //! locks for requests that change a line. Lock order where nested: line lock →
 //! shard → snapshot lock → {eviction, epochs, allocator}; persist rounds are
 //! serialised by a group commit.
-// TODO(lead): the lead is rewriting the engine; document its `unsafe` blocks
-// with `// SAFETY:` comments and drop this allow.
-#![allow(clippy::undocumented_unsafe_blocks)]
 
 mod attach;
 pub mod bits;

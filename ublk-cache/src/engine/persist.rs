@@ -60,6 +60,30 @@ pub(super) fn encode_block(
     }
 }
 
+/// Each of `blocks`, encoded into a buffer of its own (for the async writes
+/// of a metadata round).
+pub(super) fn encode_blocks(
+    codec: &EntryCodec,
+    layout: &Layout,
+    entry: impl Fn(u32) -> LineEntry,
+    blocks: &[u32],
+) -> Vec<(u32, DmaBuf)> {
+    blocks
+        .iter()
+        .map(|&b| {
+            let mut buf = DmaBuf::new(META_BLOCK as usize);
+            encode_block(
+                codec,
+                layout,
+                &entry,
+                b,
+                buf.bytes_mut().expect("new buffer"),
+            );
+            (b, buf)
+        })
+        .collect()
+}
+
 impl Engine {
     /// Write every changed metadata block, after syncing cache data. Slots that
     /// were released become reusable once this returns.
@@ -138,18 +162,8 @@ impl Engine {
         let (blocks, freed, cleaned) = {
             let _s = st.snap.write();
             let ids = st.meta_dirty.take();
-            let mut blocks = Vec::with_capacity(ids.len());
-            for b in ids {
-                let mut buf = DmaBuf::new(META_BLOCK as usize);
-                encode_block(
-                    &c.codec,
-                    &c.layout,
-                    |slot| st.slots.get(slot).entry(),
-                    b,
-                    buf.bytes_mut().expect("new buffer"),
-                );
-                blocks.push((b, buf));
-            }
+            let blocks =
+                encode_blocks(&c.codec, &c.layout, |slot| st.slots.get(slot).entry(), &ids);
             let freed = std::mem::take(&mut st.alloc.lock().pending_free);
             (blocks, freed, st.cleaned.take())
         };
@@ -204,7 +218,7 @@ impl Engine {
         }
         let me = self.arc();
         let job = async move {
-            let r = me.make_space(false).await;
+            let r = me.make_space().await;
             if let Some(c) = me.cache.as_ref() {
                 c.refilling
                     .store(false, std::sync::atomic::Ordering::Release);
@@ -222,9 +236,9 @@ impl Engine {
     }
 
     /// Make at least one slot free. Evicts a batch of clean lines (the policy
-    /// picks them); with `wait_for_space`, waits for the flusher while only dirty
-    /// lines remain. Returns false (without waiting) when nothing can be freed now.
-    pub(super) async fn make_space(&self, wait_for_space: bool) -> EngineResult<bool> {
+    /// picks them). Returns false (without waiting: the caller decides whether
+    /// to wait for the flusher) when only dirty lines remain.
+    pub(super) async fn make_space(&self) -> EngineResult<bool> {
         let c = self.cache.as_ref().expect("make_space with a cache");
         let st = &c.st;
         loop {
@@ -279,14 +293,7 @@ impl Engine {
                     "engine stopping",
                 ));
             }
-            if !wait_for_space {
-                return Ok(false);
-            }
-            c.ev.flusher.notify(usize::MAX);
-            wait_for(&c.ev.space, Duration::from_millis(100), || {
-                !st.alloc.lock().free.is_empty()
-            })
-            .await;
+            return Ok(false);
         }
     }
 
@@ -385,6 +392,35 @@ impl Engine {
         Ok(())
     }
 
+    /// Format v2: whether a guest FLUSH finds everything the cache holds
+    /// durable already, so that it need not cost a device flush (a guest
+    /// FLUSHes again and again with nothing written in between: an idle
+    /// filesystem's timer, a database's second barrier). Every data write and
+    /// every change of a line changes its slot's record, so no changed record,
+    /// no checksum waiting to be logged and no slot waiting for release mean
+    /// that the last round covered all of it; that round must have finished,
+    /// and well. The state is read before the rounds: a round takes the
+    /// changes only after it has been marked running, so a round that took
+    /// them and is not done yet is seen running.
+    fn nothing_to_persist(&self, c: &Cache) -> bool {
+        let st = &c.st;
+        if st.version != crate::format::FormatVersion::V2 {
+            return false;
+        }
+        let unlogged = !st.slot_changed.is_empty()
+            || !st.fresh.lock().is_empty()
+            || !st.alloc.lock().pending_free.is_empty()
+            || st.log.lock().must_checkpoint;
+        if unlogged {
+            return false;
+        }
+        let r = c.persist.rounds.lock();
+        r.finished > 0
+            && !r.running
+            && r.started == r.finished
+            && r.failed.as_ref().is_none_or(|(n, _)| *n != r.finished)
+    }
+
     fn flusher_gone(&self) -> bool {
         self.flusher.lock().as_ref().is_none_or(|h| h.is_finished())
     }
@@ -401,7 +437,11 @@ impl Engine {
                 c.ev.flusher.notify(usize::MAX);
             }
             if action.persist_cache {
-                self.persist().await?;
+                if guest && self.nothing_to_persist(c) {
+                    super::Stats::add(&self.stats.flushes_with_nothing_new, 1);
+                } else {
+                    self.persist().await?;
+                }
             }
         }
         if action.flush_backend {

@@ -123,6 +123,10 @@ impl AtomicBits {
         self.0[(i / 64) as usize].load(Ordering::Acquire) & (1u64 << (i % 64)) != 0
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| w.load(Ordering::Acquire) == 0)
+    }
+
     /// Take every set bit (clearing them).
     pub fn take(&self) -> Vec<u32> {
         let mut out = Vec::new();
@@ -170,6 +174,10 @@ pub struct State {
     /// memory, and on the cache device).
     pub flushed: AtomicU64,
     pub flushed_durable: AtomicU64,
+    /// Format v2: every version of an epoch below this is on the cache device,
+    /// data and entry: the last completed metadata round began when all writes
+    /// of those epochs had been applied.
+    pub durable_below: AtomicU64,
     /// Since which epoch the backend alone is not a flush-point state (0: it
     /// is); set durably before any write goes in place over a closed version.
     pub order_broken_since: AtomicU64,
@@ -455,6 +463,35 @@ impl State {
                 "a version not in its line's chain; left alone"
             ),
         }
+    }
+
+    /// Format v2, relaxed order: forget the older versions of `tag` whose every
+    /// valid sector a newer version durably on the cache device holds too.
+    /// Relaxed write-back owes the backend no epoch's state, only the newest
+    /// data, so such a version is never needed again; without this, a line
+    /// rewritten between FLUSHes (a journal) would gain a version per FLUSH
+    /// and wait for the backend once it had `MAX_CHAIN`. The newer version's
+    /// record is durable, so whether or not the free entry that drops the older
+    /// one survives a crash, every sector resolves to the newer data. Returns
+    /// how many versions were dropped. The caller holds the line lock and its
+    /// shard write lock.
+    pub fn drop_superseded(&self, sh: &mut Shard, tag: u64) -> usize {
+        let durable_below = self.durable_below.load(Ordering::Acquire);
+        let mut covered = bits::none();
+        let mut dropped = 0;
+        for slot in self.chain(sh, tag) {
+            let r = self.slots.get(slot);
+            let is_head = sh.head(&self.slots, tag) == Some(slot);
+            if !is_head && bits::is_empty(&bits::and_not(&r.valid, &covered)) {
+                self.remove_version(sh, slot);
+                dropped += 1;
+                continue;
+            }
+            if r.epoch < durable_below {
+                covered = bits::or(&covered, &r.valid);
+            }
+        }
+        dropped
     }
 
     /// The versions of `tag`, newest first. The caller holds its shard lock.

@@ -27,9 +27,15 @@ pub struct Stats {
     pub writeback_retries: AtomicU64,
     /// Ordered overwrites that went in place because write-back was failing.
     pub ordered_overwrites_in_place: AtomicU64,
+    /// Format v2, relaxed order: older versions dropped unwritten because a
+    /// durable newer version holds all their data.
+    pub versions_superseded: AtomicU64,
     pub backend_errors: AtomicU64,
     pub cache_errors: AtomicU64,
     pub flushes: AtomicU64,
+    /// Guest FLUSHes that found everything durable already (format v2): no
+    /// device flush.
+    pub flushes_with_nothing_new: AtomicU64,
     pub preload_bytes: AtomicU64,
     pub latency: Latencies,
 }
@@ -62,9 +68,13 @@ pub struct StatsSnapshot {
     pub writeback_bytes: u64,
     pub writeback_retries: u64,
     pub ordered_overwrites_in_place: u64,
+    #[serde(default)]
+    pub versions_superseded: u64,
     pub backend_errors: u64,
     pub cache_errors: u64,
     pub flushes: u64,
+    #[serde(default)]
+    pub flushes_with_nothing_new: u64,
     pub preload_bytes: u64,
     pub dirty_lines: u64,
     pub cached_lines: u64,
@@ -130,9 +140,11 @@ impl Stats {
             writeback_bytes: g(&self.writeback_bytes),
             writeback_retries: g(&self.writeback_retries),
             ordered_overwrites_in_place: g(&self.ordered_overwrites_in_place),
+            versions_superseded: g(&self.versions_superseded),
             backend_errors: g(&self.backend_errors),
             cache_errors: g(&self.cache_errors),
             flushes: g(&self.flushes),
+            flushes_with_nothing_new: g(&self.flushes_with_nothing_new),
             preload_bytes: g(&self.preload_bytes),
             latency: self.latency.snapshot(),
             ..Default::default()

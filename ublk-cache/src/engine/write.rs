@@ -253,6 +253,12 @@ impl Engine {
                         Allocation::NoFree => Next::Space,
                     },
                     Some(s) if v2 => {
+                        if !self.order.overwrite_waits_for_older_epoch()
+                            && st.slots.epoch(s) != epoch
+                        {
+                            let n = st.drop_superseded(&mut sh, tag);
+                            Stats::add(&self.stats.versions_superseded, n as u64);
+                        }
                         let r = st.slots.get(s);
                         let broken = st.order_broken_since.load(Ordering::Acquire) != 0;
                         if r.epoch == epoch {
@@ -356,7 +362,7 @@ impl Engine {
                     // Holding no line lock, waiting for space cannot block the
                     // flusher. The wait is short so that the decision above is
                     // taken again (an outage may end it with GiveUpOrdering).
-                    if !self.make_space(false).await? {
+                    if !self.make_space().await? {
                         c.ev.flusher.notify(usize::MAX);
                         wait_for(&c.ev.space, Duration::from_millis(100), || {
                             !st.alloc.lock().free.is_empty()

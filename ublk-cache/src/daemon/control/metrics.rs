@@ -207,6 +207,11 @@ impl Collector for StatsCollector {
                 e.ordered_overwrites_in_place,
             ),
             (
+                "ublk_cache_versions_superseded",
+                "Relaxed write-back: older versions of a line dropped unwritten because a durable newer version holds all their data.",
+                e.versions_superseded,
+            ),
+            (
                 "ublk_cache_preload_bytes",
                 "Bytes fetched by preload and hydration.",
                 e.preload_bytes,
@@ -215,6 +220,11 @@ impl Collector for StatsCollector {
                 "ublk_cache_cache_device_flushes",
                 "Flushes of the cache device (format v2: one per guest FLUSH that had something new).",
                 e.cache_flushes,
+            ),
+            (
+                "ublk_cache_flushes_with_nothing_new",
+                "Guest flushes that found everything durable already and cost no flush of the cache device (format v2).",
+                e.flushes_with_nothing_new,
             ),
             (
                 "ublk_cache_metadata_write_bytes",

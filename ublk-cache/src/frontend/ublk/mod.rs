@@ -32,9 +32,6 @@
 //! `EBUSY` for up to 30 s while the old daemon's references drain), starts the queues
 //! and calls `UblkCtrl::start_dev()`, which sends `UBLK_U_CMD_END_USER_RECOVERY` (instead
 //! of `START_DEV`) because the device is `QUIESCED` and the control is in recover mode.
-// TODO(lead): the lead is rewriting this file; document its `unsafe` blocks
-// with `// SAFETY:` comments and drop this allow (its eventfd call lacks a SAFETY comment)
-#![allow(clippy::undocumented_unsafe_blocks)]
 
 mod queue;
 
