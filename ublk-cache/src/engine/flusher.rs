@@ -17,7 +17,7 @@ use rbd_backend::aio::{DmaBuf, EventLoop};
 use rbd_backend::WriteMode;
 use tracing::{error, warn};
 
-use super::slots::FREE;
+use super::slots::{Pin, FREE, NO_SLOT};
 use super::sync::{join_all, run_window, wait_for, Piece};
 use super::{bits, Cache, Engine, Stats, SECTOR};
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
@@ -131,7 +131,9 @@ impl Engine {
                             continue;
                         }
                         uncovered.extend_from_slice(&items);
-                        uncovered = self.clean_v2(c, &uncovered);
+                        let merge;
+                        (uncovered, merge) = self.clean_v2(c, &uncovered);
+                        self.carry_up(c, &merge).await;
                     } else {
                         self.mark_clean(c, &items);
                     }
@@ -438,10 +440,16 @@ impl Engine {
 
     /// Format v2, after a step whose watermark is durable: versions it covers
     /// are clean; older versions of their lines are stale and freed (the free
-    /// entries and the watermark that makes them stale are on disk together).
-    /// Returns the items whose epoch the watermark does not cover yet (a step
-    /// that left lines of its epoch pending): a later step cleans them.
-    fn clean_v2(&self, c: &Cache, items: &[Item]) -> Vec<Item> {
+    /// entries and the watermark that makes them stale are on disk together),
+    /// except the oldest version of a line when it holds sectors that no newer
+    /// version holds (a 4 KiB rewrite of a 64 KiB line leaves 60 KiB only
+    /// there) and every newer version stays too (the head, or versions not
+    /// written back yet): it stays until the newer data is clean too and can be merged
+    /// into it (`carry_up`), so that write-back does not cost the cache what it
+    /// held. Returns the items whose epoch the watermark does not cover yet (a
+    /// step that left lines of its epoch pending; a later step cleans them) and
+    /// the lines to merge.
+    fn clean_v2(&self, c: &Cache, items: &[Item]) -> (Vec<Item>, Vec<u64>) {
         let st = &c.st;
         let w = st.flushed_durable.load(Ordering::Acquire);
         let uncovered: Vec<Item> = items.iter().filter(|it| it.epoch > w).cloned().collect();
@@ -452,20 +460,42 @@ impl Engine {
             .collect();
         tags.sort_unstable();
         tags.dedup();
+        let mut merge = Vec::new();
         for tag in tags {
             let mut sh = st.map.shard(tag).write();
+            let mut newer = bits::none();
+            // Whether the version just newer than this one stays: an older
+            // version may only stay under versions that all stay, or its stale
+            // copy of a freed version's sectors would be read.
+            let mut above_kept = true;
             for slot in st.chain(&sh, tag) {
                 let r = st.slots.get(slot);
+                let covered_before = newer;
+                newer = bits::or(&newer, &r.valid);
                 if r.epoch > w {
+                    above_kept = true;
                     continue;
                 }
                 if sh.head(&st.slots, tag) == Some(slot) {
                     if r.is_dirty() {
                         st.clean_silently(&mut sh, slot);
                     }
+                    above_kept = true;
+                } else if above_kept
+                    && r.next == NO_SLOT
+                    && !bits::is_empty(&bits::and_not(&r.valid, &covered_before))
+                {
+                    // The oldest, with sectors only it holds: kept, clean.
+                    if r.is_dirty() {
+                        st.clean_silently(&mut sh, slot);
+                    }
                 } else {
                     st.remove_version(&mut sh, slot);
+                    above_kept = false;
                 }
+            }
+            if mergeable(st, &sh, tag, w).is_some() {
+                merge.push(tag);
             }
         }
         // A full write-back makes the backend a flush-point state again.
@@ -476,7 +506,88 @@ impl Engine {
             st.order_broken_since.store(0, Ordering::Release);
             tracing::info!("write-back caught up: the backend alone is a flush-point state again");
         }
-        uncovered
+        (uncovered, merge)
+    }
+
+    /// Merge each line's newer clean version into its older one (`clean_v2`
+    /// kept the older for the sectors only it holds): the newer version's
+    /// sectors are copied into the older version's slot, which becomes the line's
+    /// only version, and the newer slot is freed. The copy is as large as the
+    /// newer data (usually a few KiB), not the line. Safe at every point: until
+    /// the merged entry is recorded the newer version shadows the sectors being
+    /// overwritten; the merged data is clean (on the backend), and clean data is
+    /// not trusted after a power cut anyway (see attach). When the line changed
+    /// meanwhile nothing is done (a later step sees it again); when the copy
+    /// fails, the older version is freed as before (its sectors only leave the
+    /// cache).
+    async fn carry_up(&self, c: &Cache, tags: &[u64]) {
+        let st = &c.st;
+        for &tag in tags {
+            let _line = st.map.lock(tag).await;
+            let w = st.flushed_durable.load(Ordering::Acquire);
+            let found = {
+                let sh = st.map.shard(tag).read();
+                mergeable(st, &sh, tag, w).map(|(n, o)| {
+                    let runs = bits::runs(&st.slots.valid(n), 0, c.layout.spl());
+                    // Neither slot is handed out again while the copy runs.
+                    let pins = [Pin::new(&st.slots, n), Pin::new(&st.slots, o)];
+                    (n, o, runs, pins)
+                })
+            };
+            let Some((newer, older, runs, _pins)) = found else {
+                continue;
+            };
+            let copied = self.copy_runs(c, newer, older, &runs).await;
+            let mut sh = st.map.shard(tag).write();
+            let still = mergeable(st, &sh, tag, w) == Some((newer, older));
+            match copied {
+                Ok(crcs) if still => {
+                    st.merge_into_older(&mut sh, tag, newer, older, &crcs);
+                    Stats::add(&self.stats.versions_merged, 1);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    Stats::add(&self.stats.cache_errors, 1);
+                    warn!(
+                        "merging the versions of line {tag} after write-back failed; its older data leaves the cache: {e}"
+                    );
+                    if still {
+                        st.remove_version(&mut sh, older);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copy the valid sector runs of slot `from` into slot `to` (same offsets
+    /// in the line). Returns the crc32c of every sector copied.
+    async fn copy_runs(
+        &self,
+        c: &Cache,
+        from: u32,
+        to: u32,
+        runs: &[(u32, u32, bool)],
+    ) -> EngineResult<Vec<(u16, u32)>> {
+        let mut crcs = Vec::new();
+        for &(s, e, valid) in runs {
+            if !valid {
+                continue;
+            }
+            let (a, n) = (s as u64 * SECTOR, (e - s) as u64 * SECTOR);
+            let buf = DmaBuf::new(n as usize);
+            c.store.read_async(from, a, buf.slice_all()).await?;
+            let bytes = buf.bytes().expect("read finished");
+            crcs.extend(
+                bytes
+                    .chunks(SECTOR as usize)
+                    .enumerate()
+                    .map(|(i, ch)| ((s as usize + i) as u16, crc32c::crc32c(ch))),
+            );
+            c.store
+                .write_async(to, a, buf.slice_all(), WriteMode::Normal)
+                .await?;
+        }
+        Ok(crcs)
     }
 
     /// After a successful step: lines still holding what was written back are
@@ -508,4 +619,20 @@ impl Engine {
             }
         }
     }
+}
+
+/// A line of exactly two versions, both clean under the watermark `w`:
+/// (newer, older). The caller holds its shard lock.
+fn mergeable(
+    st: &super::state::State,
+    sh: &super::map::Shard,
+    tag: u64,
+    w: u64,
+) -> Option<(u32, u32)> {
+    let chain = st.chain(sh, tag);
+    let [newer, older] = chain[..] else {
+        return None;
+    };
+    let (n, o) = (st.slots.get(newer), st.slots.get(older));
+    (n.epoch <= w && o.epoch <= w && !n.is_dirty() && !o.is_dirty()).then_some((newer, older))
 }

@@ -494,6 +494,38 @@ impl State {
         dropped
     }
 
+    /// Format v2: the line `tag` has exactly two clean versions and `newer`'s
+    /// sectors have been copied into `older`'s slot (checksums `crcs`): `older`
+    /// takes them, and `newer`'s epoch, and becomes the line's only version;
+    /// `newer` is freed. Both changes reach the next log record together. The
+    /// caller holds the line lock and its shard write lock.
+    pub fn merge_into_older(
+        &self,
+        sh: &mut Shard,
+        tag: u64,
+        newer: u32,
+        older: u32,
+        crcs: &[(u16, u32)],
+    ) {
+        let n = self.slots.get(newer);
+        let o = self.slots.get(older);
+        debug_assert_eq!(n.next, older);
+        {
+            let _s = self.snap.read();
+            sh.set_head(&self.slots, tag, older);
+        }
+        // `newer` is no longer the head, so this only frees it.
+        self.release(sh, newer);
+        let merged = Rec {
+            valid: bits::or(&o.valid, &n.valid),
+            dirty: bits::none(),
+            epoch: n.epoch,
+            next: NO_SLOT,
+            ..o
+        };
+        self.set_rec_written(sh, older, merged, crcs);
+    }
+
     /// The versions of `tag`, newest first. The caller holds its shard lock.
     pub fn chain(&self, sh: &Shard, tag: u64) -> Vec<u32> {
         let mut out = Vec::new();

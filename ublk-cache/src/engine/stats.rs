@@ -30,6 +30,9 @@ pub struct Stats {
     /// Format v2, relaxed order: older versions dropped unwritten because a
     /// durable newer version holds all their data.
     pub versions_superseded: AtomicU64,
+    /// Format v2: lines whose newer clean version was merged into the older
+    /// one after write-back (so the older one's data stays cached).
+    pub versions_merged: AtomicU64,
     pub backend_errors: AtomicU64,
     pub cache_errors: AtomicU64,
     pub flushes: AtomicU64,
@@ -70,6 +73,8 @@ pub struct StatsSnapshot {
     pub ordered_overwrites_in_place: u64,
     #[serde(default)]
     pub versions_superseded: u64,
+    #[serde(default)]
+    pub versions_merged: u64,
     pub backend_errors: u64,
     pub cache_errors: u64,
     pub flushes: u64,
@@ -141,6 +146,7 @@ impl Stats {
             writeback_retries: g(&self.writeback_retries),
             ordered_overwrites_in_place: g(&self.ordered_overwrites_in_place),
             versions_superseded: g(&self.versions_superseded),
+            versions_merged: g(&self.versions_merged),
             backend_errors: g(&self.backend_errors),
             cache_errors: g(&self.cache_errors),
             flushes: g(&self.flushes),

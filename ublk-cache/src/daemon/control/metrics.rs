@@ -212,6 +212,11 @@ impl Collector for StatsCollector {
                 e.versions_superseded,
             ),
             (
+                "ublk_cache_versions_merged",
+                "Lines whose newer clean version was merged into the older one after write-back, keeping the older one's data cached.",
+                e.versions_merged,
+            ),
+            (
                 "ublk_cache_preload_bytes",
                 "Bytes fetched by preload and hydration.",
                 e.preload_bytes,
