@@ -265,17 +265,23 @@ pub fn backend_rows(test: &str) -> Vec<BackendRow> {
     v
 }
 
-/// Run `f` once per backend row. A row on the Ceph cluster runs under a
-/// watchdog of `remote_secs` (a test against a real cluster must never hang CI).
+/// How long one row of a test on a local backend may take before the
+/// watchdog calls it a hang (a row takes well under a minute here).
+const LOCAL_ROW_SECS: u64 = 600;
+
+/// Run `f` once per backend row, each under a watchdog: `remote_secs` on the
+/// Ceph cluster, [`LOCAL_ROW_SECS`] on the others. A hang fails the test
+/// process at once, naming the test and the row, instead of running into CI's
+/// time limit.
 pub fn for_each_backend(test: &str, remote_secs: u64, mut f: impl FnMut(&BackendRow)) {
     for row in backend_rows(test) {
         eprintln!("-- {test}: {}", row.label());
-        #[cfg(feature = "rbd")]
-        let _wd = row
-            .is_remote()
-            .then(|| crate::ceph::watchdog(test, remote_secs));
-        #[cfg(not(feature = "rbd"))]
-        let _ = remote_secs;
+        let secs = if row.is_remote() {
+            remote_secs
+        } else {
+            LOCAL_ROW_SECS
+        };
+        let _wd = crate::watchdog::watchdog(&format!("{test} on {}", row.label()), secs);
         f(&row);
     }
 }

@@ -11,9 +11,7 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use rbd_backend::{RbdAdmin, RbdOptions, RbdSpec};
 use rustix::process::Signal;
@@ -266,32 +264,4 @@ impl Drop for TestImage<'_> {
     }
 }
 
-/// Aborts the whole test process if not dropped within `secs`: a test against
-/// a real cluster must never hang CI.
-pub struct Watchdog {
-    done: Arc<AtomicBool>,
-}
-
-pub fn watchdog(test: &str, secs: u64) -> Watchdog {
-    let done = Arc::new(AtomicBool::new(false));
-    let d = Arc::clone(&done);
-    let name = test.to_string();
-    std::thread::spawn(move || {
-        let step = Duration::from_millis(100);
-        for _ in 0..secs * 10 {
-            if d.load(Ordering::Acquire) {
-                return;
-            }
-            std::thread::sleep(step);
-        }
-        eprintln!("FAIL: {name}: still running after {secs} s; aborting the test process");
-        std::process::abort();
-    });
-    Watchdog { done }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.done.store(true, Ordering::Release);
-    }
-}
+pub use crate::watchdog::{watchdog, Watchdog};

@@ -11,7 +11,8 @@
 //! - [`serve`]: the real `ublk-cache serve` process and the real NBD clients;
 //! - [`nbd_client`]: an NBD client written from the protocol document,
 //!   independently of the server's code, so that the two check each other;
-//! - [`rig`]: the engine test rig (configs, in-memory devices, refusals).
+//! - [`rig`]: the engine test rig (configs, in-memory devices, refusals);
+//! - [`watchdog`]: a hang becomes a named failure instead of CI's time-out.
 
 pub mod backends;
 #[cfg(feature = "rbd")]
@@ -21,6 +22,7 @@ pub mod rig;
 pub mod rng;
 pub mod serve;
 pub mod skip;
+pub mod watchdog;
 
 pub use rng::{pattern, Rng};
 

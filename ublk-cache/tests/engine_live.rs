@@ -576,3 +576,49 @@ fn v2_back_refusing_write_back(
     };
     (b, c, fb, conf)
 }
+
+/// An offline cache holds the image and about one line more. Overwrites after
+/// a FLUSH must not use that spare room up for versions of lines nothing
+/// writes back until stop: a later write to a line not yet copied in needs a
+/// slot, and waited for one forever (the model test hung on it). Now the
+/// versions are written back and reclaimed, and the write goes on.
+#[test]
+fn offline_versions_never_starve_a_line_not_yet_copied_in() {
+    let line = 65536u64;
+    let lines = 16u64;
+    let b = testkit::rig::mem(lines * line);
+    let c = testkit::rig::mem(MIB + (lines + 1) * line);
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Offline));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let e2 = e.clone();
+    std::thread::spawn(move || {
+        for round in 1..=3u8 {
+            e2.write(0, &[round; 4096], false).unwrap();
+            e2.flush().unwrap();
+        }
+        for l in 1..lines {
+            e2.write(l * line, &[l as u8; 4096], false).unwrap();
+        }
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("a write to a line not yet copied in hung in offline mode");
+    assert!(
+        e.stats().offline_writebacks_for_space >= 1,
+        "the versions were reclaimed by a write-back before stop"
+    );
+    let mut want = vec![0u8; (lines * line) as usize];
+    want[..4096].fill(3);
+    for l in 1..lines {
+        let o = (l * line) as usize;
+        want[o..o + 4096].fill(l as u8);
+    }
+    assert_eq!(read(&e, 0, want.len()), want);
+    e.shutdown().unwrap();
+    let img = b.snapshot();
+    assert_eq!(&img[..4096], &[3u8; 4096][..]);
+    for l in 1..lines {
+        let o = (l * line) as usize;
+        assert_eq!(&img[o..o + 4096], &[l as u8; 4096][..], "line {l}");
+    }
+}

@@ -33,6 +33,9 @@ pub struct Stats {
     /// Format v2: lines whose newer clean version was merged into the older
     /// one after write-back (so the older one's data stays cached).
     pub versions_merged: AtomicU64,
+    /// Offline mode: write-backs before stop, because a line not cached yet
+    /// needed a slot that only older versions held.
+    pub offline_writebacks_for_space: AtomicU64,
     pub backend_errors: AtomicU64,
     pub cache_errors: AtomicU64,
     pub flushes: AtomicU64,
@@ -75,6 +78,8 @@ pub struct StatsSnapshot {
     pub versions_superseded: u64,
     #[serde(default)]
     pub versions_merged: u64,
+    #[serde(default)]
+    pub offline_writebacks_for_space: u64,
     pub backend_errors: u64,
     pub cache_errors: u64,
     pub flushes: u64,
@@ -147,6 +152,7 @@ impl Stats {
             ordered_overwrites_in_place: g(&self.ordered_overwrites_in_place),
             versions_superseded: g(&self.versions_superseded),
             versions_merged: g(&self.versions_merged),
+            offline_writebacks_for_space: g(&self.offline_writebacks_for_space),
             backend_errors: g(&self.backend_errors),
             cache_errors: g(&self.cache_errors),
             flushes: g(&self.flushes),

@@ -363,11 +363,15 @@ impl Engine {
                     // flusher. The wait is short so that the decision above is
                     // taken again (an outage may end it with GiveUpOrdering).
                     if !self.make_space().await? {
-                        c.ev.flusher.notify(usize::MAX);
-                        wait_for(&c.ev.space, Duration::from_millis(100), || {
-                            !st.alloc.lock().free.is_empty()
-                        })
-                        .await;
+                        if self.mode().writes_back_continuously() {
+                            c.ev.flusher.notify(usize::MAX);
+                            wait_for(&c.ev.space, Duration::from_millis(100), || {
+                                !st.alloc.lock().free.is_empty()
+                            })
+                            .await;
+                        } else {
+                            self.reclaim_versions_by_write_back().await?;
+                        }
                     }
                     continue;
                 }
@@ -444,6 +448,22 @@ impl Engine {
     /// so the backend alone is not a flush-point state until a full drain. That
     /// is recorded durably (the round also makes its data durable first, as
     /// every round does while ordering is given up) before the first such write.
+    /// A line not cached yet needs a slot and none can be freed: every slot
+    /// holds dirty data or a line's older version. Offline mode writes back
+    /// only at stop, so nothing would ever free one and the write would wait
+    /// forever: write back every closed epoch now, in order, which lets the
+    /// older versions go (and their slots free) while the cache keeps every
+    /// line, clean.
+    async fn reclaim_versions_by_write_back(&self) -> EngineResult<()> {
+        Stats::add(&self.stats.offline_writebacks_for_space, 1);
+        warn!(
+            "offline mode: no cache slot is left for a line not copied in yet (versions of lines rewritten \
+             after a FLUSH fill the room beside the image), so dirty data is written back now to reclaim \
+             them"
+        );
+        self.writeback_barrier().await
+    }
+
     async fn give_up_ordering_durably(&self) -> EngineResult<()> {
         let Some(c) = self.cache.as_ref() else {
             return Ok(());

@@ -217,6 +217,11 @@ impl Collector for StatsCollector {
                 e.versions_merged,
             ),
             (
+                "ublk_cache_offline_writebacks_for_space",
+                "Offline mode: write-backs before stop because a line not cached yet needed a slot that only older versions of other lines held.",
+                e.offline_writebacks_for_space,
+            ),
+            (
                 "ublk_cache_preload_bytes",
                 "Bytes fetched by preload and hydration.",
                 e.preload_bytes,
