@@ -3,9 +3,11 @@
 //! is not a socket. Shared by the NBD export and the control socket.
 
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use tracing::info;
 
@@ -56,4 +58,22 @@ pub fn bind(path: &Path, mode: u32, what: &str) -> Result<(UnixListener, PathBuf
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("chmod {mode:o}: {e}"))?;
     Ok((listener, path))
+}
+
+/// Wait until one of `fds` is readable or `timeout` passes; returns which are.
+pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<bool>> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut pfds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::new(fd, PollFlags::IN))
+        .collect();
+    let t = Timespec::try_from(timeout).unwrap_or(Timespec {
+        tv_sec: i64::MAX,
+        tv_nsec: 0,
+    });
+    match poll(&mut pfds, Some(&t)) {
+        Ok(_) => Ok(pfds.iter().map(|p| !p.revents().is_empty()).collect()),
+        Err(rustix::io::Errno::INTR) => Ok(vec![false; fds.len()]),
+        Err(e) => Err(e.into()),
+    }
 }

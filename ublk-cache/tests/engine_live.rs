@@ -395,13 +395,7 @@ fn ordered_overwrites_keep_completing_while_write_back_fails() {
 /// a hang.
 #[test]
 fn relaxed_rewrites_between_flushes_drop_superseded_versions() {
-    let (b, c) = mems(4, 4);
-    let fb = refusing(&b);
-    let conf = EngineConfig {
-        format_version: FormatVersion::V2,
-        order: policies::WritebackOrder::Relaxed,
-        ..cfg(CacheMode::Back)
-    };
+    let (b, c, fb, conf) = v2_back_refusing_write_back(policies::WritebackOrder::Relaxed);
     let e = open(fb.clone(), c.clone(), conf.clone());
     // Sector 1 is written once, before the rewrites of sector 0 start: a
     // newer version that does not hold it must not drop it.

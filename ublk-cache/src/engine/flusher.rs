@@ -396,7 +396,7 @@ impl Engine {
                     continue;
                 }
                 let sh = st.map.shard(it.tag).read();
-                let (s0, s1) = ((a / SECTOR) as u32, ((a + n) / SECTOR) as u32);
+                let (s0, s1) = super::read::sectors(a, a + n);
                 let runs = st.resolve(&sh, it.tag, s0, s1);
                 if !newest_allowed || runs.iter().any(|r| r.2.is_none()) {
                     debug_assert!(newest_allowed, "slot {slot} changed under write-back");
@@ -412,7 +412,7 @@ impl Engine {
                     let src = src.expect("checked above");
                     // A slot found under the shard lock stays this line's while
                     // pinned (a released slot is not handed out while pinned).
-                    pins.push(super::slots::Pin::new(&st.slots, src));
+                    pins.push(Pin::new(&st.slots, src));
                     sources.push((src, rs as u64 * SECTOR, (re - rs) as u64 * SECTOR));
                 }
             }
@@ -576,13 +576,10 @@ impl Engine {
             let (a, n) = (s as u64 * SECTOR, (e - s) as u64 * SECTOR);
             let buf = DmaBuf::new(n as usize);
             c.store.read_async(from, a, buf.slice_all()).await?;
-            let bytes = buf.bytes().expect("read finished");
-            crcs.extend(
-                bytes
-                    .chunks(SECTOR as usize)
-                    .enumerate()
-                    .map(|(i, ch)| ((s as usize + i) as u16, crc32c::crc32c(ch))),
-            );
+            crcs.extend(super::write::sector_crcs(
+                buf.bytes().expect("read finished"),
+                a,
+            ));
             c.store
                 .write_async(to, a, buf.slice_all(), WriteMode::Normal)
                 .await?;

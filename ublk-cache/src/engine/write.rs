@@ -544,11 +544,7 @@ impl Engine {
             if !want_crcs {
                 return Vec::new();
             }
-            bytes
-                .chunks(SECTOR as usize)
-                .enumerate()
-                .map(|(i, ch)| ((first / SECTOR) as u16 + i as u16, crc32c::crc32c(ch)))
-                .collect()
+            sector_crcs(bytes, first)
         };
         if a.is_multiple_of(SECTOR) && b.is_multiple_of(SECTOR) {
             // SAFETY: this request owns `data` while it runs; nothing writes it.
@@ -592,4 +588,14 @@ impl Engine {
             .await?;
         Ok(crcs)
     }
+}
+
+/// (sector in its line, crc32c) of each whole 4 KiB sector of `bytes`, which
+/// start at byte `first` of the line (format v2 logs them with the entry).
+pub(super) fn sector_crcs(bytes: &[u8], first: u64) -> Vec<(u16, u32)> {
+    bytes
+        .chunks(SECTOR as usize)
+        .enumerate()
+        .map(|(i, ch)| ((first / SECTOR) as u16 + i as u16, crc32c::crc32c(ch)))
+        .collect()
 }

@@ -311,17 +311,11 @@ fn accept_loop(listener: UnixListener, ctx: Arc<ControlContext>, stop: Arc<Atomi
                 // Sleep until a client connects, waking once a second to see a
                 // stop (the sampler beside it sleeps as long): an idle server
                 // costs one wakeup a second, not twenty.
-                use rustix::event::{poll, PollFd, PollFlags, Timespec};
-                let timeout = Timespec {
-                    tv_sec: 1,
-                    tv_nsec: 0,
-                };
-                let mut fds = [PollFd::new(&listener, PollFlags::IN)];
-                if let Err(e) = poll(&mut fds, Some(&timeout)) {
-                    if e != rustix::io::Errno::INTR {
-                        warn!("control socket poll: {e}");
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
+                use std::os::fd::AsFd;
+                let fds = [listener.as_fd()];
+                if let Err(e) = crate::unix_socket::poll_readable(&fds, Duration::from_secs(1)) {
+                    warn!("control socket poll: {e}");
+                    std::thread::sleep(Duration::from_millis(200));
                 }
             }
             Err(e) => {

@@ -387,24 +387,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Wait until one of `fds` is readable or `timeout` passes; returns which are.
-fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<bool>> {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let mut pfds: Vec<PollFd<'_>> = fds
-        .iter()
-        .map(|fd| PollFd::new(fd, PollFlags::IN))
-        .collect();
-    let t = Timespec::try_from(timeout).unwrap_or(Timespec {
-        tv_sec: i64::MAX,
-        tv_nsec: 0,
-    });
-    match poll(&mut pfds, Some(&t)) {
-        Ok(_) => Ok(pfds.iter().map(|p| !p.revents().is_empty()).collect()),
-        Err(rustix::io::Errno::INTR) => Ok(vec![false; fds.len()]),
-        Err(e) => Err(e.into()),
-    }
-}
-
 fn accept_loop<T: AsyncTarget + 'static>(
     listeners: Listeners,
     target: Arc<T>,
@@ -419,7 +401,7 @@ fn accept_loop<T: AsyncTarget + 'static>(
     };
     let mut next_id = 0u64;
     while !stop.load(Ordering::Acquire) {
-        let ready = match poll_readable(&fds, Duration::from_millis(100)) {
+        let ready = match crate::unix_socket::poll_readable(&fds, Duration::from_millis(100)) {
             Ok(r) => r,
             Err(e) => {
                 error!("NBD: poll on the listeners failed: {e}");
