@@ -3,10 +3,12 @@
 
 pub mod eviction;
 pub mod mode;
+pub mod pacing;
 pub mod writeback;
 
 pub use eviction::{
     ClockPolicy, EvictionBuilder, EvictionKind, EvictionPolicy, LruPolicy, ParseEvictionError,
 };
 pub use mode::{CacheMode, FlushAction, ParseModeError, WriteRoute};
+pub use pacing::{Pacer, WritebackLimit};
 pub use writeback::WritebackOrder;

@@ -202,7 +202,7 @@ pub fn run(cfg: &RunConfig) -> RunReport {
     );
     let start = clock.now();
     let mut rng = Rng::new(cfg.seed);
-    let hist = workload::run(
+    let workload = workload::run(
         &engine,
         &clock,
         &mut rng,
@@ -213,7 +213,10 @@ pub fn run(cfg: &RunConfig) -> RunReport {
     );
     engine.abandon();
     let end = clock.now();
-    let history = History::new(hist, BACKEND_BYTES as u64 / SECTOR);
+    for m in workload.read_mismatches {
+        report.violations.push(format!("{cfg:?}: {m}"));
+    }
+    let history = History::new(workload.ops, BACKEND_BYTES as u64 / SECTOR);
 
     let mut points: Vec<u64> = cache
         .log()

@@ -76,21 +76,41 @@ pub fn decode(sector: u64, b: &[u8]) -> Content {
     Content::Write(id)
 }
 
+/// What a read of a sector must return while the workload runs. It is
+/// single-threaded, so a read sees every completed request and no other.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    Exactly(Content),
+    /// Discarded: unspecified (zeroes or what was there, as the backend
+    /// chooses), but stable once read, until the next write.
+    Discarded {
+        before: Content,
+    },
+}
+
+/// The requests issued and, from the reads among them, every read that did
+/// not return what the guest wrote last (or that failed).
+pub struct Workload {
+    pub ops: Vec<GuestOp>,
+    pub read_mismatches: Vec<String>,
+}
+
+/// Reported read mismatches per run, at most (one is enough to fail it).
+const MAX_MISMATCHES: usize = 4;
+
 pub struct WorkloadConfig {
     pub ops: usize,
     pub max_sectors: u64,
 }
 
 /// Drive `engine` single-threaded (the flusher runs beside it) and return the
-/// history. Reads are issued too: they promote lines and race the flusher.
-pub fn run(
-    engine: &Arc<Engine>,
-    clock: &Clock,
-    rng: &mut Rng,
-    cfg: &WorkloadConfig,
-) -> Vec<GuestOp> {
+/// history. Reads are issued too: they promote lines and race the flusher, and
+/// each must return what was written last (checked here, as they happen).
+pub fn run(engine: &Arc<Engine>, clock: &Clock, rng: &mut Rng, cfg: &WorkloadConfig) -> Workload {
     let sectors = engine.size() / SECTOR;
     let mut hist = Vec::with_capacity(cfg.ops);
+    let mut expect = vec![Expect::Exactly(Content::Zero); sectors as usize];
+    let mut mismatches = Vec::new();
     let mut next_id = 1u64;
     for _ in 0..cfg.ops {
         let count = 1 + rng.below(cfg.max_sectors);
@@ -110,7 +130,15 @@ pub fn run(
             69..=70 => Kind::Discard,
             _ => {
                 let mut buf = vec![0u8; (count * SECTOR) as usize];
-                let _ = engine.read(sector * SECTOR, &mut buf);
+                let at = clock.now();
+                if let Err(e) = engine.read(sector * SECTOR, &mut buf) {
+                    mismatches.push(format!(
+                        "live read of sectors {sector}+{count} at t={at} failed on healthy devices: {e}"
+                    ));
+                } else {
+                    check_read(sector, &buf, &mut expect, at, &mut mismatches);
+                }
+                mismatches.truncate(MAX_MISMATCHES);
                 continue;
             }
         };
@@ -134,6 +162,19 @@ pub fn run(
         if let Err(e) = res {
             panic!("workload request failed on healthy in-memory devices: {e}");
         }
+        for s in sector..sector + count {
+            let e = &mut expect[s as usize];
+            *e = match kind {
+                Kind::Write { .. } => Expect::Exactly(Content::Write(id)),
+                Kind::Zero => Expect::Exactly(Content::Zero),
+                Kind::Discard => match *e {
+                    Expect::Exactly(before) | Expect::Discarded { before } => {
+                        Expect::Discarded { before }
+                    }
+                },
+                Kind::Flush => break,
+            };
+        }
         let (sector, count) = if kind == Kind::Flush {
             (0, 0)
         } else {
@@ -148,5 +189,78 @@ pub fn run(
             done,
         });
     }
-    hist
+    Workload {
+        ops: hist,
+        read_mismatches: mismatches,
+    }
+}
+
+/// Compare a live read of sectors from `first` with what each must hold, and
+/// pin what a discarded sector was read as.
+fn check_read(first: u64, buf: &[u8], expect: &mut [Expect], at: u64, out: &mut Vec<String>) {
+    for (i, b) in buf.chunks(SECTOR as usize).enumerate() {
+        let s = first + i as u64;
+        let got = decode(s, b);
+        let e = &mut expect[s as usize];
+        match *e {
+            Expect::Exactly(want) if got == want => {}
+            Expect::Discarded { before } if got == Content::Zero || got == before => {
+                *e = Expect::Exactly(got);
+            }
+            want => {
+                out.push(format!(
+                    "live read at t={at}: sector {s} holds {got:?}, but the guest's last request left it {want:?}"
+                ));
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sectors(ids: &[(u64, u64)]) -> Vec<u8> {
+        ids.iter()
+            .flat_map(|&(id, s)| {
+                if id == 0 {
+                    [0u8; 512]
+                } else {
+                    sector_data(id, s)
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_live_read_must_return_the_last_write_and_a_discard_stays_as_first_read() {
+        let mut expect = vec![
+            Expect::Exactly(Content::Write(4)),
+            Expect::Discarded {
+                before: Content::Write(2),
+            },
+            Expect::Exactly(Content::Zero),
+        ];
+        let mut out = Vec::new();
+        check_read(
+            0,
+            &sectors(&[(4, 0), (2, 1), (0, 2)]),
+            &mut expect,
+            1,
+            &mut out,
+        );
+        assert!(out.is_empty(), "{out:?}");
+        // The discarded sector read as its old data once: now it must stay so.
+        check_read(1, &sectors(&[(0, 1)]), &mut expect, 2, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(out[0].contains("sector 1 holds Zero"), "{out:?}");
+        // An older write, and data of another sector, are both caught.
+        out.clear();
+        check_read(0, &sectors(&[(3, 0)]), &mut expect, 3, &mut out);
+        check_read(2, &sectors(&[(4, 0)]), &mut expect, 4, &mut out);
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(out[0].contains("holds Write(3)") && out[0].contains("Exactly(Write(4))"));
+        assert!(out[1].contains("Misplaced"), "{out:?}");
+    }
 }

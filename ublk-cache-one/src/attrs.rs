@@ -119,7 +119,7 @@ pub fn parse_mb(name: &str, v: &str, allow_zero: bool) -> Result<u64> {
     Ok(mb)
 }
 
-/// CACHE_PRELOAD_RATE in MB/s (0: unlimited).
+/// CACHE_PRELOAD_RATE or CACHE_WRITEBACK_RATE in MB/s (0: unlimited).
 pub fn parse_rate(name: &str, v: &str) -> Result<u64> {
     let t = v.trim().to_ascii_uppercase();
     let t = t.strip_suffix("/S").unwrap_or(&t);

@@ -2,8 +2,8 @@
 //! the image datastore, the system datastore and this host's config. All
 //! checks happen here, before anything is created.
 //!
-//! Precedence for CACHE_MODE, CACHE_SIZE, PRELOAD_SIZE, CACHE_WRITEBACK_ORDER
-//! and CACHE_PRELOAD_RATE: the DISK (which oned fills from the image and the
+//! Precedence for CACHE_MODE, CACHE_SIZE, PRELOAD_SIZE, CACHE_WRITEBACK_ORDER,
+//! CACHE_PRELOAD_RATE and CACHE_WRITEBACK_RATE: the DISK (which oned fills from the image and the
 //! image datastore through INHERIT_IMAGE_ATTR / INHERIT_DATASTORE_ATTR), then
 //! the image datastore's template (in case oned.conf lacks the INHERIT lines),
 //! then the system datastore's template, then one.conf, then the built-in
@@ -40,6 +40,8 @@ pub struct DiskSpec {
     /// MB/s of preload and offline hydration (0: unlimited).
     pub preload_rate_mb: u64,
     pub order: WritebackOrder,
+    /// MB/s that background write-back may send to the image (0: unlimited).
+    pub writeback_rate_mb: u64,
 }
 
 /// MB of cache that hold a whole disk of `size_mb` (OFFLINE): the data, plus an
@@ -376,6 +378,11 @@ pub fn resolve(
             .map_err(|e| attr(format!("CACHE_WRITEBACK_ORDER {e} (from the {from})")))?,
         None => conf.writeback_order,
     };
+    let writeback_rate_mb = match layers.get("CACHE_WRITEBACK_RATE") {
+        Some((v, from)) => parse_rate("CACHE_WRITEBACK_RATE", v)
+            .map_err(|e| attr(format!("{e} (from the {from})")))?,
+        None => conf.writeback_rate_mb,
+    };
     Ok(DiskSpec {
         image,
         size_mb,
@@ -386,6 +393,7 @@ pub fn resolve(
         preload_mb,
         preload_rate_mb,
         order,
+        writeback_rate_mb,
     })
 }
 
@@ -478,6 +486,42 @@ mod tests {
     }
 
     #[test]
+    fn the_write_back_rate_comes_from_the_disk_or_the_host() {
+        let mut n = Vec::new();
+        for (host, disk, image_ds, want) in [
+            ("", "", "", 0),
+            ("WRITEBACK_RATE_MB=40", "", "", 40),
+            (
+                "WRITEBACK_RATE_MB=40",
+                "",
+                "<CACHE_WRITEBACK_RATE>25</CACHE_WRITEBACK_RATE>",
+                25,
+            ),
+            (
+                "WRITEBACK_RATE_MB=40",
+                "<CACHE_WRITEBACK_RATE>50M/s</CACHE_WRITEBACK_RATE>",
+                "<CACHE_WRITEBACK_RATE>25</CACHE_WRITEBACK_RATE>",
+                50,
+            ),
+            (
+                "WRITEBACK_RATE_MB=40",
+                "<CACHE_WRITEBACK_RATE>0</CACHE_WRITEBACK_RATE>",
+                "",
+                0,
+            ),
+        ] {
+            let c = conf(host);
+            let b = bundle(
+                &format!("<TYPE>BLOCK</TYPE><CACHE_MODE>BACK</CACHE_MODE>{disk}"),
+                image_ds,
+                "",
+            );
+            let s = resolve(&b, &c, 7, 0, Some(100), &mut n).unwrap();
+            assert_eq!(s.writeback_rate_mb, want, "{host} {disk} {image_ds}");
+        }
+    }
+
+    #[test]
     fn bad_values_are_refused_by_name() {
         let c = conf("");
         for (disk, want) in [
@@ -502,6 +546,10 @@ mod tests {
             (
                 "<CACHE_PRELOAD_RATE>fast</CACHE_PRELOAD_RATE>",
                 "CACHE_PRELOAD_RATE",
+            ),
+            (
+                "<CACHE_WRITEBACK_RATE>-1</CACHE_WRITEBACK_RATE>",
+                "CACHE_WRITEBACK_RATE='-1'",
             ),
             ("<SHAREABLE>YES</SHAREABLE>", "SHAREABLE"),
             (

@@ -65,6 +65,12 @@ pub fn server_toml(conf: &HostConf, spec: &DiskSpec, rec: &DiskRecord) -> String
                 s(&format!("{}M", spec.preload_rate_mb)),
             );
         }
+        if spec.writeback_rate_mb > 0 {
+            t.insert(
+                "writeback-rate".into(),
+                s(&format!("{}M", spec.writeback_rate_mb)),
+            );
+        }
     }
     let export = match (rec.export, &rec.socket) {
         (Export::Nbd, Some(sock)) => format!("nbd:unix:{}", sock.display()),

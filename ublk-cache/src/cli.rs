@@ -113,6 +113,16 @@ pub enum CtlVerb {
     Preload { range: Option<String> },
     /// Drop all clean cached data (refused while dirty data remains).
     Invalidate,
+    /// Show or change background write-back's limit while serving (until the
+    /// server stops): an option given replaces that part, 0 lifts it.
+    WritebackLimit {
+        /// Backend bytes per second, e.g. 50M (0: no limit).
+        #[arg(long, value_name = "RATE", value_parser = parse_size)]
+        rate: Option<u64>,
+        /// Backend writes per second (0: no limit).
+        #[arg(long, value_name = "N")]
+        iops: Option<u64>,
+    },
 }
 
 /// The options of `serve` and `recover`. Every one is optional here: what is
@@ -155,6 +165,13 @@ pub struct ServeArgs {
     /// (faster; see README) [default: ordered].
     #[arg(long)]
     pub writeback_order: Option<WritebackOrder>,
+    /// Background write-back backend bytes per second at most, e.g. 50M (0: no
+    /// limit). stop, ctl flush, mode switches and migration drain unpaced.
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    pub writeback_rate: Option<u64>,
+    /// Background write-back backend writes per second at most (0: no limit).
+    #[arg(long, value_name = "N")]
+    pub writeback_iops: Option<u64>,
     /// Which clean line to give up when the cache is full: clock or lru [default: clock].
     #[arg(long)]
     pub eviction: Option<EvictionKind>,
@@ -283,6 +300,8 @@ impl ServeArgs {
         set(&mut cfg.mode, self.mode);
         set_opt(&mut cfg.line_size, self.line_size.map(ByteSize));
         set(&mut cfg.writeback_order, self.writeback_order);
+        set_opt(&mut cfg.writeback_rate, self.writeback_rate.map(ByteSize));
+        set_opt(&mut cfg.writeback_iops, self.writeback_iops);
         set(&mut cfg.eviction, self.eviction);
         set_opt(&mut cfg.queues, self.queues);
         set(&mut cfg.depth, self.depth);

@@ -209,6 +209,10 @@ fn ctl(run_dir: &Path, target: &str, verb: CtlVerb, json: bool) -> Result<()> {
                 .map(|r| vec![r]),
         },
         CtlVerb::Invalidate => Request::Invalidate,
+        CtlVerb::WritebackLimit { rate, iops } => Request::WritebackLimit {
+            bytes_per_sec: rate,
+            writes_per_sec: iops,
+        },
     };
     control_call(run_dir, target, req, json)
 }
@@ -285,6 +289,21 @@ fn print_stats(r: &StatsReply) {
         e.backend_errors,
         e.writeback_retries
     );
+    if e.writeback_rate_limit > 0 || e.writeback_iops_limit > 0 {
+        let none = |v: u64, what: String| if v > 0 { what } else { "no limit".into() };
+        println!(
+            "write-back limit: {} and {}; waited {:.1} s for it",
+            none(
+                e.writeback_rate_limit,
+                format!("{}/s", mib(e.writeback_rate_limit))
+            ),
+            none(
+                e.writeback_iops_limit,
+                format!("{} writes/s", e.writeback_iops_limit)
+            ),
+            e.writeback_paced_ms as f64 / 1000.0
+        );
+    }
     println!(
         "cache device: {} read, {} written; errors {}; preload fetched {}",
         mib(e.cache_read_bytes),

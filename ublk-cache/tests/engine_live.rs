@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use policies::CacheMode;
+use policies::{CacheMode, WritebackLimit};
 use rbd_backend::{Backend, FaultyBackend, MemBackend};
 use testkit::rig::{
     assert_refused, back_engine_refusing_write_back, back_engine_refusing_write_back_on, cfg, mems,
@@ -615,4 +615,97 @@ fn offline_versions_never_starve_a_line_not_yet_copied_in() {
         let o = (l * line) as usize;
         assert_eq!(&img[o..o + 4096], &[l as u8; 4096][..], "line {l}");
     }
+}
+
+/// Wait (up to `secs`, which only catches a hang) until `ready` holds.
+fn eventually(secs: u64, what: &str, ready: impl Fn() -> bool) {
+    let t = std::time::Instant::now();
+    while !ready() {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(secs),
+            "not within {secs} s: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A `back` engine on in-memory devices whose write-back is paced to the
+/// given bytes and writes per second.
+fn paced_back_engine(bytes: Option<u64>, writes: Option<u64>) -> (Arc<MemBackend>, Arc<Engine>) {
+    let (b, c) = mems(8, 8);
+    let limit = WritebackLimit {
+        bytes_per_sec: bytes,
+        writes_per_sec: writes,
+    };
+    let e = open(
+        b.clone(),
+        c,
+        EngineConfig {
+            writeback_limit: limit,
+            ..cfg(CacheMode::Back)
+        },
+    );
+    assert_eq!(e.writeback_limit(), limit);
+    (b, e)
+}
+
+/// Dirty 64 KiB lines with a clean line between each two (so that write-back
+/// sends one backend write per line, not one merged extent).
+fn dirty_every_other_line(e: &Engine, lines: u64) -> Vec<u8> {
+    let mut want = vec![0u8; (2 * lines * 65536) as usize];
+    for l in 0..lines {
+        let off = 2 * l * 65536;
+        let data = testkit::pattern(l + 1, 65536);
+        e.write(off, &data, false).unwrap();
+        want[off as usize..off as usize + 65536].copy_from_slice(&data);
+    }
+    want
+}
+
+/// Background write-back keeps to `--writeback-rate`: at 64 KiB/s, 32 lines
+/// of 64 KiB take half a minute, so once the flusher has waited for the limit
+/// most of them are still dirty. A clean stop drains the rest unpaced (paced,
+/// it would take about 30 s more; the limit below only catches that).
+#[test]
+fn write_back_keeps_to_its_rate_and_a_stop_drains_unpaced() {
+    let (b, e) = paced_back_engine(Some(65536), None);
+    let want = dirty_every_other_line(&e, 32);
+    e.flush().unwrap();
+    eventually(20, "write-back waits for its limit", || {
+        e.stats().writeback_paced_ms > 0
+    });
+    let dirty = e.stats().dirty_bytes;
+    assert!(
+        dirty >= MIB,
+        "only {dirty} bytes still dirty: write-back ran past its limit"
+    );
+    let t = std::time::Instant::now();
+    e.shutdown().unwrap();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(15),
+        "the stop's drain was paced ({:?})",
+        t.elapsed()
+    );
+    assert_eq!(&b.snapshot()[..want.len()], &want[..]);
+}
+
+/// A new limit applies while serving, and ends a wait for the old one: at
+/// 1 KiB/s write-back would need an hour; lifted, it finishes at once.
+#[test]
+fn a_new_write_back_limit_applies_at_once() {
+    let (b, e) = paced_back_engine(Some(1024), Some(1));
+    let want = dirty_every_other_line(&e, 4);
+    e.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        e.stats().dirty_bytes > 0,
+        "write-back ran past its limit of 1 KiB/s"
+    );
+    e.set_writeback_limit(WritebackLimit::default());
+    assert!(e.writeback_limit().is_unlimited());
+    eventually(20, "write-back finishes once the limit is lifted", || {
+        e.stats().dirty_bytes == 0
+    });
+    assert_eq!(&b.snapshot()[..want.len()], &want[..]);
+    e.shutdown().unwrap();
 }

@@ -67,7 +67,12 @@ fn control_socket_verbs_stats_and_metrics() {
     let disk = Disk::new(dir.path(), 16 * MIB);
     let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
-    let srv = disk.serve_with("back", "8M", 0, &["--metrics", &metrics]);
+    let srv = disk.serve_with(
+        "back",
+        "8M",
+        0,
+        &["--metrics", &metrics, "--writeback-iops", "100000"],
+    );
     let id = server_id(&disk.run_dir);
     let sock = disk.run_dir.join(format!("{id}.ctl"));
     let perm = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
@@ -79,6 +84,12 @@ fn control_socket_verbs_stats_and_metrics() {
     c.flush().unwrap().unwrap();
     let s = ctl(&disk.run_dir, id, &["stats"]);
     assert_eq!(s["mode"], "back");
+    assert_eq!(
+        s["writeback_iops_limit"].as_u64(),
+        Some(100000),
+        "--writeback-iops"
+    );
+    assert_eq!(s["writeback_rate_limit"].as_u64(), Some(0));
     assert_eq!(s["write_bytes"].as_u64(), Some(2 * MIB));
     assert_eq!(s["id"].as_u64(), Some(id));
     assert!(s["latency"]
@@ -125,6 +136,37 @@ fn control_socket_verbs_stats_and_metrics() {
     assert_eq!(
         after["backend_read_bytes"], before["backend_read_bytes"],
         "preloaded data is read from the cache"
+    );
+
+    // The write-back limit changes while serving, part by part; 0 lifts it.
+    let r = ctl(&disk.run_dir, id, &["writeback-limit", "--rate", "50M"]);
+    assert_eq!(
+        (r["bytes_per_sec"].as_u64(), r["writes_per_sec"].as_u64()),
+        (Some(50 * MIB), Some(100000))
+    );
+    let r = ctl(&disk.run_dir, id, &["writeback-limit", "--iops", "300"]);
+    assert_eq!(
+        (r["bytes_per_sec"].as_u64(), r["writes_per_sec"].as_u64()),
+        (Some(50 * MIB), Some(300)),
+        "an absent part stays"
+    );
+    let s = ctl(&disk.run_dir, id, &["stats"]);
+    assert_eq!(s["writeback_rate_limit"].as_u64(), Some(50 * MIB));
+    assert_eq!(s["writeback_iops_limit"].as_u64(), Some(300));
+    let r = ctl(
+        &disk.run_dir,
+        id,
+        &["writeback-limit", "--rate", "0", "--iops", "0"],
+    );
+    assert_eq!(
+        (r["bytes_per_sec"].as_u64(), r["writes_per_sec"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let r = ctl(&disk.run_dir, id, &["writeback-limit"]);
+    assert_eq!(
+        r["bytes_per_sec"].as_u64(),
+        Some(0),
+        "no option only shows it"
     );
 
     // Refusals name the problem and leave I/O alone.

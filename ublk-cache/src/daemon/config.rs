@@ -412,6 +412,15 @@ pub struct ServeConfig {
     pub line_size: Option<ByteSize>,
     #[serde(default, with = "text", skip_serializing_if = "is_default")]
     pub writeback_order: WritebackOrder,
+    /// Backend bytes per second that background write-back may use at most
+    /// (0 or absent: no limit). A drain asked for (stop, `ctl flush`, a mode
+    /// switch, migration) is not paced.
+    #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]
+    pub writeback_rate: Option<ByteSize>,
+    /// Backend writes per second that background write-back may issue at
+    /// most (0 or absent: no limit).
+    #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]
+    pub writeback_iops: Option<u64>,
     /// Which clean line to give up when the cache is full (`lru`).
     #[serde(default, with = "text", skip_serializing_if = "is_default")]
     pub eviction: EvictionKind,
@@ -497,6 +506,8 @@ impl Default for ServeConfig {
             mode: CacheMode::default(),
             line_size: None,
             writeback_order: WritebackOrder::default(),
+            writeback_rate: None,
+            writeback_iops: None,
             eviction: EvictionKind::default(),
             queues: None,
             depth: default_depth(),
@@ -730,6 +741,14 @@ impl ServeConfig {
         })
     }
 
+    /// The write-back limit in effect (0 means none, as for `--preload-rate`).
+    pub fn writeback_limit(&self) -> policies::WritebackLimit {
+        policies::WritebackLimit {
+            bytes_per_sec: self.writeback_rate.map(|r| r.0).filter(|&r| r > 0),
+            writes_per_sec: self.writeback_iops.filter(|&r| r > 0),
+        }
+    }
+
     /// The shadow directory in effect.
     pub fn shadow_dir(&self) -> PathBuf {
         self.shadow_dir
@@ -780,6 +799,21 @@ mod tests {
         let c =
             ServeConfig::from_toml("backend = \"file:/b\"\nexport = \"nbd:tcp::0\"", "t").unwrap();
         assert_eq!(c.exports.len(), 1);
+        assert!(c.writeback_limit().is_unlimited());
+        let c = ServeConfig::from_toml(
+            "backend = \"file:/b\"\nwriteback-rate = \"50M\"\nwriteback-iops = 200\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            c.writeback_limit(),
+            policies::WritebackLimit {
+                bytes_per_sec: Some(50 << 20),
+                writes_per_sec: Some(200)
+            }
+        );
+        let c = ServeConfig::from_toml("backend = \"file:/b\"\nwriteback-rate = 0\n", "t").unwrap();
+        assert!(c.writeback_limit().is_unlimited(), "0 is no limit");
     }
 
     #[test]

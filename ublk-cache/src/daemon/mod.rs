@@ -187,6 +187,7 @@ impl Server {
         let ecfg = EngineConfig {
             mode: cfg.mode,
             order: cfg.writeback_order,
+            writeback_limit: cfg.writeback_limit(),
             line_size: plan.line_size,
             cache_bytes: cfg.cache_size.map(|s| s.0),
             format: cfg.on_foreign_cache.is_on() || created,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use policies::{CacheMode, EvictionKind, WritebackOrder};
+use policies::{CacheMode, EvictionKind, Pacer, WritebackLimit, WritebackOrder};
 use rbd_backend::{Backend, BackendChanges};
 use tracing::{info, warn};
 
@@ -57,6 +57,9 @@ pub struct EngineConfig {
     pub shadow_dir: std::path::PathBuf,
     /// Which clean line to give up when space is needed.
     pub eviction: EvictionKind,
+    /// How fast background write-back may go (a drain asked for, at stop, a
+    /// mode switch or `ctl flush`, is not paced).
+    pub writeback_limit: WritebackLimit,
 }
 
 impl Default for EngineConfig {
@@ -74,6 +77,7 @@ impl Default for EngineConfig {
             skip_log_checksums_for_tests: false,
             shadow_dir: super::shadow::DEFAULT_DIR.into(),
             eviction: EvictionKind::default(),
+            writeback_limit: WritebackLimit::default(),
         }
     }
 }
@@ -137,6 +141,7 @@ impl Engine {
             born: std::time::Instant::now(),
             writeback_progress_ms: AtomicU64::new(0),
             order: cfg.order,
+            pacer: parking_lot::Mutex::new(Pacer::new(cfg.writeback_limit)),
             backend,
             size,
             cache,

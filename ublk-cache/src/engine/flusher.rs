@@ -11,7 +11,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rbd_backend::aio::{DmaBuf, EventLoop};
 use rbd_backend::WriteMode;
@@ -358,10 +358,47 @@ impl Engine {
         Ok(bytes)
     }
 
+    /// Wait until the write-back limit lets a backend write of `bytes` go. A
+    /// drain asked for (stop, `ctl flush`, a mode switch, migration) goes
+    /// unpaced, and so does the rest of a wait once one is asked for.
+    /// Writes in flight together each take their place in the schedule.
+    async fn pace(&self, c: &Cache, bytes: u64) {
+        let unpaced = || {
+            c.st.drain_requests.load(Ordering::Acquire) > 0 || c.st.stopping.load(Ordering::Acquire)
+        };
+        if unpaced() {
+            return;
+        }
+        let t0 = Instant::now();
+        let (limit, wait) = {
+            let mut p = self.pacer.lock();
+            (p.limit(), p.admit(t0, bytes))
+        };
+        if wait.is_zero() {
+            return;
+        }
+        let until = t0 + wait;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            // A new limit (`set_writeback_limit`) ends a wait for the old one.
+            if left.is_zero() || unpaced() || self.pacer.lock().limit() != limit {
+                break;
+            }
+            // Drains notify the flusher's event; the slice bounds the check.
+            wait_for(&c.ev.flusher, left.min(Duration::from_millis(100)), unpaced).await;
+        }
+        Stats::add(
+            &self.stats.writeback_paced_ms,
+            t0.elapsed().as_millis() as u64,
+        );
+    }
+
     /// Read one extent's pieces from the cache (holding their lines' locks, so
     /// no overwrite of the same epoch interleaves with the read), then write it.
     async fn write_extent(&self, c: &Cache, items: &[Item], x: &Extent) -> EngineResult<()> {
         let st = &c.st;
+        // Before any line lock: a paced wait must not hold up the guest.
+        self.pace(c, x.len).await;
         let buf = DmaBuf::new(x.len as usize);
         {
             let mut guards = Vec::new();

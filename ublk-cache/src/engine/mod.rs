@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use event_listener::Event;
 use parking_lot::Mutex;
-use policies::{CacheMode, WritebackOrder};
+use policies::{CacheMode, Pacer, WritebackLimit, WritebackOrder};
 use rbd_backend::aio::{self, BufSlice, DmaBuf};
 use rbd_backend::Backend;
 
@@ -106,6 +106,8 @@ pub struct Engine {
     born: Instant,
     writeback_progress_ms: AtomicU64,
     order: WritebackOrder,
+    /// Paces background write-back to the configured limit.
+    pacer: parking_lot::Mutex<Pacer>,
     backend: Arc<dyn Backend>,
     size: u64,
     cache: Option<Cache>,
@@ -140,6 +142,20 @@ impl Engine {
         self.order
     }
 
+    /// The limit background write-back is paced to.
+    pub fn writeback_limit(&self) -> WritebackLimit {
+        self.pacer.lock().limit()
+    }
+
+    /// Change the write-back limit while serving (from the next backend write).
+    pub fn set_writeback_limit(&self, limit: WritebackLimit) {
+        self.pacer.lock().set_limit(limit);
+        if let Some(c) = self.cache.as_ref() {
+            // A flusher waiting out the old limit looks again.
+            c.ev.flusher.notify(usize::MAX);
+        }
+    }
+
     fn arc(&self) -> Arc<Engine> {
         self.me
             .upgrade()
@@ -151,6 +167,9 @@ impl Engine {
         s.mode = self.mode().to_string();
         s.order = self.order.to_string();
         s.size = self.size;
+        let limit = self.writeback_limit();
+        s.writeback_rate_limit = limit.bytes_per_sec.unwrap_or(0);
+        s.writeback_iops_limit = limit.writes_per_sec.unwrap_or(0);
         if let Some(c) = &self.cache {
             let (r, w) = c.store.io_bytes();
             s.cache_read_bytes = r;

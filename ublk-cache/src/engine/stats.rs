@@ -36,6 +36,8 @@ pub struct Stats {
     /// Offline mode: write-backs before stop, because a line not cached yet
     /// needed a slot that only older versions held.
     pub offline_writebacks_for_space: AtomicU64,
+    /// Milliseconds that write-back waited for its rate or write limit.
+    pub writeback_paced_ms: AtomicU64,
     pub backend_errors: AtomicU64,
     pub cache_errors: AtomicU64,
     pub flushes: AtomicU64,
@@ -80,6 +82,14 @@ pub struct StatsSnapshot {
     pub versions_merged: u64,
     #[serde(default)]
     pub offline_writebacks_for_space: u64,
+    #[serde(default)]
+    pub writeback_paced_ms: u64,
+    /// The write-back limit in effect: backend bytes and writes per second
+    /// (0: no limit).
+    #[serde(default)]
+    pub writeback_rate_limit: u64,
+    #[serde(default)]
+    pub writeback_iops_limit: u64,
     pub backend_errors: u64,
     pub cache_errors: u64,
     pub flushes: u64,
@@ -153,6 +163,7 @@ impl Stats {
             versions_superseded: g(&self.versions_superseded),
             versions_merged: g(&self.versions_merged),
             offline_writebacks_for_space: g(&self.offline_writebacks_for_space),
+            writeback_paced_ms: g(&self.writeback_paced_ms),
             backend_errors: g(&self.backend_errors),
             cache_errors: g(&self.cache_errors),
             flushes: g(&self.flushes),

@@ -222,6 +222,11 @@ impl Collector for StatsCollector {
                 e.offline_writebacks_for_space,
             ),
             (
+                "ublk_cache_writeback_paced_milliseconds",
+                "Milliseconds background write-back waited for its rate or write limit (--writeback-rate, --writeback-iops).",
+                e.writeback_paced_ms,
+            ),
+            (
                 "ublk_cache_preload_bytes",
                 "Bytes fetched by preload and hydration.",
                 e.preload_bytes,

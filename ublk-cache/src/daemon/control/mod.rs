@@ -41,6 +41,15 @@ pub enum Request {
     Invalidate,
     MigrateOut,
     MigrateAbort,
+    /// Change the write-back limit while serving: a given part replaces the
+    /// one in effect (0: no limit), an absent one stays. Until the server
+    /// stops (the config keeps it across restarts).
+    WritebackLimit {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bytes_per_sec: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        writes_per_sec: Option<u64>,
+    },
 }
 
 /// One line from the server.
@@ -121,6 +130,13 @@ pub struct MigrateOutReply {
     pub already: bool,
 }
 
+/// The write-back limit now in effect (0: no limit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WritebackLimitReply {
+    pub bytes_per_sec: u64,
+    pub writes_per_sec: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrateAbortReply {
     #[serde(with = "text")]
@@ -138,6 +154,7 @@ pub enum Reply {
     Invalidate(InvalidateReply),
     MigrateOut(MigrateOutReply),
     MigrateAbort(MigrateAbortReply),
+    WritebackLimit(WritebackLimitReply),
 }
 
 impl Reply {
@@ -152,6 +169,7 @@ impl Reply {
             Request::Invalidate => Reply::Invalidate(from(v)?),
             Request::MigrateOut => Reply::MigrateOut(from(v)?),
             Request::MigrateAbort => Reply::MigrateAbort(from(v)?),
+            Request::WritebackLimit { .. } => Reply::WritebackLimit(from(v)?),
         })
     }
 }
@@ -177,6 +195,10 @@ mod tests {
             },
             Request::Preload { ranges: None },
             Request::MigrateOut,
+            Request::WritebackLimit {
+                bytes_per_sec: Some(50 << 20),
+                writes_per_sec: None,
+            },
         ] {
             let s = serde_json::to_string(&r).unwrap();
             assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r, "{s}");

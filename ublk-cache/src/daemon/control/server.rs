@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::{
     FlushReply, InvalidateReply, Line, MigrateAbortReply, MigrateOutReply, ModeReply, PreloadReply,
-    Rates, Reply, Request, StatsReply, MAX_REQUEST,
+    Rates, Reply, Request, StatsReply, WritebackLimitReply, MAX_REQUEST,
 };
 use crate::daemon::error::{DaemonError, DaemonResult};
 use crate::engine::{PreloadOptions, Progress, StatsSnapshot};
@@ -172,6 +172,31 @@ impl ControlContext {
                     }
                 }
                 Reply::Preload(PreloadReply { total, fetched })
+            }
+            Request::WritebackLimit {
+                bytes_per_sec,
+                writes_per_sec,
+            } => {
+                let mut l = e.writeback_limit();
+                let some = |v: u64| (v > 0).then_some(v);
+                if let Some(v) = bytes_per_sec {
+                    l.bytes_per_sec = some(v);
+                }
+                if let Some(v) = writes_per_sec {
+                    l.writes_per_sec = some(v);
+                }
+                if bytes_per_sec.is_some() || writes_per_sec.is_some() {
+                    e.set_writeback_limit(l);
+                    info!(
+                        bytes_per_sec = l.bytes_per_sec.unwrap_or(0),
+                        writes_per_sec = l.writes_per_sec.unwrap_or(0),
+                        "write-back limit changed (0: none)"
+                    );
+                }
+                Reply::WritebackLimit(WritebackLimitReply {
+                    bytes_per_sec: l.bytes_per_sec.unwrap_or(0),
+                    writes_per_sec: l.writes_per_sec.unwrap_or(0),
+                })
             }
             Request::Invalidate => {
                 let dropped = e.invalidate_clean().map_err(engine_err("invalidate"))?;

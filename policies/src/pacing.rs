@@ -1,0 +1,158 @@
+//! Write-back pacing: a limit on the bytes and the writes per second that the
+//! flusher sends to the backend, which it shares with the guest's misses and
+//! with other hosts.
+//!
+//! The pacer is a virtual-clock scheduler (the generic cell rate algorithm of
+//! ATM, the shape of a token bucket without a refill timer): every write moves
+//! a theoretical time forward by what it costs at the limit, and a write may
+//! start once that time is no more than one burst ahead of now. Time is passed
+//! in, so the unit tests run on made-up instants.
+
+use std::time::{Duration, Instant};
+
+/// The limit: either part may be absent (no limit of that kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct WritebackLimit {
+    /// Backend bytes per second at most.
+    pub bytes_per_sec: Option<u64>,
+    /// Backend writes per second at most.
+    pub writes_per_sec: Option<u64>,
+}
+
+impl WritebackLimit {
+    pub fn is_unlimited(&self) -> bool {
+        self.bytes_per_sec.is_none() && self.writes_per_sec.is_none()
+    }
+
+    /// What one write of `bytes` costs at this limit: the longer of the two.
+    pub fn cost(&self, bytes: u64) -> Duration {
+        let by_bytes = self.bytes_per_sec.map_or(Duration::ZERO, |r| {
+            Duration::from_secs_f64(bytes as f64 / r as f64)
+        });
+        let by_writes = self
+            .writes_per_sec
+            .map_or(Duration::ZERO, |r| Duration::from_secs_f64(1.0 / r as f64));
+        by_bytes.max(by_writes)
+    }
+}
+
+/// How far ahead of the average the flusher may run after an idle spell:
+/// enough for a write-back step's writes to go out together, short enough
+/// that the backend sees the limit over any second.
+pub const BURST: Duration = Duration::from_millis(100);
+
+#[derive(Debug)]
+pub struct Pacer {
+    limit: WritebackLimit,
+    /// When the writes admitted so far would have finished at the limit.
+    tat: Option<Instant>,
+}
+
+impl Pacer {
+    pub fn new(limit: WritebackLimit) -> Pacer {
+        Pacer { limit, tat: None }
+    }
+
+    pub fn limit(&self) -> WritebackLimit {
+        self.limit
+    }
+
+    /// A new limit applies from the next write on.
+    pub fn set_limit(&mut self, limit: WritebackLimit) {
+        self.limit = limit;
+        self.tat = None;
+    }
+
+    /// Admit one write of `bytes` at `now`: how long to wait before sending it
+    /// (zero when it may go at once). The write is counted either way, so the
+    /// waits of writes admitted one after another add up to the limit.
+    pub fn admit(&mut self, now: Instant, bytes: u64) -> Duration {
+        let cost = self.limit.cost(bytes);
+        if cost.is_zero() {
+            return Duration::ZERO;
+        }
+        // An idle spell earns no more than one burst of credit.
+        let tat = self.tat.map_or(now, |t| t.max(now));
+        let start = tat.checked_sub(BURST).map_or(now, |s| s.max(now));
+        self.tat = Some(tat + cost);
+        start - now
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn limit(bytes: Option<u64>, writes: Option<u64>) -> WritebackLimit {
+        WritebackLimit {
+            bytes_per_sec: bytes,
+            writes_per_sec: writes,
+        }
+    }
+
+    /// Admit `n` writes of `bytes`, each sent when told; returns when the last went.
+    fn run(p: &mut Pacer, t0: Instant, n: usize, bytes: u64) -> Duration {
+        let mut now = t0;
+        for _ in 0..n {
+            now += p.admit(now, bytes);
+        }
+        now - t0
+    }
+
+    #[test]
+    fn no_limit_never_waits() {
+        let mut p = Pacer::new(WritebackLimit::default());
+        assert!(p.limit().is_unlimited());
+        assert_eq!(run(&mut p, Instant::now(), 1000, 4 * MIB), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_byte_rate_spreads_writes_to_the_rate_after_one_burst() {
+        // 10 MiB/s, 1 MiB writes: 100 ms each. After the first (the burst
+        // lets two go at once), each waits for the one before.
+        let mut p = Pacer::new(limit(Some(10 * MIB), None));
+        let took = run(&mut p, Instant::now(), 21, MIB);
+        assert_eq!(took, Duration::from_millis(1900));
+    }
+
+    #[test]
+    fn a_write_rate_counts_writes_whatever_their_size() {
+        let mut p = Pacer::new(limit(None, Some(100)));
+        let took = run(&mut p, Instant::now(), 101, 4096);
+        // 10 ms a write; the burst lets the first 11 go at once.
+        assert_eq!(took, Duration::from_millis(900));
+    }
+
+    #[test]
+    fn the_tighter_of_both_limits_applies() {
+        let l = limit(Some(MIB), Some(1000));
+        assert_eq!(l.cost(MIB), Duration::from_secs(1));
+        assert_eq!(l.cost(64), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn an_idle_spell_earns_one_burst_only() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(limit(Some(10 * MIB), None));
+        run(&mut p, t0, 5, MIB);
+        // An hour later: one burst (two writes) at once, then the rate again.
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!(p.admit(later, MIB), Duration::ZERO);
+        assert_eq!(p.admit(later, MIB), Duration::ZERO);
+        assert_eq!(p.admit(later, MIB), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_new_limit_starts_afresh() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(limit(Some(MIB), None));
+        run(&mut p, t0, 10, MIB);
+        p.set_limit(WritebackLimit::default());
+        assert_eq!(p.admit(t0, MIB), Duration::ZERO);
+        p.set_limit(limit(Some(MIB), None));
+        assert_eq!(p.admit(t0, MIB), Duration::ZERO);
+        assert_eq!(p.admit(t0, MIB), Duration::from_millis(900));
+    }
+}
