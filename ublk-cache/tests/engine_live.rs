@@ -663,18 +663,28 @@ fn dirty_every_other_line(e: &Engine, lines: u64) -> Vec<u8> {
 }
 
 /// Background write-back keeps to `--writeback-rate`: at 64 KiB/s, 32 lines
-/// of 64 KiB take half a minute, so once the flusher has waited for the limit
-/// most of them are still dirty. A clean stop drains the rest unpaced (paced,
+/// of 64 KiB take half a minute, so after the flusher has waited for the limit
+/// for a few seconds most of them are still dirty. A clean stop drains the rest unpaced (paced,
 /// it would take about 30 s more; the limit below only catches that).
 #[test]
 fn write_back_keeps_to_its_rate_and_a_stop_drains_unpaced() {
     let (b, e) = paced_back_engine(Some(65536), None);
+    let started = std::time::Instant::now();
     let want = dirty_every_other_line(&e, 32);
     e.flush().unwrap();
+    // Each 64 KiB write waits a second more than the one before it.
     eventually(20, "write-back waits for its limit", || {
-        e.stats().writeback_paced_ms > 0
+        e.stats().writeback_paced_ms >= 2500
     });
     let dirty = e.stats().dirty_bytes;
+    // Writes in flight together wait together, and count once: never more
+    // than the time since.
+    let paced = e.stats().writeback_paced_ms;
+    assert!(
+        paced <= started.elapsed().as_millis() as u64,
+        "{paced} ms paced in {:?}",
+        started.elapsed()
+    );
     assert!(
         dirty >= MIB,
         "only {dirty} bytes still dirty: write-back ran past its limit"

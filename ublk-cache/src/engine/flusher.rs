@@ -387,9 +387,13 @@ impl Engine {
             // Drains notify the flusher's event; the slice bounds the check.
             wait_for(&c.ev.flusher, left.min(Duration::from_millis(100)), unpaced).await;
         }
+        // Wall time held back: the part of this wait no other wait counted.
+        let ms = |t: Instant| t.duration_since(self.born).as_millis() as u64;
+        let (start, end) = (ms(t0), ms(Instant::now()));
+        let before = self.paced_until_ms.fetch_max(end, Ordering::AcqRel);
         Stats::add(
             &self.stats.writeback_paced_ms,
-            t0.elapsed().as_millis() as u64,
+            end.saturating_sub(start.max(before)),
         );
     }
 

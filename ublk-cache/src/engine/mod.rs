@@ -107,7 +107,10 @@ pub struct Engine {
     writeback_progress_ms: AtomicU64,
     order: WritebackOrder,
     /// Paces background write-back to the configured limit.
-    pacer: parking_lot::Mutex<Pacer>,
+    pacer: Mutex<Pacer>,
+    /// Until when (ms after `born`) paced time is counted already: writes that
+    /// wait together count once.
+    paced_until_ms: AtomicU64,
     backend: Arc<dyn Backend>,
     size: u64,
     cache: Option<Cache>,

@@ -36,7 +36,8 @@ pub struct Stats {
     /// Offline mode: write-backs before stop, because a line not cached yet
     /// needed a slot that only older versions held.
     pub offline_writebacks_for_space: AtomicU64,
-    /// Milliseconds that write-back waited for its rate or write limit.
+    /// Milliseconds during which write-back waited for its rate or write
+    /// limit (wall time: writes that wait together count once).
     pub writeback_paced_ms: AtomicU64,
     pub backend_errors: AtomicU64,
     pub cache_errors: AtomicU64,
