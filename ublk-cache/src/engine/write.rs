@@ -455,12 +455,19 @@ impl Engine {
     /// older versions go (and their slots free) while the cache keeps every
     /// line, clean.
     async fn reclaim_versions_by_write_back(&self) -> EngineResult<()> {
-        Stats::add(&self.stats.offline_writebacks_for_space, 1);
-        warn!(
-            "offline mode: no cache slot is left for a line not copied in yet (versions of lines rewritten \
-             after a FLUSH fill the room beside the image), so dirty data is written back now to reclaim \
-             them"
-        );
+        // Logged once; `offline_writebacks_for_space` counts them all.
+        let before = self
+            .stats
+            .offline_writebacks_for_space
+            .fetch_add(1, Ordering::Relaxed);
+        if before == 0 {
+            warn!(
+                "offline mode: no cache slot is left for a line not copied in yet (versions of lines \
+                 rewritten after a FLUSH fill the room beside the image), so dirty data is written back \
+                 now to reclaim them (again whenever this recurs; counted in \
+                 offline_writebacks_for_space)"
+            );
+        }
         self.writeback_barrier().await
     }
 
