@@ -63,22 +63,10 @@ if [[ ! -x $RUBLK || $("$RUBLK" --version 2>/dev/null) != "rublk $RUBLK_VERSION"
     cargo_locked install rublk --no-default-features --version "$RUBLK_VERSION" --locked \
         --force --root "$RUBLK_ROOT" >&2 || die "cargo install rublk $RUBLK_VERSION failed"
 fi
-if [[ ${BENCH_BUILD:-1} == 1 ]]; then
-    cargo_locked build --release -p ublk-cache >&2 || die "cargo build failed"
-fi
-[[ -x target/release/ublk-cache ]] || die "no target/release/ublk-cache (build it, or leave BENCH_BUILD unset)"
-
-if [[ -n ${BENCH_WORKDIR:-} ]]; then
-    WORKDIR=$BENCH_WORKDIR
-else
-    mkdir -p "$CACHE/bench"
-    find "$CACHE/bench" -mindepth 1 -maxdepth 1 -type d | sort | head -n -9 | xargs -r rm -rf --
-    WORKDIR="$CACHE/bench/$(date +%Y%m%d-%H%M%S)-$$"
-fi
-mkdir -p "$WORKDIR"
-WORKDIR=$(realpath "$WORKDIR")
-# Images are removed on any exit; logs and results stay.
-trap 'rm -f "$WORKDIR"/*.img' EXIT
+# shellcheck source=tests/vm/bench-lib.sh
+source "$HERE/bench-lib.sh"
+bench_build
+bench_workdir "$CACHE/bench" "${BENCH_WORKDIR:-}"
 
 # The guest reads its settings from here (run.sh passes no environment).
 cat >"$WORKDIR/bench.conf" <<EOF

@@ -13,6 +13,9 @@
 #                     NAME: [A-Za-z0-9_], at most 20 chars (it is the disk's
 #                     virtio serial). The guest script gets DISK_NAME=/dev/vdX
 #                     and VM_DISKS="NAME ...".
+#   --throttle NAME:IOPS:BPS  QEMU block throttling on disk NAME (given with
+#                     --disk): at most IOPS requests and BPS bytes per second
+#                     in all (a slow backend, as a busy Ceph is)
 #   --timeout SECONDS whole-run limit enforced on the host (default 900)
 #   --mem MB          guest memory (default 1024)
 #   --smp N           guest CPUs (default 2)
@@ -51,8 +54,16 @@ die() { printf 'run.sh: ERROR: %s\n' "$*" >&2; exit 125; }
 usage() { sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}" >&2; exit "${1:-125}"; }
 
 DISKS=() SHARES=() TIMEOUT=900 MEM=1024 SMP=2 WORKDIR=
+declare -A THROTTLE=()
 while (( $# )); do
     case $1 in
+        --throttle|--throttle=*)
+            if [[ $1 == --throttle ]]; then t=${2:?--throttle needs NAME:IOPS:BPS}; shift 2
+            else t=${1#*=}; shift; fi
+            [[ $t =~ ^([A-Za-z0-9_]{1,20}):([1-9][0-9]*):([1-9][0-9]*)$ ]] \
+                || die "--throttle $t: expected NAME:IOPS:BPS (positive integers)"
+            THROTTLE[${BASH_REMATCH[1]}]="throttling.iops-total=${BASH_REMATCH[2]},throttling.bps-total=${BASH_REMATCH[3]}"
+            ;;
         --disk) DISKS+=("${2:?--disk needs NAME:SIZE}"); shift 2 ;;
         --disk=*) DISKS+=("${1#*=}"); shift ;;
         --timeout) TIMEOUT=${2:?}; shift 2 ;;
@@ -172,9 +183,14 @@ for spec in "${DISKS[@]}"; do
     (( idx < 26 )) || die "too many disks"
     DISK_NAMES+=("$name")
     # cache=unsafe: host flushes are skipped; the image is scratch data.
-    QEMU_DISKS+=(-drive "file=$img,if=none,id=d$idx,format=raw,cache=unsafe"
+    drive="file=$img,if=none,id=d$idx,format=raw,cache=unsafe"
+    [[ -n ${THROTTLE[$name]:-} ]] && drive+=",${THROTTLE[$name]}"
+    QEMU_DISKS+=(-drive "$drive"
                  -device "virtio-blk-pci,drive=d$idx,serial=$name")
-    log "disk $name: $img ($(du -h --apparent-size "$img" | cut -f1)) -> /dev/vd${letters:idx:1}"
+    log "disk $name: $img ($(du -h --apparent-size "$img" | cut -f1)) -> /dev/vd${letters:idx:1}${THROTTLE[$name]:+ (${THROTTLE[$name]})}"
+done
+for t in "${!THROTTLE[@]}"; do
+    [[ -n ${seen_disk[$t]:-} ]] || die "--throttle $t: no --disk of that name"
 done
 
 # --------------------------------------------------------- guest-side files
