@@ -24,6 +24,20 @@ impl WritebackLimit {
         self.bytes_per_sec.is_none() && self.writes_per_sec.is_none()
     }
 
+    /// The largest write-back write to merge at this limit, at most `max`:
+    /// one that costs at most [`MAX_WRITE_COST`] at the byte rate (never
+    /// below 64 KiB), so that a paced write-back finishes a write every so
+    /// often and never looks stalled (a stalled write-back is an outage).
+    pub fn max_write(&self, max: u64) -> u64 {
+        match self.bytes_per_sec {
+            Some(r) => {
+                let by_cost = (r as f64 * MAX_WRITE_COST.as_secs_f64()) as u64;
+                by_cost.clamp(64 << 10, max.max(64 << 10))
+            }
+            None => max,
+        }
+    }
+
     /// What one write of `bytes` costs at this limit: the longer of the two.
     pub fn cost(&self, bytes: u64) -> Duration {
         let by_bytes = self.bytes_per_sec.map_or(Duration::ZERO, |r| {
@@ -35,6 +49,16 @@ impl WritebackLimit {
         by_bytes.max(by_writes)
     }
 }
+
+/// What one merged write-back write may cost at the byte rate (see
+/// [`WritebackLimit::max_write`]).
+pub const MAX_WRITE_COST: Duration = Duration::from_millis(500);
+
+/// The lowest byte rate a server may be given (`--writeback-rate`): at it a
+/// 64 KiB write, the smallest merged one, costs 62.5 ms, and a line of the
+/// largest size (1 MiB) one second, well inside the 2 s after which a
+/// write-back that finishes nothing counts as stalled.
+pub const MIN_BYTES_PER_SEC: u64 = 1 << 20;
 
 /// How far ahead of the average the flusher may run after an idle spell:
 /// enough for a write-back step's writes to go out together, short enough
@@ -57,10 +81,13 @@ impl Pacer {
         self.limit
     }
 
-    /// A new limit applies from the next write on.
+    /// A new limit applies from the next write on (the same limit again
+    /// changes nothing).
     pub fn set_limit(&mut self, limit: WritebackLimit) {
-        self.limit = limit;
-        self.tat = None;
+        if limit != self.limit {
+            self.limit = limit;
+            self.tat = None;
+        }
     }
 
     /// Admit one write of `bytes` at `now`: how long to wait before sending it
@@ -126,6 +153,16 @@ mod tests {
     }
 
     #[test]
+    fn paced_writes_are_merged_only_up_to_half_a_second_of_the_rate() {
+        let max = 4 * MIB;
+        assert_eq!(WritebackLimit::default().max_write(max), max);
+        assert_eq!(limit(Some(100 * MIB), None).max_write(max), max);
+        assert_eq!(limit(Some(2 * MIB), None).max_write(max), MIB);
+        assert_eq!(limit(Some(1024), None).max_write(max), 64 << 10);
+        assert_eq!(limit(None, Some(10)).max_write(max), max);
+    }
+
+    #[test]
     fn the_tighter_of_both_limits_applies() {
         let l = limit(Some(MIB), Some(1000));
         assert_eq!(l.cost(MIB), Duration::from_secs(1));
@@ -149,6 +186,13 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Pacer::new(limit(Some(MIB), None));
         run(&mut p, t0, 10, MIB);
+        let before = p.admit(t0, MIB);
+        p.set_limit(limit(Some(MIB), None));
+        assert_eq!(
+            p.admit(t0, MIB),
+            before + Duration::from_secs(1),
+            "the same limit keeps its schedule"
+        );
         p.set_limit(WritebackLimit::default());
         assert_eq!(p.admit(t0, MIB), Duration::ZERO);
         p.set_limit(limit(Some(MIB), None));

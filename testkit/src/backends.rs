@@ -266,11 +266,14 @@ pub fn backend_rows(test: &str) -> Vec<BackendRow> {
 }
 
 /// How long one row of a test on a local backend may take before the
-/// watchdog calls it a hang (a row takes well under a minute here).
-const LOCAL_ROW_SECS: u64 = 600;
+/// watchdog calls it a hang: a row takes well under a minute here, and this
+/// leaves room for proptest shrinking a real failure, or for more cases
+/// (`UBLK_CACHE_ROW_WATCHDOG_SECS` sets it).
+const LOCAL_ROW_SECS: u64 = 1200;
 
 /// Run `f` once per backend row, each under a watchdog: `remote_secs` on the
-/// Ceph cluster, [`LOCAL_ROW_SECS`] on the others. A hang fails the test
+/// Ceph cluster, [`LOCAL_ROW_SECS`] (or `UBLK_CACHE_ROW_WATCHDOG_SECS`) on the
+/// others. A hang fails the test
 /// process at once, naming the test and the row, instead of running into CI's
 /// time limit.
 pub fn for_each_backend(test: &str, remote_secs: u64, mut f: impl FnMut(&BackendRow)) {
@@ -279,7 +282,10 @@ pub fn for_each_backend(test: &str, remote_secs: u64, mut f: impl FnMut(&Backend
         let secs = if row.is_remote() {
             remote_secs
         } else {
-            LOCAL_ROW_SECS
+            std::env::var("UBLK_CACHE_ROW_WATCHDOG_SECS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(LOCAL_ROW_SECS)
         };
         let _wd = crate::watchdog::watchdog(&format!("{test} on {}", row.label()), secs);
         f(&row);

@@ -289,7 +289,7 @@ fn print_stats(r: &StatsReply) {
         e.backend_errors,
         e.writeback_retries
     );
-    if e.writeback_rate_limit > 0 || e.writeback_iops_limit > 0 {
+    if e.writeback_rate_limit > 0 || e.writeback_iops_limit > 0 || e.writeback_paced_ms > 0 {
         let none = |v: u64, what: String| if v > 0 { what } else { "no limit".into() };
         println!(
             "write-back limit: {} and {}; waited {:.1} s for it",

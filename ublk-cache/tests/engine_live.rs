@@ -629,10 +629,14 @@ fn eventually(secs: u64, what: &str, ready: impl Fn() -> bool) {
     }
 }
 
-/// A `back` engine on in-memory devices whose write-back is paced to the
-/// given bytes and writes per second.
-fn paced_back_engine(bytes: Option<u64>, writes: Option<u64>) -> (Arc<MemBackend>, Arc<Engine>) {
-    let (b, c) = mems(8, 8);
+/// A `back` engine on in-memory devices (a cache of `cache_mib`) whose
+/// write-back is paced to the given bytes and writes per second.
+fn paced_back_engine(
+    cache_mib: u64,
+    bytes: Option<u64>,
+    writes: Option<u64>,
+) -> (Arc<MemBackend>, Arc<Engine>) {
+    let (b, c) = mems(8, cache_mib);
     let limit = WritebackLimit {
         bytes_per_sec: bytes,
         writes_per_sec: writes,
@@ -668,7 +672,7 @@ fn dirty_every_other_line(e: &Engine, lines: u64) -> Vec<u8> {
 /// it would take about 30 s more; the limit below only catches that).
 #[test]
 fn write_back_keeps_to_its_rate_and_a_stop_drains_unpaced() {
-    let (b, e) = paced_back_engine(Some(65536), None);
+    let (b, e) = paced_back_engine(8, Some(65536), None);
     let started = std::time::Instant::now();
     let want = dirty_every_other_line(&e, 32);
     e.flush().unwrap();
@@ -703,7 +707,7 @@ fn write_back_keeps_to_its_rate_and_a_stop_drains_unpaced() {
 /// 1 KiB/s write-back would need an hour; lifted, it finishes at once.
 #[test]
 fn a_new_write_back_limit_applies_at_once() {
-    let (b, e) = paced_back_engine(Some(1024), Some(1));
+    let (b, e) = paced_back_engine(8, Some(1024), Some(1));
     let want = dirty_every_other_line(&e, 4);
     e.flush().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -718,4 +722,61 @@ fn a_new_write_back_limit_applies_at_once() {
     });
     assert_eq!(&b.snapshot()[..want.len()], &want[..]);
     e.shutdown().unwrap();
+}
+
+/// A paced write-back is slow, not stalled: an ordered overwrite that waits
+/// for it longer than the 2 s after which a stalled write-back counts as an
+/// outage keeps waiting (the order holds) instead of going in place. While
+/// the backend holds write-back, the cache fills with dirty lines of one
+/// epoch; then 3 MiB go at 1 MiB/s, in writes of at most half a second each,
+/// and none of those lines is clean (or can give its slot) before the end.
+/// The first overwrite takes the slot of the line written back before the
+/// hold ended; the second has to wait.
+#[test]
+fn a_paced_write_back_is_not_an_outage() {
+    let (mem_b, c) = mems(8, 4);
+    let b = Arc::new(FaultyBackend::builder(mem_b.clone()).build());
+    let e = open(
+        b.clone(),
+        c,
+        EngineConfig {
+            writeback_limit: WritebackLimit {
+                bytes_per_sec: Some(MIB),
+                writes_per_sec: None,
+            },
+            ..cfg(CacheMode::Back)
+        },
+    );
+    let lines = e.stats().cache_lines;
+    assert!(lines >= 40, "{lines} lines");
+    b.stall();
+    let mut want = vec![0u8; (lines * 65536) as usize];
+    for l in 0..lines {
+        let data = testkit::pattern(l + 1, 65536);
+        e.write(l * 65536, &data, false).unwrap();
+        want[(l * 65536) as usize..((l + 1) * 65536) as usize].copy_from_slice(&data);
+    }
+    e.flush().unwrap();
+    b.release();
+    let mut waited = std::time::Duration::ZERO;
+    for l in [lines - 1, lines - 2] {
+        let off = (l * 65536) as usize;
+        let t = std::time::Instant::now();
+        e.write(off as u64, &[0xa5; 4096], false).unwrap();
+        want[off..off + 4096].fill(0xa5);
+        waited = t.elapsed();
+    }
+    let s = e.stats();
+    assert_eq!(
+        (s.ordered_overwrites_in_place, s.order_broken_since),
+        (0, 0),
+        "a paced write-back counted as an outage (the overwrite waited {waited:?})"
+    );
+    assert!(
+        waited > std::time::Duration::from_secs(2),
+        "the overwrite found a free slot after {waited:?}: the cache was not full"
+    );
+    assert_eq!(read(&e, 0, want.len()), want);
+    e.shutdown().unwrap();
+    assert_eq!(&mem_b.snapshot()[..want.len()], &want[..]);
 }

@@ -38,6 +38,20 @@ fn ctl(run_dir: &Path, id: u64, args: &[&str]) -> Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("ctl {args:?}: {e}: {out}"))
 }
 
+/// `ublk-cache ctl ID ARGS`, which must fail; returns what it said on stderr.
+fn ctl_refused(run_dir: &Path, id: u64, args: &[&str]) -> String {
+    let o = bin()
+        .arg("--run-dir")
+        .arg(run_dir)
+        .arg("ctl")
+        .arg(id.to_string())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "ctl {args:?} succeeded: {o:?}");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 fn cmd_json(run_dir: &Path, verb: &str, id: u64) -> Value {
     let out = run(bin()
         .arg("--run-dir")
@@ -170,17 +184,10 @@ fn control_socket_verbs_stats_and_metrics() {
     );
 
     // Refusals name the problem and leave I/O alone.
-    let o = bin()
-        .arg("--run-dir")
-        .arg(&disk.run_dir)
-        .args(["ctl", &id.to_string(), "preload"])
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
-    assert!(
-        String::from_utf8_lossy(&o.stderr).contains("give a RANGE"),
-        "{o:?}"
-    );
+    let e = ctl_refused(&disk.run_dir, id, &["preload"]);
+    assert!(e.contains("give a RANGE"), "{e}");
+    let e = ctl_refused(&disk.run_dir, id, &["writeback-limit", "--rate", "64K"]);
+    assert!(e.contains("below the lowest allowed, 1M"), "{e}");
     let mut raw = UnixStream::connect(&sock).unwrap();
     raw.write_all(b"{\"verb\": \"format-the-disk\"}\n").unwrap();
     let mut reply = String::new();

@@ -732,6 +732,14 @@ impl ServeConfig {
                 ));
             }
         }
+        if let Some(r) = self.writeback_limit().bytes_per_sec {
+            if r < policies::pacing::MIN_BYTES_PER_SEC {
+                return config(format!(
+                    "--writeback-rate {r} bytes/s is below the lowest allowed, 1M: slower, one write-back \
+                     write would take long enough to look like a stalled backend (give 0 for no limit)"
+                ));
+            }
+        }
         Ok(Plan {
             backend,
             exports,
@@ -953,6 +961,13 @@ mod tests {
                     ..base.clone()
                 },
                 "no backend",
+            ),
+            (
+                ServeConfig {
+                    writeback_rate: Some(ByteSize(64 << 10)),
+                    ..base.clone()
+                },
+                "--writeback-rate 65536 bytes/s is below the lowest allowed, 1M",
             ),
             (
                 ServeConfig {

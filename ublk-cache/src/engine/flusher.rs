@@ -322,6 +322,7 @@ impl Engine {
             dirty[i] = bits::and_not(&it.dirty, &covered.1);
             covered.1 = bits::or(&covered.1, &it.dirty);
         }
+        let max_extent = self.pacer.lock().limit().max_write(MAX_EXTENT);
         let mut extents: Vec<Extent> = Vec::new();
         for (i, it) in items.iter().enumerate() {
             for (s, e, dirty) in bits::runs(&dirty[i], 0, spl) {
@@ -331,7 +332,7 @@ impl Engine {
                 let (a, n) = (s as u64 * SECTOR, (e - s) as u64 * SECTOR);
                 let off = it.tag * ls + a;
                 match extents.last_mut() {
-                    Some(x) if x.off + x.len == off && x.len + n <= MAX_EXTENT => {
+                    Some(x) if x.off + x.len == off && x.len + n <= max_extent => {
                         x.pieces.push((i, it.slot, a, n));
                         x.len += n;
                     }
@@ -370,18 +371,26 @@ impl Engine {
             return;
         }
         let t0 = Instant::now();
-        let (limit, wait) = {
+        let (mut limit, wait) = {
             let mut p = self.pacer.lock();
             (p.limit(), p.admit(t0, bytes))
         };
         if wait.is_zero() {
             return;
         }
-        let until = t0 + wait;
+        let mut until = t0 + wait;
         loop {
-            let left = until.saturating_duration_since(Instant::now());
-            // A new limit (`set_writeback_limit`) ends a wait for the old one.
-            if left.is_zero() || unpaced() || self.pacer.lock().limit() != limit {
+            let now = Instant::now();
+            {
+                // A new limit (`set_writeback_limit`): wait for it instead.
+                let mut p = self.pacer.lock();
+                if p.limit() != limit {
+                    limit = p.limit();
+                    until = now + p.admit(now, bytes);
+                }
+            }
+            let left = until.saturating_duration_since(now);
+            if left.is_zero() || unpaced() {
                 break;
             }
             // Drains notify the flusher's event; the slice bounds the check.
@@ -476,7 +485,12 @@ impl Engine {
             .map_err(|e| {
                 Stats::add(&self.stats.backend_errors, 1);
                 EngineError::backend(&format!("write-back at {}+{len}", x.off), e)
-            })
+            })?;
+        // Progress within a step: a paced step can take longer than the time
+        // after which a stalled write-back counts as an outage (and ordered
+        // overwrites would give up waiting).
+        self.note_writeback_progress();
+        Ok(())
     }
 
     /// Format v2, after a step whose watermark is durable: versions it covers

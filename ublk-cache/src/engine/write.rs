@@ -217,6 +217,9 @@ impl Engine {
         let (s0, s1) = sectors(a, b);
         let v2 = st.version == FormatVersion::V2;
         let started = Instant::now();
+        // Offline mode: whether the last wait for space was a reclaiming
+        // write-back (the next one waits for space instead, see below).
+        let mut reclaimed = false;
         loop {
             let guard = st.map.lock(tag).await;
             enum Next {
@@ -363,14 +366,19 @@ impl Engine {
                     // flusher. The wait is short so that the decision above is
                     // taken again (an outage may end it with GiveUpOrdering).
                     if !self.make_space().await? {
-                        if self.mode().writes_back_continuously() {
+                        if !self.mode().writes_back_continuously() && !reclaimed {
+                            reclaimed = true;
+                            self.reclaim_versions_by_write_back().await?;
+                        } else {
+                            // A reclaim that freed nothing this write can take
+                            // (slots pinned by reads, or busy) must not spin:
+                            // wait as in `back`, then it may reclaim again.
+                            reclaimed = false;
                             c.ev.flusher.notify(usize::MAX);
                             wait_for(&c.ev.space, Duration::from_millis(100), || {
                                 !st.alloc.lock().free.is_empty()
                             })
                             .await;
-                        } else {
-                            self.reclaim_versions_by_write_back().await?;
                         }
                     }
                     continue;
@@ -444,10 +452,6 @@ impl Engine {
         started.elapsed() >= ORDERED_WAIT_DURING_OUTAGE && (failing || stalled)
     }
 
-    /// Format v2: from now on writes may go in place over older epochs' data,
-    /// so the backend alone is not a flush-point state until a full drain. That
-    /// is recorded durably (the round also makes its data durable first, as
-    /// every round does while ordering is given up) before the first such write.
     /// A line not cached yet needs a slot and none can be freed: every slot
     /// holds dirty data or a line's older version. Offline mode writes back
     /// only at stop, so nothing would ever free one and the write would wait
@@ -471,6 +475,10 @@ impl Engine {
         self.writeback_barrier().await
     }
 
+    /// Format v2: from now on writes may go in place over older epochs' data,
+    /// so the backend alone is not a flush-point state until a full drain. That
+    /// is recorded durably (the round also makes its data durable first, as
+    /// every round does while ordering is given up) before the first such write.
     async fn give_up_ordering_durably(&self) -> EngineResult<()> {
         let Some(c) = self.cache.as_ref() else {
             return Ok(());
