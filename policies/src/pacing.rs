@@ -60,6 +60,18 @@ pub const MAX_WRITE_COST: Duration = Duration::from_millis(500);
 /// write-back that finishes nothing counts as stalled.
 pub const MIN_BYTES_PER_SEC: u64 = 1 << 20;
 
+/// Refuse a byte rate below [`MIN_BYTES_PER_SEC`] (0, no limit, is fine),
+/// saying why; the caller names the option.
+pub fn check_rate(bytes_per_sec: u64) -> Result<(), String> {
+    if bytes_per_sec == 0 || bytes_per_sec >= MIN_BYTES_PER_SEC {
+        return Ok(());
+    }
+    Err(format!(
+        "{bytes_per_sec} bytes/s is below the lowest allowed, 1M: slower, one write-back write \
+         would take long enough to look like a stalled backend (give 0 for no limit)"
+    ))
+}
+
 /// How far ahead of the average the flusher may run after an idle spell:
 /// enough for a write-back step's writes to go out together, short enough
 /// that the backend sees the limit over any second.

@@ -330,17 +330,17 @@ fn an_offline_server_returns_to_offline_after_an_aborted_migration() {
 fn offline_overwrites_after_a_flush_do_not_wait_for_write_back() {
     let (b, c) = mems(4, 8);
     let e = open(b.clone(), c.clone(), cfg(CacheMode::Offline));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let e2 = e.clone();
-    std::thread::spawn(move || {
-        for round in 1..=5u8 {
-            e2.write(0, &[round; 65536], false).unwrap();
-            e2.flush().unwrap();
-        }
-        tx.send(()).unwrap();
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(20))
-        .expect("an overwrite after a flush hung in offline mode");
+    finishes_within(
+        20,
+        "an overwrite after a flush hung in offline mode",
+        &e,
+        |e| {
+            for round in 1..=5u8 {
+                e.write(0, &[round; 65536], false).unwrap();
+                e.flush().unwrap();
+            }
+        },
+    );
     assert_eq!(read(&e, 0, 65536), vec![5u8; 65536]);
     assert_eq!(&b.snapshot()[..65536], &[0u8; 65536][..]);
     e.shutdown().unwrap();
@@ -359,18 +359,12 @@ fn ordered_overwrites_keep_completing_while_write_back_fails() {
         let (b, _c, fb, e) = back_engine_refusing_write_back_on(version, 4, 4);
         e.write(0, &[1u8; 65536], false).unwrap();
         e.flush().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let e2 = e.clone();
-        std::thread::spawn(move || {
-            e2.write(0, &[2u8; 4096], false).unwrap();
-            e2.flush().unwrap();
-            e2.write(4096, &[3u8; 4096], false).unwrap();
-            tx.send(()).unwrap();
+        let what = format!("{version:?}: an ordered overwrite hung behind a failing backend");
+        finishes_within(30, &what, &e, |e| {
+            e.write(0, &[2u8; 4096], false).unwrap();
+            e.flush().unwrap();
+            e.write(4096, &[3u8; 4096], false).unwrap();
         });
-        rx.recv_timeout(std::time::Duration::from_secs(30))
-            .unwrap_or_else(|_| {
-                panic!("{version:?}: an ordered overwrite hung behind a failing backend")
-            });
         let in_place = e.stats().ordered_overwrites_in_place;
         match version {
             FormatVersion::V2 => assert_eq!(in_place, 0, "v2: an overwrite went in place"),
@@ -400,17 +394,13 @@ fn relaxed_rewrites_between_flushes_drop_superseded_versions() {
     // Sector 1 is written once, before the rewrites of sector 0 start: a
     // newer version that does not hold it must not drop it.
     e.write(4096, &[0xEE; 4096], false).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let e2 = e.clone();
-    std::thread::spawn(move || {
+    let what = "relaxed rewrites hung behind a backend that refuses write-back";
+    finishes_within(30, what, &e, |e| {
         for round in 1..=200u32 {
-            e2.write(0, &[round as u8; 4096], false).unwrap();
-            e2.flush().unwrap();
+            e.write(0, &[round as u8; 4096], false).unwrap();
+            e.flush().unwrap();
         }
-        tx.send(()).unwrap();
     });
-    rx.recv_timeout(std::time::Duration::from_secs(30))
-        .expect("relaxed rewrites hung behind a backend that refuses write-back");
     let s = e.stats();
     assert!(
         s.versions_superseded >= 150,
@@ -583,20 +573,16 @@ fn offline_versions_never_starve_a_line_not_yet_copied_in() {
     let b = testkit::rig::mem(lines * line);
     let c = testkit::rig::mem(MIB + (lines + 1) * line);
     let e = open(b.clone(), c.clone(), cfg(CacheMode::Offline));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let e2 = e.clone();
-    std::thread::spawn(move || {
+    let what = "a write to a line not yet copied in hung in offline mode";
+    finishes_within(20, what, &e, move |e| {
         for round in 1..=3u8 {
-            e2.write(0, &[round; 4096], false).unwrap();
-            e2.flush().unwrap();
+            e.write(0, &[round; 4096], false).unwrap();
+            e.flush().unwrap();
         }
         for l in 1..lines {
-            e2.write(l * line, &[l as u8; 4096], false).unwrap();
+            e.write(l * line, &[l as u8; 4096], false).unwrap();
         }
-        tx.send(()).unwrap();
     });
-    rx.recv_timeout(std::time::Duration::from_secs(20))
-        .expect("a write to a line not yet copied in hung in offline mode");
     assert!(
         e.stats().offline_writebacks_for_space >= 1,
         "the versions were reclaimed by a write-back before stop"
@@ -615,6 +601,25 @@ fn offline_versions_never_starve_a_line_not_yet_copied_in() {
         let o = (l * line) as usize;
         assert_eq!(&img[o..o + 4096], &[l as u8; 4096][..], "line {l}");
     }
+}
+
+/// Run `work` on `e` on a thread of its own and fail with `what` unless it
+/// is done within `secs` (the limit only catches a hang; a panic in `work`
+/// fails at once).
+fn finishes_within(
+    secs: u64,
+    what: &str,
+    e: &Arc<Engine>,
+    work: impl FnOnce(&Engine) + Send + 'static,
+) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let e = Arc::clone(e);
+    std::thread::spawn(move || {
+        work(&e);
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|err| panic!("{what} ({err})"));
 }
 
 /// Wait (up to `secs`, which only catches a hang) until `ready` holds.

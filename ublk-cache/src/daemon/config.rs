@@ -733,12 +733,8 @@ impl ServeConfig {
             }
         }
         if let Some(r) = self.writeback_limit().bytes_per_sec {
-            if r < policies::pacing::MIN_BYTES_PER_SEC {
-                return config(format!(
-                    "--writeback-rate {r} bytes/s is below the lowest allowed, 1M: slower, one write-back \
-                     write would take long enough to look like a stalled backend (give 0 for no limit)"
-                ));
-            }
+            policies::pacing::check_rate(r)
+                .map_err(|e| DaemonError::config(format!("--writeback-rate {e}")))?;
         }
         Ok(Plan {
             backend,

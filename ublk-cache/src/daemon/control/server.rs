@@ -177,12 +177,9 @@ impl ControlContext {
                 bytes_per_sec,
                 writes_per_sec,
             } => {
-                let min = policies::pacing::MIN_BYTES_PER_SEC;
-                if let Some(r) = bytes_per_sec.filter(|&r| r > 0 && r < min) {
-                    return Err(DaemonError::refused(format!(
-                        "--rate {r} bytes/s is below the lowest allowed, 1M: slower, one write-back write \
-                         would take long enough to look like a stalled backend (give 0 for no limit)"
-                    )));
+                if let Some(r) = bytes_per_sec {
+                    policies::pacing::check_rate(r)
+                        .map_err(|e| DaemonError::refused(format!("--rate {e}")))?;
                 }
                 let mut l = e.writeback_limit();
                 let some = |v: u64| (v > 0).then_some(v);
