@@ -15,6 +15,10 @@
 #   COMMIT_N [600]      transactions per run
 #   COMMIT_IOPS [300] COMMIT_BPS [80000000]  the throttled disks' limits
 #   COMMIT_QUEUES [1]   ublk queues
+#   COMMIT_PEERS [direct slow none relaxed ordered]  which peers run, in
+#                       this order; `held` adds `back` with write-back held
+#                       to one write a second (a diagnostic: the request
+#                       path's cost without write-back competing)
 #   BENCH_BUILD [1]     0: use target/release/ublk-cache as it is
 #   COMMIT_WORKDIR      [tests/vm/.cache/bench-commit/<time>-<pid>]
 set -euo pipefail
@@ -32,6 +36,14 @@ IOPS=${COMMIT_IOPS:-300} BPS=${COMMIT_BPS:-80000000}
 for v in ROUNDS N QUEUES IOPS BPS; do
     [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "COMMIT_$v must be a positive integer, not '${!v}'"
 done
+PEERS=${COMMIT_PEERS:-direct slow none relaxed ordered}
+for p in $PEERS; do
+    case $p in
+        direct | slow | none | relaxed | ordered | held) ;;
+        *) die "COMMIT_PEERS: unknown peer '$p' (direct, slow, none, relaxed, ordered, held)" ;;
+    esac
+done
+[[ -n ${PEERS// /} ]] || die "COMMIT_PEERS is empty"
 
 "$HERE/setup.sh"
 if ! command -v sqlite3 >/dev/null; then
@@ -47,10 +59,12 @@ cat >"$WORKDIR/bench-commit.conf" <<EOF
 COMMIT_ROUNDS=$ROUNDS
 COMMIT_N=$N
 COMMIT_QUEUES=$QUEUES
+COMMIT_PEERS="$PEERS"
 EOF
 
-timeout=$(( ROUNDS * 5 * (N / 5 + 120) + 600 ))
-log "workdir $WORKDIR; $ROUNDS rounds x 5 peers x $N commits; throttled disks $IOPS IOPS, $BPS B/s (guest timeout ${timeout}s)"
+npeers=$(wc -w <<<"$PEERS")
+timeout=$(( ROUNDS * npeers * (N / 5 + 120) + 600 ))
+log "workdir $WORKDIR; $ROUNDS rounds x $npeers peers ($PEERS) x $N commits; throttled disks $IOPS IOPS, $BPS B/s (guest timeout ${timeout}s)"
 start=$SECONDS
 rc=0
 "$HERE/run.sh" --workdir "$WORKDIR" --timeout "$timeout" --mem 1536 \
@@ -63,11 +77,12 @@ if (( rc != 0 )); then
 fi
 log "guest run took $(( SECONDS - start )) s"
 
-python3 - "$WORKDIR" "$ROUNDS" "$N" "$IOPS" "$BPS" <<'EOF' | tee "$WORKDIR/results.md"
+python3 - "$WORKDIR" "$ROUNDS" "$N" "$IOPS" "$BPS" "$PEERS" <<'EOF' | tee "$WORKDIR/results.md"
 import json, pathlib, statistics, sys, datetime
 wd, rounds, n, iops, bps = pathlib.Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
-peers = ["direct", "slow", "none", "relaxed", "ordered"]
+peers = sys.argv[6].split()
 label = {
+    "held": "ublk-cache `back`, relaxed, write-back held to 1 write/s (diagnostic)",
     "direct": "ext4 directly on the unthrottled (cache) disk",
     "slow": "ext4 directly on the throttled (backend) disk",
     "none": "ublk-cache `none`",
@@ -93,14 +108,28 @@ def ratio(a, b):
 print("\n| ratio | measured | goal (issue 17) |")
 print("|---|---|---|")
 for a, b, goal in [("relaxed", "direct", "≥ 0.5"), ("relaxed", "slow", "≥ 2"),
-                   ("ordered", "slow", "≥ 1.0"), ("none", "slow", "(data-path issue)")]:
-    print(f"| {a} / {b} | {ratio(a, b):.2f}x | {goal} |")
-flushes = []
-for r in range(1, rounds + 1):
-    s = json.loads((wd / "results" / f"{r}-relaxed.stats.json").read_text())
-    if s.get("flushes"):
-        flushes.append(s.get("cache_flushes", 0) / s["flushes"])
-if flushes:
-    print(f"\nback, relaxed: {statistics.median(flushes):.2f} cache-device flushes per guest FLUSH")
+                   ("ordered", "slow", "≥ 1.0"), ("none", "slow", "(data-path issue)"),
+                   ("held", "relaxed", "(diagnostic)")]:
+    if a in rate and b in rate:
+        print(f"| {a} / {b} | {ratio(a, b):.2f}x | {goal} |")
+# What a guest FLUSH cost the cache device (medians over the rounds).
+rows = []
+for p in [p for p in peers if p in ("relaxed", "ordered", "held")]:
+    per = {"flush": [], "meta": [], "shared": [], "own": []}
+    for r in range(1, rounds + 1):
+        s = json.loads((wd / "results" / f"{r}-{p}.stats.json").read_text())
+        f = s.get("flushes") or 0
+        if f:
+            per["flush"].append(s.get("cache_flushes", 0) / f)
+            per["meta"].append(s.get("meta_write_bytes", 0) / f)
+            per["shared"].append(s.get("watermark_shared_rounds", 0))
+            per["own"].append(s.get("watermark_own_rounds", 0))
+    if per["flush"]:
+        rows.append((p, *(statistics.median(per[k]) for k in ("flush", "meta", "shared", "own"))))
+if rows:
+    print("\n| peer | cache-device flushes per guest FLUSH/FUA | metadata bytes per guest FLUSH/FUA | write-back watermarks in guest rounds | in rounds of their own |")
+    print("|---|---|---|---|---|")
+    for p, fl, meta, shared, own in rows:
+        print(f"| {p} | {fl:.2f} | {meta:.0f} | {shared:.0f} | {own:.0f} |")
 EOF
 log "results: $WORKDIR/results.md"

@@ -311,6 +311,24 @@ fn print_stats(r: &StatsReply) {
         e.cache_errors,
         mib(e.preload_bytes)
     );
+    let per_flush = |v: u64| {
+        if e.flushes > 0 {
+            format!("{:.2}", v as f64 / e.flushes as f64)
+        } else {
+            "-".into()
+        }
+    };
+    println!(
+        "durability: {} guest FLUSH/FUA ({} with nothing new); cache device: {} flushes ({} per guest FLUSH), {} metadata ({} bytes per guest FLUSH); write-back watermarks: {} in shared rounds, {} in own rounds",
+        e.flushes,
+        e.flushes_with_nothing_new,
+        e.cache_flushes,
+        per_flush(e.cache_flushes),
+        mib(e.meta_write_bytes),
+        per_flush(e.meta_write_bytes),
+        e.watermark_shared_rounds,
+        e.watermark_own_rounds
+    );
     if !e.latency.is_empty() {
         println!("latency (µs)   count      p50      p90      p99    p99.9");
         for l in &e.latency {

@@ -735,8 +735,9 @@ fn a_new_write_back_limit_applies_at_once() {
 /// the backend holds write-back, the cache fills with dirty lines of one
 /// epoch; then 3 MiB go at 1 MiB/s, in writes of at most half a second each,
 /// and none of those lines is clean (or can give its slot) before the end.
-/// The first overwrite takes the slot of the line written back before the
-/// hold ended; the second has to wait.
+/// Line 0 is an epoch of its own, held at the backend while the others are
+/// written: the first overwrite takes its slot once the hold ends; the second
+/// has to wait.
 #[test]
 fn a_paced_write_back_is_not_an_outage() {
     let (mem_b, c) = mems(8, 4);
@@ -760,6 +761,13 @@ fn a_paced_write_back_is_not_an_outage() {
         let data = testkit::pattern(l + 1, 65536);
         e.write(l * 65536, &data, false).unwrap();
         want[(l * 65536) as usize..((l + 1) * 65536) as usize].copy_from_slice(&data);
+        if l == 0 {
+            e.flush().unwrap();
+            assert!(
+                b.wait_for_stalled(1, std::time::Duration::from_secs(10)),
+                "the write-back of line 0 never reached the backend"
+            );
+        }
     }
     e.flush().unwrap();
     b.release();

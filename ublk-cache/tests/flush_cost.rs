@@ -3,12 +3,16 @@
 //! block (a log record written together with the data), where format v1 needs
 //! two flushes (data, then the metadata block naming it). Counted with the
 //! engine's own stats, on a backend that refuses writes so that no write-back
-//! round adds flushes of its own.
+//! round adds flushes of its own, and then with write-back running: each
+//! write-back step's watermark rides in the guest's next round instead of
+//! costing a device flush of its own.
 
 use std::sync::Arc;
 
-use policies::CacheMode;
-use rbd_backend::{Backend, FaultyBackend, MemBackend};
+use std::time::Duration;
+
+use policies::{CacheMode, WritebackOrder};
+use rbd_backend::{Backend, FaultyBackend, MemBackend, OpKind};
 use ublk_cache::format::FormatVersion;
 use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig};
@@ -138,5 +142,76 @@ fn a_flush_with_nothing_new_costs_no_device_flush_in_format_v2() {
         assert!(buf[..4096].iter().all(|&b| b == 1), "{format:?}");
         assert!(buf[8192..].iter().all(|&b| b == 3), "{format:?}");
         e.abandon();
+    }
+}
+
+/// With write-back running over a backend that takes a millisecond per write
+/// and per flush (and a cache device that takes half of one per flush), a QD1 loop of 4 KiB write + FLUSH still costs one cache
+/// device flush per FLUSH: every step's watermark is carried by a guest round
+/// (before, each step ran a round of its own: about two flushes per FLUSH).
+/// A few own rounds are allowed for a stalled machine (a gap between two
+/// FLUSHes longer than the flusher's patience), not one per step.
+#[test]
+fn write_back_running_adds_no_device_flushes_to_a_flush_loop() {
+    const N: u64 = 300;
+    for order in [WritebackOrder::Ordered, WritebackOrder::Relaxed] {
+        let backend = Arc::new(MemBackend::new(64 * MIB));
+        let slow = Arc::new(FaultyBackend::builder(backend.clone()).build());
+        slow.set_delay(OpKind::Write, Duration::from_millis(1));
+        slow.set_delay(OpKind::Flush, Duration::from_millis(1));
+        // A cache device flush takes a little, as on a real device, so that
+        // steps and guest rounds interleave as they do in a VM.
+        let cache = Arc::new(FaultyBackend::builder(Arc::new(MemBackend::new(64 * MIB))).build());
+        cache.set_delay(OpKind::Flush, Duration::from_micros(500));
+        let e = Engine::open(
+            slow as Arc<dyn Backend>,
+            Some(cache as Arc<dyn Backend>),
+            EngineConfig {
+                mode: CacheMode::Back,
+                order,
+                line_size: Some(64 * 1024),
+                format_version: FormatVersion::V2,
+                shadow_dir: testkit::rig::shadow_dir(),
+                ..EngineConfig::default()
+            },
+        )
+        .unwrap_or_else(|err| panic!("attach ({order}): {err}"));
+        let before = e.stats();
+        for i in 0..N {
+            let off = (i * 7 % 40) * 64 * 1024 + (i % 16) * 4096;
+            e.write(off, &[(i % 250) as u8 + 1; 4096], false)
+                .expect("write");
+            e.flush().expect("flush");
+        }
+        let after = e.stats();
+        let flushes = after.flushes - before.flushes;
+        let device = after.cache_flushes - before.cache_flushes;
+        let shared = after.watermark_shared_rounds - before.watermark_shared_rounds;
+        let own = after.watermark_own_rounds - before.watermark_own_rounds;
+        eprintln!(
+            "{order}: {flushes} FLUSHes, {device} device flushes ({:.2} per FLUSH), \
+             watermarks {shared} shared / {own} own, {} KiB written back",
+            device as f64 / flushes as f64,
+            (after.writeback_bytes - before.writeback_bytes) / 1024
+        );
+        assert!(
+            after.writeback_bytes > before.writeback_bytes,
+            "{order}: write-back did not run during the loop"
+        );
+        assert!(
+            device <= flushes + flushes / 20 && shared > 0,
+            "{order}: {device} device flushes for {flushes} FLUSHes ({own} watermark rounds of their own)"
+        );
+        e.shutdown().expect("shutdown");
+        // Everything reached the backend, newest data last.
+        let snap = backend.snapshot();
+        for i in N - 40..N {
+            let off = ((i * 7 % 40) * 64 * 1024 + (i % 16) * 4096) as usize;
+            let newest = (i..N)
+                .filter(|&j| (j * 7 % 40) * 64 * 1024 + (j % 16) * 4096 == off as u64)
+                .max()
+                .expect("i itself");
+            assert_eq!(snap[off], (newest % 250) as u8 + 1, "{order}: offset {off}");
+        }
     }
 }

@@ -11,10 +11,13 @@
 #   relaxed    ublk-cache --mode back --writeback-order relaxed (cache on an
 #              unthrottled disk, backend on a throttled one)
 #   ordered    the same with --writeback-order ordered
+#   held       (diagnostic, only when asked for) `back`, relaxed, with
+#              write-back held to one backend write a second: what the
+#              request path costs without write-back competing
 # The throttled disks are alike (the host side sets QEMU's throttling on them).
 #
 # Settings from bench-commit.conf in the work dir: COMMIT_ROUNDS, COMMIT_N
-# (transactions per run), COMMIT_QUEUES.
+# (transactions per run), COMMIT_QUEUES, COMMIT_PEERS.
 # Output: results/R-PEER.txt ("commits nanoseconds"), R-PEER.stats.json
 # (ublk-cache's counters after the run), setup.log.
 set -uo pipefail
@@ -25,7 +28,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ROUNDS=${COMMIT_ROUNDS:-2}
 N=${COMMIT_N:-600}
 QUEUES=${COMMIT_QUEUES:-1}
-PEERS=(direct slow none relaxed ordered)
+read -ra PEERS <<<"${COMMIT_PEERS:-direct slow none relaxed ordered}"
 MNT=/mnt
 
 die() { echo "BENCH-ERROR: $*" >&2; exit 1; }
@@ -81,11 +84,12 @@ for r in $(seq 1 "$ROUNDS"); do
         case $p in
             direct) commits "$DIRECT" "$out" || die "round $r $p failed" ;;
             slow) commits "$SLOW" "$out" || die "round $r $p failed" ;;
-            none | relaxed | ordered)
+            none | relaxed | ordered | held)
                 case $p in
                     none) serve none || die "ublk-cache (none) did not start" ;;
                     relaxed) serve back --writeback-order relaxed || die "ublk-cache (relaxed) did not start" ;;
                     ordered) serve back --writeback-order ordered || die "ublk-cache (ordered) did not start" ;;
+                    held) serve back --writeback-order relaxed --writeback-iops 1 || die "ublk-cache (held) did not start" ;;
                 esac
                 commits "$DEV" "$out" || { stop_server_hard; die "round $r $p failed"; }
                 "$BIN" ctl "${DEV#/dev/ublkb}" stats --json >"results/$r-$p.stats.json"

@@ -1,7 +1,7 @@
 //! Attaching a cache device: format a new one, or validate and load an existing
 //! one (refusing anything corrupt or foreign), recover after a crash, and detach.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -140,6 +140,7 @@ impl Engine {
             warned_ordering: AtomicBool::new(false),
             born: std::time::Instant::now(),
             writeback_progress_ms: AtomicU64::new(0),
+            guest_durability_us: AtomicU64::new(0),
             order: cfg.order,
             pacer: Mutex::new(Pacer::new(cfg.writeback_limit)),
             paced_until_ms: AtomicU64::new(0),
@@ -671,12 +672,7 @@ impl Engine {
             map: Arc::new(LineMap::new()),
             snap: RwLock::new(()),
             alloc: Mutex::new(Alloc::default()),
-            epochs: Mutex::new(Epochs {
-                cur: 0,
-                applying: BTreeMap::new(),
-                pending: BTreeMap::new(),
-                writing: None,
-            }),
+            epochs: Mutex::new(Epochs::new(0)),
             evict: RwLock::new(eviction.builder().slots(n).build()),
             meta_dirty: AtomicBits::new(layout.meta_blocks() as usize),
             cleaned: AtomicBits::new(n),
@@ -687,6 +683,7 @@ impl Engine {
             dirty_lines: AtomicI64::new(0),
             stopping: AtomicBool::new(false),
             drain_requests: AtomicU32::new(0),
+            space_waiters: AtomicU32::new(0),
             version,
             flushed: AtomicU64::new(flushed),
             flushed_durable: AtomicU64::new(flushed),
@@ -742,7 +739,7 @@ impl Engine {
             }
         }
         st.alloc.lock().free = free;
-        st.epochs.lock().cur = max_epoch + 1;
+        st.epochs.lock().open(max_epoch + 1);
         // Loading is not a change: the metadata on disk says all this already.
         st.meta_dirty.clear_all();
         st.slot_changed.take();

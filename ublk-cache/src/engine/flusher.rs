@@ -9,7 +9,7 @@
 //! the lines' locks, briefly) and then writing the backend. The flusher runs on a
 //! thread and event loop of its own.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,40 @@ const MAX_EXTENT: u64 = 4 << 20;
 /// Backend writes in flight.
 const WINDOW: usize = 32;
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Format v2: how long a step's watermark waits for a guest round to carry
+/// it before the flusher runs a round (a device flush) of its own, while the
+/// guest made something durable within this time. Longer than a busy guest's
+/// gap between FLUSHes, so that under load write-back costs the cache device
+/// no flushes of its own; short enough that the last versions are freed
+/// soon. A guest that flushes less often, and a drain, get no wait (and
+/// write-back at full speed).
+const RIDE_PATIENCE: Duration = Duration::from_millis(20);
+/// Format v2: the flusher closes the open epoch itself (so that write-back
+/// does not wait for a guest FLUSH forever) once it has been open this long.
+/// Sooner would split a guest's epochs in two: twice the write-back steps,
+/// backend flushes and watermark rounds for the same data.
+const OPEN_EPOCH_MAX: Duration = Duration::from_millis(50);
+/// Format v2: a bound on waiting for a round during the next step (the wait
+/// ends with the step; this only keeps the deadline arithmetic finite).
+const DURING_STEP: Duration = Duration::from_secs(3600);
+
+/// Format v2: a step written back whose watermark may not be durable yet.
+#[derive(Clone, Copy)]
+struct Unconfirmed {
+    /// `rounds_started()` after the watermark was raised: any later round
+    /// carries it.
+    since: u64,
+    /// The step's oldest epoch.
+    oldest: u64,
+}
+
+/// What `next_step` found.
+enum Step {
+    Items(Vec<Item>),
+    /// Nothing to write back now (only when asked not to wait for it).
+    Idle,
+    Stop,
+}
 
 /// One dirty line as the step found it.
 #[derive(Clone, Copy)]
@@ -93,11 +127,95 @@ impl Engine {
         let mut backoff = Duration::from_millis(50);
         // Format v2: written back, but not yet under the durable watermark.
         let mut uncovered: Vec<Item> = Vec::new();
+        // Format v2: the watermark the previous step raised, if it may not be
+        // durable yet. It must be before the *next* step's backend writes
+        // begin: recovery writes back every epoch above the durable watermark
+        // again, oldest first, and once two steps lie above it, rewriting the
+        // older one's lines would bring back, in the newest step's lines, data
+        // older than the one before it (not a flush-point state). One step
+        // above it is allowed: rewriting it leaves the state that step had
+        // during its own writes, then the next step is rewritten too. So a
+        // step's watermark rides in a guest round during the step after it.
+        let mut unconfirmed: Option<Unconfirmed> = None;
         loop {
-            let Some(items) = self.next_step(c).await else {
-                return;
+            // That step stays marked as being written until its watermark is
+            // durable (a drain waits for its lines to be clean).
+            let hold = unconfirmed.map(|u| u.oldest);
+            let items = match self.next_step(c, hold, unconfirmed.is_none()).await {
+                Step::Stop => {
+                    if let Some(Unconfirmed { since, .. }) = unconfirmed {
+                        // Nobody waits for a guest round any more.
+                        if self
+                            .confirm_watermark(since, Duration::ZERO, || false)
+                            .await
+                            .is_ok()
+                        {
+                            let _ = self.clean_v2(c, &uncovered);
+                        }
+                    }
+                    return;
+                }
+                Step::Idle => {
+                    // No next step to overlap the watermark with: make it
+                    // durable (riding a guest round that comes soon), unless a
+                    // step can start meanwhile.
+                    if let Some(Unconfirmed { since, .. }) = unconfirmed {
+                        let patience = self.watermark_patience();
+                        let step_ready = || self.step_ready(c);
+                        match self.confirm_watermark(since, patience, step_ready).await {
+                            Ok(true) => unconfirmed = None,
+                            Ok(false) => continue,
+                            Err(e) => {
+                                warn!("write-back done, but its watermark could not be made durable; retrying: {e}");
+                                wait_for(&c.ev.flusher, backoff, || {
+                                    c.st.stopping.load(Ordering::Acquire)
+                                })
+                                .await;
+                                backoff = (backoff * 2).min(MAX_BACKOFF);
+                                continue;
+                            }
+                        }
+                    }
+                    self.finish_clean(c, &mut uncovered, None).await;
+                    continue;
+                }
+                Step::Items(items) => items,
             };
-            match self.write_back(c, &items).await {
+            let step_done = AtomicBool::new(false);
+            let step = async {
+                let r = self.write_back(c, &items).await;
+                step_done.store(true, Ordering::Release);
+                c.ev.flusher.notify(usize::MAX);
+                r
+            };
+            let res = match unconfirmed {
+                // While the step runs, the previous step's watermark rides in
+                // the first round that comes, or goes at once in a round of its
+                // own when someone waits (a write that needs space must not
+                // wait for the whole step); what it covers is cleaned then.
+                Some(Unconfirmed { since, .. }) => {
+                    let confirm = async {
+                        let r = self
+                            .confirm_watermark(since, DURING_STEP, || {
+                                step_done.load(Ordering::Acquire)
+                            })
+                            .await;
+                        if matches!(r, Ok(true)) {
+                            let writing = items.iter().map(|it| it.epoch).min();
+                            self.finish_clean(c, &mut uncovered, writing).await;
+                        }
+                        r
+                    };
+                    let (res, confirmed) = futures_lite::future::zip(step, confirm).await;
+                    // A failed round is seen again below, and retried.
+                    if matches!(confirmed, Ok(true)) {
+                        unconfirmed = None;
+                    }
+                    res
+                }
+                None => step.await,
+            };
+            match res {
                 Ok(bytes) => {
                     backoff = Duration::from_millis(50);
                     self.note_writeback_progress();
@@ -108,10 +226,6 @@ impl Engine {
                     Stats::add(&self.stats.writeback_bytes, bytes);
                     Stats::add(&self.stats.backend_write_bytes, bytes);
                     if c.st.version == FormatVersion::V2 {
-                        // The watermark must be durable before the next step's
-                        // backend writes (else a crash could make recovery write
-                        // these epochs again over later ones), and before the
-                        // versions it makes stale are freed.
                         // Every epoch up to the step's newest is on the
                         // backend, unless lines of one stayed pending (a step
                         // holds at most STEP_LINES lines).
@@ -120,26 +234,46 @@ impl Engine {
                             Some(p) if p <= step_max => p.saturating_sub(1),
                             _ => step_max,
                         };
+                        // Raised first: a round from now on carries this
+                        // step's watermark and the previous one's.
                         c.st.flushed.fetch_max(w, Ordering::AcqRel);
-                        if let Err(e) = self.persist().await {
-                            warn!("write-back done, but its watermark could not be made durable; retrying: {e}");
-                            self.requeue(c, &items);
-                            wait_for(&c.ev.flusher, backoff, || {
-                                c.st.stopping.load(Ordering::Acquire)
-                            })
-                            .await;
-                            continue;
+                        let since = self.rounds_started();
+                        if let Some(Unconfirmed {
+                            since: prev_since, ..
+                        }) = unconfirmed
+                        {
+                            // The previous step's watermark, before the next
+                            // step (see `unconfirmed`); a guest round during
+                            // this step has usually carried it already.
+                            let patience = self.watermark_patience();
+                            let res = self.confirm_watermark(prev_since, patience, || false);
+                            if let Err(e) = res.await {
+                                warn!("write-back done, but its watermark could not be made durable; retrying: {e}");
+                                self.requeue(c, &items, unconfirmed.map(|u| u.oldest));
+                                wait_for(&c.ev.flusher, backoff, || {
+                                    c.st.stopping.load(Ordering::Acquire)
+                                })
+                                .await;
+                                backoff = (backoff * 2).min(MAX_BACKOFF);
+                                continue;
+                            }
                         }
+                        unconfirmed =
+                            (c.st.flushed_durable.load(Ordering::Acquire) < w).then(|| {
+                                Unconfirmed {
+                                    since,
+                                    oldest: items.iter().map(|it| it.epoch).min().unwrap_or(w),
+                                }
+                            });
                         uncovered.extend_from_slice(&items);
-                        let merge;
-                        (uncovered, merge) = self.clean_v2(c, &uncovered);
-                        self.carry_up(c, &merge).await;
+                        self.finish_clean(c, &mut uncovered, unconfirmed.map(|u| u.oldest))
+                            .await;
                     } else {
                         self.mark_clean(c, &items);
+                        c.st.epochs.lock().writing = None;
+                        c.ev.progress.notify(usize::MAX);
+                        c.ev.space.notify(usize::MAX);
                     }
-                    c.st.epochs.lock().writing = None;
-                    c.ev.progress.notify(usize::MAX);
-                    c.ev.space.notify(usize::MAX);
                 }
                 Err(e) => {
                     Stats::add(&self.stats.writeback_retries, 1);
@@ -149,7 +283,7 @@ impl Engine {
                         items.len(),
                         backoff
                     );
-                    self.requeue(c, &items);
+                    self.requeue(c, &items, unconfirmed.map(|u| u.oldest));
                     if c.st.stopping.load(Ordering::Acquire) {
                         return;
                     }
@@ -163,17 +297,76 @@ impl Engine {
         }
     }
 
+    /// Format v2: clean what the durable watermark covers now, merge versions,
+    /// and tell the waiters; the rest stays `uncovered`. `writing`: the oldest
+    /// epoch of the steps still being written or waiting for their watermark
+    /// (a drain waits for them).
+    async fn finish_clean(&self, c: &Cache, uncovered: &mut Vec<Item>, writing: Option<u64>) {
+        let merge;
+        (*uncovered, merge) = self.clean_v2(c, uncovered);
+        self.carry_up(c, &merge).await;
+        c.st.epochs.lock().writing = writing;
+        c.ev.progress.notify(usize::MAX);
+        c.ev.space.notify(usize::MAX);
+    }
+
+    /// Make the watermark raised before `rounds_started()` returned `since`
+    /// durable, riding a guest round within `patience` (see
+    /// `persist_watermark`). `Ok(false)`: `interrupt` said to stop waiting
+    /// first, and nothing was done.
+    async fn confirm_watermark(
+        &self,
+        since: u64,
+        patience: Duration,
+        interrupt: impl Fn() -> bool,
+    ) -> EngineResult<bool> {
+        match self.persist_watermark(since, patience, interrupt).await? {
+            None => Ok(false),
+            Some(rode) => {
+                let n = if rode {
+                    &self.stats.watermark_shared_rounds
+                } else {
+                    &self.stats.watermark_own_rounds
+                };
+                Stats::add(n, 1);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Whether the flusher could take a step now.
+    fn step_ready(&self, c: &Cache) -> bool {
+        (self.mode().writes_back_continuously() || c.st.drain_requests.load(Ordering::Acquire) > 0)
+            && c.st.epochs.lock().has_closed_pending()
+    }
+
+    /// How long a step's watermark may wait for a guest round: `RIDE_PATIENCE`
+    /// while the guest makes data durable often enough that one comes within
+    /// it; not at all when it does not, or when someone waits for write-back.
+    fn watermark_patience(&self) -> Duration {
+        if self.writeback_is_awaited() || self.since_guest_durability() > RIDE_PATIENCE {
+            Duration::ZERO
+        } else {
+            RIDE_PATIENCE
+        }
+    }
+
     /// Format v2: which epochs the next step writes back. Only closed epochs
     /// with no write still being applied: their versions are frozen. When only
     /// the open epoch has dirty data, it is closed here (that only adds an
-    /// ordering point), so write-back never waits for a guest FLUSH. Ordered:
-    /// the oldest such epoch alone; relaxed: all of them, merged.
+    /// ordering point) once it has been open for `OPEN_EPOCH_MAX`, or at once
+    /// when someone waits for write-back, so write-back never waits for a
+    /// guest FLUSH for long. Ordered: the oldest closed epoch alone; relaxed:
+    /// all of them, merged.
     fn v2_step_epochs(&self, e: &mut super::state::Epochs) -> Vec<u64> {
         let Some(oldest) = e.oldest_pending() else {
             return Vec::new();
         };
         if oldest >= e.cur {
-            e.cur = oldest + 1;
+            if e.opened.elapsed() < OPEN_EPOCH_MAX && !self.writeback_is_awaited() {
+                return Vec::new();
+            }
+            e.open(oldest + 1);
         }
         let cur = e.cur;
         let closed = |ep: u64, e: &super::state::Epochs| {
@@ -208,22 +401,24 @@ impl Engine {
     }
 
     /// Put items back into their epoch's pending list (a failed step).
-    fn requeue(&self, c: &Cache, items: &[Item]) {
+    /// `hold`: the oldest epoch of a step whose watermark is not durable yet,
+    /// which stays marked as being written.
+    fn requeue(&self, c: &Cache, items: &[Item], hold: Option<u64>) {
         let mut e = c.st.epochs.lock();
         for it in items {
             e.pending.entry(it.epoch).or_default().push(it.slot);
         }
-        e.writing = None;
+        e.writing = hold;
     }
 
-    /// Wait for and take the next step: dirty lines of the epoch that may go
-    /// next (of every closed epoch, in relaxed order). Returns None when the
-    /// engine stops.
-    async fn next_step(&self, c: &Cache) -> Option<Vec<Item>> {
+    /// Take the next step: dirty lines of the epoch that may go next (of every
+    /// closed epoch, in relaxed order). With nothing to take, waits for work
+    /// when `block`, else returns `Idle`. `hold` as in `requeue`.
+    async fn next_step(&self, c: &Cache, hold: Option<u64>, block: bool) -> Step {
         let st = &c.st;
         loop {
             if st.stopping.load(Ordering::Acquire) {
-                return None;
+                return Step::Stop;
             }
             let active = self.mode().writes_back_continuously()
                 || st.drain_requests.load(Ordering::Acquire) > 0;
@@ -288,16 +483,29 @@ impl Engine {
             items.sort_by_key(|it| it.tag);
             items.dedup_by_key(|it| it.slot);
             if !items.is_empty() {
-                return Some(items);
+                return Step::Items(items);
             }
-            st.epochs.lock().writing = None;
+            st.epochs.lock().writing = hold;
             if took_epoch {
                 continue;
             }
-            // Nothing to take now: idle is not stalled.
+            if !block {
+                return Step::Idle;
+            }
+            // Nothing to take now: idle is not stalled. Format v2: look again
+            // when the open epoch, if it has dirty data, may be closed.
             self.note_writeback_progress();
             c.ev.progress.notify(usize::MAX);
-            wait_for(&c.ev.flusher, Duration::from_millis(200), || {
+            let idle = {
+                let e = st.epochs.lock();
+                match e.oldest_pending() {
+                    Some(p) if active && st.version == FormatVersion::V2 && p >= e.cur => {
+                        OPEN_EPOCH_MAX.saturating_sub(e.opened.elapsed())
+                    }
+                    _ => Duration::from_millis(200),
+                }
+            };
+            wait_for(&c.ev.flusher, idle.max(Duration::from_millis(1)), || {
                 st.stopping.load(Ordering::Acquire)
             })
             .await;

@@ -105,6 +105,10 @@ pub struct Engine {
     /// finished a step or found nothing to do.
     born: Instant,
     writeback_progress_ms: AtomicU64,
+    /// When (µs after `born`) the guest last asked for durability (a FLUSH or
+    /// FUA write): write-back waits for its next round only while it does so
+    /// often.
+    guest_durability_us: AtomicU64,
     order: WritebackOrder,
     /// Paces background write-back to the configured limit.
     pacer: Mutex<Pacer>,
@@ -130,6 +134,16 @@ impl Engine {
         Duration::from_millis(
             now.saturating_sub(self.writeback_progress_ms.load(Ordering::Acquire)),
         )
+    }
+
+    fn since_guest_durability(&self) -> Duration {
+        let now = self.born.elapsed().as_micros() as u64;
+        Duration::from_micros(now.saturating_sub(self.guest_durability_us.load(Ordering::Acquire)))
+    }
+
+    fn note_guest_durability(&self) {
+        self.guest_durability_us
+            .store(self.born.elapsed().as_micros() as u64, Ordering::Release);
     }
 
     fn note_writeback_progress(&self) {

@@ -19,7 +19,7 @@ use tracing::info;
 
 use super::live::{Progress, ProgressFn};
 use super::slots::NO_SLOT;
-use super::sync::{join_all, wait_for, Piece};
+use super::sync::{join_all, wait_for, wait_for_either, Piece};
 use super::{Cache, Engine, SECTOR};
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
 use crate::format::{EntryCodec, Layout, LineEntry, META_BLOCK};
@@ -107,6 +107,80 @@ impl Engine {
             c.st.log.lock().must_checkpoint = true;
         }
         let target = c.persist.rounds.lock().started + 1;
+        self.persist_until(c, target).await.map(|_| ())
+    }
+
+    /// Format v2, after a write-back step raised the watermark (`flushed`):
+    /// make it durable. Its own round would cost a device flush on top of the
+    /// guest's, and a guest FLUSH arriving meanwhile would wait for it; so it
+    /// rides in the next round someone else runs (a guest FLUSH or FUA write,
+    /// eviction) if one ends within `patience`, and leads one only if none
+    /// does, or as soon as someone waits for it (a drain, a write waiting for
+    /// space, stop). Returns whether it rode (ran no round of its own), or
+    /// `None` if `interrupt` said to stop waiting first (nothing done then).
+    /// `since`: `rounds_started()` read after the watermark was raised.
+    pub(super) async fn persist_watermark(
+        &self,
+        since: u64,
+        patience: Duration,
+        interrupt: impl Fn() -> bool,
+    ) -> EngineResult<Option<bool>> {
+        let Some(c) = self.cache.as_ref() else {
+            return Ok(Some(true));
+        };
+        let target = since + 1;
+        let deadline = Instant::now() + patience;
+        let finished = || c.persist.rounds.lock().finished >= target;
+        loop {
+            if finished() {
+                break;
+            }
+            if interrupt() {
+                return Ok(None);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.writeback_is_awaited() {
+                break;
+            }
+            // A round ending notifies `done`; a closed epoch or someone
+            // starting to wait for write-back notifies the flusher.
+            wait_for_either(&c.persist.done, &c.ev.flusher, left, || {
+                finished() || interrupt() || self.writeback_is_awaited()
+            })
+            .await;
+        }
+        // A round someone else started meanwhile still carries it.
+        let led = self.persist_until(c, target).await?;
+        Ok(Some(!led))
+    }
+
+    /// How many metadata rounds have started. Every round numbered above what
+    /// this returns carries what was in memory before the call: it is counted
+    /// as started after this read (under the same lock), and its snapshot is
+    /// taken after that.
+    pub(super) fn rounds_started(&self) -> u64 {
+        self.cache
+            .as_ref()
+            .map_or(0, |c| c.persist.rounds.lock().started)
+    }
+
+    /// Whether someone waits for write-back to progress (so that the flusher
+    /// must not wait for a guest FLUSH): a drain, a guest write that needs a
+    /// slot or an older version written back, or stop.
+    pub(super) fn writeback_is_awaited(&self) -> bool {
+        let Some(c) = self.cache.as_ref() else {
+            return false;
+        };
+        let st = &c.st;
+        st.drain_requests.load(std::sync::atomic::Ordering::Acquire) > 0
+            || st.space_waiters.load(std::sync::atomic::Ordering::Acquire) > 0
+            || st.stopping.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Wait for, or lead, rounds until round `target` has finished; its
+    /// failure is the caller's. Returns whether the caller led one.
+    async fn persist_until(&self, c: &Cache, target: u64) -> EngineResult<bool> {
+        let mut led = false;
         loop {
             let lead = {
                 let mut r = c.persist.rounds.lock();
@@ -115,7 +189,7 @@ impl Engine {
                         Some((n, why)) if *n >= target => {
                             Err(EngineError::new(EngineErrorKind::CacheIo, why.clone()))
                         }
-                        _ => Ok(()),
+                        _ => Ok(led),
                     };
                 }
                 if r.running {
@@ -128,6 +202,7 @@ impl Engine {
             };
             match lead {
                 Some(round) => {
+                    led = true;
                     let res = match c.st.version {
                         crate::format::FormatVersion::V1 => self.persist_round(c).await,
                         crate::format::FormatVersion::V2 => self.persist_round_v2(c, false).await,
@@ -326,12 +401,7 @@ impl Engine {
         st.drain_requests
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let _done = DrainRequest(st);
-        let target = {
-            let mut e = st.epochs.lock();
-            let t = e.cur;
-            e.cur += 1;
-            t
-        };
+        let target = { st.epochs.lock().close() };
         c.ev.flusher.notify(usize::MAX);
         let start = Instant::now();
         let mut last_log = Instant::now();
@@ -428,12 +498,13 @@ impl Engine {
     /// FLUSH (`guest` true) or the durability step of a FUA write.
     pub(super) async fn flush_impl(&self, guest: bool) -> EngineResult<()> {
         super::Stats::add(&self.stats.flushes, 1);
+        self.note_guest_durability();
         let action = self.mode().flush_action();
         if let Some(c) = self.cache() {
             // Format v2 closes the epoch at a FUA write too: its data must not be
             // overwritten in place once a round has logged it (see `log`).
             if action.close_epoch && (guest || c.st.version == crate::format::FormatVersion::V2) {
-                c.st.epochs.lock().cur += 1;
+                c.st.epochs.lock().close();
                 c.ev.flusher.notify(usize::MAX);
             }
             if action.persist_cache {

@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
 use policies::EvictionPolicy;
@@ -75,9 +76,34 @@ pub struct Epochs {
     /// The oldest epoch of the step the flusher is writing back (its lines are
     /// out of `pending` meanwhile, but not on the backend yet).
     pub writing: Option<u64>,
+    /// When `cur` became the open epoch (the flusher closes an epoch that
+    /// has been open long enough without a guest FLUSH).
+    pub opened: Instant,
 }
 
 impl Epochs {
+    pub fn new(cur: u64) -> Self {
+        Epochs {
+            cur,
+            applying: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            writing: None,
+            opened: Instant::now(),
+        }
+    }
+
+    /// Close the open epoch: new writes join the next one. Returns the closed one.
+    pub fn close(&mut self) -> u64 {
+        self.open(self.cur + 1);
+        self.cur - 1
+    }
+
+    /// Make `epoch` the open one (at attach, or to skip past a pending one).
+    pub fn open(&mut self, epoch: u64) {
+        self.cur = epoch;
+        self.opened = Instant::now();
+    }
+
     pub fn begin_apply(&mut self) -> u64 {
         let e = self.cur;
         *self.applying.entry(e).or_insert(0) += 1;
@@ -99,6 +125,13 @@ impl Epochs {
 
     pub fn oldest_applying(&self) -> Option<u64> {
         self.applying.keys().next().copied()
+    }
+
+    /// Whether the oldest epoch with dirty data is closed and fully applied
+    /// (the flusher can take a step from it).
+    pub fn has_closed_pending(&self) -> bool {
+        self.oldest_pending()
+            .is_some_and(|p| p < self.cur && self.oldest_applying().is_none_or(|a| a > p))
     }
 }
 
@@ -169,6 +202,10 @@ pub struct State {
     pub stopping: AtomicBool,
     /// Requests to write back everything, regardless of mode (stop, barrier).
     pub drain_requests: AtomicU32,
+    /// Guest writes waiting for a free slot or for write-back of an older
+    /// version: the flusher then neither waits for a guest FLUSH to close the
+    /// open epoch nor for a guest round to carry its watermark.
+    pub space_waiters: AtomicU32,
     pub version: FormatVersion,
     /// Format v2: every version of an epoch up to this is on the backend (in
     /// memory, and on the cache device).
@@ -192,7 +229,22 @@ pub struct State {
     pub log: Mutex<LogState>,
 }
 
+/// A guest write counted in `State::space_waiters` while this lives.
+pub struct SpaceWaiter<'a>(&'a AtomicU32);
+
+impl Drop for SpaceWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl State {
+    /// Count the caller as waiting for space until the result is dropped.
+    pub fn waiting_for_space(&self) -> SpaceWaiter<'_> {
+        self.space_waiters.fetch_add(1, Ordering::AcqRel);
+        SpaceWaiter(&self.space_waiters)
+    }
+
     /// Count one record going away and another taking its place.
     fn account(&self, old: &Rec, new: &Rec) {
         let dv = bits::count(&new.valid) as i64 - bits::count(&old.valid) as i64;

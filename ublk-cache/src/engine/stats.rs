@@ -39,6 +39,10 @@ pub struct Stats {
     /// Milliseconds during which write-back waited for its rate or write
     /// limit (wall time: writes that wait together count once).
     pub writeback_paced_ms: AtomicU64,
+    /// Format v2: write-back watermarks made durable by a round someone else
+    /// ran (no device flush of their own), and by a round of their own.
+    pub watermark_shared_rounds: AtomicU64,
+    pub watermark_own_rounds: AtomicU64,
     pub backend_errors: AtomicU64,
     pub cache_errors: AtomicU64,
     pub flushes: AtomicU64,
@@ -85,6 +89,10 @@ pub struct StatsSnapshot {
     pub offline_writebacks_for_space: u64,
     #[serde(default)]
     pub writeback_paced_ms: u64,
+    #[serde(default)]
+    pub watermark_shared_rounds: u64,
+    #[serde(default)]
+    pub watermark_own_rounds: u64,
     /// The write-back limit in effect: backend bytes and writes per second
     /// (0: no limit).
     #[serde(default)]
@@ -165,6 +173,8 @@ impl Stats {
             versions_merged: g(&self.versions_merged),
             offline_writebacks_for_space: g(&self.offline_writebacks_for_space),
             writeback_paced_ms: g(&self.writeback_paced_ms),
+            watermark_shared_rounds: g(&self.watermark_shared_rounds),
+            watermark_own_rounds: g(&self.watermark_own_rounds),
             backend_errors: g(&self.backend_errors),
             cache_errors: g(&self.cache_errors),
             flushes: g(&self.flushes),

@@ -24,6 +24,22 @@ pub async fn wait_for(ev: &Event, timeout: Duration, ready: impl Fn() -> bool) {
     }
 }
 
+/// `wait_for`, woken by either of two events.
+pub async fn wait_for_either(a: &Event, b: &Event, timeout: Duration, ready: impl Fn() -> bool) {
+    let (la, lb) = (a.listen(), b.listen());
+    if ready() {
+        return;
+    }
+    if aio::in_loop() {
+        futures_lite::future::or(la, futures_lite::future::or(lb, aio::sleep(timeout))).await;
+    } else {
+        // Off a loop (tools, tests), one of them with the timeout is enough:
+        // the callers re-check and wait again.
+        drop(lb);
+        la.wait_timeout(timeout);
+    }
+}
+
 /// Blocking form, for threads that are not event loops.
 pub fn wait_blocking(ev: &Event, timeout: Duration, ready: impl Fn() -> bool) {
     let l = ev.listen();

@@ -356,12 +356,14 @@ impl Engine {
                     // The older epoch's data must reach the backend first (v1), or the
                     // line has as many versions as it may (v2). Let the flusher work.
                     drop(guard);
+                    let _waiting = st.waiting_for_space();
                     c.ev.flusher.notify(usize::MAX);
                     wait_for(&c.ev.progress, Duration::from_millis(50), || false).await;
                     continue;
                 }
                 Next::Space => {
                     drop(guard);
+                    let _waiting = st.waiting_for_space();
                     // Holding no line lock, waiting for space cannot block the
                     // flusher. The wait is short so that the decision above is
                     // taken again (an outage may end it with GiveUpOrdering).

@@ -237,6 +237,16 @@ impl Collector for StatsCollector {
                 e.cache_flushes,
             ),
             (
+                "ublk_cache_writeback_watermark_shared_rounds",
+                "Format v2: write-back watermarks made durable by a metadata round a guest FLUSH or FUA write ran anyway (no cache-device flush of their own).",
+                e.watermark_shared_rounds,
+            ),
+            (
+                "ublk_cache_writeback_watermark_own_rounds",
+                "Format v2: write-back watermarks that needed a metadata round (and a cache-device flush) of their own.",
+                e.watermark_own_rounds,
+            ),
+            (
                 "ublk_cache_flushes_with_nothing_new",
                 "Guest flushes that found everything durable already and cost no flush of the cache device (format v2).",
                 e.flushes_with_nothing_new,
