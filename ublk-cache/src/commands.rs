@@ -360,7 +360,11 @@ fn list(run_dir: &Path, json: bool) -> Result<()> {
     for p in &problems {
         eprintln!("ublk-cache: warning: unreadable registry record: {p}");
     }
-    let kernel = fe::list_devices().unwrap_or_default();
+    let kernel = fe::list_devices().unwrap_or_else(|e| {
+        // Say so: otherwise every device would show as "absent".
+        eprintln!("ublk-cache: warning: cannot query the kernel's ublk devices: {e}");
+        Vec::new()
+    });
     let mut rows: Vec<ListRow> = recs
         .into_iter()
         .map(|r| {
@@ -472,8 +476,41 @@ fn stop(run_dir: &Path, target: &str, detach: bool, timeout: u64) -> Result<()> 
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The process is gone, but the kernel quiesces a detached device only afterwards,
+    // asynchronously (ublk frontend docs). Until it has, `recover` and other control
+    // commands would wait in the kernel; so "detached" means QUIESCED, not "exited".
+    let has_device = record.as_ref().is_none_or(|r| r.has_device());
+    if detach && has_device {
+        let left = match timeout {
+            0 => DETACH_SETTLE_LIMIT,
+            t => Duration::from_secs(t)
+                .saturating_sub(start.elapsed())
+                .max(MIN_SETTLE),
+        };
+        let old_pid = i32::try_from(pid).unwrap_or(-1);
+        let d = fe::wait_settled(id, old_pid, left)
+            .with_context(|| format!("pid {pid} exited, but /dev/ublkb{id} did not settle"))?;
+        match d.state {
+            fe::DeviceState::Quiesced | fe::DeviceState::FailIo => eprintln!(
+                "ublk-cache: /dev/ublkb{id} is {}; take it over with `ublk-cache recover {id}`",
+                d.state
+            ),
+            fe::DeviceState::Live => eprintln!(
+                "ublk-cache: /dev/ublkb{id} was already recovered by pid {}",
+                d.daemon_pid
+            ),
+            other => bail!("/dev/ublkb{id} is {other} after the detach: it cannot be recovered"),
+        }
+    }
     Ok(())
 }
+
+/// How long `stop --detach` (without `--timeout`) waits for the kernel to quiesce the
+/// device after the server exited. Normally well under a second; before Linux 6.15 a
+/// queue whose every request the server held waits for the 30 s request timeout.
+const DETACH_SETTLE_LIMIT: Duration = Duration::from_secs(90);
+/// With `--timeout`, the settle wait gets what is left of it, but at least this.
+const MIN_SETTLE: Duration = Duration::from_secs(5);
 
 fn demo(
     dir: Option<&Path>,

@@ -32,8 +32,36 @@ watch_end() {
     echo "$DEV was present throughout"
 }
 
+# kernel_state: the kernel's state of $DEV per `ublk-cache list`. list must never
+# wait on the kernel; one that has not answered in 30 s fails the case, and the
+# stacks of all blocked tasks go to the kernel log (sysrq w, saved in dmesg.txt).
+# A list stuck in the kernel cannot be killed; it is left behind.
 kernel_state() {
-    "$BIN" list --json | awk -v d="\"$DEV\"," '$0 ~ "\"device\": " d {f=1} f && /kernel_state/ {gsub(/[",]/, "", $2); print $2; exit}'
+    "$BIN" list --json >list.out 2>>list.err &
+    local pid=$! i
+    for ((i = 0; i < 300; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo w >/proc/sysrq-trigger 2>/dev/null
+        bad "ublk-cache list did not answer in 30 s (blocked tasks dumped to the kernel log)"
+        echo LIST-HUNG; return 1
+    fi
+    wait "$pid" || { cat list.err >&2; bad "ublk-cache list failed"; echo LIST-FAILED; return 1; }
+    awk -v d="\"$DEV\"," '$0 ~ "\"device\": " d {f=1} f && /kernel_state/ {gsub(/[",]/, "", $2); print $2; exit}' list.out
+}
+
+# wait_quiesced SECONDS: the kernel quiesces a device asynchronously once its
+# daemon has died; poll until it shows QUIESCED, print the last state seen.
+wait_quiesced() {
+    local st= i
+    for ((i = 0; i < $1 * 10; i++)); do
+        st=$(kernel_state) || { echo "$st"; return 1; }
+        [[ $st == QUIESCED ]] && break
+        sleep 0.1
+    done
+    echo "$st"
 }
 
 fio_bg() {  # fio_bg NAME OFFSET SIZE: verifying random read/write in the background
@@ -58,8 +86,7 @@ crash_recover() {
     sleep 12
     kill -0 "$FIO_PID" || { bad "fio finished before the crash; make it longer"; return 1; }
     kill -9 "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null
-    sleep 1
-    local st; st=$(kernel_state)
+    local st; st=$(wait_quiesced 60)
     echo "after kill -9: kernel state $st"
     [[ $st == QUIESCED ]] || { bad "device is $st, not QUIESCED, after the daemon died"; return 1; }
     start_server server-crash.log --recover "$id" "${serve_args[@]}"
@@ -76,9 +103,12 @@ detach_recover() {
     fio_bg detach 128M 64M
     sleep 8
     "$BIN" stop "$id" --detach --timeout 120 || { bad "stop --detach failed"; return 1; }
+    # stop --detach returns once the kernel has quiesced the device, with no pause
+    # here (and before this shell has even reaped the server).
+    local st; st=$(kernel_state)
+    [[ $st == QUIESCED ]] || { bad "device is $st, not QUIESCED, when stop --detach returned"; return 1; }
     wait "$SERVER_PID"; local rc=$?
     [[ $rc == 0 ]] || { bad "detaching server exited with $rc"; return 1; }
-    [[ $(kernel_state) == QUIESCED ]] || { bad "device not QUIESCED after detach"; return 1; }
     start_server server-detach.log --recover "$id" "${serve_args[@]}"
     fio_ok detach
     watch_end

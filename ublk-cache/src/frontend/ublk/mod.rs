@@ -20,9 +20,24 @@
 //! * [`StopHandle::detach`]: stop taking new requests, finish and commit the ones in
 //!   flight, then leave everything else to the kernel. Requests the driver
 //!   delivered after that are re-issued to the next daemon (`UBLK_F_USER_RECOVERY_REISSUE`).
-//!   The device is **not** deleted. The kernel moves it to `QUIESCED` once this
-//!   process's references to `/dev/ublkcN` are gone, i.e. **when the process exits**:
-//!   detach is meant to be followed by process exit and a [`recover`] in the next process.
+//!   The device is **not** deleted. The kernel moves it to `QUIESCED` only after this
+//!   process has exited, and asynchronously. Before Linux 6.15 the driver notices a gone
+//!   daemon when io_uring tears the dead process's queue rings down and cancels their
+//!   commands; each queue's first cancel requeues the requests the daemon held, and a
+//!   work item then takes the device mutex and waits, with no limit, until no request is
+//!   in flight before it sets `QUIESCED` (6.15+ does all of it in the release of
+//!   `/dev/ublkcN`). So detach is followed by process exit, [`wait_settled`] (which
+//!   `ublk-cache stop --detach` does) and a [`recover`] in the next process.
+//!
+//! # Control commands that can wait
+//!
+//! `GET_DEV_INFO(2)` copies the device's info without taking a lock. Most other
+//! commands (`GET_PARAMS`, `START/END_USER_RECOVERY`, `STOP_DEV`, `DEL_DEV`) take the
+//! device mutex, which the kernel holds while it quiesces a device after its daemon
+//! went away, however long that takes. The driver runs control commands in an io_uring
+//! worker, where they can be neither interrupted nor cancelled, and the caller's exit
+//! waits for that worker. So read-only queries here ([`device_info`], [`list_devices`],
+//! [`wait_settled`]) send `GET_DEV_INFO` only and read the size from sysfs.
 //!
 //! # Recovery (libublk 0.4.8)
 //!
@@ -60,6 +75,10 @@ const MAX_DISCARD_SECTORS: u32 = (1 << 30) >> 9;
 const DISCARD_GRANULARITY: u32 = 4096;
 /// Largest per-request buffer libublk accepts.
 const MAX_IO_BYTES_LIMIT: u32 = 32 << 20;
+/// How long `recover` waits for the kernel to quiesce a device whose daemon just died.
+/// Usually well under a second; a queue whose every request the dead daemon held is
+/// only noticed by the kernel's 30 s request timeout on kernels before 6.15.
+const SETTLE_LIMIT: Duration = Duration::from_secs(90);
 
 // ---------------------------------------------------------------------------------
 // Errors
@@ -85,6 +104,17 @@ pub enum UblkError {
     NoSuchDevice(u32),
     #[error("ublk device {id} cannot be recovered: {reason}")]
     NotRecoverable { id: u32, reason: String },
+    /// The daemon is gone but the kernel has not finished taking its queues down.
+    #[error(
+        "ublk device {id} is still {state} {waited_secs} s after its daemon went away: the kernel \
+         has not finished aborting the old daemon's requests (look for hung tasks in `dmesg`); \
+         do not send it other control commands until it shows QUIESCED"
+    )]
+    Unsettled {
+        id: u32,
+        state: DeviceState,
+        waited_secs: u64,
+    },
     #[error("ublk {op} failed: {detail}")]
     Ctrl {
         op: &'static str,
@@ -424,24 +454,51 @@ fn open_existing(id: u32) -> Result<UblkCtrl, UblkError> {
     })
 }
 
-fn read_size(ctrl: &UblkCtrl) -> Option<u64> {
-    let mut p = sys::ublk_params::default();
-    ctrl.get_params(&mut p).ok()?;
-    Some(p.basic.dev_sectors << 9)
+/// Size in bytes of `/dev/ublkbN`, from sysfs (the capacity the driver set from our
+/// `dev_sectors`). Not `GET_PARAMS`: that takes the device mutex (see the module docs),
+/// and the disk exists whenever the device is LIVE or QUIESCED. `None` without a disk.
+fn read_size(id: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/sys/block/ublkb{id}/size")).ok()?;
+    s.trim().parse::<u64>().ok().map(|sectors| sectors * SECTOR)
 }
 
-/// State, daemon pid, size... of one device.
+/// State, daemon pid, size... of one device. Sends `GET_DEV_INFO` only, which never
+/// waits on the device mutex, so this cannot queue behind a quiesce in the kernel.
 pub fn device_info(id: u32) -> Result<DeviceInfo, UblkError> {
     check_control()?;
+    // `new_simple` has already read the info (GET_DEV_INFO2, else GET_DEV_INFO).
     let ctrl = open_existing(id)?;
-    ctrl.read_dev_info()
-        .map_err(|e| UblkError::ctrl("GET_DEV_INFO", e))?;
-    let size = read_size(&ctrl).unwrap_or(0);
+    let size = read_size(id).unwrap_or(0);
     Ok(device_info_from(&ctrl.dev_info(), size))
 }
 
+/// Wait until device `id` has settled after its daemon `old_pid` went away: `QUIESCED`
+/// (or `FAIL_IO`, or `DEAD` if it was stopped meanwhile, or `LIVE` under another pid if
+/// a successor has already recovered it). Polls `GET_DEV_INFO` only.
+///
+/// The kernel quiesces asynchronously after the daemon's exit (see the module docs),
+/// so a successor or a tool that sends a mutex-taking command too early waits in the
+/// kernel, uninterruptibly, for as long as that takes. Call this first, with a limit.
+pub fn wait_settled(id: u32, old_pid: i32, limit: Duration) -> Result<DeviceInfo, UblkError> {
+    let start = Instant::now();
+    loop {
+        let info = device_info(id)?;
+        if info.state != DeviceState::Live || info.daemon_pid != old_pid {
+            return Ok(info);
+        }
+        if start.elapsed() >= limit {
+            return Err(UblkError::Unsettled {
+                id,
+                state: info.state,
+                waited_secs: start.elapsed().as_secs(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// All ublk devices (of any daemon), sorted by id. Ids come from `/sys/class/ublk-char`,
-/// details from `GET_DEV_INFO` / `GET_PARAMS`.
+/// details from `GET_DEV_INFO` and sysfs (never a command that takes the device mutex).
 pub fn list_devices() -> Result<Vec<DeviceInfo>, UblkError> {
     check_control()?;
     let mut ids = Vec::new();
@@ -671,8 +728,7 @@ pub fn recover<T: AsyncTarget + 'static>(
 
     // Look first: queue count/depth/buffer size must be the device's, not ours.
     let probe = open_existing(id)?;
-    let info = probe.dev_info();
-    let dev_size = read_size(&probe);
+    let mut info = probe.dev_info();
     drop(probe);
     let not = |reason: String| UblkError::NotRecoverable { id, reason };
     if info.flags & sys::UBLK_F_USER_RECOVERY as u64 == 0 {
@@ -690,18 +746,37 @@ pub fn recover<T: AsyncTarget + 'static>(
             if pid > 0 && unsafe { libc::kill(pid, 0) } == 0 && pid != std::process::id() as i32 {
                 return Err(not(format!("it is LIVE and served by running pid {pid}")));
             }
-            // Daemon gone but the kernel has not quiesced yet: start_user_recover waits.
+            // Daemon gone but the kernel has not quiesced yet. START_USER_RECOVERY would
+            // wait for the device mutex, uninterruptibly, until it has: wait here
+            // instead, where we can give up with a clear error.
+            info!(id, pid, "waiting for the kernel to quiesce the device");
+            let settled = wait_settled(id, pid, SETTLE_LIMIT)?;
+            if settled.state == DeviceState::Dead {
+                return Err(not("it was stopped (DEAD) while quiescing".into()));
+            }
+            if settled.state == DeviceState::Live {
+                return Err(not(format!(
+                    "it was recovered meanwhile by pid {}",
+                    settled.daemon_pid
+                )));
+            }
+            let probe = open_existing(id)?;
+            info = probe.dev_info();
         }
         _ => {}
     }
-    match dev_size {
+    match read_size(id) {
         Some(s) if s == size => {}
         Some(s) => {
             return Err(not(format!(
                 "device size {s} differs from target size {size}"
             )))
         }
-        None => return Err(not("cannot read its parameters".into())),
+        None => {
+            return Err(not(format!(
+                "cannot read its size from /sys/block/ublkb{id}/size"
+            )))
+        }
     }
     let mut o = opts.clone();
     o.queues = info.nr_hw_queues;
@@ -1153,6 +1228,18 @@ mod tests {
         ] {
             assert_eq!(decode(op, 0, 1, size, buf), Err(-libc::EOPNOTSUPP));
         }
+    }
+
+    #[test]
+    fn unsettled_names_the_device_and_state() {
+        let e = UblkError::Unsettled {
+            id: 3,
+            state: DeviceState::Live,
+            waited_secs: 90,
+        };
+        let m = e.to_string();
+        assert!(m.contains("ublk device 3 is still LIVE 90 s"), "{m}");
+        assert!(m.contains("dmesg"), "{m}");
     }
 
     #[test]
