@@ -793,3 +793,59 @@ fn a_paced_write_back_is_not_an_outage() {
     e.shutdown().unwrap();
     assert_eq!(&mem_b.snapshot()[..want.len()], &want[..]);
 }
+
+/// A metadata round that fails while write-back runs (the cache device
+/// refuses some flushes, now and then) does not wedge write-back: the
+/// watermark is made durable by a later round that succeeds, the flusher goes
+/// on, and a drain completes with every write on the backend. (The flusher once
+/// waited for one particular round to succeed, so one failure stopped it.)
+#[test]
+fn failed_metadata_rounds_during_write_back_are_retried() {
+    use rbd_backend::OpKind;
+    for order in [
+        policies::WritebackOrder::Ordered,
+        policies::WritebackOrder::Relaxed,
+    ] {
+        let (mem_b, mem_c) = mems(8, 8);
+        let b = Arc::new(FaultyBackend::builder(mem_b.clone()).build());
+        b.set_delay(OpKind::Write, std::time::Duration::from_millis(1));
+        b.set_delay(OpKind::Flush, std::time::Duration::from_millis(1));
+        let c = Arc::new(FaultyBackend::builder(mem_c).build());
+        let e = open(
+            b.clone(),
+            c.clone(),
+            EngineConfig {
+                order,
+                ..cfg(CacheMode::Back)
+            },
+        );
+        let mut want = vec![0u8; 40 * 65536];
+        let mut failed = 0;
+        for i in 0..200u64 {
+            let off = (i * 7 % 40) * 65536 + (i % 16) * 4096;
+            let data = testkit::pattern(i + 1, 4096);
+            e.write(off, &data, false).unwrap();
+            want[off as usize..off as usize + 4096].copy_from_slice(&data);
+            if i % 25 == 10 {
+                // The next flush of the cache device fails: a guest round
+                // (its FLUSH fails, as the guest would see) or the flusher's.
+                c.fail_next(OpKind::Flush, 1, libc::EIO);
+            }
+            if e.flush().is_err() {
+                failed += 1;
+                e.flush().expect("a FLUSH after a failed one");
+            }
+        }
+        let s = e.stats();
+        eprintln!(
+            "{order}: {failed} guest FLUSHes failed; watermarks {} shared / {} own",
+            s.watermark_shared_rounds, s.watermark_own_rounds
+        );
+        finishes_within(120, "a drain after failed metadata rounds", &e, |e| {
+            e.drain().expect("drain")
+        });
+        assert_eq!(e.stats().dirty_bytes, 0, "{order}: dirty data left");
+        e.shutdown().unwrap();
+        assert_eq!(&mem_b.snapshot()[..want.len()], &want[..], "{order}");
+    }
+}

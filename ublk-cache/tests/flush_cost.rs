@@ -199,7 +199,7 @@ fn write_back_running_adds_no_device_flushes_to_a_flush_loop() {
             "{order}: write-back did not run during the loop"
         );
         assert!(
-            device <= flushes + flushes / 20 && shared > 0,
+            device <= flushes + flushes / 10 && shared > 0,
             "{order}: {device} device flushes for {flushes} FLUSHes ({own} watermark rounds of their own)"
         );
         e.shutdown().expect("shutdown");
@@ -211,7 +211,11 @@ fn write_back_running_adds_no_device_flushes_to_a_flush_loop() {
                 .filter(|&j| (j * 7 % 40) * 64 * 1024 + (j % 16) * 4096 == off as u64)
                 .max()
                 .expect("i itself");
-            assert_eq!(snap[off], (newest % 250) as u8 + 1, "{order}: offset {off}");
+            let want = (newest % 250) as u8 + 1;
+            assert!(
+                snap[off..off + 4096].iter().all(|&b| b == want),
+                "{order}: offset {off} does not hold write {newest}"
+            );
         }
     }
 }

@@ -40,7 +40,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// write-back at full speed).
 const RIDE_PATIENCE: Duration = Duration::from_millis(20);
 /// Format v2: the flusher closes the open epoch itself (so that write-back
-/// does not wait for a guest FLUSH forever) once it has been open this long.
+/// does not wait for a guest FLUSH forever) once it has held dirty data this
+/// long.
 /// Sooner would split a guest's epochs in two: twice the write-back steps,
 /// backend flushes and watermark rounds for the same data.
 const OPEN_EPOCH_MAX: Duration = Duration::from_millis(50);
@@ -51,9 +52,8 @@ const DURING_STEP: Duration = Duration::from_secs(3600);
 /// Format v2: a step written back whose watermark may not be durable yet.
 #[derive(Clone, Copy)]
 struct Unconfirmed {
-    /// `rounds_started()` after the watermark was raised: any later round
-    /// carries it.
-    since: u64,
+    /// Its watermark (`flushed` was raised to it).
+    w: u64,
     /// The step's oldest epoch.
     oldest: u64,
 }
@@ -129,24 +129,56 @@ impl Engine {
         let mut uncovered: Vec<Item> = Vec::new();
         // Format v2: the watermark the previous step raised, if it may not be
         // durable yet. It must be before the *next* step's backend writes
-        // begin: recovery writes back every epoch above the durable watermark
-        // again, oldest first, and once two steps lie above it, rewriting the
-        // older one's lines would bring back, in the newest step's lines, data
-        // older than the one before it (not a flush-point state). One step
-        // above it is allowed: rewriting it leaves the state that step had
-        // during its own writes, then the next step is rewritten too. So a
-        // step's watermark rides in a guest round during the step after it.
+        // begin. Recovery writes back every epoch above the durable watermark
+        // D again, oldest first. While the step after the previous one runs,
+        // what lies above D on the backend is the previous step's epoch (whole
+        // or, split over steps by STEP_LINES, in part) and what this step
+        // writes of the next one; rewriting the older epoch returns the backend
+        // to a state it had while this step ran (a flush point plus writes of
+        // the next epoch), then the next epoch is rewritten too. With a third
+        // step's epoch above D, rewriting the oldest would leave the newest's
+        // data over a middle epoch missing its lines (no flush-point state).
+        // So a step's watermark rides in a guest round during the step after it.
         let mut unconfirmed: Option<Unconfirmed> = None;
+        // Set when making it durable failed after the next step was written
+        // back: no further step until it is.
+        let mut must_confirm = false;
         loop {
+            if let (true, Some(u)) = (must_confirm, unconfirmed) {
+                if c.st.stopping.load(Ordering::Acquire) {
+                    // The lines stay dirty in the cache; recovery writes
+                    // them back again.
+                    return;
+                }
+                match self.confirm_watermark(u.w, Duration::ZERO, || false).await {
+                    Ok(_) => {
+                        must_confirm = false;
+                        unconfirmed = None;
+                        self.finish_clean(c, &mut uncovered, None).await;
+                    }
+                    Err(e) => {
+                        warn!(
+                            "the write-back watermark still cannot be made durable; retrying: {e}"
+                        );
+                        wait_for(&c.ev.flusher, backoff, || {
+                            c.st.stopping.load(Ordering::Acquire)
+                        })
+                        .await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                }
+            }
             // That step stays marked as being written until its watermark is
             // durable (a drain waits for its lines to be clean).
             let hold = unconfirmed.map(|u| u.oldest);
             let items = match self.next_step(c, hold, unconfirmed.is_none()).await {
                 Step::Stop => {
-                    if let Some(Unconfirmed { since, .. }) = unconfirmed {
-                        // Nobody waits for a guest round any more.
+                    if let Some(Unconfirmed { w, .. }) = unconfirmed {
+                        // Nobody waits for a guest round any more (what
+                        // could be merged stays as it is).
                         if self
-                            .confirm_watermark(since, Duration::ZERO, || false)
+                            .confirm_watermark(w, Duration::ZERO, || false)
                             .await
                             .is_ok()
                         {
@@ -159,10 +191,10 @@ impl Engine {
                     // No next step to overlap the watermark with: make it
                     // durable (riding a guest round that comes soon), unless a
                     // step can start meanwhile.
-                    if let Some(Unconfirmed { since, .. }) = unconfirmed {
-                        let patience = self.watermark_patience();
+                    if let Some(Unconfirmed { w, .. }) = unconfirmed {
+                        let patience = self.watermark_patience(None);
                         let step_ready = || self.step_ready(c);
-                        match self.confirm_watermark(since, patience, step_ready).await {
+                        match self.confirm_watermark(w, patience, step_ready).await {
                             Ok(true) => unconfirmed = None,
                             Ok(false) => continue,
                             Err(e) => {
@@ -181,6 +213,7 @@ impl Engine {
                 }
                 Step::Items(items) => items,
             };
+            let step_began = Instant::now();
             let step_done = AtomicBool::new(false);
             let step = async {
                 let r = self.write_back(c, &items).await;
@@ -193,12 +226,10 @@ impl Engine {
                 // the first round that comes, or goes at once in a round of its
                 // own when someone waits (a write that needs space must not
                 // wait for the whole step); what it covers is cleaned then.
-                Some(Unconfirmed { since, .. }) => {
+                Some(Unconfirmed { w, .. }) => {
                     let confirm = async {
                         let r = self
-                            .confirm_watermark(since, DURING_STEP, || {
-                                step_done.load(Ordering::Acquire)
-                            })
+                            .confirm_watermark(w, DURING_STEP, || step_done.load(Ordering::Acquire))
                             .await;
                         if matches!(r, Ok(true)) {
                             let writing = items.iter().map(|it| it.epoch).min();
@@ -237,19 +268,27 @@ impl Engine {
                         // Raised first: a round from now on carries this
                         // step's watermark and the previous one's.
                         c.st.flushed.fetch_max(w, Ordering::AcqRel);
-                        let since = self.rounds_started();
-                        if let Some(Unconfirmed {
-                            since: prev_since, ..
-                        }) = unconfirmed
-                        {
+                        let oldest = items.iter().map(|it| it.epoch).min().unwrap_or(w);
+                        uncovered.extend_from_slice(&items);
+                        if let Some(prev) = unconfirmed {
                             // The previous step's watermark, before the next
                             // step (see `unconfirmed`); a guest round during
                             // this step has usually carried it already.
-                            let patience = self.watermark_patience();
-                            let res = self.confirm_watermark(prev_since, patience, || false);
+                            let patience = self.watermark_patience(Some(step_began.elapsed()));
+                            let res = self.confirm_watermark(prev.w, patience, || false);
                             if let Err(e) = res.await {
                                 warn!("write-back done, but its watermark could not be made durable; retrying: {e}");
-                                self.requeue(c, &items, unconfirmed.map(|u| u.oldest));
+                                // This step is on the backend and its watermark
+                                // is raised: it is not written again (a retry
+                                // would run while a round that carries its
+                                // watermark cleans its lines). Both wait for a
+                                // round that succeeds, before any other step.
+                                unconfirmed = Some(Unconfirmed {
+                                    w,
+                                    oldest: prev.oldest.min(oldest),
+                                });
+                                must_confirm = true;
+                                c.st.epochs.lock().writing = unconfirmed.map(|u| u.oldest);
                                 wait_for(&c.ev.flusher, backoff, || {
                                     c.st.stopping.load(Ordering::Acquire)
                                 })
@@ -258,14 +297,8 @@ impl Engine {
                                 continue;
                             }
                         }
-                        unconfirmed =
-                            (c.st.flushed_durable.load(Ordering::Acquire) < w).then(|| {
-                                Unconfirmed {
-                                    since,
-                                    oldest: items.iter().map(|it| it.epoch).min().unwrap_or(w),
-                                }
-                            });
-                        uncovered.extend_from_slice(&items);
+                        unconfirmed = (c.st.flushed_durable.load(Ordering::Acquire) < w)
+                            .then_some(Unconfirmed { w, oldest });
                         self.finish_clean(c, &mut uncovered, unconfirmed.map(|u| u.oldest))
                             .await;
                     } else {
@@ -310,17 +343,16 @@ impl Engine {
         c.ev.space.notify(usize::MAX);
     }
 
-    /// Make the watermark raised before `rounds_started()` returned `since`
-    /// durable, riding a guest round within `patience` (see
+    /// Make watermark `w` (raised already) durable, riding a guest round within `patience` (see
     /// `persist_watermark`). `Ok(false)`: `interrupt` said to stop waiting
     /// first, and nothing was done.
     async fn confirm_watermark(
         &self,
-        since: u64,
+        w: u64,
         patience: Duration,
         interrupt: impl Fn() -> bool,
     ) -> EngineResult<bool> {
-        match self.persist_watermark(since, patience, interrupt).await? {
+        match self.persist_watermark(w, patience, interrupt).await? {
             None => Ok(false),
             Some(rode) => {
                 let n = if rode {
@@ -343,18 +375,23 @@ impl Engine {
     /// How long a step's watermark may wait for a guest round: `RIDE_PATIENCE`
     /// while the guest makes data durable often enough that one comes within
     /// it; not at all when it does not, or when someone waits for write-back.
-    fn watermark_patience(&self) -> Duration {
+    /// With the next step ready (a backlog), at most as long as the last step
+    /// took (`step_took`): waiting then costs the drain at most half its speed.
+    fn watermark_patience(&self, step_took: Option<Duration>) -> Duration {
         if self.writeback_is_awaited() || self.since_guest_durability() > RIDE_PATIENCE {
-            Duration::ZERO
-        } else {
-            RIDE_PATIENCE
+            return Duration::ZERO;
+        }
+        let c = self.cache.as_ref().expect("the flusher runs with a cache");
+        match step_took {
+            Some(t) if self.step_ready(c) => RIDE_PATIENCE.min(t),
+            _ => RIDE_PATIENCE,
         }
     }
 
     /// Format v2: which epochs the next step writes back. Only closed epochs
     /// with no write still being applied: their versions are frozen. When only
     /// the open epoch has dirty data, it is closed here (that only adds an
-    /// ordering point) once it has been open for `OPEN_EPOCH_MAX`, or at once
+    /// ordering point) once it has held dirty data for `OPEN_EPOCH_MAX`, or at once
     /// when someone waits for write-back, so write-back never waits for a
     /// guest FLUSH for long. Ordered: the oldest closed epoch alone; relaxed:
     /// all of them, merged.

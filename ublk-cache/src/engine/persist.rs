@@ -110,30 +110,34 @@ impl Engine {
         self.persist_until(c, target).await.map(|_| ())
     }
 
-    /// Format v2, after a write-back step raised the watermark (`flushed`):
-    /// make it durable. Its own round would cost a device flush on top of the
-    /// guest's, and a guest FLUSH arriving meanwhile would wait for it; so it
-    /// rides in the next round someone else runs (a guest FLUSH or FUA write,
+    /// Format v2, after a write-back step raised the watermark (`flushed`) to
+    /// `w`: make it durable. Its own round would cost a device flush on top
+    /// of the guest's, and a guest FLUSH arriving meanwhile would wait for it;
+    /// so it rides in a round someone else runs (a guest FLUSH or FUA write,
     /// eviction) if one ends within `patience`, and leads one only if none
     /// does, or as soon as someone waits for it (a drain, a write waiting for
-    /// space, stop). Returns whether it rode (ran no round of its own), or
-    /// `None` if `interrupt` said to stop waiting first (nothing done then).
-    /// `since`: `rounds_started()` read after the watermark was raised.
+    /// space, stop). Decided by what is durable, not by round numbers, so that
+    /// a failed round is simply retried. Returns whether it rode (ran no round
+    /// of its own), or `None` if `interrupt` said to stop waiting first
+    /// (nothing done then).
     pub(super) async fn persist_watermark(
         &self,
-        since: u64,
+        w: u64,
         patience: Duration,
         interrupt: impl Fn() -> bool,
     ) -> EngineResult<Option<bool>> {
         let Some(c) = self.cache.as_ref() else {
             return Ok(Some(true));
         };
-        let target = since + 1;
+        let durable = || {
+            c.st.flushed_durable
+                .load(std::sync::atomic::Ordering::Acquire)
+                >= w
+        };
         let deadline = Instant::now() + patience;
-        let finished = || c.persist.rounds.lock().finished >= target;
         loop {
-            if finished() {
-                break;
+            if durable() {
+                return Ok(Some(true));
             }
             if interrupt() {
                 return Ok(None);
@@ -145,23 +149,15 @@ impl Engine {
             // A round ending notifies `done`; a closed epoch or someone
             // starting to wait for write-back notifies the flusher.
             wait_for_either(&c.persist.done, &c.ev.flusher, left, || {
-                finished() || interrupt() || self.writeback_is_awaited()
+                durable() || interrupt() || self.writeback_is_awaited()
             })
             .await;
         }
-        // A round someone else started meanwhile still carries it.
+        // A round that starts from now on reads `flushed` >= w (it was raised
+        // before this call); one running now is waited for first.
+        let target = c.persist.rounds.lock().started + 1;
         let led = self.persist_until(c, target).await?;
         Ok(Some(!led))
-    }
-
-    /// How many metadata rounds have started. Every round numbered above what
-    /// this returns carries what was in memory before the call: it is counted
-    /// as started after this read (under the same lock), and its snapshot is
-    /// taken after that.
-    pub(super) fn rounds_started(&self) -> u64 {
-        self.cache
-            .as_ref()
-            .map_or(0, |c| c.persist.rounds.lock().started)
     }
 
     /// Whether someone waits for write-back to progress (so that the flusher

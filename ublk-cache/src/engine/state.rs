@@ -76,8 +76,8 @@ pub struct Epochs {
     /// The oldest epoch of the step the flusher is writing back (its lines are
     /// out of `pending` meanwhile, but not on the backend yet).
     pub writing: Option<u64>,
-    /// When `cur` became the open epoch (the flusher closes an epoch that
-    /// has been open long enough without a guest FLUSH).
+    /// When the open epoch got its first dirty line (the flusher closes an
+    /// epoch that has held dirty data long enough without a guest FLUSH).
     pub opened: Instant,
 }
 
@@ -326,12 +326,11 @@ impl State {
         debug_assert_eq!(old.tag, new.tag);
         self.account(&old, &new);
         if new.is_dirty() && (!old.is_dirty() || old.epoch != new.epoch) {
-            self.epochs
-                .lock()
-                .pending
-                .entry(new.epoch)
-                .or_default()
-                .push(slot);
+            let mut e = self.epochs.lock();
+            if new.epoch == e.cur && !e.pending.contains_key(&new.epoch) {
+                e.opened = Instant::now();
+            }
+            e.pending.entry(new.epoch).or_default().push(slot);
         }
         self.slots.put(slot, &new);
         let is_head = sh.head(&self.slots, new.tag) == Some(slot);

@@ -33,8 +33,8 @@ pub async fn wait_for_either(a: &Event, b: &Event, timeout: Duration, ready: imp
     if aio::in_loop() {
         futures_lite::future::or(la, futures_lite::future::or(lb, aio::sleep(timeout))).await;
     } else {
-        // Off a loop (tools, tests), one of them with the timeout is enough:
-        // the callers re-check and wait again.
+        // Off a loop (tools, tests) only `a` wakes it early; `b` waits for
+        // the timeout. The flusher, the one caller, always runs on a loop.
         drop(lb);
         la.wait_timeout(timeout);
     }

@@ -363,11 +363,13 @@ impl Engine {
                 }
                 Next::Space => {
                     drop(guard);
-                    let _waiting = st.waiting_for_space();
                     // Holding no line lock, waiting for space cannot block the
                     // flusher. The wait is short so that the decision above is
                     // taken again (an outage may end it with GiveUpOrdering).
                     if !self.make_space().await? {
+                        // Only dirty lines left: write-back must not wait for
+                        // a guest FLUSH now.
+                        let _waiting = st.waiting_for_space();
                         if !self.mode().writes_back_continuously() && !reclaimed {
                             reclaimed = true;
                             self.reclaim_versions_by_write_back().await?;

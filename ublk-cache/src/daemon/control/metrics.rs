@@ -233,12 +233,12 @@ impl Collector for StatsCollector {
             ),
             (
                 "ublk_cache_cache_device_flushes",
-                "Flushes of the cache device (format v2: one per guest FLUSH that had something new).",
+                "Flushes of the cache device (format v2: one per metadata round; a guest FLUSH with nothing new needs none, and write-back's watermarks mostly ride in the guest's rounds).",
                 e.cache_flushes,
             ),
             (
                 "ublk_cache_writeback_watermark_shared_rounds",
-                "Format v2: write-back watermarks made durable by a metadata round a guest FLUSH or FUA write ran anyway (no cache-device flush of their own).",
+                "Format v2: write-back watermarks made durable by a metadata round run for something else (a guest FLUSH or FUA write, eviction, a mode switch): no cache-device flush of their own.",
                 e.watermark_shared_rounds,
             ),
             (
