@@ -360,11 +360,17 @@ fn list(run_dir: &Path, json: bool) -> Result<()> {
     for p in &problems {
         eprintln!("ublk-cache: warning: unreadable registry record: {p}");
     }
-    let kernel = fe::list_devices().unwrap_or_else(|e| {
-        // Say so: otherwise every device would show as "absent".
-        eprintln!("ublk-cache: warning: cannot query the kernel's ublk devices: {e}");
-        Vec::new()
-    });
+    let kernel = match fe::list_devices() {
+        Ok(k) => k,
+        // A host without ublk (NBD only): nothing to say unless a record
+        // claims a ublk device.
+        Err(fe::UblkError::ControlMissing) if !recs.iter().any(|r| r.has_device()) => Vec::new(),
+        Err(e) => {
+            // Say so: otherwise every device would show as "absent".
+            eprintln!("ublk-cache: warning: cannot query the kernel's ublk devices: {e}");
+            Vec::new()
+        }
+    };
     let mut rows: Vec<ListRow> = recs
         .into_iter()
         .map(|r| {
@@ -488,8 +494,18 @@ fn stop(run_dir: &Path, target: &str, detach: bool, timeout: u64) -> Result<()> 
                 .max(MIN_SETTLE),
         };
         let old_pid = i32::try_from(pid).unwrap_or(-1);
-        let d = fe::wait_settled(id, old_pid, left)
-            .with_context(|| format!("pid {pid} exited, but /dev/ublkb{id} did not settle"))?;
+        let d = match fe::wait_settled(id, old_pid, left) {
+            Ok(d) => d,
+            Err(fe::UblkError::NoSuchDevice(_)) => bail!(
+                "pid {pid} exited, but deleted /dev/ublkb{id} instead of keeping it for `recover` \
+                 (it stopped fully, e.g. because its device was stopped; see its log)"
+            ),
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "pid {pid} exited, but /dev/ublkb{id} did not settle"
+                )))
+            }
+        };
         match d.state {
             fe::DeviceState::Quiesced | fe::DeviceState::FailIo => eprintln!(
                 "ublk-cache: /dev/ublkb{id} is {}; take it over with `ublk-cache recover {id}`",

@@ -849,3 +849,39 @@ fn failed_metadata_rounds_during_write_back_are_retried() {
         assert_eq!(&mem_b.snapshot()[..want.len()], &want[..], "{order}");
     }
 }
+
+/// The same, deterministically: the first metadata round after a write-back
+/// step (the one that would carry its watermark) fails. Write-back must make
+/// the watermark durable in a later round and finish; waiting for that one
+/// round to succeed would wait forever.
+#[test]
+fn a_failed_watermark_round_is_retried() {
+    use rbd_backend::OpKind;
+    let (mem_b, mem_c) = mems(8, 8);
+    let b = Arc::new(FaultyBackend::builder(mem_b.clone()).build());
+    let c = Arc::new(FaultyBackend::builder(mem_c).build());
+    let e = open(b.clone(), c.clone(), cfg(CacheMode::Back));
+    let data = testkit::pattern(7, 65536);
+    b.stall();
+    e.write(0, &data, false).unwrap();
+    e.flush().unwrap();
+    assert!(
+        b.wait_for_stalled(1, std::time::Duration::from_secs(10)),
+        "write-back never reached the backend"
+    );
+    // The step is held at the backend; the next cache flush (the round that
+    // would make its watermark durable) fails.
+    c.fail_next(OpKind::Flush, 1, libc::EIO);
+    b.release();
+    finishes_within(60, "write-back after a failed watermark round", &e, |e| {
+        e.drain().expect("drain")
+    });
+    assert_eq!(
+        c.stats().injected_failures,
+        1,
+        "no metadata round failed: the test did not test anything"
+    );
+    assert_eq!(e.stats().dirty_bytes, 0, "dirty data left");
+    e.shutdown().unwrap();
+    assert_eq!(&mem_b.snapshot()[..data.len()], &data[..]);
+}

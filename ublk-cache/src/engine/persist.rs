@@ -153,8 +153,21 @@ impl Engine {
             })
             .await;
         }
+        // A round running now may have started after `flushed` was raised:
+        // see whether it carries `w` before leading one of its own.
+        let (running, started) = {
+            let r = c.persist.rounds.lock();
+            (r.running, r.started)
+        };
+        if running {
+            // Its failure is not this caller's: a round of its own follows.
+            let _ = self.persist_until(c, started).await;
+            if durable() {
+                return Ok(Some(true));
+            }
+        }
         // A round that starts from now on reads `flushed` >= w (it was raised
-        // before this call); one running now is waited for first.
+        // before this call).
         let target = c.persist.rounds.lock().started + 1;
         let led = self.persist_until(c, target).await?;
         Ok(Some(!led))
