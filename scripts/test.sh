@@ -22,6 +22,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo clippy, without the rbd feature (builds with no librbd)"
 cargo clippy --workspace --all-targets --no-default-features -- -D warnings
+echo "== cargo clippy, the packaged binaries (without the test kit's \`testing\` hooks)"
+cargo clippy -p ublk-cache --lib --bins -p ublk-cache-one -- -D warnings
 
 echo "== Ceph test cluster"
 ceph_dir=$(mktemp -d /tmp/ublk-cache-ceph.XXXXXX)

@@ -1,9 +1,12 @@
-//! The `Backend` trait: the slow, shared disk that the cache sits in front of.
+//! The device traits, by role: [`BlockIo`] is the data path (all a cache device
+//! is), [`Backend`] the slow, shared disk that the cache sits in front of, with
+//! its optional capabilities ([`ChangeTracking`], [`ExclusiveLock`],
+//! [`ResizeWatch`], [`AllocationMap`]).
 //!
-//! The engine calls it from many threads at once, so every method takes `&self`
-//! and blocks the calling thread until the operation has completed. Implementations
-//! are free to run the I/O asynchronously underneath (io_uring, librbd AIO): only
-//! the completion is waited for.
+//! The engine calls them from many threads at once, so every method takes `&self`;
+//! the blocking methods block the calling thread until the operation has
+//! completed. Implementations are free to run the I/O asynchronously underneath
+//! (io_uring, librbd AIO): only the completion is waited for.
 
 use std::sync::Arc;
 
@@ -37,59 +40,29 @@ pub enum BackendChanges {
     Unknown,
 }
 
-pub trait Backend: Send + Sync {
+/// The data path: what a cache device needs, and what every backend is. Reads,
+/// writes, flushes, discards and zeroes at byte offsets, blocking or on the calling
+/// thread's event loop.
+pub trait BlockIo: Send + Sync {
     /// Size in bytes. Requests never reach past it.
     fn size(&self) -> u64;
 
-    /// The backend's size now, where it can change under a running server (an
-    /// RBD image resized by someone else); [`Backend::size`] stays what it was at
-    /// open. When it is smaller (a shrink), requests beyond it fail with EIO,
-    /// and the engine refuses guest requests there even when they are cached.
-    fn current_size(&self) -> u64 {
-        self.size()
-    }
-
-    /// Logical block size the backend requires for offsets and lengths (512 or 4096).
+    /// Logical block size the device requires for offsets and lengths (512 or 4096).
     fn block_size(&self) -> u32 {
         512
-    }
-
-    fn identity(&self) -> BackendIdentity;
-
-    /// Last modification time in nanoseconds, where the backend keeps one (files).
-    /// Recorded at clean detach and compared at attach to detect writes made
-    /// behind the cache's back.
-    fn modified_ns(&self) -> Option<u64> {
-        None
-    }
-
-    /// A token that identifies the backend's current content, recorded by the
-    /// cache at clean detach (after its last flush). `None`: the backend cannot
-    /// tell, and writes made behind a detached cache go unnoticed.
-    fn change_marker(&self) -> Result<Option<String>> {
-        Ok(self.modified_ns().map(|ns| format!("mtime:{ns}")))
-    }
-
-    /// What changed since `marker` was taken. Backends that can name the changed
-    /// ranges (an RBD snapshot diff) return them; the default compares markers.
-    fn changes_since(&self, marker: &str) -> Result<BackendChanges> {
-        Ok(match self.change_marker()? {
-            Some(m) if m == marker => BackendChanges::Unchanged,
-            _ => BackendChanges::Unknown,
-        })
     }
 
     /// Read `buf.len()` bytes at `offset`. Short reads are errors, not partial data.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
 
-    /// Write all of `buf` at `offset`. Returns when the backend has acknowledged the
-    /// write; it is durable only after [`Backend::flush`].
+    /// Write all of `buf` at `offset`. Returns when the device has acknowledged the
+    /// write; it is durable only after [`BlockIo::flush`].
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()>;
 
     /// Make every write acknowledged before this call durable.
     fn flush(&self) -> Result<()>;
 
-    /// Tell the backend the range is unused. Contents afterwards are unspecified.
+    /// Tell the device the range is unused. Contents afterwards are unspecified.
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
 
     /// Make the range read back as zeroes.
@@ -128,19 +101,29 @@ pub trait Backend: Send + Sync {
     fn write_zeroes_async(&self, offset: u64, len: u64) -> IoFut<'_> {
         ready(self.write_zeroes(offset, len))
     }
+}
 
-    /// Live-migration handover, source side: stop holding the backend's
-    /// exclusive lock between requests, so that the destination can take it,
-    /// while this side keeps writing (each write holds the lock only while it is
-    /// in flight). Backends without a lock have nothing to do.
-    fn release_lock(&self) -> Result<()> {
-        Ok(())
+/// The slow, shared disk the cache sits in front of: a [`BlockIo`] with an
+/// identity, and capabilities that only some backends have. A capability a
+/// backend lacks is `None`, so that the caller decides, and says, what it does
+/// without it, instead of a default that pretends.
+pub trait Backend: BlockIo {
+    fn identity(&self) -> BackendIdentity;
+
+    /// Can the backend tell what changed while the cache was detached?
+    fn change_tracking(&self) -> Option<&dyn ChangeTracking> {
+        None
     }
 
-    /// Hold the exclusive lock again for good (an aborted migration). Fails,
-    /// naming the holder, if another client holds it.
-    fn acquire_lock(&self) -> Result<()> {
-        Ok(())
+    /// Does the backend have an exclusive lock that a live migration hands over?
+    fn exclusive_lock(&self) -> Option<&dyn ExclusiveLock> {
+        None
+    }
+
+    /// Can the backend's size change under a running server (an RBD image
+    /// resized by someone else)?
+    fn resize_watch(&self) -> Option<&dyn ResizeWatch> {
+        None
     }
 
     /// Where the backend's data is, if it can tell (see `allocation.rs`);
@@ -150,31 +133,62 @@ pub trait Backend: Send + Sync {
     }
 }
 
-/// Lets shared or boxed backends (e.g. `Arc<dyn Backend>`, or an `Arc<MemBackend>` a
-/// test keeps a handle to) be used wherever a `Backend` is expected.
-macro_rules! forward_backend {
+/// Writes made behind a detached cache: a marker recorded at clean detach (after
+/// the cache's last flush), compared at the next attach.
+pub trait ChangeTracking: Send + Sync {
+    /// A token that identifies the backend's current content, recorded at clean
+    /// detach. `None`: it cannot tell right now (the file's mtime could not be
+    /// read); then no marker is recorded, and writes made behind the detached
+    /// cache go unnoticed at the next attach.
+    fn change_marker(&self) -> Result<Option<String>>;
+
+    /// What changed since `marker` was taken. Backends that can name the changed
+    /// ranges (an RBD snapshot diff) return them; the default compares markers.
+    fn changes_since(&self, marker: &str) -> Result<BackendChanges> {
+        Ok(match self.change_marker()? {
+            Some(m) if m == marker => BackendChanges::Unchanged,
+            _ => BackendChanges::Unknown,
+        })
+    }
+}
+
+/// The change marker of a backend that keeps a modification time (or counter):
+/// equal values mean no write happened in between.
+pub(crate) fn mtime_marker(ns: u64) -> String {
+    format!("mtime:{ns}")
+}
+
+/// An exclusive lock (RBD's exclusive-lock feature, a file's flock) that keeps a
+/// second server off the backend.
+pub trait ExclusiveLock: Send + Sync {
+    /// Live-migration handover, source side: stop holding the lock between
+    /// requests, so that the destination can take it, while this side keeps
+    /// writing (each write holds the lock only while it is in flight).
+    fn release_lock(&self) -> Result<()>;
+
+    /// Hold the lock again for good (an aborted migration). Fails, naming the
+    /// holder, if another client holds it.
+    fn acquire_lock(&self) -> Result<()>;
+}
+
+/// A backend whose size can change under a running server.
+pub trait ResizeWatch: Send + Sync {
+    /// The size now; [`BlockIo::size`] stays what it was at open. When it is
+    /// smaller (a shrink), requests beyond it fail with EIO, and the engine
+    /// refuses guest requests there even when they are cached.
+    fn current_size(&self) -> u64;
+}
+
+/// Lets shared or boxed devices (e.g. `Arc<dyn Backend>`, or an `Arc<MemBackend>` a
+/// test keeps a handle to) be used wherever a `BlockIo` or `Backend` is expected.
+macro_rules! forward {
     ($ptr:ident) => {
-        impl<T: Backend + ?Sized> Backend for $ptr<T> {
+        impl<T: BlockIo + ?Sized> BlockIo for $ptr<T> {
             fn size(&self) -> u64 {
                 (**self).size()
             }
-            fn current_size(&self) -> u64 {
-                (**self).current_size()
-            }
             fn block_size(&self) -> u32 {
                 (**self).block_size()
-            }
-            fn identity(&self) -> BackendIdentity {
-                (**self).identity()
-            }
-            fn modified_ns(&self) -> Option<u64> {
-                (**self).modified_ns()
-            }
-            fn change_marker(&self) -> Result<Option<String>> {
-                (**self).change_marker()
-            }
-            fn changes_since(&self, marker: &str) -> Result<BackendChanges> {
-                (**self).changes_since(marker)
             }
             fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
                 (**self).read_at(offset, buf)
@@ -206,11 +220,20 @@ macro_rules! forward_backend {
             fn write_zeroes_async(&self, offset: u64, len: u64) -> IoFut<'_> {
                 (**self).write_zeroes_async(offset, len)
             }
-            fn release_lock(&self) -> Result<()> {
-                (**self).release_lock()
+        }
+
+        impl<T: Backend + ?Sized> Backend for $ptr<T> {
+            fn identity(&self) -> BackendIdentity {
+                (**self).identity()
             }
-            fn acquire_lock(&self) -> Result<()> {
-                (**self).acquire_lock()
+            fn change_tracking(&self) -> Option<&dyn ChangeTracking> {
+                (**self).change_tracking()
+            }
+            fn exclusive_lock(&self) -> Option<&dyn ExclusiveLock> {
+                (**self).exclusive_lock()
+            }
+            fn resize_watch(&self) -> Option<&dyn ResizeWatch> {
+                (**self).resize_watch()
             }
             fn allocation_map(&self) -> Option<&dyn AllocationMap> {
                 (**self).allocation_map()
@@ -219,5 +242,5 @@ macro_rules! forward_backend {
     };
 }
 
-forward_backend!(Arc);
-forward_backend!(Box);
+forward!(Arc);
+forward!(Box);

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, BackendIdentity};
+use crate::backend::{
+    Backend, BackendIdentity, BlockIo, ChangeTracking, ExclusiveLock, ResizeWatch,
+};
 use crate::error::{BackendError, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -99,7 +101,7 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
-impl<B: Backend> FaultyBackend<B> {
+impl<B: BlockIo> FaultyBackend<B> {
     pub fn new(inner: B) -> Self {
         Self {
             inner,
@@ -333,46 +335,13 @@ impl<B: Backend> FaultyBackend<B> {
     }
 }
 
-impl<B: Backend> Backend for FaultyBackend<B> {
+impl<B: BlockIo> BlockIo for FaultyBackend<B> {
     fn size(&self) -> u64 {
         self.inner.size()
     }
 
-    /// The inner backend's map: faults and delays apply to I/O only.
-    fn allocation_map(&self) -> Option<&dyn crate::AllocationMap> {
-        self.inner.allocation_map()
-    }
-
-    fn current_size(&self) -> u64 {
-        self.inner.current_size()
-    }
-
     fn block_size(&self) -> u32 {
         self.inner.block_size()
-    }
-
-    fn identity(&self) -> BackendIdentity {
-        self.inner.identity()
-    }
-
-    fn modified_ns(&self) -> Option<u64> {
-        self.inner.modified_ns()
-    }
-
-    fn change_marker(&self) -> Result<Option<String>> {
-        self.inner.change_marker()
-    }
-
-    fn changes_since(&self, marker: &str) -> Result<crate::BackendChanges> {
-        self.inner.changes_since(marker)
-    }
-
-    fn release_lock(&self) -> Result<()> {
-        self.inner.release_lock()
-    }
-
-    fn acquire_lock(&self) -> Result<()> {
-        self.inner.acquire_lock()
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -465,6 +434,29 @@ impl<B: Backend> Backend for FaultyBackend<B> {
     }
 }
 
+/// The inner backend's identity and capabilities: faults and delays apply to I/O only.
+impl<B: Backend> Backend for FaultyBackend<B> {
+    fn identity(&self) -> BackendIdentity {
+        self.inner.identity()
+    }
+
+    fn allocation_map(&self) -> Option<&dyn crate::AllocationMap> {
+        self.inner.allocation_map()
+    }
+
+    fn change_tracking(&self) -> Option<&dyn ChangeTracking> {
+        self.inner.change_tracking()
+    }
+
+    fn exclusive_lock(&self) -> Option<&dyn ExclusiveLock> {
+        self.inner.exclusive_lock()
+    }
+
+    fn resize_watch(&self) -> Option<&dyn ResizeWatch> {
+        self.inner.resize_watch()
+    }
+}
+
 impl<B: Backend> std::fmt::Debug for FaultyBackend<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FaultyBackend")
@@ -479,7 +471,7 @@ pub struct FaultyBackendBuilder<B> {
     backend: FaultyBackend<B>,
 }
 
-impl<B: Backend> FaultyBackendBuilder<B> {
+impl<B: BlockIo> FaultyBackendBuilder<B> {
     pub fn delay(self, kind: OpKind, delay: Duration) -> Self {
         self.backend.set_delay(kind, delay);
         self

@@ -19,7 +19,9 @@ mod sys;
 
 pub use aligned::AlignedBuf;
 pub use allocation::{Allocation, AllocationMap};
-pub use backend::{Backend, BackendChanges, BackendIdentity};
+pub use backend::{
+    Backend, BackendChanges, BackendIdentity, BlockIo, ChangeTracking, ExclusiveLock, ResizeWatch,
+};
 pub use error::{BackendError, ErrorKind, Result};
 pub use fault::{FaultStats, FaultyBackend, FaultyBackendBuilder, OpKind};
 pub use file::{FileBackend, FileKind, OpenOptions};

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::allocation::{Allocation, AllocationMap};
-use crate::backend::{Backend, BackendIdentity};
+use crate::backend::{mtime_marker, Backend, BackendIdentity, BlockIo, ChangeTracking};
 use crate::error::{BackendError, ErrorKind, Result};
 
 pub struct MemBackend {
@@ -77,6 +77,12 @@ impl MemBackendBuilder {
 }
 
 impl MemBackend {
+    /// A change counter, not a time: equal values mean no write happened in between,
+    /// which is all a cache compares it for.
+    pub fn modified_ns(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
     /// A zero-filled backend of `size` bytes with 512-byte blocks.
     pub fn new(size: usize) -> Self {
         Self::builder().size(size).build()
@@ -138,32 +144,13 @@ impl MemBackend {
     }
 }
 
-impl Backend for MemBackend {
+impl BlockIo for MemBackend {
     fn size(&self) -> u64 {
         self.read_lock().len() as u64
     }
 
     fn block_size(&self) -> u32 {
         self.block_size
-    }
-
-    fn identity(&self) -> BackendIdentity {
-        BackendIdentity {
-            kind: "mem".into(),
-            name: self.name.clone(),
-            size: self.size(),
-            fingerprint: self.fingerprint.clone(),
-        }
-    }
-
-    /// A change counter, not a time: equal values mean no write happened in between,
-    /// which is all a cache compares it for.
-    fn modified_ns(&self) -> Option<u64> {
-        Some(self.generation.load(Ordering::Relaxed))
-    }
-
-    fn allocation_map(&self) -> Option<&dyn AllocationMap> {
-        Some(self)
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -197,6 +184,31 @@ impl Backend for MemBackend {
         let r = self.range("write_zeroes", offset, len, data.len())?;
         data[r].fill(0);
         Ok(())
+    }
+}
+
+impl Backend for MemBackend {
+    fn identity(&self) -> BackendIdentity {
+        BackendIdentity {
+            kind: "mem".into(),
+            name: self.name.clone(),
+            size: self.size(),
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
+
+    fn allocation_map(&self) -> Option<&dyn AllocationMap> {
+        Some(self)
+    }
+
+    fn change_tracking(&self) -> Option<&dyn ChangeTracking> {
+        Some(self)
+    }
+}
+
+impl ChangeTracking for MemBackend {
+    fn change_marker(&self) -> Result<Option<String>> {
+        Ok(Some(mtime_marker(self.modified_ns())))
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rbd_backend::aio::{self, DmaBuf};
-use rbd_backend::{Backend, FaultyBackend, MemBackend, OpKind, WriteMode};
+use rbd_backend::{BlockIo, FaultyBackend, MemBackend, OpKind, WriteMode};
 use testkit::backends::{for_each_file_setup, make_file};
 use testkit::{pattern, scratch_dir};
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rbd_backend::{Backend, ErrorKind, FaultyBackend, MemBackend, OpKind};
+use rbd_backend::{Backend, BlockIo, ErrorKind, FaultyBackend, MemBackend, OpKind};
 
 #[test]
 fn delays_slow_down_only_their_kind() {
@@ -135,7 +135,23 @@ fn wrapper_forwards_geometry_and_identity() {
     assert_eq!(f.block_size(), 4096);
     assert_eq!(f.identity().name, "m1");
     assert_eq!(f.identity().fingerprint, "fp");
-    assert_eq!(f.modified_ns(), f.inner().modified_ns(), "forwarded");
+    let marker = |b: &dyn Backend| {
+        b.change_tracking()
+            .map(|t| t.change_marker().expect("marker"))
+    };
+    assert!(
+        marker(&f).is_some(),
+        "the inner backend's change tracking is forwarded"
+    );
+    assert_eq!(marker(&f), marker(f.inner()), "forwarded");
+    assert!(
+        f.exclusive_lock().is_none(),
+        "mem has no lock, and the wrapper adds none"
+    );
+    assert!(
+        f.resize_watch().is_none(),
+        "mem is never resized under a server"
+    );
     let boxed: Box<dyn Backend> = Box::new(f);
     assert_eq!(boxed.size(), 1 << 16);
     boxed.write_zeroes(0, 4096).expect("zeroes");

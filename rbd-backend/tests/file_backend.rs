@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use rbd_backend::{AlignedBuf, Backend, ErrorKind, FileBackend, FileKind, OpenOptions};
+use rbd_backend::{
+    AlignedBuf, Backend, BlockIo, ErrorKind, ExclusiveLock, FileBackend, FileKind, OpenOptions,
+};
 use testkit::backends::{for_each_engine, for_each_file_setup, make_file, misaligned};
 use testkit::{pattern, scratch_dir, Rng};
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use rbd_backend::{Backend, ErrorKind, FileBackend, FileKind, OpenOptions};
+use rbd_backend::{Backend, BlockIo, ErrorKind, FileBackend, FileKind, OpenOptions};
 use testkit::backends::{for_each_engine, make_file, misaligned};
 use testkit::{pattern, scratch_dir, Rng};
 

@@ -6,7 +6,10 @@
 use std::time::{Duration, Instant};
 
 use rbd_backend::rbd::{META_GENERATION, META_OWNER};
-use rbd_backend::{Backend, BackendChanges, ErrorKind, RbdAdmin, RbdBackend, RbdOptions, RbdSpec};
+use rbd_backend::{
+    Backend, BackendChanges, BlockIo, ChangeTracking, ErrorKind, RbdAdmin, RbdBackend, RbdOptions,
+    RbdSpec, ResizeWatch,
+};
 use testkit::ceph::{rbd_test, TestCluster};
 use testkit::pattern;
 

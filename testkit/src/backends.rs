@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rbd_backend::{
-    Backend, FileBackend, IoEngine, MemBackend, OpenOptions, SyncEngine, UringEngine,
+    Backend, BlockIo, FileBackend, IoEngine, MemBackend, OpenOptions, SyncEngine, UringEngine,
 };
 
 use crate::skip;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use policies::CacheMode;
-use rbd_backend::{Backend, FaultyBackend, MemBackend};
+use rbd_backend::{Backend, BlockIo, FaultyBackend, MemBackend};
 use ublk_cache::format::FormatVersion;
 use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig, EngineError, EngineErrorKind, Remedy};
@@ -58,14 +58,14 @@ pub fn shadow_dir() -> PathBuf {
 /// Attach `cache` in front of `backend`.
 pub fn try_open(
     backend: Arc<dyn Backend>,
-    cache: Arc<dyn Backend>,
+    cache: Arc<dyn BlockIo>,
     cfg: EngineConfig,
 ) -> Result<Arc<Engine>, EngineError> {
     Engine::open(backend, Some(cache), cfg)
 }
 
 /// Attach `cache` in front of `backend`; the test fails if the engine refuses.
-pub fn open(backend: Arc<dyn Backend>, cache: Arc<dyn Backend>, cfg: EngineConfig) -> Arc<Engine> {
+pub fn open(backend: Arc<dyn Backend>, cache: Arc<dyn BlockIo>, cfg: EngineConfig) -> Arc<Engine> {
     try_open(backend, cache, cfg).unwrap_or_else(|e| panic!("the engine refused to attach: {e}"))
 }
 

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use policies::{CacheMode, WritebackOrder};
-use rbd_backend::Backend;
+use rbd_backend::{Backend, BlockIo};
 use ublk_cache::format::FormatVersion;
 use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig};
@@ -185,7 +185,7 @@ pub fn run(cfg: &RunConfig) -> RunReport {
     };
     let engine = match Engine::open(
         served,
-        Some(cache.clone() as Arc<dyn Backend>),
+        Some(cache.clone() as Arc<dyn BlockIo>),
         ecfg.clone(),
     ) {
         Ok(e) => e,
@@ -268,7 +268,7 @@ pub fn run(cfg: &RunConfig) -> RunReport {
                 skip_log_checksums_for_tests: cfg.skip_log_checksums_bug,
                 ..ecfg.clone()
             };
-            let rec = match Engine::open(b.clone(), Some(c as Arc<dyn Backend>), rcfg) {
+            let rec = match Engine::open(b.clone(), Some(c as Arc<dyn BlockIo>), rcfg) {
                 Ok(e) => {
                     e.reverse_writeback_for_tests.store(
                         cfg.reverse_writeback_after_recovery_bug,
@@ -355,7 +355,7 @@ pub fn run(cfg: &RunConfig) -> RunReport {
                         dbg_c.1.clone(),
                         cache.identity(),
                     ));
-                    if let Ok(e) = Engine::open(b, Some(c as Arc<dyn Backend>), ecfg.clone()) {
+                    if let Ok(e) = Engine::open(b, Some(c as Arc<dyn BlockIo>), ecfg.clone()) {
                         e.abandon();
                     }
                 });

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use rbd_backend::{Backend, BackendIdentity, Result};
+use rbd_backend::{Backend, BackendIdentity, BlockIo, Result};
 
 const SECTOR: u64 = 512;
 
@@ -44,13 +44,11 @@ impl Overlay {
     }
 }
 
-impl Backend for Overlay {
+impl BlockIo for Overlay {
     fn size(&self) -> u64 {
         self.base.len() as u64
     }
-    fn identity(&self) -> BackendIdentity {
-        self.identity.clone()
-    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let delta = self.delta.lock().unwrap_or_else(|p| p.into_inner());
         let len = buf.len();
@@ -67,6 +65,7 @@ impl Backend for Overlay {
         });
         Ok(())
     }
+
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let mut delta = self.delta.lock().unwrap_or_else(|p| p.into_inner());
         let len = buf.len();
@@ -83,13 +82,22 @@ impl Backend for Overlay {
         });
         Ok(())
     }
+
     fn flush(&self) -> Result<()> {
         Ok(())
     }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.write_zeroes(offset, len)
     }
+
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.write_at(offset, &vec![0u8; len as usize])
+    }
+}
+
+impl Backend for Overlay {
+    fn identity(&self) -> BackendIdentity {
+        self.identity.clone()
     }
 }

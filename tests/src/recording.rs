@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rbd_backend::{Backend, BackendIdentity, MemBackend, Result};
+use rbd_backend::{Backend, BackendIdentity, BlockIo, MemBackend, Result};
 
 #[derive(Debug, Clone)]
 pub enum DevOp {
@@ -62,7 +62,7 @@ impl Recording {
     }
 }
 
-impl<B: Backend> Logged<B> {
+impl<B: BlockIo> Logged<B> {
     /// Log what reaches `inner` (a recovered engine's drain over a crash
     /// image, for one: see the harness's double failure).
     pub fn wrap(inner: B, clock: Arc<Clock>) -> Self {
@@ -85,16 +85,15 @@ impl<B: Backend> Logged<B> {
     }
 }
 
-impl<B: Backend> Backend for Logged<B> {
+impl<B: BlockIo> BlockIo for Logged<B> {
     fn size(&self) -> u64 {
         self.inner.size()
     }
-    fn identity(&self) -> BackendIdentity {
-        self.inner.identity()
-    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.inner.read_at(offset, buf)
     }
+
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.inner.write_at(offset, buf)?;
         self.record(DevOp::Write {
@@ -103,19 +102,28 @@ impl<B: Backend> Backend for Logged<B> {
         });
         Ok(())
     }
+
     fn flush(&self) -> Result<()> {
         self.inner.flush()?;
         self.record(DevOp::Flush);
         Ok(())
     }
+
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.inner.discard(offset, len)?;
         self.record(DevOp::Discard { off: offset, len });
         Ok(())
     }
+
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         self.inner.write_zeroes(offset, len)?;
         self.record(DevOp::Zero { off: offset, len });
         Ok(())
+    }
+}
+
+impl<B: Backend> Backend for Logged<B> {
+    fn identity(&self) -> BackendIdentity {
+        self.inner.identity()
     }
 }

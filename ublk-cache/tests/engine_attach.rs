@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use policies::{CacheMode, WritebackOrder};
-use rbd_backend::{Backend, FaultyBackend, MemBackend, OpKind};
+use rbd_backend::{Backend, BlockIo, ChangeTracking, FaultyBackend, MemBackend, OpKind};
 use testkit::rig::{
     assert_dirty_conflict_refused, assert_refused, back_engine_refusing_write_back, cfg, fill, mem,
     open, read, try_open, MIB,
@@ -344,31 +344,47 @@ struct RangeReporting {
     changed: std::sync::Mutex<Option<Vec<(u64, u64)>>>,
 }
 
-impl Backend for RangeReporting {
+impl BlockIo for RangeReporting {
     fn size(&self) -> u64 {
         self.inner.size()
     }
-    fn identity(&self) -> rbd_backend::BackendIdentity {
-        self.inner.identity()
-    }
+
     fn read_at(&self, o: u64, b: &mut [u8]) -> rbd_backend::Result<()> {
         self.inner.read_at(o, b)
     }
+
     fn write_at(&self, o: u64, b: &[u8]) -> rbd_backend::Result<()> {
         self.inner.write_at(o, b)
     }
+
     fn flush(&self) -> rbd_backend::Result<()> {
         self.inner.flush()
     }
+
     fn discard(&self, o: u64, n: u64) -> rbd_backend::Result<()> {
         self.inner.discard(o, n)
     }
+
     fn write_zeroes(&self, o: u64, n: u64) -> rbd_backend::Result<()> {
         self.inner.write_zeroes(o, n)
     }
+}
+
+impl Backend for RangeReporting {
+    fn identity(&self) -> rbd_backend::BackendIdentity {
+        self.inner.identity()
+    }
+
+    fn change_tracking(&self) -> Option<&dyn ChangeTracking> {
+        Some(self)
+    }
+}
+
+impl ChangeTracking for RangeReporting {
     fn change_marker(&self) -> rbd_backend::Result<Option<String>> {
         Ok(Some("snap-1".into()))
     }
+
     fn changes_since(&self, marker: &str) -> rbd_backend::Result<rbd_backend::BackendChanges> {
         assert_eq!(
             marker, "snap-1",

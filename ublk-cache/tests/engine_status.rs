@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use policies::CacheMode;
-use rbd_backend::{Backend, FaultyBackend, FileBackend, MemBackend, OpenOptions};
+use rbd_backend::{Backend, BlockIo, FaultyBackend, FileBackend, MemBackend, OpenOptions};
 use ublk_cache::target::{BlockTarget, Extent};
 use ublk_cache::{Engine, EngineConfig};
 

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use policies::CacheMode;
-use rbd_backend::{Backend, FaultyBackend, MemBackend, RbdBackend};
+use rbd_backend::{Backend, BlockIo, FaultyBackend, MemBackend, RbdBackend, ResizeWatch};
 use testkit::ceph::{rbd_test, TestCluster};
 use testkit::pattern;
 use testkit::rig::{self, open};

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use policies::{CacheMode, WritebackOrder};
-use rbd_backend::{Backend, ErrorKind, MemBackend, RbdBackend, RbdOptions};
+use rbd_backend::{BlockIo, ErrorKind, MemBackend, RbdBackend, RbdOptions};
 use testkit::ceph::{cluster, watchdog, Frozen};
 use testkit::pattern;
 use testkit::rig::open;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use testkit::serve::{self, free_port, sparse_file, Disk};
+use testkit::serve::{self, sparse_file, Disk};
 
 const MIB: u64 = 1 << 20;
 
@@ -78,9 +78,9 @@ fn an_offline_cache_smaller_than_the_image_is_not_left_behind() {
 fn a_busy_metrics_port_leaves_no_cache_record_or_socket() {
     let d = tempfile::tempdir().unwrap();
     let disk = Disk::new(d.path(), 16 * MIB);
-    let port = free_port();
-    let _busy = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
-    let metrics = format!("127.0.0.1:{port}");
+    // Held by the test itself, so no other process can take (or free) it in between.
+    let busy = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let metrics = busy.local_addr().unwrap().to_string();
     refused_leaving_nothing(
         d.path(),
         disk.serve_cmd("back", "8M", &["--metrics", &metrics]),

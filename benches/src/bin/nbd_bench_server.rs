@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use policies::CacheMode;
-use rbd_backend::{Backend, FaultyBackend, FileBackend, OpenOptions};
+use rbd_backend::{Backend, BlockIo, FaultyBackend, FileBackend, OpenOptions};
 use ublk_cache::frontend::nbd::{ListenSpec, Listeners, NbdOptions, NbdServer};
 use ublk_cache::{Engine, EngineConfig};
 use ublk_cache_benches::{parse_ms, parse_size};
@@ -60,7 +60,7 @@ fn parse() -> Result<Opts, String> {
     Ok(o)
 }
 
-fn open_cache(path: &PathBuf, size: Option<u64>) -> Result<Arc<dyn Backend>, String> {
+fn open_cache(path: &PathBuf, size: Option<u64>) -> Result<Arc<dyn BlockIo>, String> {
     if !path.exists() {
         let size = size.ok_or_else(|| {
             format!(

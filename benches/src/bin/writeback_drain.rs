@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use policies::CacheMode;
-use rbd_backend::{Backend, FaultyBackend, FileBackend, OpenOptions};
+use rbd_backend::{Backend, BlockIo, FaultyBackend, FileBackend, OpenOptions};
 use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig};
 use ublk_cache_benches::{parse_millis, parse_size};

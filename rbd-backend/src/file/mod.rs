@@ -16,7 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use crate::allocation::AllocationMap;
-use crate::backend::{Backend, BackendIdentity};
+use crate::backend::{
+    mtime_marker, Backend, BackendIdentity, BlockIo, ChangeTracking, ExclusiveLock,
+};
 use crate::error::{BackendError, ErrorKind, Result};
 use crate::io_engine::{open_engine, EngineChoice, EngineKind, IoEngine};
 use open::Align;
@@ -190,7 +192,7 @@ impl FileBackend {
     ///
     /// Our own writes move it, so a cache should record it after its final flush at
     /// clean detach and compare at the next attach. `flush` (fdatasync) does not
-    /// persist a timestamp-only change; [`Backend::modified_ns`] therefore fsyncs
+    /// persist a timestamp-only change; [`FileBackend::modified_ns`] therefore fsyncs
     /// first, while this plain query does not.
     pub fn mtime_ns(&self) -> Result<Option<i64>> {
         if self.kind == FileKind::Device {
@@ -289,53 +291,13 @@ fn len64(len: usize) -> u64 {
     u64::try_from(len).unwrap_or(u64::MAX)
 }
 
-impl Backend for FileBackend {
+impl BlockIo for FileBackend {
     fn size(&self) -> u64 {
         self.size
     }
 
     fn block_size(&self) -> u32 {
         self.block_size
-    }
-
-    fn identity(&self) -> BackendIdentity {
-        BackendIdentity {
-            kind: self.kind.as_str().to_string(),
-            name: self.path.to_string_lossy().into_owned(),
-            size: self.size,
-            fingerprint: self.fingerprint.clone(),
-        }
-    }
-
-    /// The mtime, made durable first (fsync) if we changed the file since the last
-    /// time: the value is recorded at clean detach, and a crash must not bring back
-    /// an older one (that would look like a change made behind the cache's back).
-    fn modified_ns(&self) -> Option<u64> {
-        if self.kind == FileKind::Device {
-            return None;
-        }
-        if self.meta_dirty.swap(false, Ordering::AcqRel) {
-            if let Err(e) = self.sync_all() {
-                self.meta_dirty.store(true, Ordering::Release);
-                tracing::warn!(error = %e, "cannot persist the backend's mtime");
-            }
-        }
-        match self.mtime_ns() {
-            // The bit pattern is kept: the value is only ever compared for equality.
-            Ok(ns) => ns.map(|ns| ns as u64),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the backend's mtime");
-                None
-            }
-        }
-    }
-
-    /// A regular file knows its holes; a block device reports all data.
-    fn allocation_map(&self) -> Option<&dyn AllocationMap> {
-        match self.kind {
-            FileKind::File => Some(self),
-            FileKind::Device => None,
-        }
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -404,7 +366,42 @@ impl Backend for FileBackend {
         self.zero_io(offset, len)
             .map_err(|e| self.io_error("write_zeroes", offset, len, e))
     }
+}
 
+impl Backend for FileBackend {
+    fn identity(&self) -> BackendIdentity {
+        BackendIdentity {
+            kind: self.kind.as_str().to_string(),
+            name: self.path.to_string_lossy().into_owned(),
+            size: self.size,
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
+
+    /// A regular file knows its holes; a block device reports all data.
+    fn allocation_map(&self) -> Option<&dyn AllocationMap> {
+        match self.kind {
+            FileKind::File => Some(self),
+            FileKind::Device => None,
+        }
+    }
+
+    /// A regular file by its mtime; a block device keeps none.
+    fn change_tracking(&self) -> Option<&dyn ChangeTracking> {
+        match self.kind {
+            FileKind::File => Some(self),
+            FileKind::Device => None,
+        }
+    }
+
+    /// The flock, when this server took it for migration handover (`exclusive`;
+    /// shared for a read-only open, which hands it over just the same).
+    fn exclusive_lock(&self) -> Option<&dyn ExclusiveLock> {
+        self.exclusive.then_some(self as &dyn ExclusiveLock)
+    }
+}
+
+impl ExclusiveLock for FileBackend {
     /// Let the flock go (a live migration's source): the destination may open
     /// the file now. Writes still work; the lock is advisory.
     fn release_lock(&self) -> Result<()> {
@@ -420,6 +417,37 @@ impl Backend for FileBackend {
             return Ok(());
         }
         lock_exclusive(&self.file, self.kind, &self.path, self.read_only)
+    }
+}
+
+impl FileBackend {
+    /// The mtime, made durable first (fsync) if we changed the file since the last
+    /// time: the value is recorded at clean detach, and a crash must not bring back
+    /// an older one (that would look like a change made behind the cache's back).
+    pub fn modified_ns(&self) -> Option<u64> {
+        if self.kind == FileKind::Device {
+            return None;
+        }
+        if self.meta_dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.sync_all() {
+                self.meta_dirty.store(true, Ordering::Release);
+                tracing::warn!(error = %e, "cannot persist the backend's mtime");
+            }
+        }
+        match self.mtime_ns() {
+            // The bit pattern is kept: the value is only ever compared for equality.
+            Ok(ns) => ns.map(|ns| ns as u64),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the backend's mtime");
+                None
+            }
+        }
+    }
+}
+
+impl ChangeTracking for FileBackend {
+    fn change_marker(&self) -> Result<Option<String>> {
+        Ok(self.modified_ns().map(mtime_marker))
     }
 }
 

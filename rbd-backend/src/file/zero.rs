@@ -156,7 +156,7 @@ impl FileBackend {
 
 #[cfg(test)]
 mod tests {
-    use crate::backend::Backend;
+    use crate::backend::BlockIo;
     use crate::file::{FileBackend, OpenOptions};
     use crate::io_engine::SyncEngine;
     use std::sync::Arc;

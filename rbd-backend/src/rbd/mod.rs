@@ -6,10 +6,10 @@
 //!   kept until drop: other clients' writes then fail with EROFS instead of
 //!   landing behind the cache. An image without the exclusive-lock feature is
 //!   refused. A snapshot is opened read-only, without a lock.
-//! - Change detection: at clean detach [`Backend::change_marker`] takes a
+//! - Change detection: at clean detach [`ChangeTracking::change_marker`] takes a
 //!   snapshot `ublk-cache-…` (after the cache's last flush, while we still hold
 //!   the lock) and removes older ones of ours; at the next attach
-//!   [`Backend::changes_since`] diffs that snapshot against HEAD
+//!   [`ChangeTracking::changes_since`] diffs that snapshot against HEAD
 //!   (`rbd_diff_iterate2`), reports the changed ranges, and removes it.
 //! - Image metadata `ublk-cache.owner` and `ublk-cache.generation` record who
 //!   attached last and count attaches and clean detaches, for operators and
@@ -17,7 +17,7 @@
 //! - A header watch (`rbd_update_watch`) notices resizes; the device size cannot
 //!   follow while the server runs, so a resize is logged loudly, and after a
 //!   shrink every request reaching past the new end fails with EIO
-//!   ([`Backend::current_size`] lets the engine refuse cached ones too).
+//!   ([`ResizeWatch::current_size`] lets the engine refuse cached ones too).
 //! - Every I/O request waits at most [`RbdOptions::io_timeout`] for the cluster,
 //!   then fails with EIO (kind [`ErrorKind::Timeout`]). librbd cannot cancel it:
 //!   it stays in flight with a buffer of its own and is discarded when it
@@ -40,7 +40,9 @@ pub use admin::{RbdAdmin, RbdRawImage};
 pub use spec::{RbdOptions, RbdSpec, DEFAULT_IO_TIMEOUT, DEFAULT_LOCK_TIMEOUT};
 
 use crate::allocation::AllocationMap;
-use crate::backend::{Backend, BackendChanges, BackendIdentity};
+use crate::backend::{
+    Backend, BackendChanges, BackendIdentity, BlockIo, ChangeTracking, ExclusiveLock, ResizeWatch,
+};
 use crate::error::{BackendError, ErrorKind, Result};
 use ffi::{Cluster, Errno, Image, IoCtx, UpdateWatch};
 
@@ -734,153 +736,9 @@ impl RbdBackend {
     }
 }
 
-impl Backend for RbdBackend {
-    /// From `rbd_diff_iterate2` against nothing (see `allocation.rs`).
-    fn allocation_map(&self) -> Option<&dyn AllocationMap> {
-        Some(self)
-    }
-
+impl BlockIo for RbdBackend {
     fn size(&self) -> u64 {
         self.size
-    }
-
-    /// `migrate-out`: lend the lock per write from now on (see `handover`).
-    fn release_lock(&self) -> Result<()> {
-        self.start_lending()
-    }
-
-    /// `migrate-abort` (or a destination taking over for good).
-    fn acquire_lock(&self) -> Result<()> {
-        self.stop_lending()
-    }
-
-    /// The image size last reported by the header watch: the size at open until
-    /// someone resizes the image.
-    fn current_size(&self) -> u64 {
-        self.seen_size.load(Ordering::Acquire)
-    }
-
-    fn identity(&self) -> BackendIdentity {
-        BackendIdentity {
-            kind: "rbd".into(),
-            name: self.spec.to_string(),
-            size: self.size,
-            fingerprint: match self.snap_id {
-                Some(s) => format!("id={},snap_id={s}", self.image_id),
-                None => format!("id={}", self.image_id),
-            },
-        }
-    }
-
-    /// For a snapshot: its id (snapshots never change). For the image: a new
-    /// snapshot `ublk-cache-GEN-CLIENT-TIME` of the current content (the cache has
-    /// flushed everything and we hold the lock, so nobody wrote in between); older
-    /// marker snapshots are removed, and the metadata records a clean detach.
-    fn change_marker(&self) -> Result<Option<String>> {
-        if let Some(id) = self.snap_id {
-            return Ok(Some(format!("rbd-snapshot:{id}")));
-        }
-        if self.read_only {
-            return Ok(Some(READ_ONLY_MARKER.to_string()));
-        }
-        if !self.holds_for_good() {
-            // Handed over (or never claimed): the image is another server's now,
-            // so neither a snapshot nor the owner record is ours to write.
-            return Ok(Some(HANDED_OVER_MARKER.to_string()));
-        }
-        self.flush()?;
-        let gen = *self
-            .generation
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            + 1;
-        let name = format!(
-            "{MARKER_SNAP_PREFIX}{gen}-{}-{}",
-            self.cluster.instance_id(),
-            unix_secs()
-        );
-        self.image.snap_create(&name).map_err(|e| {
-            self.meta_err(&format!("creating the change-marker snapshot {name}"), e)
-        })?;
-        let id = self
-            .image
-            .snap_id(&name)
-            .map_err(|e| self.meta_err(&format!("reading the id of snapshot {name}"), e))?;
-        for old in self.marker_snapshots()? {
-            if old != name {
-                self.remove_snap_logged(&old);
-            }
-        }
-        self.set_owner("detached", gen)?;
-        tracing::info!(image = %self.spec, snap = %name, generation = gen, "recorded the change marker");
-        Ok(Some(format!("rbd-snap:{name}:{id}:gen={gen}")))
-    }
-
-    /// Diffs the marker snapshot against the current image, then removes it (a
-    /// snapshot costs copy-on-write on every first write to an object).
-    fn changes_since(&self, marker: &str) -> Result<BackendChanges> {
-        if let Some(id) = marker.strip_prefix("rbd-snapshot:") {
-            return Ok(match self.snap_id {
-                Some(s) if id.parse() == Ok(s) => BackendChanges::Unchanged,
-                _ => BackendChanges::Unknown,
-            });
-        }
-        if marker == READ_ONLY_MARKER {
-            tracing::info!(image = %self.spec,
-                "this cache was filled over a read-only open of the image; treating the whole image as changed");
-            return Ok(BackendChanges::Unknown);
-        }
-        if marker == HANDED_OVER_MARKER {
-            tracing::info!(image = %self.spec,
-                "this cache's server handed the image over in a live migration; treating the whole image as changed");
-            return Ok(BackendChanges::Unknown);
-        }
-        let Some((name, id, gen)) = Self::parse_marker(marker) else {
-            tracing::warn!(image = %self.spec, marker, "unrecognised change marker; treating the whole image as changed");
-            return Ok(BackendChanges::Unknown);
-        };
-        if self.found_generation != Some(gen) {
-            tracing::info!(image = %self.spec, recorded = gen, found = ?self.found_generation,
-                last_owner = ?self.found_owner,
-                "another ublk-cache attached this image since this cache detached; its writes show in the snapshot diff");
-        }
-        let snaps = self
-            .image
-            .snap_list()
-            .map_err(|e| self.meta_err("listing snapshots", e))?;
-        if !snaps.iter().any(|s| s.name == name && s.id == id) {
-            tracing::warn!(image = %self.spec, snap = name,
-                "the change-marker snapshot is gone (removed by hand or by another server's detach); \
-                 treating the whole image as changed");
-            return Ok(BackendChanges::Unknown);
-        }
-        let changes = match self.image.diff_since(name, 0, self.size) {
-            Ok(mut ranges) => {
-                ranges.sort_unstable();
-                let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-                for (o, n) in ranges {
-                    match merged.last_mut() {
-                        Some((lo, ln)) if *lo + *ln >= o => *ln = (*ln).max(o + n - *lo),
-                        _ => merged.push((o, n)),
-                    }
-                }
-                let bytes: u64 = merged.iter().map(|r| r.1).sum();
-                tracing::info!(image = %self.spec, snap = name, ranges = merged.len(), bytes,
-                    "compared the image with the change marker");
-                if merged.is_empty() {
-                    BackendChanges::Unchanged
-                } else {
-                    BackendChanges::Ranges(merged)
-                }
-            }
-            Err(e) => {
-                tracing::warn!(image = %self.spec, snap = name, error = %e,
-                    "cannot diff against the change-marker snapshot; treating the whole image as changed");
-                BackendChanges::Unknown
-            }
-        };
-        self.remove_snap_logged(name);
-        Ok(changes)
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -1021,6 +879,170 @@ impl Backend for RbdBackend {
             left -= n;
         }
         Ok(())
+    }
+}
+
+impl Backend for RbdBackend {
+    /// From `rbd_diff_iterate2` against nothing (see `allocation.rs`).
+    fn allocation_map(&self) -> Option<&dyn AllocationMap> {
+        Some(self)
+    }
+
+    fn identity(&self) -> BackendIdentity {
+        BackendIdentity {
+            kind: "rbd".into(),
+            name: self.spec.to_string(),
+            size: self.size,
+            fingerprint: match self.snap_id {
+                Some(s) => format!("id={},snap_id={s}", self.image_id),
+                None => format!("id={}", self.image_id),
+            },
+        }
+    }
+
+    fn change_tracking(&self) -> Option<&dyn ChangeTracking> {
+        Some(self)
+    }
+
+    fn exclusive_lock(&self) -> Option<&dyn ExclusiveLock> {
+        Some(self)
+    }
+
+    fn resize_watch(&self) -> Option<&dyn ResizeWatch> {
+        Some(self)
+    }
+}
+
+impl ChangeTracking for RbdBackend {
+    /// For a snapshot: its id (snapshots never change). For the image: a new
+    /// snapshot `ublk-cache-GEN-CLIENT-TIME` of the current content (the cache has
+    /// flushed everything and we hold the lock, so nobody wrote in between); older
+    /// marker snapshots are removed, and the metadata records a clean detach.
+    fn change_marker(&self) -> Result<Option<String>> {
+        if let Some(id) = self.snap_id {
+            return Ok(Some(format!("rbd-snapshot:{id}")));
+        }
+        if self.read_only {
+            return Ok(Some(READ_ONLY_MARKER.to_string()));
+        }
+        if !self.holds_for_good() {
+            // Handed over (or never claimed): the image is another server's now,
+            // so neither a snapshot nor the owner record is ours to write.
+            return Ok(Some(HANDED_OVER_MARKER.to_string()));
+        }
+        self.flush()?;
+        let gen = *self
+            .generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            + 1;
+        let name = format!(
+            "{MARKER_SNAP_PREFIX}{gen}-{}-{}",
+            self.cluster.instance_id(),
+            unix_secs()
+        );
+        self.image.snap_create(&name).map_err(|e| {
+            self.meta_err(&format!("creating the change-marker snapshot {name}"), e)
+        })?;
+        let id = self
+            .image
+            .snap_id(&name)
+            .map_err(|e| self.meta_err(&format!("reading the id of snapshot {name}"), e))?;
+        for old in self.marker_snapshots()? {
+            if old != name {
+                self.remove_snap_logged(&old);
+            }
+        }
+        self.set_owner("detached", gen)?;
+        tracing::info!(image = %self.spec, snap = %name, generation = gen, "recorded the change marker");
+        Ok(Some(format!("rbd-snap:{name}:{id}:gen={gen}")))
+    }
+
+    /// Diffs the marker snapshot against the current image, then removes it (a
+    /// snapshot costs copy-on-write on every first write to an object).
+    fn changes_since(&self, marker: &str) -> Result<BackendChanges> {
+        if let Some(id) = marker.strip_prefix("rbd-snapshot:") {
+            return Ok(match self.snap_id {
+                Some(s) if id.parse() == Ok(s) => BackendChanges::Unchanged,
+                _ => BackendChanges::Unknown,
+            });
+        }
+        if marker == READ_ONLY_MARKER {
+            tracing::info!(image = %self.spec,
+                "this cache was filled over a read-only open of the image; treating the whole image as changed");
+            return Ok(BackendChanges::Unknown);
+        }
+        if marker == HANDED_OVER_MARKER {
+            tracing::info!(image = %self.spec,
+                "this cache's server handed the image over in a live migration; treating the whole image as changed");
+            return Ok(BackendChanges::Unknown);
+        }
+        let Some((name, id, gen)) = Self::parse_marker(marker) else {
+            tracing::warn!(image = %self.spec, marker, "unrecognised change marker; treating the whole image as changed");
+            return Ok(BackendChanges::Unknown);
+        };
+        if self.found_generation != Some(gen) {
+            tracing::info!(image = %self.spec, recorded = gen, found = ?self.found_generation,
+                last_owner = ?self.found_owner,
+                "another ublk-cache attached this image since this cache detached; its writes show in the snapshot diff");
+        }
+        let snaps = self
+            .image
+            .snap_list()
+            .map_err(|e| self.meta_err("listing snapshots", e))?;
+        if !snaps.iter().any(|s| s.name == name && s.id == id) {
+            tracing::warn!(image = %self.spec, snap = name,
+                "the change-marker snapshot is gone (removed by hand or by another server's detach); \
+                 treating the whole image as changed");
+            return Ok(BackendChanges::Unknown);
+        }
+        let changes = match self.image.diff_since(name, 0, self.size) {
+            Ok(mut ranges) => {
+                ranges.sort_unstable();
+                let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+                for (o, n) in ranges {
+                    match merged.last_mut() {
+                        Some((lo, ln)) if *lo + *ln >= o => *ln = (*ln).max(o + n - *lo),
+                        _ => merged.push((o, n)),
+                    }
+                }
+                let bytes: u64 = merged.iter().map(|r| r.1).sum();
+                tracing::info!(image = %self.spec, snap = name, ranges = merged.len(), bytes,
+                    "compared the image with the change marker");
+                if merged.is_empty() {
+                    BackendChanges::Unchanged
+                } else {
+                    BackendChanges::Ranges(merged)
+                }
+            }
+            Err(e) => {
+                tracing::warn!(image = %self.spec, snap = name, error = %e,
+                    "cannot diff against the change-marker snapshot; treating the whole image as changed");
+                BackendChanges::Unknown
+            }
+        };
+        self.remove_snap_logged(name);
+        Ok(changes)
+    }
+}
+
+impl ExclusiveLock for RbdBackend {
+    /// `migrate-out`: lend the lock per write from now on (see `handover`).
+    fn release_lock(&self) -> Result<()> {
+        self.start_lending()
+    }
+
+    /// `migrate-abort` (or a destination taking over for good).
+    fn acquire_lock(&self) -> Result<()> {
+        self.stop_lending()
+    }
+}
+
+impl ResizeWatch for RbdBackend {
+    /// The image size last reported by the header watch: the size at open until
+    /// someone resizes the image.
+    fn current_size(&self) -> u64 {
+        self.seen_size.load(Ordering::Acquire)
     }
 }
 

@@ -60,7 +60,7 @@ pub struct Server {
 /// in-process test on `MemBackend`): they hold their own locks, if any.
 pub struct Devices {
     pub backend: Arc<dyn rbd_backend::Backend>,
-    pub cache: Option<Arc<dyn rbd_backend::Backend>>,
+    pub cache: Option<Arc<dyn rbd_backend::BlockIo>>,
     /// How the backend is named in the registry and in `ctl stats`.
     pub label: String,
 }

@@ -10,7 +10,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rbd_backend::{open_engine, Backend, BackendError, FileBackend, OpenOptions};
+use rbd_backend::{open_engine, Backend, BackendError, BlockIo, FileBackend, OpenOptions};
 
 use super::config::{Access, ServeConfig, Start};
 use super::error::{DaemonError, DaemonResult};
@@ -107,7 +107,7 @@ pub fn open_backend(spec: &BackendSpec, cfg: &ServeConfig) -> DaemonResult<Arc<d
 
 /// The cache device, and what opening it changed on disk.
 pub struct OpenedCache {
-    pub dev: Arc<dyn Backend>,
+    pub dev: Arc<dyn BlockIo>,
     /// Whether the file was created (a new file may be formatted without asking).
     pub created: bool,
     pub undo: CacheUndo,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use policies::{CacheMode, EvictionKind, Pacer, WritebackLimit, WritebackOrder};
-use rbd_backend::{Backend, BackendChanges};
+use rbd_backend::{Backend, BackendChanges, BlockIo};
 use tracing::{info, warn};
 
 use super::map::LineMap;
@@ -109,7 +109,7 @@ impl Engine {
     /// Attach `cache_dev` (if any) in front of `backend` and start serving.
     pub fn open(
         backend: Arc<dyn Backend>,
-        cache_dev: Option<Arc<dyn Backend>>,
+        cache_dev: Option<Arc<dyn BlockIo>>,
         cfg: EngineConfig,
     ) -> EngineResult<Arc<Engine>> {
         let size = backend.size();
@@ -150,6 +150,7 @@ impl Engine {
             stats: Stats::default(),
             flusher: Mutex::new(None),
             closed: AtomicBool::new(false),
+            #[cfg(feature = "testing")]
             reverse_writeback_for_tests: AtomicBool::new(false),
         });
         engine.start_flusher()?;
@@ -170,7 +171,7 @@ impl Engine {
 
     fn attach_cache(
         backend: &dyn Backend,
-        dev: Arc<dyn Backend>,
+        dev: Arc<dyn BlockIo>,
         cfg: &EngineConfig,
     ) -> EngineResult<Cache> {
         let dev_size = dev.size();
@@ -298,9 +299,14 @@ impl Engine {
         // Only a clean detach recorded a marker; after a crash our own unfinished
         // writes changed the backend anyway, and dirty data must win.
         let changes = if clean_detach && !sb.backend.change_marker.is_empty() {
-            backend
-                .changes_since(&sb.backend.change_marker)
-                .map_err(|e| EngineError::backend("change check", e))?
+            match backend.change_tracking() {
+                Some(t) => t
+                    .changes_since(&sb.backend.change_marker)
+                    .map_err(|e| EngineError::backend("change check", e))?,
+                // A marker was recorded, but this backend cannot compare it:
+                // anything may have changed.
+                None => BackendChanges::Unknown,
+            }
         } else {
             BackendChanges::Unchanged
         };
@@ -510,7 +516,7 @@ impl Engine {
         Ok(sb.clone())
     }
 
-    fn looks_empty(dev: &dyn Backend) -> EngineResult<bool> {
+    fn looks_empty(dev: &dyn BlockIo) -> EngineResult<bool> {
         let n = EMPTY_PROBE.min(dev.size()) as usize;
         let mut buf = vec![0u8; n];
         dev.read_at(0, &mut buf)
@@ -519,7 +525,7 @@ impl Engine {
     }
 
     fn format(
-        dev: &Arc<dyn Backend>,
+        dev: &Arc<dyn BlockIo>,
         dev_size: u64,
         rec: &BackendRecord,
         cfg: &EngineConfig,
@@ -837,11 +843,15 @@ impl Engine {
         sb.state = SbState::Clean;
         sb.seq += 1;
         sb.epoch = c.st.cur_epoch();
-        sb.backend.change_marker = self
-            .backend
-            .change_marker()
-            .map_err(|e| EngineError::backend("change marker", e))?
-            .unwrap_or_default();
+        // Without change tracking no marker is recorded, and the next attach
+        // cannot notice writes made behind the detached cache (a block device).
+        sb.backend.change_marker = match self.backend.change_tracking() {
+            Some(t) => t
+                .change_marker()
+                .map_err(|e| EngineError::backend("change marker", e))?
+                .unwrap_or_default(),
+            None => String::new(),
+        };
         write_superblock(c.dev.as_ref(), &sb)?;
         // Cleanly detached, the on-disk table is complete: the shadow would
         // only keep tmpfs RAM (and a list of what is cached) for nothing.
@@ -857,6 +867,7 @@ impl Engine {
     }
 }
 
+#[cfg(feature = "testing")]
 impl Engine {
     /// Stop serving and stop the flusher without persisting anything: the cache
     /// is left exactly as a crash would leave it (tests and crash harnesses).

@@ -30,6 +30,8 @@ const STEP_LINES: usize = 4096;
 const MAX_EXTENT: u64 = 4 << 20;
 /// Backend writes in flight.
 const WINDOW: usize = 32;
+/// The first retry delay after a failure, doubled on every further one.
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Format v2: how long a step's watermark waits for a guest round to carry
 /// it before the flusher runs a round (a device flush) of its own, while the
@@ -48,6 +50,33 @@ const OPEN_EPOCH_MAX: Duration = Duration::from_millis(50);
 /// Format v2: a bound on waiting for a round during the next step (the wait
 /// ends with the step; this only keeps the deadline arithmetic finite).
 const DURING_STEP: Duration = Duration::from_secs(3600);
+
+/// The flusher's retry delay: doubles with every failure in a row (up to
+/// `MAX_BACKOFF`), back to `FIRST_BACKOFF` after a success.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(FIRST_BACKOFF)
+    }
+
+    fn reset(&mut self) {
+        self.0 = FIRST_BACKOFF;
+    }
+
+    fn delay(&self) -> Duration {
+        self.0
+    }
+
+    /// Wait the delay (cut short by stop), then double it.
+    async fn wait(&mut self, c: &Cache) {
+        wait_for(&c.ev.flusher, self.0, || {
+            c.st.stopping.load(Ordering::Acquire)
+        })
+        .await;
+        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+    }
+}
 
 /// Format v2: a step written back whose watermark may not be durable yet.
 #[derive(Clone, Copy)]
@@ -124,7 +153,7 @@ impl Engine {
 
     async fn flusher_main(&self) {
         let Some(c) = self.cache.as_ref() else { return };
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new();
         // Format v2: written back, but not yet under the durable watermark.
         let mut uncovered: Vec<Item> = Vec::new();
         // Format v2: the watermark the previous step raised, if it may not be
@@ -152,6 +181,7 @@ impl Engine {
                 }
                 match self.confirm_watermark(u.w, Duration::ZERO, || false).await {
                     Ok(_) => {
+                        backoff.reset();
                         must_confirm = false;
                         unconfirmed = None;
                         self.finish_clean(c, &mut uncovered, None).await;
@@ -160,11 +190,7 @@ impl Engine {
                         warn!(
                             "the write-back watermark still cannot be made durable; retrying: {e}"
                         );
-                        wait_for(&c.ev.flusher, backoff, || {
-                            c.st.stopping.load(Ordering::Acquire)
-                        })
-                        .await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        backoff.wait(c).await;
                         continue;
                     }
                 }
@@ -195,15 +221,14 @@ impl Engine {
                         let patience = self.watermark_patience(None);
                         let step_ready = || self.step_ready(c);
                         match self.confirm_watermark(w, patience, step_ready).await {
-                            Ok(true) => unconfirmed = None,
+                            Ok(true) => {
+                                backoff.reset();
+                                unconfirmed = None;
+                            }
                             Ok(false) => continue,
                             Err(e) => {
                                 warn!("write-back done, but its watermark could not be made durable; retrying: {e}");
-                                wait_for(&c.ev.flusher, backoff, || {
-                                    c.st.stopping.load(Ordering::Acquire)
-                                })
-                                .await;
-                                backoff = (backoff * 2).min(MAX_BACKOFF);
+                                backoff.wait(c).await;
                                 continue;
                             }
                         }
@@ -248,7 +273,7 @@ impl Engine {
             };
             match res {
                 Ok(bytes) => {
-                    backoff = Duration::from_millis(50);
+                    backoff.reset();
                     self.note_writeback_progress();
                     if self.writeback_failing.swap(false, Ordering::AcqRel) {
                         self.warned_ordering.store(false, Ordering::Release);
@@ -289,11 +314,7 @@ impl Engine {
                                 });
                                 must_confirm = true;
                                 c.st.epochs.lock().writing = unconfirmed.map(|u| u.oldest);
-                                wait_for(&c.ev.flusher, backoff, || {
-                                    c.st.stopping.load(Ordering::Acquire)
-                                })
-                                .await;
-                                backoff = (backoff * 2).min(MAX_BACKOFF);
+                                backoff.wait(c).await;
                                 continue;
                             }
                         }
@@ -314,17 +335,13 @@ impl Engine {
                     warn!(
                         "write-back of {} lines failed, data stays dirty in the cache; retrying in {:?}: {e}",
                         items.len(),
-                        backoff
+                        backoff.delay()
                     );
                     self.requeue(c, &items, unconfirmed.map(|u| u.oldest));
                     if c.st.stopping.load(Ordering::Acquire) {
                         return;
                     }
-                    wait_for(&c.ev.flusher, backoff, || {
-                        c.st.stopping.load(Ordering::Acquire)
-                    })
-                    .await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    backoff.wait(c).await;
                 }
             }
         }
@@ -366,10 +383,24 @@ impl Engine {
         }
     }
 
+    /// The deliberate bug the crash harness must catch
+    /// (`reverse_writeback_for_tests`); never in a package.
+    fn reverse_writeback(&self) -> bool {
+        #[cfg(feature = "testing")]
+        return self.reverse_writeback_for_tests.load(Ordering::Relaxed);
+        #[cfg(not(feature = "testing"))]
+        false
+    }
+
     /// Whether the flusher could take a step now.
     fn step_ready(&self, c: &Cache) -> bool {
-        (self.mode().writes_back_continuously() || c.st.drain_requests.load(Ordering::Acquire) > 0)
-            && c.st.epochs.lock().has_closed_pending()
+        self.writeback_active(c) && c.st.epochs.lock().has_closed_pending()
+    }
+
+    /// Whether write-back runs now: all the time in `back`, in the other
+    /// modes only while someone drains.
+    fn writeback_active(&self, c: &Cache) -> bool {
+        self.mode().writes_back_continuously() || c.st.drain_requests.load(Ordering::Acquire) > 0
     }
 
     /// How long a step's watermark may wait for a guest round: `RIDE_PATIENCE`
@@ -405,11 +436,8 @@ impl Engine {
             }
             e.open(oldest + 1);
         }
-        let cur = e.cur;
-        let closed = |ep: u64, e: &super::state::Epochs| {
-            ep < cur && e.oldest_applying().is_none_or(|a| a > ep)
-        };
-        if self.reverse_writeback_for_tests.load(Ordering::Relaxed) {
+        let closed = |ep: u64, e: &super::state::Epochs| e.is_closed(ep);
+        if self.reverse_writeback() {
             // The deliberate bug: newest closed epoch first.
             return e
                 .pending
@@ -457,8 +485,7 @@ impl Engine {
             if st.stopping.load(Ordering::Acquire) {
                 return Step::Stop;
             }
-            let active = self.mode().writes_back_continuously()
-                || st.drain_requests.load(Ordering::Acquire) > 0;
+            let active = self.writeback_active(c);
             let mut candidates: Vec<(u64, u32)> = Vec::new();
             // Whether an epoch's list was taken: if all of it was stale, the
             // next epoch is looked at at once (an outage with frequent guest
@@ -468,7 +495,7 @@ impl Engine {
                 let mut e = st.epochs.lock();
                 let epochs: Vec<u64> = if st.version == FormatVersion::V2 {
                     self.v2_step_epochs(&mut e)
-                } else if self.reverse_writeback_for_tests.load(Ordering::Relaxed) {
+                } else if self.reverse_writeback() {
                     e.pending.keys().next_back().copied().into_iter().collect()
                 } else {
                     self.order

@@ -307,9 +307,13 @@ impl Engine {
             old
         };
         let released = super::blocking(self.backend_flush()).and_then(|()| {
-            self.backend
-                .release_lock()
-                .map_err(|e| EngineError::backend("releasing the exclusive lock for migration", e))
+            match self.backend.exclusive_lock() {
+                Some(lock) => lock.release_lock().map_err(|e| {
+                    EngineError::backend("releasing the exclusive lock for migration", e)
+                }),
+                // Nothing keeps the destination off this backend: nothing to hand over.
+                None => Ok(()),
+            }
         });
         if let Err(e) = released {
             // Not migrated out: go back to where we were, so nothing changes for the guest.
@@ -326,12 +330,14 @@ impl Engine {
 
     /// Undo `migrate_out`: take the backend's lock back and return to `prev`.
     pub fn migrate_abort(&self, prev: CacheMode) -> EngineResult<()> {
-        self.backend.acquire_lock().map_err(|e| {
-            EngineError::backend(
-                "taking the exclusive lock back after an aborted migration",
-                e,
-            )
-        })?;
+        if let Some(lock) = self.backend.exclusive_lock() {
+            lock.acquire_lock().map_err(|e| {
+                EngineError::backend(
+                    "taking the exclusive lock back after an aborted migration",
+                    e,
+                )
+            })?;
+        }
         if prev != self.mode() {
             if let Err(e) = self.set_mode(prev, None) {
                 warn!("migrate-abort: lock taken back, but returning to mode '{prev}' failed: {e}");

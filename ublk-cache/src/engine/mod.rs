@@ -42,7 +42,7 @@ use event_listener::Event;
 use parking_lot::Mutex;
 use policies::{CacheMode, Pacer, WritebackLimit, WritebackOrder};
 use rbd_backend::aio::{self, BufSlice, DmaBuf};
-use rbd_backend::Backend;
+use rbd_backend::{Backend, BlockIo};
 
 pub use attach::EngineConfig;
 pub use latency::{bucket_upper_us, LatencySnapshot, Op};
@@ -73,7 +73,7 @@ struct Events {
 /// The part of the engine that exists only when a cache device is attached.
 struct Cache {
     store: CacheStore,
-    dev: Arc<dyn Backend>,
+    dev: Arc<dyn BlockIo>,
     layout: Layout,
     codec: EntryCodec,
     st: State,
@@ -123,7 +123,7 @@ pub struct Engine {
     closed: AtomicBool,
     /// Test-only fault: write dirty lines back newest epoch first. Exists so the
     /// crash harness can prove it catches ordering bugs.
-    #[doc(hidden)]
+    #[cfg(feature = "testing")]
     pub reverse_writeback_for_tests: AtomicBool,
 }
 
@@ -219,14 +219,23 @@ impl Engine {
             .map_or(64 * 1024, |c| c.layout.line_size as u64)
     }
 
+    /// The backend's size now: what it was at open, unless it can be resized
+    /// under a running server.
+    fn backend_size_now(&self) -> u64 {
+        match self.backend.resize_watch() {
+            Some(w) => w.current_size(),
+            None => self.backend.size(),
+        }
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> EngineResult<()> {
         match offset.checked_add(len) {
             // A backend shrunk under us (RBD): cached or not, the range is gone.
-            Some(end) if end > self.backend.current_size() && end <= self.size => Err(EngineError::new(
+            Some(end) if end > self.backend_size_now() && end <= self.size => Err(EngineError::new(
                 EngineErrorKind::BackendIo,
                 format!(
                     "request at {offset}+{len} reaches past the backend's end at {} (shrunk while served)",
-                    self.backend.current_size()
+                    self.backend_size_now()
                 ),
             )),
             Some(end) if end <= self.size => Ok(()),

@@ -130,8 +130,13 @@ impl Epochs {
     /// Whether the oldest epoch with dirty data is closed and fully applied
     /// (the flusher can take a step from it).
     pub fn has_closed_pending(&self) -> bool {
-        self.oldest_pending()
-            .is_some_and(|p| p < self.cur && self.oldest_applying().is_none_or(|a| a > p))
+        self.oldest_pending().is_some_and(|p| self.is_closed(p))
+    }
+
+    /// Whether epoch `ep` is closed with no write of it still being applied:
+    /// its versions are frozen, and write-back may take it.
+    pub fn is_closed(&self, ep: u64) -> bool {
+        ep < self.cur && self.oldest_applying().is_none_or(|a| a > ep)
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rbd_backend::aio::BufSlice;
-use rbd_backend::{Backend, WriteMode};
+use rbd_backend::{BlockIo, WriteMode};
 
 use crate::error::{EngineError, EngineResult};
 use crate::format::layout::SB_COPY_OFFSETS;
@@ -13,7 +13,7 @@ use crate::format::superblock::SB_BYTES;
 use crate::format::{FormatError, Layout, Superblock, META_BLOCK};
 
 pub struct CacheStore {
-    dev: Arc<dyn Backend>,
+    dev: Arc<dyn BlockIo>,
     layout: Layout,
     /// Line data bytes read from / written to the cache device (for stats).
     read_bytes: AtomicU64,
@@ -24,7 +24,7 @@ pub struct CacheStore {
 }
 
 impl CacheStore {
-    pub fn new(dev: Arc<dyn Backend>, layout: Layout) -> Self {
+    pub fn new(dev: Arc<dyn BlockIo>, layout: Layout) -> Self {
         Self {
             dev,
             layout,
@@ -202,7 +202,7 @@ impl CacheStore {
     }
 }
 
-pub fn write_superblock(dev: &dyn Backend, sb: &Superblock) -> EngineResult<()> {
+pub fn write_superblock(dev: &dyn BlockIo, sb: &Superblock) -> EngineResult<()> {
     dev.write_at(sb.copy_offset(), &sb.encode())
         .map_err(|e| EngineError::cache("superblock write", e))?;
     dev.flush()
@@ -210,7 +210,7 @@ pub fn write_superblock(dev: &dyn Backend, sb: &Superblock) -> EngineResult<()> 
 }
 
 /// Read both superblock copies and pick the newest intact one.
-pub fn read_superblock(dev: &dyn Backend) -> EngineResult<Result<Superblock, FormatError>> {
+pub fn read_superblock(dev: &dyn BlockIo) -> EngineResult<Result<Superblock, FormatError>> {
     let mut buf = vec![0u8; 2 * SB_BYTES];
     dev.read_at(SB_COPY_OFFSETS[0], &mut buf)
         .map_err(|e| EngineError::cache("superblock read", e))?;

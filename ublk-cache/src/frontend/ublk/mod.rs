@@ -57,7 +57,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{sys, UblkFlags};
@@ -304,28 +304,49 @@ pub enum StopKind {
     Detach,
 }
 
-/// Asks a running [`serve`]/[`recover`] to stop. Cheap to clone; `stop`/`detach` only
-/// store an atomic, so they may be called from any thread, even a signal handler.
-/// The first request wins. [`serve`] notices it within ~50 ms.
-#[derive(Debug, Clone, Default)]
-pub struct StopHandle(Arc<AtomicU8>);
+/// Asks a running [`serve`]/[`recover`] to stop. Cheap to clone; every clone is
+/// the same handle, callable from any thread (not from a signal handler: the
+/// binary's signal thread stops the server, which stops its exports). The first
+/// request wins, and wakes the serving loop at once (it does not poll).
+#[derive(Debug, Clone)]
+pub struct StopHandle {
+    kind: Arc<AtomicU8>,
+    /// One message wakes the serving loop, which then reads `kind`: set
+    /// first, so a request is never missed.
+    wake_tx: Sender<()>,
+    wake_rx: Receiver<()>,
+}
+
+impl Default for StopHandle {
+    fn default() -> Self {
+        let (wake_tx, wake_rx) = crossbeam_channel::bounded(1);
+        Self {
+            kind: Arc::default(),
+            wake_tx,
+            wake_rx,
+        }
+    }
+}
 
 impl StopHandle {
     pub fn new() -> Self {
         Self::default()
     }
     pub fn stop(&self) {
-        let _ = self
-            .0
-            .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst);
+        self.request(1);
     }
     pub fn detach(&self) {
+        self.request(2);
+    }
+    fn request(&self, kind: u8) {
         let _ = self
-            .0
-            .compare_exchange(0, 2, Ordering::SeqCst, Ordering::SeqCst);
+            .kind
+            .compare_exchange(0, kind, Ordering::SeqCst, Ordering::SeqCst);
+        // Full: a wakeup is pending already, and it will read `kind`.
+        let _ = self.wake_tx.try_send(());
     }
     pub fn requested(&self) -> Option<StopKind> {
-        match self.0.load(Ordering::SeqCst) {
+        match self.kind.load(Ordering::SeqCst) {
             1 => Some(StopKind::Stop),
             2 => Some(StopKind::Detach),
             _ => None,
@@ -1093,7 +1114,14 @@ fn run<T: AsyncTarget + 'static>(
             }
             None => {}
         }
-        match running.events.recv_timeout(Duration::from_millis(50)) {
+        // Sleeps until a queue reports or a stop is requested (then the
+        // loop's top reads which).
+        let event = crossbeam_channel::select! {
+            recv(running.events) -> ev => Some(ev),
+            recv(stop.wake_rx) -> _ => None,
+        };
+        let Some(event) = event else { continue };
+        match event {
             Ok(ev) => {
                 let Some((qid, failed)) = running.note(ev) else {
                     continue;
@@ -1132,8 +1160,7 @@ fn run<T: AsyncTarget + 'static>(
                 running.finish(false);
                 return Ok(stopped(ctrl, StopReason::External));
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
+            Err(crossbeam_channel::RecvError) => {
                 running.finish(false);
                 return Ok(stopped(ctrl, StopReason::External));
             }
