@@ -71,6 +71,19 @@ fio_bg() {  # fio_bg NAME OFFSET SIZE: verifying random read/write in the backgr
     FIO_PID=$!
 }
 
+# wait_written MIB SECONDS: until $DEV has had MIB written since it appeared
+# (sectors written, /sys/block/*/stat field 7); fails if the background fio
+# ends first. Gives up waiting (and succeeds) after SECONDS.
+wait_written() {
+    local stat=/sys/block/${DEV#/dev/}/stat i sectors
+    for ((i = 0; i < $2 * 10; i++)); do
+        kill -0 "$FIO_PID" 2>/dev/null || return 1
+        sectors=$(awk '{print $7}' "$stat")
+        (( sectors * 512 >= $1 * 1048576 )) && return 0
+        sleep 0.1
+    done
+}
+
 fio_ok() {  # fio_ok NAME: the background fio finished cleanly
     wait "$FIO_PID" || { cat "fio-$1.txt"; bad "fio $1 failed"; return 1; }
     grep -q "err= 0" "fio-$1.txt" || { cat "fio-$1.txt"; bad "fio $1 reported errors"; return 1; }
@@ -82,8 +95,11 @@ crash_recover() {
     start_server server-crash.log "${serve_args[@]}" --cache-size "$CACHE_SIZE"
     local id=${DEV#/dev/ublkb}
     watch_start
-    fio_bg crash 0 96M
-    sleep 12
+    # Killed once fio has written more than the cache holds (write-back and
+    # eviction are under way), not after a fixed time: how fast fio gets there
+    # varies from host to host.
+    fio_bg crash 0 128M
+    wait_written 40 60 || { bad "fio finished before it wrote 40 MiB; make it longer"; return 1; }
     kill -0 "$FIO_PID" || { bad "fio finished before the crash; make it longer"; return 1; }
     kill -9 "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null
     local st; st=$(wait_quiesced 60)
@@ -101,7 +117,7 @@ detach_recover() {
     local id=${DEV#/dev/ublkb}
     watch_start
     fio_bg detach 128M 64M
-    sleep 8
+    wait_written 16 60 || { bad "fio finished before it wrote 16 MiB; make it longer"; return 1; }
     "$BIN" stop "$id" --detach --timeout 120 || { bad "stop --detach failed"; return 1; }
     # stop --detach returns once the kernel has quiesced the device, with no pause
     # here (and before this shell has even reaped the server).

@@ -447,7 +447,6 @@ impl Engine {
         );
         Ok(Cache {
             store,
-            dev,
             layout,
             codec,
             st: state,
@@ -852,7 +851,7 @@ impl Engine {
                 .unwrap_or_default(),
             None => String::new(),
         };
-        write_superblock(c.dev.as_ref(), &sb)?;
+        c.store.write_superblock(&sb)?;
         // Cleanly detached, the on-disk table is complete: the shadow would
         // only keep tmpfs RAM (and a list of what is cached) for nothing.
         if let Some(sh) = c.st.shadow.lock().take() {

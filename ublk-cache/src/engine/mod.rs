@@ -73,7 +73,6 @@ struct Events {
 /// The part of the engine that exists only when a cache device is attached.
 struct Cache {
     store: CacheStore,
-    dev: Arc<dyn BlockIo>,
     layout: Layout,
     codec: EntryCodec,
     st: State,

@@ -43,10 +43,6 @@ impl CacheStore {
         )
     }
 
-    pub fn layout(&self) -> &Layout {
-        &self.layout
-    }
-
     fn data_offset(&self, slot: u32, in_line: u64, len: usize) -> u64 {
         debug_assert!(in_line + len as u64 <= self.layout.line_size as u64);
         self.layout.line_offset(slot) + in_line
