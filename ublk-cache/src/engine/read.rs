@@ -28,11 +28,16 @@ pub(super) fn sectors(a: u64, b: u64) -> (u32, u32) {
 
 /// One step of a read plan.
 enum Step<'a> {
+    /// Cached bytes from `in_line` of `slot` on, for `dst`; past the line's end
+    /// they continue in the slots after it (one read for a run of lines that
+    /// lie side by side on the cache device, as a sequential fill leaves them).
     Hit {
         slot: u32,
         in_line: u64,
         dst: BufSlice,
         _pin: Pin<'a>,
+        /// The pins of the slots after `slot` that the read runs into.
+        _more: Vec<Pin<'a>>,
     },
     /// Backend bytes `lo..hi` (contiguous), for `dst`.
     Miss { lo: u64, hi: u64, dst: BufSlice },
@@ -127,11 +132,33 @@ impl Engine {
                 match src {
                     Some(slot) => {
                         any_hit = true;
+                        let pin = Pin::new(&st.slots, slot);
+                        if let Some(Step::Hit {
+                            slot: first,
+                            in_line,
+                            dst: pd,
+                            _more,
+                            ..
+                        }) = steps.last_mut()
+                        {
+                            // The previous line's hit reaches its line's end,
+                            // in the slot just before this one: read on.
+                            let lines = 1 + _more.len() as u64;
+                            if ra == 0
+                                && *first as u64 + lines == slot as u64
+                                && *in_line + pd.len() as u64 == lines * ls
+                            {
+                                *pd = pd.buf().slice(pd.offset(), pd.len() + d.len());
+                                _more.push(pin);
+                                continue;
+                            }
+                        }
                         steps.push(Step::Hit {
                             slot,
                             in_line: ra,
                             dst: d,
-                            _pin: Pin::new(&st.slots, slot),
+                            _pin: pin,
+                            _more: Vec::new(),
                         })
                     }
                     None => {
@@ -172,15 +199,16 @@ impl Engine {
                         in_line,
                         dst,
                         _pin,
+                        _more,
                     } => Box::pin(async move {
                         let n = dst.len() as u64;
                         c.store
-                            .read_async(slot, in_line, dst)
+                            .read_lines_async(slot, in_line, dst)
                             .await
                             .inspect_err(|_| {
                                 Stats::add(&self.stats.cache_errors, 1);
                             })?;
-                        drop(_pin);
+                        drop((_pin, _more));
                         if who == Reader::Guest {
                             Stats::add(&self.stats.read_hit_bytes, n);
                         }

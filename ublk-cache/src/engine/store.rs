@@ -69,7 +69,24 @@ impl CacheStore {
 
     /// Read bytes of a line into memory a request owns, on the event loop.
     pub async fn read_async(&self, slot: u32, in_line: u64, dst: BufSlice) -> EngineResult<()> {
-        let off = self.data_offset(slot, in_line, dst.len());
+        debug_assert!(in_line + dst.len() as u64 <= self.layout.line_size as u64);
+        self.read_lines_async(slot, in_line, dst).await
+    }
+
+    /// Read bytes from `in_line` of `slot` on, running on into the slots after
+    /// it where `dst` is longer than the rest of the line: lines lie side by
+    /// side on the device, slot after slot.
+    pub async fn read_lines_async(
+        &self,
+        slot: u32,
+        in_line: u64,
+        dst: BufSlice,
+    ) -> EngineResult<()> {
+        let ls = self.layout.line_size as u64;
+        debug_assert!(
+            (in_line + dst.len() as u64).div_ceil(ls) + slot as u64 <= self.layout.nr_lines
+        );
+        let off = self.layout.line_offset(slot) + in_line;
         self.read_bytes
             .fetch_add(dst.len() as u64, Ordering::Relaxed);
         self.dev
