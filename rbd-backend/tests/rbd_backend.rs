@@ -463,13 +463,9 @@ fn clones_of_protected_snapshots_work_as_backends() {
     drop(child); // the clone goes before its parent
 }
 
-#[test]
-fn a_dead_holders_lock_is_taken_over() {
-    let Some((c, _wd)) = rbd_test("dead_holder", 180) else {
-        return;
-    };
-    let img = c.image("dead", 8 * MIB);
-    // `rbd bench` takes the lock for its writes; kill it without letting it go.
+/// Leave the image's exclusive lock with a client that died holding it: `rbd
+/// bench` takes the lock for its writes, and is killed without letting it go.
+fn leave_a_dead_lock_holder(c: &TestCluster, spec: &RbdSpec) {
     let mut cmd = std::process::Command::new("rbd");
     cmd.arg("-c").arg(&c.conf);
     if let Some(k) = &c.keyring {
@@ -485,19 +481,17 @@ fn a_dead_holders_lock_is_taken_over() {
             "--io-total",
             "64G",
         ])
-        .arg(img.spec.to_string())
+        .arg(spec.to_string())
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("rbd bench");
     let t0 = Instant::now();
-    let owners = |_: ()| match c.admin().lock_owners(&img.spec) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("lock owners: {e}");
-            Vec::new()
+    loop {
+        match c.admin().lock_owners(spec) {
+            Ok(o) if !o.is_empty() => break,
+            Ok(_) => {}
+            Err(e) => eprintln!("lock owners: {e}"),
         }
-    };
-    while owners(()).is_empty() {
         if t0.elapsed() > Duration::from_secs(20) {
             let _ = child.kill();
             panic!("rbd bench never took the lock");
@@ -506,6 +500,15 @@ fn a_dead_holders_lock_is_taken_over() {
     }
     child.kill().expect("kill -9");
     child.wait().expect("reap");
+}
+
+#[test]
+fn a_dead_holders_lock_is_taken_over() {
+    let Some((c, _wd)) = rbd_test("dead_holder", 180) else {
+        return;
+    };
+    let img = c.image("dead", 8 * MIB);
+    leave_a_dead_lock_holder(&c, &img.spec);
     let t0 = Instant::now();
     let b = open(&c, &img.spec);
     eprintln!("took over a dead client's lock in {:?}", t0.elapsed());
@@ -523,40 +526,7 @@ fn the_wait_for_a_dead_holders_lock_is_bounded() {
         return;
     };
     let img = c.image("deadb", 8 * MIB);
-    let mut cmd = std::process::Command::new("rbd");
-    cmd.arg("-c").arg(&c.conf);
-    if let Some(k) = &c.keyring {
-        cmd.arg("--keyring").arg(k);
-    }
-    let mut child = cmd
-        .args([
-            "bench",
-            "--io-type",
-            "write",
-            "--io-size",
-            "4096",
-            "--io-total",
-            "64G",
-        ])
-        .arg(img.spec.to_string())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("rbd bench");
-    let t0 = Instant::now();
-    while c
-        .admin()
-        .lock_owners(&img.spec)
-        .unwrap_or_default()
-        .is_empty()
-    {
-        if t0.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            panic!("rbd bench never took the lock");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.kill().expect("kill -9");
-    child.wait().expect("reap");
+    leave_a_dead_lock_holder(&c, &img.spec);
 
     let opts = RbdOptions {
         lock_timeout: Some(Duration::from_secs(2)),

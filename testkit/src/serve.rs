@@ -11,6 +11,36 @@ use std::time::Duration;
 
 pub use crate::skip::{fio_with_nbd, tool};
 
+/// fio's NBD engine at `uri`: 24 MiB of random writes of 4-64 KiB at QD8
+/// (`seed`), then every block read back and checked (crc32c). Fails the test
+/// with fio's output and `srv`'s log, naming `what`, on an error or a bad
+/// block. fio leaves a verify state file in `workdir`.
+pub fn fio_verify_24m(fio: &Path, uri: &str, seed: u32, workdir: &Path, srv: &Server, what: &str) {
+    let o = Command::new(fio)
+        .args([
+            "--name=verify",
+            "--ioengine=nbd",
+            "--rw=randwrite",
+            "--bsrange=4k-64k",
+            "--size=24m",
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+        ])
+        .arg(format!("--randseed={seed}"))
+        .arg(format!("--uri={uri}"))
+        .current_dir(workdir)
+        .output()
+        .expect("fio runs");
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && !text.contains("verify: bad"),
+        "fio {what} failed:\n{text}\nserver log:\n{}",
+        srv.log()
+    );
+}
+
 /// The `ublk-cache` binary cargo built for this test run. Integration test
 /// binaries live in `target/PROFILE/deps/`, the crate's binaries one up.
 pub fn bin_path() -> PathBuf {

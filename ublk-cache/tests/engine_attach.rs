@@ -62,12 +62,19 @@ fn flushed_writes_survive_a_power_cut_and_dirty_data_is_written_back_after() {
     assert!(b.snapshot()[2 * MIB as usize..2 * MIB as usize + 4096] == fill(2, 4096)[..]);
 }
 
-#[test]
-fn a_cache_of_another_backend_is_refused() {
+/// An 8 MiB backend and a 4 MiB cache formatted for it in `back`, cleanly
+/// detached: what the refusal tests then damage or attach to another backend.
+fn detached_cache() -> (Arc<MemBackend>, Arc<MemBackend>) {
     let (b, c) = (mem(8 * MIB), mem(4 * MIB));
     open(b.clone(), c.clone(), cfg(CacheMode::Back))
         .shutdown()
         .unwrap();
+    (b, c)
+}
+
+#[test]
+fn a_cache_of_another_backend_is_refused() {
+    let (_, c) = detached_cache();
     let other = mem(16 * MIB);
     assert_refused(
         try_open(other.clone(), c.clone(), cfg(CacheMode::Back)),
@@ -78,10 +85,7 @@ fn a_cache_of_another_backend_is_refused() {
 
 #[test]
 fn geometry_mismatch_is_refused_by_name() {
-    let (b, c) = (mem(8 * MIB), mem(4 * MIB));
-    open(b.clone(), c.clone(), cfg(CacheMode::Back))
-        .shutdown()
-        .unwrap();
+    let (b, c) = detached_cache();
     let mut other = cfg(CacheMode::Back);
     other.line_size = Some(128 * 1024);
     assert_refused(
@@ -93,10 +97,7 @@ fn geometry_mismatch_is_refused_by_name() {
 
 #[test]
 fn corrupt_superblock_and_metadata_are_refused_not_served() {
-    let (b, c) = (mem(8 * MIB), mem(4 * MIB));
-    open(b.clone(), c.clone(), cfg(CacheMode::Back))
-        .shutdown()
-        .unwrap();
+    let (b, c) = detached_cache();
     // Both superblock copies damaged.
     let mut raw = c.snapshot();
     raw[100] ^= 0xff;

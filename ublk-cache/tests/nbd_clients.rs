@@ -223,30 +223,13 @@ fn fio_writes_and_verifies_in_every_mode() {
         // 3 MiB of cache lines for 24 MiB written: eviction, and in back mode
         // write-back under backpressure.
         let srv = disk.serve(mode, "4M", &[]);
-        let o = Command::new(&fio)
-            .args([
-                "--name=verify",
-                "--ioengine=nbd",
-                "--rw=randwrite",
-                "--bsrange=4k-64k",
-                "--size=24m",
-                "--iodepth=8",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--randseed=7",
-            ])
-            .arg(format!("--uri={}", srv.uris[0]))
-            // fio leaves a verify state file in its working directory.
-            .current_dir(d.path())
-            .output()
-            .unwrap();
-        let text =
-            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-        assert!(
-            o.status.success() && !text.contains("verify: bad"),
-            "fio in mode {mode} failed:\n{text}\nserver log:\n{}",
-            srv.log()
+        serve::fio_verify_24m(
+            &fio,
+            &srv.uris[0],
+            7,
+            d.path(),
+            &srv,
+            &format!("in mode {mode}"),
         );
         srv.stop();
     }

@@ -57,29 +57,13 @@ fn rbd_over_nbd_with_fio_and_qemu_io() {
 
         // 24 MiB of random writes of 4-64 KiB through a 4 MiB cache, then
         // every block read back and checked.
-        let o = Command::new(&fio)
-            .args([
-                "--name=verify",
-                "--ioengine=nbd",
-                "--rw=randwrite",
-                "--bsrange=4k-64k",
-                "--size=24m",
-                "--iodepth=8",
-                "--verify=crc32c",
-                "--do_verify=1",
-                "--verify_fatal=1",
-                "--randseed=11",
-            ])
-            .arg(format!("--uri={uri}"))
-            .current_dir(d.path())
-            .output()
-            .expect("fio runs");
-        let text =
-            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-        assert!(
-            o.status.success() && !text.contains("verify: bad"),
-            "fio over rbd in mode {mode} failed:\n{text}\nserver log:\n{}",
-            srv.log()
+        serve::fio_verify_24m(
+            &fio,
+            &uri,
+            11,
+            d.path(),
+            &srv,
+            &format!("over rbd in mode {mode}"),
         );
 
         // Patterns across object boundaries (4 MiB objects), FUA, discard,

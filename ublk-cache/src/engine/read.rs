@@ -142,11 +142,17 @@ impl Engine {
                         }) = steps.last_mut()
                         {
                             // The previous line's hit reaches its line's end,
-                            // in the slot just before this one: read on.
+                            // in the slot just before this one: read on. Only
+                            // whole 4 KiB sectors, in offset and memory: an
+                            // unaligned piece takes the cache device's bounce
+                            // path, which should stay as small as it is alone.
                             let lines = 1 + _more.len() as u64;
                             if ra == 0
                                 && *first as u64 + lines == slot as u64
                                 && *in_line + pd.len() as u64 == lines * ls
+                                && in_line.is_multiple_of(SECTOR)
+                                && (pd.offset() as u64).is_multiple_of(SECTOR)
+                                && (d.len() as u64).is_multiple_of(SECTOR)
                             {
                                 *pd = pd.buf().slice(pd.offset(), pd.len() + d.len());
                                 _more.push(pin);
