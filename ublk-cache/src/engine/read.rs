@@ -37,7 +37,7 @@ enum Step<'a> {
         dst: BufSlice,
         _pin: Pin<'a>,
         /// The pins of the slots after `slot` that the read runs into.
-        _more: Vec<Pin<'a>>,
+        more_pins: Vec<Pin<'a>>,
     },
     /// Backend bytes `lo..hi` (contiguous), for `dst`.
     Miss { lo: u64, hi: u64, dst: BufSlice },
@@ -137,7 +137,7 @@ impl Engine {
                             slot: first,
                             in_line,
                             dst: pd,
-                            _more,
+                            more_pins,
                             ..
                         }) = steps.last_mut()
                         {
@@ -146,7 +146,7 @@ impl Engine {
                             // whole 4 KiB sectors, in offset and memory: an
                             // unaligned piece takes the cache device's bounce
                             // path, which should stay as small as it is alone.
-                            let lines = 1 + _more.len() as u64;
+                            let lines = 1 + more_pins.len() as u64;
                             if ra == 0
                                 && *first as u64 + lines == slot as u64
                                 && *in_line + pd.len() as u64 == lines * ls
@@ -155,7 +155,7 @@ impl Engine {
                                 && (d.len() as u64).is_multiple_of(SECTOR)
                             {
                                 *pd = pd.buf().slice(pd.offset(), pd.len() + d.len());
-                                _more.push(pin);
+                                more_pins.push(pin);
                                 continue;
                             }
                         }
@@ -164,7 +164,7 @@ impl Engine {
                             in_line: ra,
                             dst: d,
                             _pin: pin,
-                            _more: Vec::new(),
+                            more_pins: Vec::new(),
                         })
                     }
                     None => {
@@ -205,7 +205,7 @@ impl Engine {
                         in_line,
                         dst,
                         _pin,
-                        _more,
+                        more_pins,
                     } => Box::pin(async move {
                         let n = dst.len() as u64;
                         c.store
@@ -214,7 +214,7 @@ impl Engine {
                             .inspect_err(|_| {
                                 Stats::add(&self.stats.cache_errors, 1);
                             })?;
-                        drop((_pin, _more));
+                        drop((_pin, more_pins));
                         if who == Reader::Guest {
                             Stats::add(&self.stats.read_hit_bytes, n);
                         }
