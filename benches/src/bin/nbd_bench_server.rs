@@ -124,7 +124,15 @@ fn run(o: Opts) -> Result<(), String> {
     server.stop();
     engine
         .shutdown()
-        .map_err(|e| format!("stopping the engine: {e}"))
+        .map_err(|e| format!("stopping the engine: {e}"))?;
+    // After the stop's write-back: what stays cached for the next run
+    // (benches/run.py reads it from the log, as it reads `serve`'s).
+    let st = engine.stats();
+    eprintln!(
+        "nbd-bench-server: stopped cached_lines={} dirty_lines={}",
+        st.cached_lines, st.dirty_lines
+    );
+    Ok(())
 }
 
 fn main() {

@@ -6,6 +6,10 @@
 //!
 //!   writeback-drain --backend PATH --cache PATH [--bytes 256M] [--write-delay-ms N]
 //!
+//! Besides the rate it prints what the drain asked of the backend (writes,
+//! their mean size, flushes) and how many durable watermark rounds the cache
+//! device ran, so that a slow drain shows where its time went.
+//!
 //! The backend file must exist and be at least `--bytes` long; its content is
 //! overwritten. The cache file is created (replacing any file there) and
 //! removed afterwards. Prints one JSON object on stdout.
@@ -36,7 +40,7 @@ struct Opts {
     /// Dirty data to drain.
     #[arg(long, value_parser = parse_size, default_value = "256M")]
     bytes: u64,
-    /// Milliseconds each backend write waits first.
+    /// Milliseconds each backend write and flush waits first.
     #[arg(long = "write-delay-ms", value_parser = parse_millis, default_value = "0")]
     write_delay_ms: f64,
 }
@@ -66,6 +70,7 @@ fn run() -> Result<(), String> {
     let backend = Arc::new(
         FaultyBackend::builder(file)
             .write_delay(Duration::from_secs_f64(delay_ms / 1000.0))
+            .flush_delay(Duration::from_secs_f64(delay_ms / 1000.0))
             .build(),
     );
     let _ = std::fs::remove_file(&cache_path);
@@ -106,6 +111,8 @@ fn run() -> Result<(), String> {
         e.flush().map_err(|err| format!("flush: {err}"))?;
         let st = e.stats();
         let dirty = st.dirty_lines * st.line_size;
+        let rounds_before = st.watermark_own_rounds + st.watermark_shared_rounds;
+        backend.reset_stats();
         let t = Instant::now();
         backend.release();
         while e.stats().dirty_lines > 0 {
@@ -115,16 +122,21 @@ fn run() -> Result<(), String> {
             std::thread::sleep(Duration::from_millis(1));
         }
         let secs = t.elapsed().as_secs_f64();
-        Ok((dirty, secs, e.stats().line_size))
+        let st = e.stats();
+        let rounds = st.watermark_own_rounds + st.watermark_shared_rounds - rounds_before;
+        Ok((dirty, secs, st.line_size, backend.stats(), rounds))
     })();
     backend.release();
     let stop = e.shutdown();
     let _ = std::fs::remove_file(&cache_path);
-    let (dirty, secs, line_size) = result?;
+    let (dirty, secs, line_size, ops, rounds) = result?;
     stop.map_err(|err| format!("stopping the engine: {err}"))?;
     println!(
-        "{{\"bytes\": {dirty}, \"seconds\": {secs:.6}, \"mib_s\": {:.3}, \"line_size\": {line_size}, \"write_delay_ms\": {delay_ms}}}",
-        dirty as f64 / MIB as f64 / secs
+        "{{\"bytes\": {dirty}, \"seconds\": {secs:.6}, \"mib_s\": {:.3}, \"line_size\": {line_size}, \"write_delay_ms\": {delay_ms}, \"backend_writes\": {}, \"backend_write_bytes\": {}, \"backend_flushes\": {}, \"watermark_rounds\": {rounds}}}",
+        dirty as f64 / MIB as f64 / secs,
+        ops.writes,
+        ops.bytes_written,
+        ops.flushes,
     );
     Ok(())
 }
