@@ -27,6 +27,10 @@ Configurations (README.md, section "Benchmarks", says more):
          against a fio copy on that disk (a sequential read of a file there
          and the sequential write of the backend at once, timed until both
          end): the disk's reads and writes together are the bound.
+  bw     a backend of limited bandwidth (BENCH_BW_MBPS, default 80 MB/s, the
+         figure of Ceph in the original request; reads and writes share it) on
+         a BENCH_BW_SIZE disk: read jobs without a cache, behind our cache warm
+         (`back`), and cold (a cache formatted empty before each run).
   ram    metadata RAM per GiB of cache at 64 KiB lines (benches metadata-ram).
   sparse nbdcopy of a sparse export (1/64 of it data, in 1 MiB extents) to null:,
          ours (serve --mode none) against qemu-nbd on the same file: both answer
@@ -35,8 +39,9 @@ Configurations (README.md, section "Benchmarks", says more):
 Environment (defaults in brackets):
   BENCH_DIR [/var/tmp]  where the scratch files go (needs ~6x BENCH_SIZE free)
   BENCH_SIZE [1G]  disk size; BENCH_RUNTIME [1.5] and BENCH_RAMP [0.5] seconds per run;
-  BENCH_REPEATS [3]; BENCH_GROUPS [local,slow,drain,ram]; BENCH_JOBS [all];
+  BENCH_REPEATS [3]; BENCH_GROUPS [local,slow,bw,drain,ram,sparse]; BENCH_JOBS [all];
   BENCH_READ_DELAY_MS [1]; BENCH_WRITE_DELAY_MS [2]; BENCH_DRAIN_BYTES [1G];
+  BENCH_BW_MBPS [80]; BENCH_BW_SIZE [256M];
   BENCH_RAM_GIB [2]; BENCH_JSON [target/bench/results-DATE.json];
   BENCH_BIN_DIR [target/release]  where ublk-cache and the bench binaries are;
   BENCH_LONG=1   a longer run: 4G, 20 s runs, 5 s ramp, 5 repeats, 1G drain, 4 GiB RAM probe;
@@ -119,13 +124,13 @@ def params():
     smoke = env("BENCH_SMOKE", "0") == "1"
     if smoke:
         d = dict(size="64M", runtime="1", ramp="0", repeats="1", drain="16M", ram="1",
-                 jobs="randread-4k-qd32", groups="local,slow,drain,sparse")
+                 bw_size="32M", jobs="randread-4k-qd32", groups="local,slow,bw,drain,sparse")
     elif long_run:
         d = dict(size="4G", runtime="20", ramp="5", repeats="5", drain="1G", ram="4",
-                 jobs="", groups="local,slow,drain,ram,sparse")
+                 bw_size="1G", jobs="", groups="local,slow,bw,drain,ram,sparse")
     else:
         d = dict(size="1G", runtime="1.5", ramp="0.5", repeats="3", drain="1G", ram="2",
-                 jobs="", groups="local,slow,drain,ram,sparse")
+                 bw_size="256M", jobs="", groups="local,slow,bw,drain,ram,sparse")
     p = {
         "size": parse_size(env("BENCH_SIZE", d["size"])),
         "runtime": seconds("BENCH_RUNTIME", env("BENCH_RUNTIME", d["runtime"])),
@@ -135,6 +140,8 @@ def params():
         "ram_gib": int(env("BENCH_RAM_GIB", d["ram"])),
         "read_delay_ms": float(env("BENCH_READ_DELAY_MS", "1")),
         "write_delay_ms": float(env("BENCH_WRITE_DELAY_MS", "2")),
+        "bw_mbps": float(env("BENCH_BW_MBPS", "80")),
+        "bw_size": parse_size(env("BENCH_BW_SIZE", d["bw_size"])),
         "groups": [g for g in env("BENCH_GROUPS", d["groups"]).split(",") if g],
         "jobs": [j for j in env("BENCH_JOBS", d["jobs"]).split(",") if j] or list(JOBS),
         "dir": env("BENCH_DIR", "/var/tmp"),
@@ -146,16 +153,21 @@ def params():
         if j not in JOBS:
             raise BenchError(f"BENCH_JOBS: unknown job {j!r} (known: {', '.join(JOBS)})")
     for g in p["groups"]:
-        if g not in ("local", "slow", "drain", "ram", "sparse"):
+        if g not in ("local", "slow", "bw", "drain", "ram", "sparse"):
             raise BenchError(f"BENCH_GROUPS: unknown group {g!r} "
-                             "(known: local, slow, drain, ram, sparse)")
+                             "(known: local, slow, bw, drain, ram, sparse)")
     if p["runtime"] <= 0:
         raise BenchError("BENCH_RUNTIME must be positive")
     if p["repeats"] < 1:
         raise BenchError("BENCH_REPEATS must be at least 1")
     if p["size"] % MIB:
         raise BenchError("BENCH_SIZE must be a multiple of 1 MiB")
+    if p["bw_size"] % MIB or p["bw_size"] == 0:
+        raise BenchError("BENCH_BW_SIZE must be a positive multiple of 1 MiB")
+    if p["bw_mbps"] <= 0:
+        raise BenchError("BENCH_BW_MBPS must be positive")
     p["drain_bytes"] = min(p["drain_bytes"], p["size"])
+    p["bw_jobs"] = [j for j in p["jobs"] if j in READ_JOBS]
     if p["smoke"]:
         p["slow_jobs"] = [j for j in p["jobs"]]
     else:
@@ -350,6 +362,12 @@ class Bench:
         for f in dict.fromkeys(files):
             log(f"preparing {w / f} ({self.p['size'] >> 20} MiB)")
             self.fill(w / f, self.p["size"])
+        if "bw" in g:
+            for f in ("bw-peer.img", "bw-back.img"):
+                log(f"preparing {w / f} ({self.p['bw_size'] >> 20} MiB)")
+                self.fill(w / f, self.p["bw_size"])
+            log(f"preparing {w / 'bw-cold.cache'} ({self.cache_bytes('bw-back-cold') >> 20} MiB)")
+            self.fill(w / "bw-cold.cache", self.cache_bytes("bw-back-cold"))
         if "sparse" in g:
             self.make_sparse(w / "sparse.img", self.p["size"])
         if "slow" in g:
@@ -363,6 +381,8 @@ class Bench:
             self.warmed.append("ours-file")
         if "slow" in g:
             self.warmed += ["slow-back", "slow-through"]
+        if "bw" in g:
+            self.warmed.append("bw-back")
         for cfg in self.warmed:
             log(f"warming the cache of {cfg}")
             self.warm(cfg)
@@ -372,9 +392,17 @@ class Bench:
         s = self.start(cfg)
         try:
             self.fio_run(["--name=warm", "--ioengine=nbd", f"--uri={s.uri}", "--rw=read",
-                          "--bs=1M", "--iodepth=16", f"--size={self.p['size']}"], None)
+                          "--bs=1M", "--iodepth=16", f"--size={self.disk_bytes(cfg)}"], None)
         finally:
             s.stop()
+
+    def disk_bytes(self, cfg):
+        return self.p["bw_size"] if cfg.startswith("bw-") else self.p["size"]
+
+    def cache_bytes(self, cfg):
+        """A cache of 1.25x the disk (and 16 MiB for the metadata)."""
+        d = self.disk_bytes(cfg)
+        return d + d // 4 + 16 * MIB
 
     def logged_lines(self, cfg, what):
         """The last `what=N` (cached=, cached_lines=) in cfg's server log, or None."""
@@ -416,6 +444,18 @@ class Bench:
                     self.wipe_cache_header(w / cache)
                 argv += ["--cache", str(w / cache), "--cache-size", str(self.cache_size)]
             return Server(argv, log_, sock, stop="stdin", env_extra=self.env)
+        bw = {"bw-nocache": ("none", "bw-peer.img", None),
+              "bw-back": ("back", "bw-back.img", "bw-back.cache"),
+              "bw-back-cold": ("back", "bw-peer.img", "bw-cold.cache")}
+        if cfg in bw:
+            mode, img, cache = bw[cfg]
+            argv = [str(self.bin["nbd-bench-server"]), "--backend", str(w / img), "--socket", str(sock),
+                    "--mode", mode, "--bandwidth", str(round(self.p["bw_mbps"] * 1e6))]
+            if cache:
+                if cfg == "bw-back-cold":
+                    self.wipe_cache_header(w / cache)
+                argv += ["--cache", str(w / cache), "--cache-size", str(self.cache_bytes(cfg))]
+            return Server(argv, log_, sock, stop="stdin", env_extra=self.env)
         raise BenchError(f"unknown configuration {cfg}")
 
     # ---- fio ---------------------------------------------------------------
@@ -442,7 +482,7 @@ class Bench:
             # evicted. Warm it again (and count what had gone).
             self.rewarm.discard(cfg)
             left = self.logged_lines(cfg, "cached_lines")
-            lines = -(-self.p["size"] // 65536)
+            lines = -(-self.disk_bytes(cfg) // 65536)
             if left is not None:
                 self.results.setdefault("rewarm", {}).setdefault(cfg, {}).setdefault(
                     self.last_job[cfg], []).append(
@@ -562,6 +602,10 @@ class Bench:
                 for job in p["slow_jobs"]:
                     for cfg in slow + (["slow-back-cold"] if job in READ_JOBS else []):
                         self.cell("slow", cfg, job)
+            if "bw" in p["groups"]:
+                for job in p["bw_jobs"]:
+                    for cfg in ("bw-nocache", "bw-back", "bw-back-cold"):
+                        self.cell("bw", cfg, job)
             if "drain" in p["groups"]:
                 mem = self.drain_in_memory()
                 if mem:
@@ -664,6 +708,9 @@ NAMES = {
     "nbdkit": "nbdkit file",
     "raw": "raw file (fio io_uring)",
     "slow-nocache": "no cache",
+    "bw-nocache": "no cache",
+    "bw-back": "back, warm",
+    "bw-back-cold": "back, cold",
     "slow-back": "back, warm",
     "slow-through": "through, warm",
     "slow-back-cold": "back, cold",
@@ -697,6 +744,16 @@ def report(p, res, ram, started, host):
                       ("through / no cache", "slow-through", "slow-nocache"),
                       ("cold / no cache", "slow-back-cold", "slow-nocache"),
                       ("warm / cold", "slow-back", "slow-back-cold")], NAMES)
+        out += [t, ""]
+        all_ratios += r
+    if "bw" in res:
+        out.append(f"Backend of {p['bw_mbps']:g} MB/s (reads and writes share it), a "
+                   f"{p['bw_size'] >> 20} MiB disk, through our NBD export:")
+        out.append("")
+        t, r = table(res, "bw", ["bw-nocache", "bw-back", "bw-back-cold"], p["bw_jobs"],
+                     [("warm / no cache", "bw-back", "bw-nocache"),
+                      ("cold / no cache", "bw-back-cold", "bw-nocache"),
+                      ("warm / cold", "bw-back", "bw-back-cold")], NAMES)
         out += [t, ""]
         all_ratios += r
     if "rewarm" in res:
@@ -804,6 +861,13 @@ def evaluate_targets(p, res, ram, ratios):
                   "measured": (f"{cost:.1f}% slower" if (cost := (1 - r['median']) * 100) >= 0
                                else f"{-cost:.1f}% faster") + f" (ratio {fmt_ratio(r)})",
                   "value": r["median"], "met": r["median"] >= 0.95})
+    mbps = f"{p['bw_mbps']:g} MB/s"
+    add(f"warm 1 MiB reads >= 3x the {mbps} backend alone (the prototype's 80 -> 240 MB/s)",
+        find_ratio(ratios, "bw-back", "bw-nocache", "seqread-1m-qd16", "mib_s"), 3.0)
+    add(f"warm / cold 1 MiB reads over the {mbps} backend >= 3x",
+        find_ratio(ratios, "bw-back", "bw-back-cold", "seqread-1m-qd16", "mib_s"), 3.0)
+    add(f"cold 1 MiB reads >= 0.95x the {mbps} backend alone",
+        find_ratio(ratios, "bw-back-cold", "bw-nocache", "seqread-1m-qd16", "mib_s"), 0.95)
     add("drain >= 0.9x the backend's sequential write (file backend, cache in memory)",
         find_ratio(ratios, "drain-mem", "raw-backend", "drain", "mib_s"), 0.9)
     add("drain over the slow backend >= 0.9x its sequential write (cache in memory)",

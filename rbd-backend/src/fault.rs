@@ -1,5 +1,6 @@
-//! `FaultyBackend`: wraps any backend to make it slow, failing or stuck on demand,
-//! and counts what passes through. For tests and benchmarks of the engine above.
+//! `FaultyBackend`: wraps any backend to make it slow (in latency or in
+//! bandwidth), failing or stuck on demand, and counts what passes through. For
+//! tests and benchmarks of the engine above.
 //!
 //! Every knob can be turned while I/O is running (all take `&self`).
 
@@ -12,6 +13,7 @@ use crate::backend::{
     Backend, BackendIdentity, BlockIo, ChangeTracking, ExclusiveLock, ResizeWatch,
 };
 use crate::error::{BackendError, Result};
+use crate::link::Link;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OpKind {
@@ -91,6 +93,8 @@ pub struct FaultyBackend<B> {
     stall_ev: event_listener::Event,
     counters: Counters,
     rng: AtomicU64,
+    /// Reads and writes share it (see `set_bandwidth`).
+    link: Link,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,6 +118,7 @@ impl<B: BlockIo> FaultyBackend<B> {
             stall_ev: event_listener::Event::new(),
             counters: Counters::default(),
             rng: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
+            link: Link::default(),
         }
     }
 
@@ -134,6 +139,18 @@ impl<B: BlockIo> FaultyBackend<B> {
     /// Every `kind` op sleeps `delay` before reaching the inner backend.
     pub fn set_delay(&self, kind: OpKind, delay: Duration) {
         self.delay_ns[kind.index()].store(nanos(delay), Ordering::Relaxed);
+    }
+
+    /// Reads and writes share a link of `bytes_per_sec` (0: unlimited): besides
+    /// its delay, each waits until its bytes have passed the link behind those
+    /// of the ops before it (a backend of 80 MB/s, say, as Ceph under load).
+    pub fn set_bandwidth(&self, bytes_per_sec: u64) {
+        self.link.set_rate(bytes_per_sec);
+    }
+
+    /// The rate `set_bandwidth` set (0: unlimited).
+    pub fn bandwidth(&self) -> u64 {
+        self.link.rate()
     }
 
     /// Adds a uniformly random extra delay in `[0, jitter)` to every `kind` op.
@@ -218,14 +235,23 @@ impl<B: BlockIo> FaultyBackend<B> {
         }
     }
 
-    /// Stall, delay and injected faults, in that order, before an op runs.
+    /// Stall, delay, bandwidth and injected faults, in that order, before an op runs.
     fn before(&self, kind: OpKind, offset: u64, len: u64) -> Result<()> {
         self.wait_while_stalled();
-        let d = self.delay_for(kind);
+        let d = self.delay_for(kind) + self.link_wait(kind, len);
         if !d.is_zero() {
             std::thread::sleep(d);
         }
         self.injected(kind, offset, len)
+    }
+
+    /// How long an op waits for its bytes to pass the link (reads and writes).
+    fn link_wait(&self, kind: OpKind, len: u64) -> Duration {
+        if !matches!(kind, OpKind::Read | OpKind::Write) {
+            return Duration::ZERO;
+        }
+        let now = Instant::now();
+        self.link.reserve(now, len).saturating_duration_since(now)
     }
 
     /// `before`, on an event loop: stalls and delays wait without blocking it.
@@ -234,7 +260,7 @@ impl<B: BlockIo> FaultyBackend<B> {
             return self.before(kind, offset, len);
         }
         self.stalled_async().await;
-        let d = self.delay_for(kind);
+        let d = self.delay_for(kind) + self.link_wait(kind, len);
         if !d.is_zero() {
             crate::aio::sleep(d).await;
         }
@@ -494,6 +520,13 @@ impl<B: BlockIo> FaultyBackendBuilder<B> {
         for k in OpKind::ALL {
             self = self.delay(k, delay);
         }
+        self
+    }
+
+    /// Reads and writes share a link of `bytes_per_sec` (see
+    /// [`FaultyBackend::set_bandwidth`]).
+    pub fn bandwidth(self, bytes_per_sec: u64) -> Self {
+        self.backend.set_bandwidth(bytes_per_sec);
         self
     }
 

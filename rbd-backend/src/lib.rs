@@ -12,6 +12,7 @@ pub mod fault;
 pub mod file;
 pub mod io;
 pub mod io_engine;
+mod link;
 pub mod mem;
 #[cfg(feature = "rbd")]
 pub mod rbd;

@@ -47,6 +47,46 @@ fn delays_slow_down_only_their_kind() {
 }
 
 #[test]
+fn bandwidth_is_shared_by_reads_and_writes_from_every_thread() {
+    // 4 MB/s: 8 ops of 64 KiB from two threads are 512 KiB, so at least 131 ms
+    // on the link whatever their order (a lower bound: sleeping never ends early).
+    let f = Arc::new(
+        FaultyBackend::builder(MemBackend::new(4 << 20))
+            .bandwidth(4_000_000)
+            .build(),
+    );
+    assert_eq!(f.bandwidth(), 4_000_000);
+    let t = Instant::now();
+    let threads: Vec<_> = (0..2)
+        .map(|i| {
+            let f = Arc::clone(&f);
+            thread::spawn(move || {
+                let mut b = vec![0u8; 64 << 10];
+                for _ in 0..4 {
+                    if i == 0 {
+                        f.read_at(0, &mut b).expect("read");
+                    } else {
+                        f.write_at(0, &b).expect("write");
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    let el = t.elapsed();
+    assert!(el >= Duration::from_millis(131), "{el:?}");
+    // Lifted: the link no longer waits (4 MiB would take over a second on it).
+    f.set_bandwidth(0);
+    let t = Instant::now();
+    let mut b = vec![0u8; 4 << 20];
+    f.read_at(0, &mut b).expect("read");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    assert_eq!(f.stats().bytes_read, (4 << 16) + (4 << 20));
+}
+
+#[test]
 fn fail_next_and_read_only() {
     let mem = Arc::new(MemBackend::new(8192));
     let f = FaultyBackend::new(Arc::clone(&mem));

@@ -1,11 +1,11 @@
 //! An NBD server for the fio benchmarks (`benches/run.py`): the library's
 //! `Engine` and `NbdServer`, as `ublk-cache serve` runs them, but over a file
-//! backend wrapped in `FaultyBackend` with injected latency (a slow backend),
-//! in any mode, with or without a cache.
+//! backend wrapped in `FaultyBackend` with injected latency or a bandwidth
+//! limit (a slow backend), in any mode, with or without a cache.
 //!
 //!   nbd-bench-server --backend PATH --socket PATH [--mode none|back|through|around]
 //!       [--cache PATH --cache-size SIZE] [--read-delay-ms N] [--write-delay-ms N]
-//!       [--flush-delay-ms N]
+//!       [--flush-delay-ms N] [--bandwidth BYTES_PER_SEC]
 //!
 //! Prints the URI on stdout once the export is live. Stops when stdin reaches
 //! end of file: the listeners close, requests already received are answered,
@@ -50,6 +50,9 @@ struct Opts {
     write_delay: Duration,
     #[arg(long = "flush-delay-ms", value_parser = parse_ms, default_value = "0")]
     flush_delay: Duration,
+    /// Bytes per second that reads and writes share (e.g. 80M; 0: unlimited).
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    bandwidth: u64,
 }
 
 fn parse() -> Result<Opts, String> {
@@ -85,6 +88,7 @@ fn run(o: Opts) -> Result<(), String> {
             .read_delay(o.read_delay)
             .write_delay(o.write_delay)
             .flush_delay(o.flush_delay)
+            .bandwidth(o.bandwidth)
             .build(),
     );
     let cache = match (&o.cache, o.mode.uses_cache()) {
