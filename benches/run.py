@@ -404,8 +404,8 @@ class Bench:
         d = self.disk_bytes(cfg)
         return d + d // 4 + 16 * MIB
 
-    def logged_lines(self, cfg, what):
-        """The last `what=N` (cached=, cached_lines=) in cfg's server log, or None."""
+    def logged_number(self, cfg, what):
+        """The last `what=N` (cached_bytes=, ...) in cfg's server log, or None."""
         try:
             text = (self.work / f"{cfg}.log").read_text(errors="replace")
         except OSError:
@@ -479,16 +479,17 @@ class Bench:
         if cfg in self.rewarm:
             # A write job leaves a cache less warm than its label says: its
             # versions take free slots, and once none are left clean lines are
-            # evicted. Warm it again (and count what had gone).
+            # evicted (and a line written again after that is cached only in
+            # part). Warm it again, and count what had gone.
             self.rewarm.discard(cfg)
-            left = self.logged_lines(cfg, "cached_lines")
-            lines = -(-self.disk_bytes(cfg) // 65536)
+            left = self.logged_number(cfg, "cached_bytes")
+            disk = self.disk_bytes(cfg)
             if left is not None:
                 self.results.setdefault("rewarm", {}).setdefault(cfg, {}).setdefault(
                     self.last_job[cfg], []).append(
-                    {"cached_lines": left, "disk_lines": lines, "share": left / lines})
+                    {"cached_mib": left / MIB, "disk_mib": disk / MIB, "share": left / disk})
             log(f"  re-warming {cfg} after {self.last_job[cfg]}: "
-                f"{'?' if left is None else left} of {lines} lines were cached")
+                f"{'?' if left is None else left >> 20} of {disk >> 20} MiB were cached")
             self.warm(cfg)
         if cfg in self.warmed:
             self.last_job[cfg] = job
@@ -757,19 +758,19 @@ def report(p, res, ram, started, host):
         out += [t, ""]
         all_ratios += r
     if "rewarm" in res:
-        out.append("Warm caches after a job that wrote (cached lines found before the next "
-                   "run's re-warming pass; the runs themselves start warm):")
+        out.append("Warm caches after a job that wrote (the data cached when its server "
+                   "stopped; the next run starts warm again):")
         out.append("")
-        out.append("| configuration | after | cached lines (of the disk's) | share |")
+        out.append("| configuration | after | cached MiB (of the disk's) | share |")
         out.append("|---|---|---|---|")
         for cfg, jobs in res["rewarm"].items():
             for job, rows in jobs.items():
-                v = [r["cached_lines"] for r in rows]
-                total = rows[0]["disk_lines"]
+                v = [r["cached_mib"] for r in rows]
+                total = rows[0]["disk_mib"]
                 sh = stat([r["share"] for r in rows])
                 share = (f"{sh['median']:.2f}" if len(v) == 1 else
                          f"{sh['median']:.2f} ({sh['min']:.2f}-{sh['max']:.2f})")
-                out.append(f"| {cfg} | {job} | {fmt_cell(v, 'iops')} of {total} | {share} |")
+                out.append(f"| {cfg} | {job} | {fmt_cell(v, 'iops')} of {total:.0f} | {share} |")
         out += [""]
     if "drain" in res:
         d = res["drain"]

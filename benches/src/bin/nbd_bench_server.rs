@@ -133,8 +133,8 @@ fn run(o: Opts) -> Result<(), String> {
     // (benches/run.py reads it from the log, as it reads `serve`'s).
     let st = engine.stats();
     eprintln!(
-        "nbd-bench-server: stopped cached_lines={} dirty_lines={}",
-        st.cached_lines, st.dirty_lines
+        "nbd-bench-server: stopped cached_lines={} cached_bytes={} dirty_lines={}",
+        st.cached_lines, st.valid_bytes, st.dirty_lines
     );
     Ok(())
 }

@@ -859,6 +859,8 @@ impl Engine {
         }
         info!(
             cached_lines = c.st.map.len(),
+            cached_bytes =
+                c.st.valid_sectors.load(Ordering::Relaxed).max(0) as u64 * SECTOR_SIZE as u64,
             dirty_lines = c.st.dirty_lines(),
             "cache detached cleanly"
         );

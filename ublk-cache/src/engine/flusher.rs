@@ -17,7 +17,7 @@ use rbd_backend::aio::{DmaBuf, EventLoop};
 use rbd_backend::WriteMode;
 use tracing::{error, warn};
 
-use super::slots::{Pin, FREE, NO_SLOT};
+use super::slots::{Pin, FREE};
 use super::sync::{join_all, run_window, wait_for, Piece};
 use super::{bits, Cache, Engine, Stats, SECTOR};
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
@@ -766,16 +766,18 @@ impl Engine {
     }
 
     /// Format v2, after a step whose watermark is durable: versions it covers
-    /// are clean; older versions of their lines are stale and freed (the free
-    /// entries and the watermark that makes them stale are on disk together),
-    /// except the oldest version of a line when it holds sectors that no newer
-    /// version holds (a 4 KiB rewrite of a 64 KiB line leaves 60 KiB only
-    /// there) and every newer version stays too (the head, or versions not
-    /// written back yet): it stays until the newer data is clean too and can be merged
-    /// into it (`carry_up`), so that write-back does not cost the cache what it
-    /// held. Returns the items whose epoch the watermark does not cover yet (a
-    /// step that left lines of its epoch pending; a later step cleans them) and
-    /// the lines to merge.
+    /// are clean. An older version whose every sector a newer version holds is
+    /// stale and freed (the free entries and the watermark that makes them
+    /// stale are on disk together). One that holds sectors no newer version
+    /// holds (a 4 KiB rewrite of a 64 KiB line leaves 60 KiB only there) stays,
+    /// clean, until the versions above it are clean too and can be merged into
+    /// the oldest (`carry_up`), so that write-back does not cost the cache what
+    /// it held; freeing it would also have to free every version below it,
+    /// whose copies of its sectors are stale (a line rewritten in three epochs
+    /// before its write-back kept only its newest 4 KiB that way). Returns the
+    /// items whose epoch the watermark does not cover yet (a step that left
+    /// lines of its epoch pending; a later step cleans them) and the lines to
+    /// merge.
     fn clean_v2(&self, c: &Cache, items: &[Item]) -> (Vec<Item>, Vec<u64>) {
         let st = &c.st;
         let w = st.flushed_durable.load(Ordering::Acquire);
@@ -790,35 +792,25 @@ impl Engine {
         let mut merge = Vec::new();
         for tag in tags {
             let mut sh = st.map.shard(tag).write();
+            // Sectors the versions newer than this one hold. Every version
+            // stays unless these cover it, so a sector always resolves to the
+            // newest version holding it, as before.
             let mut newer = bits::none();
-            // Whether the version just newer than this one stays: an older
-            // version may only stay under versions that all stay, or its stale
-            // copy of a freed version's sectors would be read.
-            let mut above_kept = true;
             for slot in st.chain(&sh, tag) {
                 let r = st.slots.get(slot);
                 let covered_before = newer;
                 newer = bits::or(&newer, &r.valid);
                 if r.epoch > w {
-                    above_kept = true;
                     continue;
                 }
-                if sh.head(&st.slots, tag) == Some(slot) {
-                    if r.is_dirty() {
-                        st.clean_silently(&mut sh, slot);
-                    }
-                    above_kept = true;
-                } else if above_kept
-                    && r.next == NO_SLOT
-                    && !bits::is_empty(&bits::and_not(&r.valid, &covered_before))
-                {
-                    // The oldest, with sectors only it holds: kept, clean.
+                let is_head = sh.head(&st.slots, tag) == Some(slot);
+                if is_head || !bits::is_empty(&bits::and_not(&r.valid, &covered_before)) {
+                    // The head, or sectors only it holds: kept, clean.
                     if r.is_dirty() {
                         st.clean_silently(&mut sh, slot);
                     }
                 } else {
                     st.remove_version(&mut sh, slot);
-                    above_kept = false;
                 }
             }
             if mergeable(st, &sh, tag, w).is_some() {
@@ -836,41 +828,45 @@ impl Engine {
         (uncovered, merge)
     }
 
-    /// Merge each line's newer clean version into its older one (`clean_v2`
-    /// kept the older for the sectors only it holds): the newer version's
-    /// sectors are copied into the older version's slot, which becomes the line's
-    /// only version, and the newer slot is freed. The copy is as large as the
-    /// newer data (usually a few KiB), not the line. Safe at every point: until
-    /// the merged entry is recorded the newer version shadows the sectors being
-    /// overwritten; the merged data is clean (on the backend), and clean data is
-    /// not trusted after a power cut anyway (see attach). When the line changed
-    /// meanwhile nothing is done (a later step sees it again); when the copy
-    /// fails, the older version is freed as before (its sectors only leave the
-    /// cache).
+    /// Merge each line's clean versions into its oldest one (`clean_v2` kept
+    /// the older ones for the sectors only they hold): the oldest end of the
+    /// chain that is all clean (the whole chain, or what lies below versions
+    /// not written back yet) becomes one version in the oldest slot, which
+    /// takes each sector from the newest version of that run holding it; the
+    /// other slots are freed. The copy is as large as the newer data (usually
+    /// a few KiB), not the line. Safe at every point: until the merged entry is
+    /// recorded the newer versions shadow the sectors being overwritten; the
+    /// merged data is clean (on the backend), and clean data is not trusted
+    /// after a power cut anyway (see attach). When the line changed meanwhile
+    /// nothing is done (a later step sees it again); when the copy fails, the
+    /// oldest version is freed (its sectors only leave the cache).
     async fn carry_up(&self, c: &Cache, tags: &[u64]) {
         let st = &c.st;
+        let spl = c.layout.spl();
         for &tag in tags {
             let _line = st.map.lock(tag).await;
             let w = st.flushed_durable.load(Ordering::Acquire);
             let found = {
                 let sh = st.map.shard(tag).read();
-                mergeable(st, &sh, tag, w).map(|(n, o)| {
-                    let runs = bits::runs(&st.slots.valid(n), 0, c.layout.spl());
-                    // Neither slot is handed out again while the copy runs.
-                    let pins = [Pin::new(&st.slots, n), Pin::new(&st.slots, o)];
-                    (n, o, runs, pins)
+                mergeable(st, &sh, tag, w).map(|m| {
+                    let copies = newest_in_run(st, &m.run, spl);
+                    // No slot of the run is handed out again while the copy runs.
+                    let pins: Vec<Pin<'_>> =
+                        m.run.iter().map(|&v| Pin::new(&st.slots, v)).collect();
+                    (m, copies, pins)
                 })
             };
-            let Some((newer, older, runs, _pins)) = found else {
+            let Some((m, copies, _pins)) = found else {
                 continue;
             };
-            let copied = self.copy_runs(c, newer, older, &runs).await;
+            let oldest = *m.run.last().expect("a run has two versions or more");
+            let copied = self.copy_runs(c, oldest, &copies).await;
             let mut sh = st.map.shard(tag).write();
-            let still = mergeable(st, &sh, tag, w) == Some((newer, older));
+            let still = mergeable(st, &sh, tag, w).as_ref() == Some(&m);
             match copied {
                 Ok(crcs) if still => {
-                    st.merge_into_older(&mut sh, tag, newer, older, &crcs);
-                    Stats::add(&self.stats.versions_merged, 1);
+                    st.merge_into_oldest(&mut sh, tag, &m.run, m.above, &crcs);
+                    Stats::add(&self.stats.versions_merged, (m.run.len() - 1) as u64);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -879,27 +875,23 @@ impl Engine {
                         "merging the versions of line {tag} after write-back failed; its older data leaves the cache: {e}"
                     );
                     if still {
-                        st.remove_version(&mut sh, older);
+                        st.remove_version(&mut sh, oldest);
                     }
                 }
             }
         }
     }
 
-    /// Copy the valid sector runs of slot `from` into slot `to` (same offsets
-    /// in the line). Returns the crc32c of every sector copied.
+    /// Copy each run `(start, end, from)` of sectors into slot `to` (same
+    /// offsets in the line). Returns the crc32c of every sector copied.
     async fn copy_runs(
         &self,
         c: &Cache,
-        from: u32,
         to: u32,
-        runs: &[(u32, u32, bool)],
+        runs: &[(u32, u32, u32)],
     ) -> EngineResult<Vec<(u16, u32)>> {
         let mut crcs = Vec::new();
-        for &(s, e, valid) in runs {
-            if !valid {
-                continue;
-            }
+        for &(s, e, from) in runs {
             let (a, n) = (s as u64 * SECTOR, (e - s) as u64 * SECTOR);
             let buf = DmaBuf::new(n as usize);
             c.store.read_async(from, a, buf.slice_all()).await?;
@@ -945,18 +937,61 @@ impl Engine {
     }
 }
 
-/// A line of exactly two versions, both clean under the watermark `w`:
-/// (newer, older). The caller holds its shard lock.
+/// What `carry_up` merges in one line: `run`, the oldest end of its chain
+/// (newest first, two versions or more) whose versions are all clean under the
+/// watermark, and `above`, the version just newer than the run, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mergeable {
+    run: Vec<u32>,
+    above: Option<u32>,
+}
+
+/// The clean run at the oldest end of `tag`'s chain under the watermark `w`,
+/// when it has two versions or more. The caller holds its shard lock.
 fn mergeable(
     st: &super::state::State,
     sh: &super::map::Shard,
     tag: u64,
     w: u64,
-) -> Option<(u32, u32)> {
+) -> Option<Mergeable> {
     let chain = st.chain(sh, tag);
-    let [newer, older] = chain[..] else {
-        return None;
+    let clean = |v: &u32| {
+        let r = st.slots.get(*v);
+        r.epoch <= w && !r.is_dirty()
     };
-    let (n, o) = (st.slots.get(newer), st.slots.get(older));
-    (n.epoch <= w && o.epoch <= w && !n.is_dirty() && !o.is_dirty()).then_some((newer, older))
+    let n = chain.iter().rev().take_while(|v| clean(v)).count();
+    (n >= 2).then(|| {
+        let first = chain.len() - n;
+        Mergeable {
+            run: chain[first..].to_vec(),
+            above: first.checked_sub(1).map(|i| chain[i]),
+        }
+    })
+}
+
+/// The sectors a merge copies into the run's oldest slot: runs `(start, end,
+/// from)` where the newest version of `run` holding a sector is not the oldest.
+/// The caller holds the line's shard lock.
+fn newest_in_run(st: &super::state::State, run: &[u32], spl: u32) -> Vec<(u32, u32, u32)> {
+    let Some(&oldest) = run.last() else {
+        return Vec::new();
+    };
+    let valids: Vec<_> = run.iter().map(|&v| st.slots.valid(v)).collect();
+    let mut out: Vec<(u32, u32, u32)> = Vec::new();
+    for s in 0..spl {
+        let Some(from) = run
+            .iter()
+            .zip(&valids)
+            .find(|(_, v)| bits::test(v, s))
+            .map(|(&slot, _)| slot)
+            .filter(|&slot| slot != oldest)
+        else {
+            continue;
+        };
+        match out.last_mut() {
+            Some(r) if r.2 == from && r.1 == s => r.1 = s + 1,
+            _ => out.push((s, s + 1, from)),
+        }
+    }
+    out
 }

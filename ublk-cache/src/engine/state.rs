@@ -550,36 +550,50 @@ impl State {
         dropped
     }
 
-    /// Format v2: the line `tag` has exactly two clean versions and `newer`'s
-    /// sectors have been copied into `older`'s slot (checksums `crcs`): `older`
-    /// takes them, and `newer`'s epoch, and becomes the line's only version;
-    /// `newer` is freed. Both changes reach the next log record together. The
+    /// Format v2: `run` (newest first) is the oldest end of `tag`'s chain, two
+    /// or more versions, all clean, and the sectors each holds newest within
+    /// the run have been copied into its oldest version's slot (checksums
+    /// `crcs`): the oldest takes them, and the run's newest epoch, and replaces
+    /// the whole run; the others are freed. `above` is the version just newer
+    /// than the run (dirty, not yet written back), or None when the run is the
+    /// whole chain. All the changes reach the next log record together. The
     /// caller holds the line lock and its shard write lock.
-    pub fn merge_into_older(
+    pub fn merge_into_oldest(
         &self,
         sh: &mut Shard,
         tag: u64,
-        newer: u32,
-        older: u32,
+        run: &[u32],
+        above: Option<u32>,
         crcs: &[(u16, u32)],
     ) {
-        let n = self.slots.get(newer);
-        let o = self.slots.get(older);
-        debug_assert_eq!(n.next, older);
+        let (Some(&oldest), Some(&newest)) = (run.last(), run.first()) else {
+            return;
+        };
+        debug_assert!(run.len() >= 2);
+        let o = self.slots.get(oldest);
+        let epoch = self.slots.get(newest).epoch;
+        let valid = run
+            .iter()
+            .fold(bits::none(), |acc, &v| bits::or(&acc, &self.slots.valid(v)));
         {
             let _s = self.snap.read();
-            sh.set_head(&self.slots, tag, older);
+            match above {
+                Some(a) => self.slots.set_next(a, oldest),
+                None => sh.set_head(&self.slots, tag, oldest),
+            }
         }
-        // `newer` is no longer the head, so this only frees it.
-        self.release(sh, newer);
+        // None of these is the head any more, so this only frees them.
+        for &v in &run[..run.len() - 1] {
+            self.release(sh, v);
+        }
         let merged = Rec {
-            valid: bits::or(&o.valid, &n.valid),
+            valid,
             dirty: bits::none(),
-            epoch: n.epoch,
+            epoch,
             next: NO_SLOT,
             ..o
         };
-        self.set_rec_written(sh, older, merged, crcs);
+        self.set_rec_written(sh, oldest, merged, crcs);
     }
 
     /// The versions of `tag`, newest first. The caller holds its shard lock.
