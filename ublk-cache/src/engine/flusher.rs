@@ -770,9 +770,8 @@ impl Engine {
     /// stale and freed (the free entries and the watermark that makes them
     /// stale are on disk together). One that holds sectors no newer version
     /// holds (a 4 KiB rewrite of a 64 KiB line leaves 60 KiB only there) stays,
-    /// clean, until the versions above it are clean too and can be merged into
-    /// the oldest (`carry_up`), so that write-back does not cost the cache what
-    /// it held; freeing it would also have to free every version below it,
+    /// clean, and `carry_up` merges the clean oldest end of the chain into the
+    /// oldest slot, so that write-back does not cost the cache what it held; freeing it would also have to free every version below it,
     /// whose copies of its sectors are stale (a line rewritten in three epochs
     /// before its write-back kept only its newest 4 KiB that way). Returns the
     /// items whose epoch the watermark does not cover yet (a step that left
@@ -834,8 +833,9 @@ impl Engine {
     /// not written back yet) becomes one version in the oldest slot, which
     /// takes each sector from the newest version of that run holding it; the
     /// other slots are freed. The copy is as large as the newer data (usually
-    /// a few KiB), not the line. Safe at every point: until the merged entry is
-    /// recorded the newer versions shadow the sectors being overwritten; the
+    /// a few KiB), not the line. Safe at every point (see `merge_into_oldest`
+    /// for the order of the frees): until the merged entry is recorded the
+    /// newer versions shadow the sectors being overwritten; the
     /// merged data is clean (on the backend), and clean data is not trusted
     /// after a power cut anyway (see attach). When the line changed meanwhile
     /// nothing is done (a later step sees it again); when the copy fails, the

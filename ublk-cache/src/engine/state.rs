@@ -556,8 +556,7 @@ impl State {
     /// `crcs`): the oldest takes them, and the run's newest epoch, and replaces
     /// the whole run; the others are freed. `above` is the version just newer
     /// than the run (dirty, not yet written back), or None when the run is the
-    /// whole chain. All the changes reach the next log record together. The
-    /// caller holds the line lock and its shard write lock.
+    /// whole chain. The caller holds the line lock and its shard write lock.
     pub fn merge_into_oldest(
         &self,
         sh: &mut Shard,
@@ -582,8 +581,14 @@ impl State {
                 None => sh.set_head(&self.slots, tag, oldest),
             }
         }
-        // None of these is the head any more, so this only frees them.
-        for &v in &run[..run.len() - 1] {
+        // None of these is the head any more, so this only frees them. From
+        // the one just above the oldest upwards: each free reaches the crash
+        // shadow at once, and at every point between, each sector a freed
+        // version held resolves to a version still there that holds its newest
+        // data (a newer one of the run, or the oldest, which has it copied).
+        // Newest first, a crash could leave a middle version's older copy
+        // under a freed newer one.
+        for &v in run[..run.len() - 1].iter().rev() {
             self.release(sh, v);
         }
         let merged = Rec {
