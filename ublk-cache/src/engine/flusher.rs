@@ -771,7 +771,8 @@ impl Engine {
     /// stale are on disk together). One that holds sectors no newer version
     /// holds (a 4 KiB rewrite of a 64 KiB line leaves 60 KiB only there) stays,
     /// clean, and `carry_up` merges the clean oldest end of the chain into the
-    /// oldest slot, so that write-back does not cost the cache what it held; freeing it would also have to free every version below it,
+    /// oldest slot, so that write-back does not cost the cache what it held.
+    /// Freeing such a version would also have to free every version below it,
     /// whose copies of its sectors are stale (a line rewritten in three epochs
     /// before its write-back kept only its newest 4 KiB that way). Returns the
     /// items whose epoch the watermark does not cover yet (a step that left
