@@ -32,6 +32,13 @@ Configurations (README.md, section "Benchmarks", says more):
          a BENCH_BW_SIZE disk: read jobs without a cache, behind our cache warm
          (`back`), and cold (a cache formatted empty before each run).
   ram    metadata RAM per GiB of cache at 64 KiB lines (benches metadata-ram).
+  pacing two disks on one backend link of BENCH_BW_MBPS (benches
+         writeback-pacing, in one process): one drains BENCH_PACING_DIRTY of
+         dirty data from a 1 GiB cache, the other (mode none) reads 4 KiB at
+         random, QD1, for BENCH_PACING_SECONDS; the reader's latency against
+         the same reads with no drain, and the drain's rate, unpaced, with a
+         static --writeback-rate of half the link, and with the dirty-level
+         controller (its default watermarks, 10 % and 70 %).
   sparse nbdcopy of a sparse export (1/64 of it data, in 1 MiB extents) to null:,
          ours (serve --mode none) against qemu-nbd on the same file: both answer
          block status, so the copy skips the holes; the ratio is of copy speed.
@@ -39,10 +46,11 @@ Configurations (README.md, section "Benchmarks", says more):
 Environment (defaults in brackets):
   BENCH_DIR [/var/tmp]  where the scratch files go (needs ~6x BENCH_SIZE free)
   BENCH_SIZE [1G]  disk size; BENCH_RUNTIME [1.5] and BENCH_RAMP [0.5] seconds per run;
-  BENCH_REPEATS [3]; BENCH_GROUPS [local,slow,bw,drain,ram,sparse]; BENCH_JOBS [all];
+  BENCH_REPEATS [3]; BENCH_GROUPS [local,slow,bw,drain,ram,sparse,pacing]; BENCH_JOBS [all];
   BENCH_READ_DELAY_MS [1]; BENCH_WRITE_DELAY_MS [2]; BENCH_DRAIN_BYTES [1G];
   BENCH_BW_MBPS [80]; BENCH_BW_SIZE [256M];
-  BENCH_RAM_GIB [2]; BENCH_JSON [target/bench/results-DATE.json];
+  BENCH_RAM_GIB [2]; BENCH_PACING_DIRTY [256M]; BENCH_PACING_SECONDS [10];
+  BENCH_JSON [target/bench/results-DATE.json];
   BENCH_BIN_DIR [target/release]  where ublk-cache and the bench binaries are;
   BENCH_LONG=1   a longer run: 4G, 20 s runs, 5 s ramp, 5 repeats, 1G drain, 4 GiB RAM probe;
   BENCH_SMOKE=1  a tiny run that only checks the machinery (well under a minute).
@@ -124,13 +132,13 @@ def params():
     smoke = env("BENCH_SMOKE", "0") == "1"
     if smoke:
         d = dict(size="64M", runtime="1", ramp="0", repeats="1", drain="16M", ram="1",
-                 bw_size="32M", jobs="randread-4k-qd32", groups="local,slow,bw,drain,sparse")
+                 bw_size="32M", jobs="randread-4k-qd32", groups="local,slow,bw,drain,sparse,pacing")
     elif long_run:
         d = dict(size="4G", runtime="20", ramp="5", repeats="5", drain="1G", ram="4",
-                 bw_size="1G", jobs="", groups="local,slow,bw,drain,ram,sparse")
+                 bw_size="1G", jobs="", groups="local,slow,bw,drain,ram,sparse,pacing")
     else:
         d = dict(size="1G", runtime="1.5", ramp="0.5", repeats="3", drain="1G", ram="2",
-                 bw_size="256M", jobs="", groups="local,slow,bw,drain,ram,sparse")
+                 bw_size="256M", jobs="", groups="local,slow,bw,drain,ram,sparse,pacing")
     p = {
         "size": parse_size(env("BENCH_SIZE", d["size"])),
         "runtime": seconds("BENCH_RUNTIME", env("BENCH_RUNTIME", d["runtime"])),
@@ -138,6 +146,10 @@ def params():
         "repeats": int(env("BENCH_REPEATS", d["repeats"])),
         "drain_bytes": parse_size(env("BENCH_DRAIN_BYTES", d["drain"])),
         "ram_gib": int(env("BENCH_RAM_GIB", d["ram"])),
+        "pacing_dirty": parse_size(env("BENCH_PACING_DIRTY", "16M" if smoke else "256M")),
+        "pacing_cache": parse_size("64M" if smoke else "1G"),
+        "pacing_seconds": seconds("BENCH_PACING_SECONDS",
+                                  env("BENCH_PACING_SECONDS", "0.5" if smoke else "10")),
         "read_delay_ms": float(env("BENCH_READ_DELAY_MS", "1")),
         "write_delay_ms": float(env("BENCH_WRITE_DELAY_MS", "2")),
         "bw_mbps": float(env("BENCH_BW_MBPS", "80")),
@@ -153,9 +165,14 @@ def params():
         if j not in JOBS:
             raise BenchError(f"BENCH_JOBS: unknown job {j!r} (known: {', '.join(JOBS)})")
     for g in p["groups"]:
-        if g not in ("local", "slow", "bw", "drain", "ram", "sparse"):
+        if g not in ("local", "slow", "bw", "drain", "ram", "sparse", "pacing"):
             raise BenchError(f"BENCH_GROUPS: unknown group {g!r} "
-                             "(known: local, slow, bw, drain, ram, sparse)")
+                             "(known: local, slow, bw, drain, ram, sparse, pacing)")
+    if p["pacing_dirty"] % MIB or not 0 < p["pacing_dirty"] <= p["pacing_cache"]:
+        raise BenchError("BENCH_PACING_DIRTY must be a positive multiple of 1 MiB, "
+                         f"at most the {p['pacing_cache'] >> 20} MiB cache")
+    if p["pacing_seconds"] <= 0:
+        raise BenchError("BENCH_PACING_SECONDS must be positive")
     if p["runtime"] <= 0:
         raise BenchError("BENCH_RUNTIME must be positive")
     if p["repeats"] < 1:
@@ -279,8 +296,10 @@ class Bench:
         # that follows one that wrote (see `cell`).
         self.warmed, self.rewarm, self.last_job = [], set(), {}
         self.fio = tool("fio")
+        self.pacing = None
         self.bin = {n: p["bin_dir"] / n for n in
-                    ("ublk-cache", "nbd-bench-server", "writeback-drain", "metadata-ram")}
+                    ("ublk-cache", "nbd-bench-server", "writeback-drain", "metadata-ram",
+                     "writeback-pacing")}
         for n, b in self.bin.items():
             if not b.is_file():
                 raise BenchError(f"{b} is missing: build first with "
@@ -630,6 +649,22 @@ class Bench:
             if r.returncode != 0:
                 raise BenchError(f"metadata-ram failed: {r.stderr.decode(errors='replace')[-2000:]}")
             ram = json.loads(r.stdout.decode().splitlines()[0])
+        if "pacing" in p["groups"]:
+            # Interleaved inside the binary (its arms take turns in every repeat).
+            log(f"write-back pacing ({p['repeats']} repeats of {p['pacing_seconds']:g} s per arm)")
+            argv = [str(self.bin["writeback-pacing"]),
+                    "--dirty", str(p["pacing_dirty"]), "--cache", str(p["pacing_cache"]),
+                    "--bandwidth", str(int(p["bw_mbps"] * 1e6)),
+                    "--read-delay", str(p["read_delay_ms"]),
+                    "--write-delay", str(p["write_delay_ms"]),
+                    "--static-rate", str(int(p["bw_mbps"] * 1e6 / 2)),
+                    "--seconds", str(p["pacing_seconds"]), "--repeats", str(p["repeats"])]
+            r = subprocess.run(argv, env=dict(os.environ, **self.env),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            if r.returncode != 0:
+                raise BenchError("writeback-pacing failed: "
+                                 f"{r.stderr.decode(errors='replace')[-2000:]}")
+            self.pacing = json.loads(r.stdout.decode().splitlines()[0])
         return ram
 
 
@@ -718,7 +753,7 @@ NAMES = {
 }
 
 
-def report(p, res, ram, started, host):
+def report(p, res, ram, started, host, pacing=None):
     out = []
     all_ratios = []
     out.append(f"Run {started:%Y-%m-%d %H:%M} on {host['cpus']} CPUs ({host['cpu']}), kernel "
@@ -820,7 +855,24 @@ def report(p, res, ram, started, host):
                    f"all dirty, shadow {mib(ram['shadow_bytes']):.2f} MiB/GiB; the per-line record alone is "
                    f"{ram['line_record_bytes']} bytes ({ram['line_record_bytes'] * 16384 / MIB:.2f} MiB/GiB).")
         out.append("")
-    targets = evaluate_targets(p, res, ram, all_ratios)
+    if pacing:
+        a = pacing["arms"]
+        out.append(f"Write-back pacing: two disks on one {pacing['bandwidth'] / 1e6:g} MB/s link, one "
+                   f"draining {pacing['dirty_mib']} MiB dirty of a {pacing['cache_mib']} MiB cache, the "
+                   f"other reading 4 KiB at random, QD1, for up to {pacing['seconds']:g} s "
+                   "(medians of the repeats; a read stuck behind a long queue is one sample, so the mean "
+                   "and the maximum are given too):")
+        out.append("")
+        out.append("| arm | reader p50 ms | reader p99 ms | p99 / alone | mean / alone | max ms | "
+                   "drain MiB/s | drain / unpaced |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for name in ("alone", "unpaced", "static", "controlled"):
+            c = a[name]
+            out.append(f"| {name} | {c['victim_p50_ms']:.2f} | {c['victim_p99_ms']:.2f} | "
+                       f"{c['p99_vs_alone']:.2f}x | {c['mean_vs_alone']:.2f}x | {c['victim_max_ms']:.1f} | "
+                       f"{c['drain_mib_s']:.1f} | {c['drain_vs_unpaced']:.3f}x |")
+        out.append("")
+    targets = evaluate_targets(p, res, ram, all_ratios, pacing)
     if targets:
         out.append("Targets (issue 5):")
         out.append("")
@@ -839,7 +891,7 @@ def find_ratio(ratios, num, den, job, metric):
     return None
 
 
-def evaluate_targets(p, res, ram, ratios):
+def evaluate_targets(p, res, ram, ratios, pacing=None):
     t = []
 
     def add(desc, r, goal):
@@ -883,6 +935,13 @@ def evaluate_targets(p, res, ram, ratios):
                   "measured": f"{v:.2f} MiB/GiB ({heap:.2f} process + "
                               f"{ram['shadow_bytes'] / MIB / per_gib:.2f} crash shadow in tmpfs)",
                   "value": v, "met": v <= 1.0})
+    if pacing:
+        c = pacing["arms"]["controlled"]
+        t.append({"target": "pacing: the reader's p99 with the controller <= 2x its p99 with no drain",
+                  "measured": f"{c['p99_vs_alone']:.2f}x (unpaced {pacing['arms']['unpaced']['p99_vs_alone']:.0f}x, "
+                              f"static {pacing['arms']['static']['p99_vs_alone']:.1f}x); the controlled drain "
+                              f"ran at {c['drain_vs_unpaced']:.3f}x the unpaced one",
+                  "value": c["p99_vs_alone"], "met": c["p99_vs_alone"] <= 2.0})
     return t
 
 
@@ -913,7 +972,7 @@ def main():
         bench = Bench(p, work)
         ram = bench.run()
         host = host_info()
-        text, ratios, targets = report(p, bench.results, ram, started, host)
+        text, ratios, targets = report(p, bench.results, ram, started, host, bench.pacing)
         print(text)
         jpath = Path(env("BENCH_JSON", str(ROOT / "target" / "bench" /
                                             f"results-{started:%Y%m%d-%H%M%S}.json")))
@@ -924,7 +983,8 @@ def main():
                  for g, cfgs in bench.results.items()}
         doc = {"date": started.isoformat(timespec="seconds"), "host": host,
                "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in p.items()},
-               "cells": cells, "ratios": ratios, "targets": targets, "metadata_ram": ram}
+               "cells": cells, "ratios": ratios, "targets": targets, "metadata_ram": ram,
+               "pacing": bench.pacing}
         jpath.write_text(json.dumps(doc, indent=1) + "\n")
         log(f"JSON: {jpath}")
         return 0

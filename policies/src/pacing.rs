@@ -26,8 +26,11 @@ impl WritebackLimit {
 
     /// The largest write-back write to merge at this limit, at most `max`:
     /// one that costs at most [`MAX_WRITE_COST`] at the byte rate (never
-    /// below 64 KiB), so that a paced write-back finishes a write every so
-    /// often and never looks stalled (a stalled write-back is an outage).
+    /// below 64 KiB). A write that costs more than one burst would go out as a
+    /// lump, and the others sharing the backend would wait behind it: paced
+    /// write-back is smooth over any tenth of a second. Short writes also
+    /// finish often, so a paced write-back never looks stalled (a stalled
+    /// write-back is an outage).
     pub fn max_write(&self, max: u64) -> u64 {
         match self.bytes_per_sec {
             Some(r) => {
@@ -50,9 +53,9 @@ impl WritebackLimit {
     }
 }
 
-/// What one merged write-back write may cost at the byte rate (see
-/// [`WritebackLimit::max_write`]).
-pub const MAX_WRITE_COST: Duration = Duration::from_millis(500);
+/// What one merged write-back write may cost at the byte rate: one burst
+/// (see [`WritebackLimit::max_write`]).
+pub const MAX_WRITE_COST: Duration = BURST;
 
 /// The lowest byte rate a server may be given (`--writeback-rate`): at it a
 /// 64 KiB write, the smallest merged one, costs 62.5 ms, and a line of the
@@ -79,42 +82,73 @@ pub const BURST: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 pub struct Pacer {
+    /// The static limit (`--writeback-rate`, `--writeback-iops`, `ctl`).
     limit: WritebackLimit,
+    /// The dirty-level controller's byte rate, if it paces now (see
+    /// `crate::dirty_control`); the tighter of it and the static limit applies.
+    controlled: Option<u64>,
     /// When the writes admitted so far would have finished at the limit.
     tat: Option<Instant>,
 }
 
 impl Pacer {
     pub fn new(limit: WritebackLimit) -> Pacer {
-        Pacer { limit, tat: None }
+        Pacer {
+            limit,
+            controlled: None,
+            tat: None,
+        }
     }
 
+    /// The static limit.
     pub fn limit(&self) -> WritebackLimit {
         self.limit
     }
 
-    /// A new limit applies from the next write on (the same limit again
-    /// changes nothing).
-    pub fn set_limit(&mut self, limit: WritebackLimit) {
-        if limit != self.limit {
-            self.limit = limit;
-            self.tat = None;
+    /// The limit in effect: the static one, its byte rate lowered to the
+    /// controller's where that is tighter.
+    pub fn effective(&self) -> WritebackLimit {
+        let bytes_per_sec = match (self.limit.bytes_per_sec, self.controlled) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        WritebackLimit {
+            bytes_per_sec,
+            writes_per_sec: self.limit.writes_per_sec,
         }
     }
 
-    /// Admit one write of `bytes` at `now`: how long to wait before sending it
-    /// (zero when it may go at once). The write is counted either way, so the
-    /// waits of writes admitted one after another add up to the limit.
-    pub fn admit(&mut self, now: Instant, bytes: u64) -> Duration {
-        let cost = self.limit.cost(bytes);
+    /// A new static limit applies from the next write admitted on; writes
+    /// admitted already keep their places (so changing it often, or to the
+    /// same value, neither stalls write-back nor lets a burst through).
+    pub fn set_limit(&mut self, limit: WritebackLimit) {
+        self.limit = limit;
+    }
+
+    /// The controller's byte rate (`None`: it does not pace), from the next
+    /// write admitted on, as `set_limit`.
+    pub fn set_controlled_rate(&mut self, rate: Option<u64>) {
+        self.controlled = rate;
+    }
+
+    /// Admit one write of `bytes` at `now`, or say how long to wait before
+    /// asking again. A write is admitted once the writes before it are no more
+    /// than one burst ahead of `now` at the limit, and only then counted: a
+    /// write that waits holds no place, so a limit changed meanwhile (the
+    /// controller's, every quarter second) applies to it at once.
+    pub fn try_admit(&mut self, now: Instant, bytes: u64) -> Result<(), Duration> {
+        let cost = self.effective().cost(bytes);
         if cost.is_zero() {
-            return Duration::ZERO;
+            return Ok(());
         }
         // An idle spell earns no more than one burst of credit.
         let tat = self.tat.map_or(now, |t| t.max(now));
         let start = tat.checked_sub(BURST).map_or(now, |s| s.max(now));
+        if start > now {
+            return Err(start - now);
+        }
         self.tat = Some(tat + cost);
-        start - now
+        Ok(())
     }
 }
 
@@ -131,11 +165,20 @@ mod tests {
         }
     }
 
+    /// Admit one write at `now`, asking again when told: when it went.
+    fn admit(p: &mut Pacer, mut now: Instant, bytes: u64) -> Instant {
+        while let Err(wait) = p.try_admit(now, bytes) {
+            assert!(!wait.is_zero(), "a wait of zero would spin");
+            now += wait;
+        }
+        now
+    }
+
     /// Admit `n` writes of `bytes`, each sent when told; returns when the last went.
     fn run(p: &mut Pacer, t0: Instant, n: usize, bytes: u64) -> Duration {
         let mut now = t0;
         for _ in 0..n {
-            now += p.admit(now, bytes);
+            now = admit(p, now, bytes);
         }
         now - t0
     }
@@ -165,11 +208,11 @@ mod tests {
     }
 
     #[test]
-    fn paced_writes_are_merged_only_up_to_half_a_second_of_the_rate() {
+    fn paced_writes_are_merged_only_up_to_one_burst_of_the_rate() {
         let max = 4 * MIB;
         assert_eq!(WritebackLimit::default().max_write(max), max);
         assert_eq!(limit(Some(100 * MIB), None).max_write(max), max);
-        assert_eq!(limit(Some(2 * MIB), None).max_write(max), MIB);
+        assert_eq!(limit(Some(10 * MIB), None).max_write(max), MIB);
         assert_eq!(limit(Some(1024), None).max_write(max), 64 << 10);
         assert_eq!(limit(None, Some(10)).max_write(max), max);
     }
@@ -188,27 +231,46 @@ mod tests {
         run(&mut p, t0, 5, MIB);
         // An hour later: one burst (two writes) at once, then the rate again.
         let later = t0 + Duration::from_secs(3600);
-        assert_eq!(p.admit(later, MIB), Duration::ZERO);
-        assert_eq!(p.admit(later, MIB), Duration::ZERO);
-        assert_eq!(p.admit(later, MIB), Duration::from_millis(100));
+        assert_eq!(admit(&mut p, later, MIB), later);
+        assert_eq!(admit(&mut p, later, MIB), later);
+        assert_eq!(p.try_admit(later, MIB), Err(Duration::from_millis(100)));
     }
 
     #[test]
-    fn a_new_limit_starts_afresh() {
+    fn a_new_limit_applies_to_the_next_write_and_keeps_the_schedule() {
         let t0 = Instant::now();
         let mut p = Pacer::new(limit(Some(MIB), None));
-        run(&mut p, t0, 10, MIB);
-        let before = p.admit(t0, MIB);
+        // Ten seconds' worth admitted at 1 MiB/s, the last at 8.9 s.
+        assert_eq!(run(&mut p, t0, 10, MIB), Duration::from_millis(8900));
+        let t = t0 + Duration::from_millis(8900);
+        let wait = p.try_admit(t, MIB).unwrap_err();
         p.set_limit(limit(Some(MIB), None));
         assert_eq!(
-            p.admit(t0, MIB),
-            before + Duration::from_secs(1),
-            "the same limit keeps its schedule"
+            p.try_admit(t, MIB),
+            Err(wait),
+            "the same limit changes nothing"
         );
+        // No limit: at once, and nothing counted.
         p.set_limit(WritebackLimit::default());
-        assert_eq!(p.admit(t0, MIB), Duration::ZERO);
+        assert_eq!(p.try_admit(t, MIB), Ok(()));
+        // Back to the limit: the earlier writes still hold their places.
         p.set_limit(limit(Some(MIB), None));
-        assert_eq!(p.admit(t0, MIB), Duration::ZERO);
-        assert_eq!(p.admit(t0, MIB), Duration::from_millis(900));
+        assert_eq!(p.try_admit(t, MIB), Err(wait));
+    }
+
+    #[test]
+    fn the_controller_lowers_the_byte_rate_and_never_raises_it() {
+        let t0 = Instant::now();
+        let mut p = Pacer::new(limit(Some(10 * MIB), Some(1000)));
+        p.set_controlled_rate(Some(MIB));
+        assert_eq!(p.effective(), limit(Some(MIB), Some(1000)));
+        assert_eq!(run(&mut p, t0, 3, MIB), Duration::from_millis(1900));
+        p.set_controlled_rate(Some(100 * MIB));
+        assert_eq!(p.effective(), limit(Some(10 * MIB), Some(1000)));
+        p.set_controlled_rate(None);
+        assert_eq!(p.effective(), limit(Some(10 * MIB), Some(1000)));
+        let mut p = Pacer::new(WritebackLimit::default());
+        p.set_controlled_rate(Some(2 * MIB));
+        assert_eq!(p.effective(), limit(Some(2 * MIB), None));
     }
 }

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::backend::{
@@ -93,8 +93,9 @@ pub struct FaultyBackend<B> {
     stall_ev: event_listener::Event,
     counters: Counters,
     rng: AtomicU64,
-    /// Reads and writes share it (see `set_bandwidth`).
-    link: Link,
+    /// Reads and writes share it (see `set_bandwidth`), and so may other
+    /// backends (`FaultyBackendBuilder::share_link_with`).
+    link: Arc<Link>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -118,7 +119,7 @@ impl<B: BlockIo> FaultyBackend<B> {
             stall_ev: event_listener::Event::new(),
             counters: Counters::default(),
             rng: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
-            link: Link::default(),
+            link: Arc::default(),
         }
     }
 
@@ -527,6 +528,15 @@ impl<B: BlockIo> FaultyBackendBuilder<B> {
     /// [`FaultyBackend::set_bandwidth`]).
     pub fn bandwidth(self, bytes_per_sec: u64) -> Self {
         self.backend.set_bandwidth(bytes_per_sec);
+        self
+    }
+
+    /// Share `other`'s link (its bandwidth, and the queue of everything
+    /// passing it): two backends on one saturated path, as two disks of one
+    /// Ceph pool behind one network link. The rate is the link's: setting it
+    /// on either sets it for both.
+    pub fn share_link_with<C>(mut self, other: &FaultyBackend<C>) -> Self {
+        self.backend.link = Arc::clone(&other.link);
         self
     }
 

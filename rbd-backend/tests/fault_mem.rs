@@ -198,3 +198,25 @@ fn wrapper_forwards_geometry_and_identity() {
     let e = boxed.read_at(1 << 16, &mut [0u8; 1]).expect_err("range");
     assert_eq!(e.kind(), ErrorKind::InvalidRequest);
 }
+
+#[test]
+fn two_backends_can_share_one_link() {
+    // 4 MB/s shared: 256 KiB through each of two backends is 512 KiB on the
+    // one link, at least 131 ms; each alone on its own link would need 65 ms.
+    let a = FaultyBackend::builder(MemBackend::new(1 << 20))
+        .bandwidth(4_000_000)
+        .build();
+    let b = FaultyBackend::builder(MemBackend::new(1 << 20))
+        .share_link_with(&a)
+        .build();
+    assert_eq!(b.bandwidth(), 4_000_000, "the rate is the shared link's");
+    let t = Instant::now();
+    let buf = vec![0u8; 256 << 10];
+    a.write_at(0, &buf).expect("write a");
+    b.write_at(0, &buf).expect("write b");
+    let el = t.elapsed();
+    assert!(el >= Duration::from_millis(131), "{el:?}");
+    // Lifting it on one lifts it for both.
+    b.set_bandwidth(0);
+    assert_eq!(a.bandwidth(), 0);
+}

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use policies::{CacheMode, EvictionKind, WritebackOrder};
 use ublk_cache::daemon::config::{
-    Access, ByteSize, DirtyData, OnBackendChange, OnForeignCache, PreloadStart, ServeConfig, Start,
+    Access, ByteSize, DirtyData, OnBackendChange, OnForeignCache, Percent, PreloadStart,
+    ServeConfig, Start,
 };
 use ublk_cache::daemon::size::parse_size;
 use ublk_cache::daemon::spec::{parse_mode, BackendSpec, ExportSpec};
@@ -172,6 +173,21 @@ pub struct ServeArgs {
     /// Background write-back backend writes per second at most (0: no limit).
     #[arg(long, value_name = "N")]
     pub writeback_iops: Option<u64>,
+    /// Pace background write-back by how much of the cache is dirty: at
+    /// --writeback-min-rate up to this share of dirty lines, faster above it,
+    /// unpaced from --writeback-high on, when the guest has not written for 5 s,
+    /// or while a guest write waits for room (e.g. 10%; giving this or
+    /// --writeback-high turns the controller on; default: off, write-back as
+    /// fast as --writeback-rate lets it).
+    #[arg(long, value_name = "PERCENT")]
+    pub writeback_low: Option<Percent>,
+    /// The share of dirty lines from which write-back runs unpaced [default
+    /// with the controller on: 70%].
+    #[arg(long, value_name = "PERCENT")]
+    pub writeback_high: Option<Percent>,
+    /// The controller's lowest write-back rate [default: 1M].
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    pub writeback_min_rate: Option<u64>,
     /// Which clean line to give up when the cache is full: clock or lru [default: clock].
     #[arg(long)]
     pub eviction: Option<EvictionKind>,
@@ -302,6 +318,12 @@ impl ServeArgs {
         set(&mut cfg.writeback_order, self.writeback_order);
         set_opt(&mut cfg.writeback_rate, self.writeback_rate.map(ByteSize));
         set_opt(&mut cfg.writeback_iops, self.writeback_iops);
+        set_opt(&mut cfg.writeback_low, self.writeback_low);
+        set_opt(&mut cfg.writeback_high, self.writeback_high);
+        set_opt(
+            &mut cfg.writeback_min_rate,
+            self.writeback_min_rate.map(ByteSize),
+        );
         set(&mut cfg.eviction, self.eviction);
         set_opt(&mut cfg.queues, self.queues);
         set(&mut cfg.depth, self.depth);

@@ -304,6 +304,24 @@ fn print_stats(r: &StatsReply) {
             e.writeback_paced_ms as f64 / 1000.0
         );
     }
+    if !e.writeback_control.is_empty() && e.writeback_control != "off" {
+        let rate = if e.writeback_control_rate > 0 {
+            format!(
+                "{}/s ({}/s of it integral)",
+                mib(e.writeback_control_rate),
+                mib(e.writeback_control_integral_rate)
+            )
+        } else {
+            "unpaced".into()
+        };
+        println!(
+            "write-back control: {} at {rate}; low {}%, high {}%, minimum {}/s",
+            e.writeback_control,
+            e.writeback_low_pct,
+            e.writeback_high_pct,
+            mib(e.writeback_min_rate)
+        );
+    }
     println!(
         "cache device: {} read, {} written; errors {}; preload fetched {}",
         mib(e.cache_read_bytes),

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use policies::{CacheMode, WritebackLimit};
+use policies::{CacheMode, DirtyLevel, WritebackLimit};
 use rbd_backend::{Backend, FaultyBackend, MemBackend};
 use testkit::rig::{
     assert_refused, back_engine_refusing_write_back, back_engine_refusing_write_back_on, cfg, mems,
@@ -750,11 +750,91 @@ fn a_new_write_back_limit_applies_at_once() {
     e.shutdown().unwrap();
 }
 
+/// A `back` engine on in-memory devices whose write-back the dirty-level
+/// controller paces between `low` and `high` percent, at 1 MiB/s at least.
+fn controlled_back_engine(
+    backend_mib: u64,
+    cache_mib: u64,
+    low: u8,
+    high: u8,
+) -> (Arc<MemBackend>, Arc<Engine>) {
+    let (b, c) = mems(backend_mib, cache_mib);
+    let e = open(
+        b.clone(),
+        c,
+        EngineConfig {
+            dirty_level: Some(DirtyLevel {
+                low_pct: low,
+                high_pct: high,
+                min_rate: MIB,
+            }),
+            ..cfg(CacheMode::Back)
+        },
+    );
+    (b, e)
+}
+
+/// Below the low watermark the controller holds write-back to its minimum
+/// rate (8 MiB dirty at 1 MiB/s would take 8 s), and says so in the stats;
+/// once the guest has written nothing for 5 s it lets the rest go unpaced,
+/// so the backend gets every write without a drain being asked for.
+#[test]
+fn the_dirty_level_controller_trickles_below_low_and_drains_an_idle_guest() {
+    let (b, e) = controlled_back_engine(32, 32, 50, 90);
+    let want = dirty_every_other_line(&e, 128);
+    e.flush().unwrap();
+    eventually(10, "the controller paces write-back", || {
+        let s = e.stats();
+        s.writeback_control == "paced" && s.writeback_paced_ms > 0
+    });
+    let s = e.stats();
+    assert_eq!(s.writeback_control_rate, MIB, "below low: the minimum rate");
+    assert_eq!((s.writeback_low_pct, s.writeback_high_pct), (50, 90));
+    assert!(
+        s.dirty_bytes > 2 * MIB,
+        "only {} bytes still dirty: write-back ran past the controller's rate",
+        s.dirty_bytes
+    );
+    eventually(30, "an idle guest's dirty data is written back", || {
+        e.stats().dirty_bytes == 0
+    });
+    assert_eq!(e.stats().writeback_control, "guest-idle");
+    assert_eq!(&b.snapshot()[..want.len()], &want[..]);
+    e.shutdown().unwrap();
+}
+
+/// A guest write that needs room waits for write-back, so a cache full of
+/// dirty lines (at its high watermark) or a guest write waiting for a slot
+/// ends the pacing at once: 24 MiB through an 8 MiB cache. Paced at the
+/// controller's rate (about 1 MiB/s, the cache being just over its low
+/// watermark) they would take over 15 s, or at least the 5 s after which the
+/// idle rule lets write-back go; unpaced, well under a second on memory
+/// devices.
+#[test]
+fn a_guest_write_that_needs_room_is_not_held_by_the_controller() {
+    let (b, e) = controlled_back_engine(32, 8, 80, 100);
+    let t = std::time::Instant::now();
+    let mut want = vec![0u8; (24 * MIB) as usize];
+    for i in 0..24u64 {
+        let data = testkit::pattern(i + 7, MIB as usize);
+        e.write(i * MIB, &data, false).unwrap();
+        want[(i * MIB) as usize..((i + 1) * MIB) as usize].copy_from_slice(&data);
+    }
+    e.flush().unwrap();
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(4),
+        "the guest's writes waited for the controller's rate ({:?})",
+        t.elapsed()
+    );
+    e.shutdown().unwrap();
+    assert_eq!(&b.snapshot()[..want.len()], &want[..]);
+}
+
 /// A paced write-back is slow, not stalled: an ordered overwrite that waits
 /// for it longer than the 2 s after which a stalled write-back counts as an
 /// outage keeps waiting (the order holds) instead of going in place. While
 /// the backend holds write-back, the cache fills with dirty lines of one
-/// epoch; then 3 MiB go at 1 MiB/s, in writes of at most half a second each,
+/// epoch; then 3 MiB go at 1 MiB/s, in writes of at most a tenth of a second each,
 /// and none of those lines is clean (or can give its slot) before the end.
 /// Line 0 is an epoch of its own, held at the backend while the others are
 /// written: the first overwrite takes its slot once the hold ends; the second

@@ -46,6 +46,30 @@ impl Display for ByteSize {
     }
 }
 
+/// A share of the cache, written `10` or `10%` (0 to 100).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Percent(pub u8);
+
+impl FromStr for Percent {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let n = t.strip_suffix('%').unwrap_or(t).trim();
+        match n.parse::<u8>() {
+            Ok(p) if p <= 100 => Ok(Percent(p)),
+            _ => Err(format!(
+                "'{s}' is not a percentage of the cache (a whole number from 0 to 100, as 10 or 10%)"
+            )),
+        }
+    }
+}
+
+impl Display for Percent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}%", self.0)
+    }
+}
+
 /// Which I/O engine file backends use (`UBLK_CACHE_IO_ENGINE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IoEngine {
@@ -421,6 +445,19 @@ pub struct ServeConfig {
     /// most (0 or absent: no limit).
     #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]
     pub writeback_iops: Option<u64>,
+    /// Pace background write-back by the dirty level: at `writeback_min_rate`
+    /// while at most this share of the cache's lines is dirty, faster above it
+    /// (a PI controller, see `policies::dirty_control`). Giving this or
+    /// `writeback_high` turns the controller on; absent, write-back runs as
+    /// fast as `writeback_rate` lets it.
+    #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]
+    pub writeback_low: Option<Percent>,
+    /// The share of dirty lines at and above which write-back runs unpaced.
+    #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]
+    pub writeback_high: Option<Percent>,
+    /// The controller's lowest rate (default 1M).
+    #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]
+    pub writeback_min_rate: Option<ByteSize>,
     /// Which clean line to give up when the cache is full (`lru`).
     #[serde(default, with = "text", skip_serializing_if = "is_default")]
     pub eviction: EvictionKind,
@@ -508,6 +545,9 @@ impl Default for ServeConfig {
             writeback_order: WritebackOrder::default(),
             writeback_rate: None,
             writeback_iops: None,
+            writeback_low: None,
+            writeback_high: None,
+            writeback_min_rate: None,
             eviction: EvictionKind::default(),
             queues: None,
             depth: default_depth(),
@@ -736,6 +776,7 @@ impl ServeConfig {
             policies::pacing::check_rate(r)
                 .map_err(|e| DaemonError::config(format!("--writeback-rate {e}")))?;
         }
+        self.dirty_level()?;
         Ok(Plan {
             backend,
             exports,
@@ -751,6 +792,33 @@ impl ServeConfig {
             bytes_per_sec: self.writeback_rate.map(|r| r.0).filter(|&r| r > 0),
             writes_per_sec: self.writeback_iops.filter(|&r| r > 0),
         }
+    }
+
+    /// The dirty-level controller's settings, if it is on (`--writeback-low`
+    /// or `--writeback-high` given; the other and the minimum rate default).
+    pub fn dirty_level(&self) -> DaemonResult<Option<policies::DirtyLevel>> {
+        if self.writeback_low.is_none() && self.writeback_high.is_none() {
+            if self.writeback_min_rate.is_some() {
+                return Err(DaemonError::config(
+                    "--writeback-min-rate is the dirty-level controller's floor: give \
+                     --writeback-low or --writeback-high to turn the controller on",
+                ));
+            }
+            return Ok(None);
+        }
+        let d = policies::DirtyLevel::default();
+        let level = policies::DirtyLevel {
+            low_pct: self.writeback_low.map_or(d.low_pct, |p| p.0),
+            high_pct: self.writeback_high.map_or(d.high_pct, |p| p.0),
+            min_rate: self.writeback_min_rate.map_or(d.min_rate, |r| r.0),
+        };
+        level.check().map_err(|e| {
+            DaemonError::config(format!(
+                "--writeback-low {}% / --writeback-high {}% / --writeback-min-rate {}: {e}",
+                level.low_pct, level.high_pct, level.min_rate
+            ))
+        })?;
+        Ok(Some(level))
     }
 
     /// The shadow directory in effect.
@@ -818,6 +886,34 @@ mod tests {
         );
         let c = ServeConfig::from_toml("backend = \"file:/b\"\nwriteback-rate = 0\n", "t").unwrap();
         assert!(c.writeback_limit().is_unlimited(), "0 is no limit");
+        assert_eq!(
+            c.dirty_level().unwrap(),
+            None,
+            "the controller is off unless asked for"
+        );
+        let c = ServeConfig::from_toml(
+            "backend = \"file:/b\"\nwriteback-low = \"20%\"\nwriteback-min-rate = \"4M\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            c.dirty_level().unwrap(),
+            Some(policies::DirtyLevel {
+                low_pct: 20,
+                high_pct: 70,
+                min_rate: 4 << 20
+            })
+        );
+        let c =
+            ServeConfig::from_toml("backend = \"file:/b\"\nwriteback-high = 50\n", "t").unwrap();
+        assert_eq!(
+            c.dirty_level().unwrap().map(|l| (l.low_pct, l.high_pct)),
+            Some((10, 50))
+        );
+        let e = ServeConfig::from_toml("backend = \"file:/b\"\nwriteback-low = \"150%\"\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'150%' is not a percentage of the cache"), "{e}");
     }
 
     #[test]
@@ -964,6 +1060,37 @@ mod tests {
                     ..base.clone()
                 },
                 "--writeback-rate 65536 bytes/s is below the lowest allowed, 1M",
+            ),
+            (
+                ServeConfig {
+                    writeback_low: Some(Percent(80)),
+                    ..base.clone()
+                },
+                "--writeback-low 80% / --writeback-high 70% / --writeback-min-rate 1048576: \
+                 the low watermark 80% is not below the high one 70%",
+            ),
+            (
+                ServeConfig {
+                    writeback_high: Some(Percent(0)),
+                    ..base.clone()
+                },
+                "the high watermark 0% is not in 1..=100",
+            ),
+            (
+                ServeConfig {
+                    writeback_high: Some(Percent(50)),
+                    writeback_min_rate: Some(ByteSize(1000)),
+                    ..base.clone()
+                },
+                "the minimum write-back rate 1000 bytes/s is below the lowest allowed, 1M",
+            ),
+            (
+                ServeConfig {
+                    writeback_min_rate: Some(ByteSize(8 << 20)),
+                    ..base.clone()
+                },
+                "--writeback-min-rate is the dirty-level controller's floor: give --writeback-low or \
+                 --writeback-high to turn the controller on",
             ),
             (
                 ServeConfig {

@@ -188,6 +188,7 @@ impl Server {
             mode: cfg.mode,
             order: cfg.writeback_order,
             writeback_limit: cfg.writeback_limit(),
+            dirty_level: cfg.dirty_level()?,
             line_size: plan.line_size,
             cache_bytes: cfg.cache_size.map(|s| s.0),
             format: cfg.on_foreign_cache.is_on() || created,

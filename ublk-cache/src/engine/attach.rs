@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
-use policies::{CacheMode, EvictionKind, Pacer, WritebackLimit, WritebackOrder};
+use policies::{
+    CacheMode, DirtyController, DirtyLevel, EvictionKind, Pacer, WritebackLimit, WritebackOrder,
+};
 use rbd_backend::{Backend, BackendChanges, BlockIo};
 use tracing::{info, warn};
 
@@ -60,6 +62,9 @@ pub struct EngineConfig {
     /// How fast background write-back may go (a drain asked for, at stop, a
     /// mode switch or `ctl flush`, is not paced).
     pub writeback_limit: WritebackLimit,
+    /// Pace background write-back by the dirty level between these
+    /// watermarks (`None`: only by `writeback_limit`).
+    pub dirty_level: Option<DirtyLevel>,
 }
 
 impl Default for EngineConfig {
@@ -78,6 +83,7 @@ impl Default for EngineConfig {
             shadow_dir: super::shadow::DEFAULT_DIR.into(),
             eviction: EvictionKind::default(),
             writeback_limit: WritebackLimit::default(),
+            dirty_level: None,
         }
     }
 }
@@ -144,6 +150,8 @@ impl Engine {
             order: cfg.order,
             pacer: Mutex::new(Pacer::new(cfg.writeback_limit)),
             paced_until_ms: AtomicU64::new(0),
+            control: Mutex::new(cfg.dirty_level.map(DirtyController::new)),
+            held_back: AtomicBool::new(false),
             backend,
             size,
             cache,

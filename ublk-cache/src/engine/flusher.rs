@@ -22,10 +22,16 @@ use super::sync::{join_all, run_window, wait_for, Piece};
 use super::{bits, Cache, Engine, Stats, SECTOR};
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
 use crate::format::FormatVersion;
-use policies::WritebackOrder;
+use policies::dirty_control::Sample;
+use policies::{Regime, WritebackOrder};
 
 /// Lines per step at most (one backend flush per step).
 const STEP_LINES: usize = 4096;
+/// Paced, a step holds about this long's worth of lines at the rate (at
+/// least `MIN_PACED_STEP_LINES`): its lines become clean, and the
+/// dirty-level controller sees progress, at its end, not a minute later.
+const PACED_STEP: Duration = Duration::from_secs(1);
+const MIN_PACED_STEP_LINES: usize = 16;
 /// Largest backend write of a step.
 const MAX_EXTENT: u64 = 4 << 20;
 /// Backend writes in flight.
@@ -486,6 +492,9 @@ impl Engine {
                 return Step::Stop;
             }
             let active = self.writeback_active(c);
+            // The rate for this step's size and its writes' (`write_back`).
+            self.steer(c, Instant::now());
+            let step_lines = self.step_lines(c);
             let mut candidates: Vec<(u64, u32)> = Vec::new();
             // Whether an epoch's list was taken: if all of it was stale, the
             // next epoch is looked at at once (an outage with frequent guest
@@ -525,7 +534,7 @@ impl Engine {
                 if r.tag != tag || !r.is_dirty() || r.epoch != ep {
                     continue;
                 }
-                if items.len() >= STEP_LINES {
+                if items.len() >= step_lines {
                     later.push((ep, slot));
                     continue;
                 }
@@ -594,7 +603,7 @@ impl Engine {
             dirty[i] = bits::and_not(&it.dirty, &covered.1);
             covered.1 = bits::or(&covered.1, &it.dirty);
         }
-        let max_extent = self.pacer.lock().limit().max_write(MAX_EXTENT);
+        let max_extent = self.pacer.lock().effective().max_write(MAX_EXTENT);
         let mut extents: Vec<Extent> = Vec::new();
         for (i, it) in items.iter().enumerate() {
             for (s, e, dirty) in bits::runs(&dirty[i], 0, spl) {
@@ -634,48 +643,81 @@ impl Engine {
     /// Wait until the write-back limit lets a backend write of `bytes` go. A
     /// drain asked for (stop, `ctl flush`, a mode switch, migration) goes
     /// unpaced, and so does the rest of a wait once one is asked for.
-    /// Writes in flight together each take their place in the schedule.
+    /// Writes in flight together each take their place in the schedule when
+    /// they may go; the dirty-level controller, if any, lowers the limit's byte
+    /// rate while little is dirty (see `steer`).
     async fn pace(&self, c: &Cache, bytes: u64) {
         let unpaced = || {
             c.st.drain_requests.load(Ordering::Acquire) > 0 || c.st.stopping.load(Ordering::Acquire)
         };
-        if unpaced() {
-            return;
-        }
         let t0 = Instant::now();
-        let (mut limit, wait) = {
-            let mut p = self.pacer.lock();
-            (p.limit(), p.admit(t0, bytes))
-        };
-        if wait.is_zero() {
-            return;
-        }
-        let mut until = t0 + wait;
+        let mut waited = false;
         loop {
-            let now = Instant::now();
-            {
-                // A new limit (`set_writeback_limit`): wait for it instead.
-                let mut p = self.pacer.lock();
-                if p.limit() != limit {
-                    limit = p.limit();
-                    until = now + p.admit(now, bytes);
-                }
-            }
-            let left = until.saturating_duration_since(now);
-            if left.is_zero() || unpaced() {
+            if unpaced() {
                 break;
             }
-            // Drains notify the flusher's event; the slice bounds the check.
-            wait_for(&c.ev.flusher, left.min(Duration::from_millis(100)), unpaced).await;
+            let now = Instant::now();
+            self.steer(c, now);
+            let Err(wait) = self.pacer.lock().try_admit(now, bytes) else {
+                break;
+            };
+            waited = true;
+            self.held_back.store(true, Ordering::Release);
+            // Drains and new limits notify the flusher's event; the slice
+            // bounds the check (and lets the controller look again).
+            wait_for(&c.ev.flusher, wait.min(Duration::from_millis(100)), unpaced).await;
         }
         // Wall time held back: the part of this wait no other wait counted.
         let ms = |t: Instant| t.duration_since(self.born).as_millis() as u64;
         let (start, end) = (ms(t0), ms(Instant::now()));
-        let before = self.paced_until_ms.fetch_max(end, Ordering::AcqRel);
-        Stats::add(
-            &self.stats.writeback_paced_ms,
-            end.saturating_sub(start.max(before)),
+        if waited {
+            let before = self.paced_until_ms.fetch_max(end, Ordering::AcqRel);
+            Stats::add(
+                &self.stats.writeback_paced_ms,
+                end.saturating_sub(start.max(before)),
+            );
+        }
+    }
+
+    /// How many lines the next step may take: `STEP_LINES`, or paced (and
+    /// not draining) about `PACED_STEP`'s worth at the byte rate.
+    fn step_lines(&self, c: &Cache) -> usize {
+        let drain = c.st.drain_requests.load(Ordering::Acquire) > 0
+            || c.st.stopping.load(Ordering::Acquire);
+        match self.pacer.lock().effective().bytes_per_sec {
+            Some(r) if !drain => {
+                let lines = r as f64 * PACED_STEP.as_secs_f64() / c.layout.line_size as f64;
+                (lines as usize).clamp(MIN_PACED_STEP_LINES, STEP_LINES)
+            }
+            _ => STEP_LINES,
+        }
+    }
+
+    /// Let the dirty-level controller (if configured) work out the pacer's
+    /// byte rate again when an update is due, or at once when a guest write
+    /// has begun waiting for room (it must not wait for the next update).
+    fn steer(&self, c: &Cache, now: Instant) {
+        let mut ctl = self.control.lock();
+        let Some(ctl) = ctl.as_mut() else {
+            return;
+        };
+        let guest_waits = c.st.space_waiters.load(Ordering::Acquire) > 0;
+        let newly_waiting = guest_waits && ctl.decision().regime != Regime::GuestWaits;
+        if !ctl.due(now) && !newly_waiting {
+            return;
+        }
+        let ls = c.layout.line_size as u64;
+        let d = ctl.update(
+            now,
+            Sample {
+                dirty: c.st.dirty_lines() * ls,
+                capacity: c.layout.nr_lines * ls,
+                guest_writes: self.stats.write_bytes.load(Ordering::Relaxed),
+                guest_waits,
+                held_back: self.held_back.swap(false, Ordering::AcqRel),
+            },
         );
+        self.pacer.lock().set_controlled_rate(d.rate);
     }
 
     /// Read one extent's pieces from the cache (holding their lines' locks, so

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use event_listener::Event;
 use parking_lot::Mutex;
-use policies::{CacheMode, Pacer, WritebackLimit, WritebackOrder};
+use policies::{CacheMode, DirtyController, Pacer, WritebackLimit, WritebackOrder};
 use rbd_backend::aio::{self, BufSlice, DmaBuf};
 use rbd_backend::{Backend, BlockIo};
 
@@ -114,6 +114,12 @@ pub struct Engine {
     /// Until when (ms after `born`) paced time is counted already: writes that
     /// wait together count once.
     paced_until_ms: AtomicU64,
+    /// Format v1 and v2: the dirty-level controller that lowers the pacer's
+    /// byte rate while little is dirty (`None`: not configured).
+    control: Mutex<Option<DirtyController>>,
+    /// The pacer made a write-back write wait since the controller's last
+    /// update (the controller's anti-windup).
+    held_back: AtomicBool,
     backend: Arc<dyn Backend>,
     size: u64,
     cache: Option<Cache>,
@@ -186,6 +192,18 @@ impl Engine {
         let limit = self.writeback_limit();
         s.writeback_rate_limit = limit.bytes_per_sec.unwrap_or(0);
         s.writeback_iops_limit = limit.writes_per_sec.unwrap_or(0);
+        if let Some(ctl) = self.control.lock().as_ref() {
+            let d = ctl.decision();
+            let l = ctl.level();
+            s.writeback_control = d.regime.as_str().to_string();
+            s.writeback_control_rate = d.rate.unwrap_or(0);
+            s.writeback_control_integral_rate = d.integral_rate;
+            s.writeback_low_pct = l.low_pct as u64;
+            s.writeback_high_pct = l.high_pct as u64;
+            s.writeback_min_rate = l.min_rate;
+        } else {
+            s.writeback_control = "off".into();
+        }
         if let Some(c) = &self.cache {
             let (r, w) = c.store.io_bytes();
             s.cache_read_bytes = r;

@@ -99,6 +99,22 @@ pub struct StatsSnapshot {
     pub writeback_rate_limit: u64,
     #[serde(default)]
     pub writeback_iops_limit: u64,
+    /// The dirty-level controller (`--writeback-low`/`--writeback-high`):
+    /// `off`, or what it does now (`paced`, `above-high`, `guest-idle`,
+    /// `guest-waits`), the byte rate it paces to (0: unpaced), the part of
+    /// that rate its integral term gives, and its settings.
+    #[serde(default)]
+    pub writeback_control: String,
+    #[serde(default)]
+    pub writeback_control_rate: u64,
+    #[serde(default)]
+    pub writeback_control_integral_rate: u64,
+    #[serde(default)]
+    pub writeback_low_pct: u64,
+    #[serde(default)]
+    pub writeback_high_pct: u64,
+    #[serde(default)]
+    pub writeback_min_rate: u64,
     pub backend_errors: u64,
     pub cache_errors: u64,
     pub flushes: u64,

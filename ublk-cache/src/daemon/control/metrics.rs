@@ -145,6 +145,54 @@ impl Collector for StatsCollector {
         ] {
             family(&mut enc, name, help, Gauge, one(v))?;
         }
+        if !e.writeback_control.is_empty() && e.writeback_control != "off" {
+            let capacity = e.cache_lines * e.line_size;
+            for (name, help, v) in [
+                (
+                    "ublk_cache_writeback_pi_rate_bytes",
+                    "The dirty-level controller's write-back rate in bytes per second (0: unpaced).",
+                    e.writeback_control_rate,
+                ),
+                (
+                    "ublk_cache_writeback_pi_integral_rate_bytes",
+                    "The part of the controller's rate that its integral term gives.",
+                    e.writeback_control_integral_rate,
+                ),
+                (
+                    "ublk_cache_writeback_target_bytes",
+                    "The low watermark: dirty line bytes up to which write-back runs at its minimum rate.",
+                    capacity * e.writeback_low_pct / 100,
+                ),
+                (
+                    "ublk_cache_writeback_high_bytes",
+                    "The high watermark: dirty line bytes from which write-back runs unpaced.",
+                    capacity * e.writeback_high_pct / 100,
+                ),
+                (
+                    "ublk_cache_dirty_line_bytes",
+                    "Bytes of the cache lines that hold dirty data (what the watermarks measure).",
+                    e.dirty_lines * e.line_size,
+                ),
+            ] {
+                family(&mut enc, name, help, Gauge, one(v))?;
+            }
+            let regimes: Vec<(Labels, u64)> = policies::Regime::ALL
+                .iter()
+                .map(|r| {
+                    (
+                        vec![("disk", disk.clone()), ("state", r.as_str().to_string())],
+                        (r.as_str() == e.writeback_control) as u64,
+                    )
+                })
+                .collect();
+            family(
+                &mut enc,
+                "ublk_cache_writeback_control",
+                "What the dirty-level controller does now (1 for the current state).",
+                Gauge,
+                regimes,
+            )?;
+        }
         family(
             &mut enc,
             "ublk_cache_requests",
@@ -493,5 +541,32 @@ mod tests {
         assert_eq!(bucket("0.000256"), 2);
         assert_eq!(bucket("0.016384"), 3);
         assert_eq!(bucket("67.108864"), 3);
+        assert!(
+            !text.contains("ublk_cache_writeback_control"),
+            "no controller, no controller metrics:\n{text}"
+        );
+    }
+
+    #[test]
+    fn the_dirty_level_controller_shows_its_state_rate_and_watermarks() {
+        let mut r = reply();
+        r.engine.writeback_control = "paced".into();
+        r.engine.writeback_control_rate = 3 << 20;
+        r.engine.writeback_low_pct = 10;
+        r.engine.writeback_high_pct = 70;
+        r.engine.cache_lines = 100;
+        r.engine.line_size = 1 << 20;
+        r.engine.dirty_lines = 25;
+        let text = render(&r);
+        for want in [
+            "ublk_cache_writeback_control{disk=\"7\",state=\"paced\"} 1",
+            "ublk_cache_writeback_control{disk=\"7\",state=\"above-high\"} 0",
+            "ublk_cache_writeback_pi_rate_bytes{disk=\"7\"} 3145728",
+            "ublk_cache_writeback_target_bytes{disk=\"7\"} 10485760",
+            "ublk_cache_writeback_high_bytes{disk=\"7\"} 73400320",
+            "ublk_cache_dirty_line_bytes{disk=\"7\"} 26214400",
+        ] {
+            assert!(text.contains(want), "no '{want}' in:\n{text}");
+        }
     }
 }
