@@ -38,7 +38,10 @@ Configurations (README.md, section "Benchmarks", says more):
          random, QD1, for BENCH_PACING_SECONDS; the reader's latency against
          the same reads with no drain, and the drain's rate, unpaced, with a
          static --writeback-rate of half the link, and with the dirty-level
-         controller (its default watermarks, 10 % and 70 %).
+         controller (its default watermarks, 10 % and 70 %); then the reader on
+         the draining disk itself (lines it never cached) while unpaced
+         write-back keeps its full window, and while it makes way for the
+         guest's backend reads (the default).
   sparse nbdcopy of a sparse export (1/64 of it data, in 1 MiB extents) to null:,
          ours (serve --mode none) against qemu-nbd on the same file: both answer
          block status, so the copy skips the holes; the ratio is of copy speed.
@@ -861,12 +864,14 @@ def report(p, res, ram, started, host, pacing=None):
                    f"draining {pacing['dirty_mib']} MiB dirty of a {pacing['cache_mib']} MiB cache, the "
                    f"other reading 4 KiB at random, QD1, for up to {pacing['seconds']:g} s "
                    "(medians of the repeats; a read stuck behind a long queue is one sample, so the mean "
-                   "and the maximum are given too):")
+                   "and the maximum are given too; the own- arms read the draining disk itself, "
+                   "against own-alone):")
         out.append("")
         out.append("| arm | reader p50 ms | reader p99 ms | p99 / alone | mean / alone | max ms | "
                    "drain MiB/s | drain / unpaced |")
         out.append("|---|---|---|---|---|---|---|---|")
-        for name in ("alone", "unpaced", "static", "controlled"):
+        for name in ("alone", "unpaced", "static", "controlled",
+                     "own-alone", "own-equal", "own-reads-first"):
             c = a[name]
             out.append(f"| {name} | {c['victim_p50_ms']:.2f} | {c['victim_p99_ms']:.2f} | "
                        f"{c['p99_vs_alone']:.2f}x | {c['mean_vs_alone']:.2f}x | {c['victim_max_ms']:.1f} | "
@@ -942,6 +947,12 @@ def evaluate_targets(p, res, ram, ratios, pacing=None):
                               f"static {pacing['arms']['static']['p99_vs_alone']:.1f}x); the controlled drain "
                               f"ran at {c['drain_vs_unpaced']:.3f}x the unpaced one",
                   "value": c["p99_vs_alone"], "met": c["p99_vs_alone"] <= 2.0})
+        o = pacing["arms"]["own-reads-first"]
+        t.append({"target": "pacing: the disk's own reads during an unpaced drain <= 2x their p99 with no drain",
+                  "measured": f"{o['p99_vs_alone']:.1f}x (full window: "
+                              f"{pacing['arms']['own-equal']['p99_vs_alone']:.0f}x); the drain ran at "
+                              f"{o['drain_vs_unpaced']:.2f}x the unpaced one",
+                  "value": o["p99_vs_alone"], "met": o["p99_vs_alone"] <= 2.0})
     return t
 
 

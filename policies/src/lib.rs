@@ -12,5 +12,5 @@ pub use eviction::{
     ClockPolicy, EvictionBuilder, EvictionKind, EvictionPolicy, LruPolicy, ParseEvictionError,
 };
 pub use mode::{CacheMode, FlushAction, ParseModeError, WriteRoute};
-pub use pacing::{Pacer, WritebackLimit};
+pub use pacing::{BackendPriority, Pacer, WritebackLimit};
 pub use writeback::WritebackOrder;

@@ -10,6 +10,35 @@
 
 use std::time::{Duration, Instant};
 
+/// Who goes first at the backend when the guest's reads and background
+/// write-back both need it. The server cannot reorder the backend's own
+/// queue, but it can keep write-back's part of it short while a guest read
+/// waits behind it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackendPriority {
+    /// While guest reads are at the backend, background write-back keeps at
+    /// most [`READS_FIRST_WINDOW`] writes in flight (a drain asked for, and
+    /// a guest write waiting for room, keep the full window).
+    #[default]
+    GuestReads,
+    /// Write-back keeps its full window whatever the guest does (the
+    /// comparison arm of the benchmarks).
+    Equal,
+}
+
+/// Background write-back writes in flight while guest reads wait at the
+/// backend: one, so that a read waits for at most one write-back write
+/// besides its own turn, and write-back still moves (a write of up to
+/// 4 MiB keeps a link busy for most of its round trip).
+pub const READS_FIRST_WINDOW: u32 = 1;
+
+/// How long after the guest's last backend read write-back still counts the
+/// guest as reading. A guest reading at queue depth 1 has no read at the
+/// backend between one read's end and its next; without this, write-back
+/// would refill its whole window in that gap and the next read would wait
+/// behind all of it.
+pub const READS_LINGER: Duration = Duration::from_millis(10);
+
 /// The limit: either part may be absent (no limit of that kind).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct WritebackLimit {

@@ -58,6 +58,9 @@ pub struct FaultStats {
     pub bytes_zeroed: u64,
     /// Calls failed on purpose (fail_next or read-only), not counted above.
     pub injected_failures: u64,
+    /// The most writes in flight (issued, not yet completed) that a read
+    /// found when it was issued: what a read may queue behind.
+    pub max_writes_ahead_of_a_read: u64,
 }
 
 #[derive(Default)]
@@ -67,6 +70,25 @@ struct Counters {
     bytes_written: AtomicU64,
     bytes_zeroed: AtomicU64,
     injected: AtomicU64,
+    /// Writes issued and not yet completed (whatever their outcome).
+    writes_in_flight: AtomicU64,
+    max_writes_ahead_of_a_read: AtomicU64,
+}
+
+/// A write in `Counters::writes_in_flight` while this lives.
+struct WriteInFlight<'a>(&'a AtomicU64);
+
+impl<'a> WriteInFlight<'a> {
+    fn new(n: &'a AtomicU64) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        WriteInFlight(n)
+    }
+}
+
+impl Drop for WriteInFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -221,6 +243,7 @@ impl<B: BlockIo> FaultyBackend<B> {
             bytes_written: c.bytes_written.load(Ordering::Relaxed),
             bytes_zeroed: c.bytes_zeroed.load(Ordering::Relaxed),
             injected_failures: c.injected.load(Ordering::Relaxed),
+            max_writes_ahead_of_a_read: c.max_writes_ahead_of_a_read.load(Ordering::Relaxed),
         }
     }
 
@@ -231,9 +254,18 @@ impl<B: BlockIo> FaultyBackend<B> {
             &c.bytes_written,
             &c.bytes_zeroed,
             &c.injected,
+            &c.max_writes_ahead_of_a_read,
         ]) {
             a.store(0, Ordering::Relaxed);
         }
+    }
+
+    fn note_read_issued(&self) {
+        let c = &self.counters;
+        c.max_writes_ahead_of_a_read.fetch_max(
+            c.writes_in_flight.load(Ordering::Acquire),
+            Ordering::Relaxed,
+        );
     }
 
     /// Stall, delay, bandwidth and injected faults, in that order, before an op runs.
@@ -373,6 +405,7 @@ impl<B: BlockIo> BlockIo for FaultyBackend<B> {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
+        self.note_read_issued();
         self.before(OpKind::Read, offset, len)?;
         self.inner.read_at(offset, buf)?;
         self.count(OpKind::Read, &self.counters.bytes_read, len);
@@ -381,6 +414,7 @@ impl<B: BlockIo> BlockIo for FaultyBackend<B> {
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         let len = buf.len() as u64;
+        let _w = WriteInFlight::new(&self.counters.writes_in_flight);
         self.before(OpKind::Write, offset, len)?;
         self.inner.write_at(offset, buf)?;
         self.count(OpKind::Write, &self.counters.bytes_written, len);
@@ -397,6 +431,7 @@ impl<B: BlockIo> BlockIo for FaultyBackend<B> {
     fn read_async(&self, offset: u64, dst: crate::aio::BufSlice) -> crate::io::IoFut<'_> {
         Box::pin(async move {
             let len = dst.len() as u64;
+            self.note_read_issued();
             self.before_async(OpKind::Read, offset, len).await?;
             self.inner.read_async(offset, dst).await?;
             self.count(OpKind::Read, &self.counters.bytes_read, len);
@@ -412,6 +447,7 @@ impl<B: BlockIo> BlockIo for FaultyBackend<B> {
     ) -> crate::io::IoFut<'_> {
         Box::pin(async move {
             let len = src.len() as u64;
+            let _w = WriteInFlight::new(&self.counters.writes_in_flight);
             self.before_async(OpKind::Write, offset, len).await?;
             self.inner.write_async(offset, src, mode).await?;
             self.count(OpKind::Write, &self.counters.bytes_written, len);

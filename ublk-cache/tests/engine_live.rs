@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use policies::{CacheMode, DirtyLevel, WritebackLimit};
+use policies::{BackendPriority, CacheMode, DirtyLevel, WritebackLimit};
 use rbd_backend::{Backend, FaultyBackend, MemBackend};
 use testkit::rig::{
     assert_refused, back_engine_refusing_write_back, back_engine_refusing_write_back_on, cfg, mems,
@@ -828,6 +828,70 @@ fn a_guest_write_that_needs_room_is_not_held_by_the_controller() {
     );
     e.shutdown().unwrap();
     assert_eq!(&b.snapshot()[..want.len()], &want[..]);
+}
+
+/// While the guest reads from the backend, write-back keeps one write in
+/// flight, so a read queues behind at most one write-back write; with equal
+/// priority (the comparison) it keeps its whole window. Four readers keep a
+/// read at the backend all the time (30 ms each), each on lines never
+/// cached; 64 dirty lines, none adjacent to another, are 64 writes of 20 ms.
+/// Counted at the backend: the most writes in flight that a read found.
+#[test]
+fn write_back_makes_way_for_the_guests_backend_reads() {
+    for priority in [BackendPriority::GuestReads, BackendPriority::Equal] {
+        let (mem_b, c) = mems(64, 16);
+        let b = Arc::new(
+            FaultyBackend::builder(mem_b.clone())
+                .read_delay(std::time::Duration::from_millis(30))
+                .write_delay(std::time::Duration::from_millis(20))
+                .build(),
+        );
+        let e = open(
+            b.clone(),
+            c,
+            EngineConfig {
+                backend_priority: priority,
+                ..cfg(CacheMode::Back)
+            },
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..4u64)
+            .map(|i| {
+                let (e, stop) = (e.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut k = 0u64;
+                    while !stop.load(Ordering::Acquire) && k < 190 {
+                        read(&e, 16 * MIB + (k * 4 + i) * 65536, 4096);
+                        k += 1;
+                    }
+                })
+            })
+            .collect();
+        eventually(10, "the readers are at the backend", || {
+            b.stats().reads >= 4
+        });
+        let want = dirty_every_other_line(&e, 64);
+        e.flush().unwrap();
+        eventually(60, "write-back ends", || e.stats().dirty_bytes == 0);
+        stop.store(true, Ordering::Release);
+        for r in readers {
+            r.join().unwrap();
+        }
+        let ahead = b.stats().max_writes_ahead_of_a_read;
+        match priority {
+            BackendPriority::GuestReads => assert!(
+                ahead <= 1,
+                "a guest read found {ahead} write-back writes at the backend"
+            ),
+            BackendPriority::Equal => assert!(
+                ahead > 1,
+                "with equal priority a read found only {ahead} writes ahead: the count \
+                 does not see the window"
+            ),
+        }
+        e.shutdown().unwrap();
+        assert_eq!(&mem_b.snapshot()[..want.len()], &want[..]);
+    }
 }
 
 /// A paced write-back is slow, not stalled: an ordered overwrite that waits

@@ -8,10 +8,16 @@
 //! Arms, interleaved in every repeat: `alone` (the victim with no drain),
 //! `unpaced` (write-back as fast as it goes), `static` (`--writeback-rate`
 //! at `--static-rate`) and `controlled` (the dirty-level controller with its
-//! default watermarks, 10 % and 70 %). For each it prints the victim's p50 and
-//! p99 read latency over `--seconds` and the drain's backend write rate over
-//! the same time, then the victim's p99 against `alone` and each drain rate
-//! against `unpaced`, medians over the repeats. One JSON object on stdout.
+//! default watermarks, 10 % and 70 %); then the reader on the draining disk
+//! itself, on lines it never cached: `own-alone` (nothing dirty), `own-equal`
+//! (unpaced write-back keeping its full window) and `own-reads-first`
+//! (write-back making way for the guest's backend reads, the default). For
+//! each it prints the reader's p50, p99, mean and maximum read latency over
+//! `--seconds` (or while write-back runs, if that ends sooner) and the
+//! drain's backend write rate over the same time, then the reader's p99 and
+//! mean against its arm with nothing dirty and each drain rate against
+//! `unpaced`, ratios of the medians over the repeats. One JSON object on
+//! stdout.
 //!
 //!   writeback-pacing [--dirty 256M] [--cache 1G] [--bandwidth 80M]
 //!     [--seconds 10] [--repeats 3] [--static-rate 40M]
@@ -21,7 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use policies::{CacheMode, DirtyLevel, WritebackLimit};
+use policies::{BackendPriority, CacheMode, DirtyLevel, WritebackLimit};
 use rbd_backend::{Backend, FaultyBackend, MemBackend};
 use ublk_cache::target::BlockTarget;
 use ublk_cache::{Engine, EngineConfig};
@@ -66,9 +72,23 @@ enum Arm {
     Unpaced,
     Static,
     Controlled,
+    /// The reader on the draining disk itself (uncached lines), nothing dirty.
+    OwnAlone,
+    /// ... while unpaced write-back keeps its full window.
+    OwnEqual,
+    /// ... while write-back makes way for the guest's reads (the default).
+    OwnReadsFirst,
 }
 
-const ARMS: [Arm; 4] = [Arm::Alone, Arm::Unpaced, Arm::Static, Arm::Controlled];
+const ARMS: [Arm; 7] = [
+    Arm::Alone,
+    Arm::Unpaced,
+    Arm::Static,
+    Arm::Controlled,
+    Arm::OwnAlone,
+    Arm::OwnEqual,
+    Arm::OwnReadsFirst,
+];
 
 impl Arm {
     fn name(self) -> &'static str {
@@ -77,6 +97,28 @@ impl Arm {
             Arm::Unpaced => "unpaced",
             Arm::Static => "static",
             Arm::Controlled => "controlled",
+            Arm::OwnAlone => "own-alone",
+            Arm::OwnEqual => "own-equal",
+            Arm::OwnReadsFirst => "own-reads-first",
+        }
+    }
+
+    /// Whether the reader reads the draining disk (else the other one).
+    fn own(self) -> bool {
+        matches!(self, Arm::OwnAlone | Arm::OwnEqual | Arm::OwnReadsFirst)
+    }
+
+    /// Whether the draining disk starts with dirty data.
+    fn dirty(self) -> bool {
+        !matches!(self, Arm::Alone | Arm::OwnAlone)
+    }
+
+    /// The arm the reader's latency is compared with.
+    fn baseline(self) -> Arm {
+        if self.own() {
+            Arm::OwnAlone
+        } else {
+            Arm::Alone
         }
     }
 }
@@ -127,8 +169,9 @@ fn run_arm(o: &Opts, arm: Arm, seed: u64) -> Result<Cell, String> {
     )
     .map_err(|e| format!("attaching the victim: {e}"))?;
 
+    // The dirty part, then (for the reader on this disk) lines never cached.
     let drain_b = Arc::new(
-        FaultyBackend::builder(Arc::new(MemBackend::new(o.dirty as usize)))
+        FaultyBackend::builder(Arc::new(MemBackend::new((o.dirty + VICTIM_BYTES) as usize)))
             .write_delay(o.write_delay)
             .flush_delay(o.write_delay)
             .read_delay(o.read_delay)
@@ -138,6 +181,11 @@ fn run_arm(o: &Opts, arm: Arm, seed: u64) -> Result<Cell, String> {
     let drain = if arm == Arm::Alone {
         None
     } else {
+        let backend_priority = if arm == Arm::OwnEqual {
+            BackendPriority::Equal
+        } else {
+            BackendPriority::GuestReads
+        };
         let cfg = EngineConfig {
             mode: CacheMode::Back,
             cache_bytes: Some(o.cache),
@@ -147,6 +195,7 @@ fn run_arm(o: &Opts, arm: Arm, seed: u64) -> Result<Cell, String> {
                 writes_per_sec: None,
             },
             dirty_level: (arm == Arm::Controlled).then(DirtyLevel::default),
+            backend_priority,
             ..EngineConfig::default()
         };
         // Room for the metadata besides the lines.
@@ -160,7 +209,7 @@ fn run_arm(o: &Opts, arm: Arm, seed: u64) -> Result<Cell, String> {
         // Dirty whole lines while the backend holds write-back.
         drain_b.stall();
         let data = vec![0x5au8; MIB as usize];
-        for i in 0..o.dirty / MIB {
+        for i in 0..(if arm.dirty() { o.dirty / MIB } else { 0 }) {
             e.write(i * MIB, &data, false)
                 .map_err(|err| format!("dirtying the cache: {err}"))?;
         }
@@ -170,14 +219,18 @@ fn run_arm(o: &Opts, arm: Arm, seed: u64) -> Result<Cell, String> {
 
     drain_b.reset_stats();
     let stop = Arc::new(AtomicBool::new(false));
+    let (read_from, base) = match &drain {
+        Some(e) if arm.own() => (e.clone(), o.dirty),
+        _ => (victim.clone(), 0),
+    };
     let reader = {
-        let (victim, stop) = (victim.clone(), stop.clone());
+        let (victim, stop) = (read_from, stop.clone());
         std::thread::spawn(move || -> Result<Vec<Duration>, String> {
             let mut rng = testkit::Rng::new(seed);
             let mut buf = vec![0u8; 4096];
             let mut lat = Vec::new();
             while !stop.load(Ordering::Acquire) {
-                let off = (rng.next_u64() % (VICTIM_BYTES / 4096)) * 4096;
+                let off = base + (rng.next_u64() % (VICTIM_BYTES / 4096)) * 4096;
                 let t = Instant::now();
                 victim
                     .read(off, &mut buf)
@@ -194,7 +247,7 @@ fn run_arm(o: &Opts, arm: Arm, seed: u64) -> Result<Cell, String> {
     let window = Duration::from_secs_f64(o.seconds);
     while t.elapsed() < window {
         std::thread::sleep(Duration::from_millis(10));
-        if drain.as_ref().is_some_and(|e| e.stats().dirty_bytes == 0) {
+        if arm.dirty() && drain.as_ref().is_some_and(|e| e.stats().dirty_bytes == 0) {
             break;
         }
     }
@@ -258,7 +311,7 @@ fn run() -> Result<(), String> {
         for (i, &arm) in ARMS.iter().enumerate() {
             let c = run_arm(&o, arm, 1000 + r as u64)?;
             eprintln!(
-                "writeback-pacing: repeat {} {:>10}: victim p50 {:.3} p99 {:.3} mean {:.3} max {:.1} ms ({} reads in {:.1} s); drain {:.2} MiB/s, {} MiB still dirty; control {}",
+                "writeback-pacing: repeat {} {:>15}: victim p50 {:.3} p99 {:.3} mean {:.3} max {:.1} ms ({} reads in {:.1} s); drain {:.2} MiB/s, {} MiB still dirty; control {}",
                 r + 1,
                 arm.name(),
                 c.p50_ms,
@@ -275,17 +328,18 @@ fn run() -> Result<(), String> {
         }
     }
     let med = |i: usize, f: fn(&Cell) -> f64| summary(cells[i].iter().map(f).collect()).0;
-    let alone_p99 = med(0, |c| c.p99_ms);
-    let alone_mean = med(0, |c| c.mean_ms);
-    let unpaced_rate = med(1, |c| c.drain_mib_s);
+    let index = |a: Arm| ARMS.iter().position(|&x| x == a).expect("an arm");
+    let unpaced_rate = med(index(Arm::Unpaced), |c| c.drain_mib_s);
     let mut arms = Vec::new();
     for (i, &arm) in ARMS.iter().enumerate() {
+        let alone_p99 = med(index(arm.baseline()), |c| c.p99_ms);
+        let alone_mean = med(index(arm.baseline()), |c| c.mean_ms);
         let p99 = med(i, |c| c.p99_ms);
         let mean = med(i, |c| c.mean_ms);
         let rate = med(i, |c| c.drain_mib_s);
         let vs = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         eprintln!(
-            "writeback-pacing: {:>10}: victim p50 {:.3} ms, p99 {:.3} ms = {:.2}x alone, mean {mean:.3} ms = {:.2}x alone; drain {:.2} MiB/s = {:.3}x unpaced",
+            "writeback-pacing: {:>15}: victim p50 {:.3} ms, p99 {:.3} ms = {:.2}x alone, mean {mean:.3} ms = {:.2}x alone; drain {:.2} MiB/s = {:.3}x unpaced",
             arm.name(),
             med(i, |c| c.p50_ms),
             p99,

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 use policies::{
-    CacheMode, DirtyController, DirtyLevel, EvictionKind, Pacer, WritebackLimit, WritebackOrder,
+    BackendPriority, CacheMode, DirtyController, DirtyLevel, EvictionKind, Pacer, WritebackLimit,
+    WritebackOrder,
 };
 use rbd_backend::{Backend, BackendChanges, BlockIo};
 use tracing::{info, warn};
@@ -65,6 +66,8 @@ pub struct EngineConfig {
     /// Pace background write-back by the dirty level between these
     /// watermarks (`None`: only by `writeback_limit`).
     pub dirty_level: Option<DirtyLevel>,
+    /// Whether write-back makes way for the guest's backend reads.
+    pub backend_priority: BackendPriority,
 }
 
 impl Default for EngineConfig {
@@ -84,6 +87,7 @@ impl Default for EngineConfig {
             eviction: EvictionKind::default(),
             writeback_limit: WritebackLimit::default(),
             dirty_level: None,
+            backend_priority: BackendPriority::default(),
         }
     }
 }
@@ -152,6 +156,10 @@ impl Engine {
             paced_until_ms: AtomicU64::new(0),
             control: Mutex::new(cfg.dirty_level.map(DirtyController::new)),
             held_back: AtomicBool::new(false),
+            backend_priority: cfg.backend_priority,
+            guest_backend_reads: AtomicU32::new(0),
+            writeback_writes: AtomicU32::new(0),
+            guest_read_end_us: AtomicU64::new(0),
             backend,
             size,
             cache,

@@ -23,7 +23,8 @@ use super::{bits, Cache, Engine, Stats, SECTOR};
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
 use crate::format::FormatVersion;
 use policies::dirty_control::Sample;
-use policies::{Regime, WritebackOrder};
+use policies::pacing::{READS_FIRST_WINDOW, READS_LINGER};
+use policies::{BackendPriority, Regime, WritebackOrder};
 
 /// Lines per step at most (one backend flush per step).
 const STEP_LINES: usize = 4096;
@@ -679,6 +680,46 @@ impl Engine {
         }
     }
 
+    /// Wait for a turn at the backend for one write-back write: at once,
+    /// unless the guest reads from the backend (a read is there, or one
+    /// ended within `READS_LINGER`) and no one waits for write-back; then
+    /// write-back keeps `READS_FIRST_WINDOW` writes in flight. The turn ends
+    /// when the returned guard drops.
+    async fn writeback_slot<'a>(&'a self, c: &'a Cache) -> WritebackTurn<'a> {
+        let reading = || {
+            if self.guest_backend_reads.load(Ordering::Acquire) > 0 {
+                return true;
+            }
+            let now = self.born.elapsed().as_micros() as u64;
+            let end = self.guest_read_end_us.load(Ordering::Acquire);
+            end > 0 && now.saturating_sub(end) < READS_LINGER.as_micros() as u64
+        };
+        let yields = || {
+            self.backend_priority == BackendPriority::GuestReads
+                && reading()
+                && !self.writeback_is_awaited()
+        };
+        loop {
+            let n = self.writeback_writes.load(Ordering::Acquire);
+            if n < READS_FIRST_WINDOW || !yields() {
+                if self
+                    .writeback_writes
+                    .compare_exchange(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    return WritebackTurn { e: self, c };
+                }
+                continue;
+            }
+            // Woken when a write-back write ends; the guest's reads end
+            // unannounced, so look again within the linger.
+            wait_for(&c.ev.backend_turn, READS_LINGER / 2, || {
+                self.writeback_writes.load(Ordering::Acquire) < READS_FIRST_WINDOW || !yields()
+            })
+            .await;
+        }
+    }
+
     /// How many lines the next step may take: `STEP_LINES`, or paced (and
     /// not draining) about `PACED_STEP`'s worth at the byte rate.
     fn step_lines(&self, c: &Cache) -> usize {
@@ -793,6 +834,7 @@ impl Engine {
             drop(pins);
         }
         let len = x.len;
+        let _turn = self.writeback_slot(c).await;
         self.backend
             .write_async(x.off, buf.slice_all(), WriteMode::Normal)
             .await
@@ -1037,4 +1079,17 @@ fn newest_in_run(st: &super::state::State, run: &[u32], spl: u32) -> Vec<(u32, u
         }
     }
     out
+}
+
+/// One write-back write's turn at the backend (see `Engine::writeback_slot`).
+struct WritebackTurn<'a> {
+    e: &'a Engine,
+    c: &'a Cache,
+}
+
+impl Drop for WritebackTurn<'_> {
+    fn drop(&mut self) {
+        self.e.writeback_writes.fetch_sub(1, Ordering::AcqRel);
+        self.c.ev.backend_turn.notify(usize::MAX);
+    }
 }

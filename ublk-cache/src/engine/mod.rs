@@ -40,7 +40,9 @@ use std::time::{Duration, Instant};
 
 use event_listener::Event;
 use parking_lot::Mutex;
-use policies::{CacheMode, DirtyController, Pacer, WritebackLimit, WritebackOrder};
+use policies::{
+    BackendPriority, CacheMode, DirtyController, Pacer, WritebackLimit, WritebackOrder,
+};
 use rbd_backend::aio::{self, BufSlice, DmaBuf};
 use rbd_backend::{Backend, BlockIo};
 
@@ -68,6 +70,8 @@ struct Events {
     progress: Event,
     /// Work for the flusher.
     flusher: Event,
+    /// A write-back write finished (see `Engine::writeback_slot`).
+    backend_turn: Event,
 }
 
 /// The part of the engine that exists only when a cache device is attached.
@@ -120,6 +124,13 @@ pub struct Engine {
     /// The pacer made a write-back write wait since the controller's last
     /// update (the controller's anti-windup).
     held_back: AtomicBool,
+    backend_priority: BackendPriority,
+    /// The guest's reads at the backend now (misses), and write-back's
+    /// writes: while there are the former, the latter stay few.
+    guest_backend_reads: AtomicU32,
+    writeback_writes: AtomicU32,
+    /// When (µs after `born`) the guest's last backend read ended.
+    guest_read_end_us: AtomicU64,
     backend: Arc<dyn Backend>,
     size: u64,
     cache: Option<Cache>,

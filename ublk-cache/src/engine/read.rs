@@ -64,6 +64,13 @@ impl Engine {
         })
     }
 
+    /// A backend read for the guest (a miss): counted while at the backend,
+    /// so that write-back makes way for it (`Engine::writeback_slot`).
+    pub(super) async fn guest_backend_read(&self, offset: u64, dst: BufSlice) -> EngineResult<()> {
+        let _at_backend = GuestBackendRead::new(self);
+        self.backend_read(offset, dst).await
+    }
+
     pub(super) async fn read_impl(&self, offset: u64, dst: BufSlice) -> EngineResult<()> {
         let Some(c) = self.cache() else {
             Stats::add(&self.stats.read_misses, 1);
@@ -312,7 +319,10 @@ impl Engine {
             for (a, buf) in &fetched {
                 let s = buf.slice_all();
                 let a = *a;
-                pieces.push(Box::pin(self.backend_read(a, s)));
+                pieces.push(match who {
+                    Reader::Guest => Box::pin(self.guest_backend_read(a, s)),
+                    Reader::Preload => Box::pin(self.backend_read(a, s)),
+                });
             }
             for r in join_all(pieces).await {
                 r?;
@@ -446,5 +456,31 @@ impl Engine {
             }
         }
         drop(guards);
+    }
+}
+
+/// One guest read at the backend, counted in `Engine::guest_backend_reads`
+/// while this lives.
+struct GuestBackendRead<'a>(&'a Engine);
+
+impl<'a> GuestBackendRead<'a> {
+    fn new(e: &'a Engine) -> Self {
+        e.guest_backend_reads
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        GuestBackendRead(e)
+    }
+}
+
+impl Drop for GuestBackendRead<'_> {
+    fn drop(&mut self) {
+        // Write-back looks at the time of the last end (`READS_LINGER`), so
+        // the end wakes nothing.
+        let e = self.0;
+        e.guest_read_end_us.store(
+            e.born.elapsed().as_micros() as u64,
+            std::sync::atomic::Ordering::Release,
+        );
+        e.guest_backend_reads
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

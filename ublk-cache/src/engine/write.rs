@@ -592,7 +592,7 @@ impl Engine {
                 .and_then(|e| e.2);
             match src {
                 Some(from) => c.store.read_async(from, off, part).await?,
-                None => self.backend_read(line_base + off, part).await?,
+                None => self.guest_backend_read(line_base + off, part).await?,
             }
         }
         let crcs = {
