@@ -1,6 +1,7 @@
 //! The per-disk attributes of the feature request (CACHE_MODE, CACHE_SIZE,
-//! PRELOAD_SIZE) and the two ublk-cache adds (CACHE_WRITEBACK_ORDER,
-//! CACHE_PRELOAD_RATE): their values, parsed strictly. Sizes are in MB, the
+//! PRELOAD_SIZE) and the ones ublk-cache adds (CACHE_WRITEBACK_ORDER,
+//! CACHE_PRELOAD_RATE, CACHE_WRITEBACK_RATE, CACHE_WRITEBACK_LOW): their
+//! values, parsed strictly. Sizes are in MB, the
 //! OpenNebula convention (DISK/SIZE is MB too); a K/M/G/T suffix is accepted.
 
 use crate::error::{Error, Result};
@@ -126,9 +127,49 @@ pub fn parse_rate(name: &str, v: &str) -> Result<u64> {
     parse_mb(name, t, true)
 }
 
+/// The high watermark the driver leaves at ublk-cache's default: a
+/// CACHE_WRITEBACK_LOW must be below it.
+pub const WRITEBACK_HIGH_PCT: u8 = 70;
+
+/// CACHE_WRITEBACK_LOW: `OFF` (write-back as fast as CACHE_WRITEBACK_RATE
+/// lets it) or a percentage of the cache below the high watermark, `10` or
+/// `10%` (ublk-cache's `--writeback-low`: write-back paced by the dirty level).
+pub fn parse_writeback_low(name: &str, v: &str) -> Result<Option<u8>> {
+    let t = v.trim();
+    if t.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let n = t.strip_suffix('%').unwrap_or(t).trim();
+    match n.parse::<u8>() {
+        Ok(p) if p < WRITEBACK_HIGH_PCT => Ok(Some(p)),
+        _ => Err(Error::Attribute(format!(
+            "{name}='{v}' is not OFF or a percentage of the cache below {WRITEBACK_HIGH_PCT} \
+             (the high watermark), as 10 or 10%"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writeback_low() {
+        assert_eq!(parse_writeback_low("X", "OFF").unwrap(), None);
+        assert_eq!(parse_writeback_low("X", " off ").unwrap(), None);
+        assert_eq!(parse_writeback_low("X", "10").unwrap(), Some(10));
+        assert_eq!(parse_writeback_low("X", "25%").unwrap(), Some(25));
+        assert_eq!(parse_writeback_low("X", "0").unwrap(), Some(0));
+        for bad in ["70", "100%", "-1", "ten", ""] {
+            let e = parse_writeback_low("CACHE_WRITEBACK_LOW", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&format!("CACHE_WRITEBACK_LOW='{bad}'")) && e.contains("below 70"),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn modes() {

@@ -87,6 +87,8 @@ pub struct HostConf {
     /// MB/s of background write-back per disk (0: unlimited).
     pub writeback_rate_mb: u64,
     pub writeback_order: WritebackOrder,
+    /// CACHE_WRITEBACK_LOW for disks that set none (`None`: the controller off).
+    pub writeback_low_pct: Option<u8>,
     pub wait_live_s: u64,
     pub stop_timeout_s: u64,
     /// Directories CEPH_CONF and CEPH_KEY may be in: root reads them on
@@ -122,6 +124,7 @@ const KEYS: &[&str] = &[
     "PRELOAD_RATE_MB",
     "WRITEBACK_RATE_MB",
     "WRITEBACK_ORDER",
+    "WRITEBACK_LOW",
     "WAIT_LIVE_S",
     "STOP_TIMEOUT_S",
     "CEPH_PATHS",
@@ -249,6 +252,11 @@ impl HostConf {
                 WritebackOrder::parse(v).map_err(|e| bad(format!("WRITEBACK_ORDER: {e}")))?
             }
         };
+        let writeback_low_pct = match get("WRITEBACK_LOW") {
+            None | Some("") => None,
+            Some(v) => crate::attrs::parse_writeback_low("WRITEBACK_LOW", v)
+                .map_err(|e| bad(e.to_string()))?,
+        };
         Ok(HostConf {
             path: path.to_path_buf(),
             ls_mad,
@@ -270,6 +278,7 @@ impl HostConf {
             preload_rate_mb: num("PRELOAD_RATE_MB", 100)?,
             writeback_rate_mb: num("WRITEBACK_RATE_MB", 0)?,
             writeback_order,
+            writeback_low_pct,
             wait_live_s: num("WAIT_LIVE_S", 150)?.max(1),
             stop_timeout_s: num("STOP_TIMEOUT_S", 0)?,
             ceph_paths: get("CEPH_PATHS")

@@ -3,7 +3,7 @@
 //! checks happen here, before anything is created.
 //!
 //! Precedence for CACHE_MODE, CACHE_SIZE, PRELOAD_SIZE, CACHE_WRITEBACK_ORDER,
-//! CACHE_PRELOAD_RATE and CACHE_WRITEBACK_RATE: the DISK (which oned fills from the image and the
+//! CACHE_PRELOAD_RATE, CACHE_WRITEBACK_RATE and CACHE_WRITEBACK_LOW: the DISK (which oned fills from the image and the
 //! image datastore through INHERIT_IMAGE_ATTR / INHERIT_DATASTORE_ATTR), then
 //! the image datastore's template (in case oned.conf lacks the INHERIT lines),
 //! then the system datastore's template, then one.conf, then the built-in
@@ -11,7 +11,9 @@
 
 use std::path::PathBuf;
 
-use crate::attrs::{parse_mb, parse_rate, CacheMode, OneMode, OneOrder, WritebackOrder};
+use crate::attrs::{
+    parse_mb, parse_rate, parse_writeback_low, CacheMode, OneMode, OneOrder, WritebackOrder,
+};
 use crate::bundle::{Attrs, Bundle};
 use crate::conf::{HostConf, LsMad};
 use crate::error::{Error, Result};
@@ -42,6 +44,9 @@ pub struct DiskSpec {
     pub order: WritebackOrder,
     /// MB/s that background write-back may send to the image (0: unlimited).
     pub writeback_rate_mb: u64,
+    /// Percent of the cache write-back may leave dirty at its minimum rate
+    /// (the dirty-level controller; `None`: off).
+    pub writeback_low_pct: Option<u8>,
 }
 
 /// MB of cache that hold a whole disk of `size_mb` (OFFLINE): the data, plus an
@@ -383,6 +388,11 @@ pub fn resolve(
             .map_err(|e| attr(format!("{e} (from the {from})")))?,
         None => conf.writeback_rate_mb,
     };
+    let writeback_low_pct = match layers.get("CACHE_WRITEBACK_LOW") {
+        Some((v, from)) => parse_writeback_low("CACHE_WRITEBACK_LOW", v)
+            .map_err(|e| attr(format!("{e} (from the {from})")))?,
+        None => conf.writeback_low_pct,
+    };
     Ok(DiskSpec {
         image,
         size_mb,
@@ -394,6 +404,7 @@ pub fn resolve(
         preload_rate_mb,
         order,
         writeback_rate_mb,
+        writeback_low_pct,
     })
 }
 
@@ -522,6 +533,75 @@ mod tests {
     }
 
     #[test]
+    fn the_dirty_level_controller_comes_from_the_disk_or_the_host() {
+        let mut n = Vec::new();
+        for (host, disk, image_ds, want) in [
+            ("", "", "", None),
+            ("WRITEBACK_LOW=10%", "", "", Some(10)),
+            (
+                "WRITEBACK_LOW=10",
+                "",
+                "<CACHE_WRITEBACK_LOW>30</CACHE_WRITEBACK_LOW>",
+                Some(30),
+            ),
+            (
+                "WRITEBACK_LOW=10",
+                "<CACHE_WRITEBACK_LOW>OFF</CACHE_WRITEBACK_LOW>",
+                "<CACHE_WRITEBACK_LOW>30</CACHE_WRITEBACK_LOW>",
+                None,
+            ),
+        ] {
+            let c = conf(host);
+            let b = bundle(
+                &format!("<TYPE>BLOCK</TYPE><CACHE_MODE>BACK</CACHE_MODE>{disk}"),
+                image_ds,
+                "",
+            );
+            let s = resolve(&b, &c, 7, 0, Some(100), &mut n).unwrap();
+            assert_eq!(s.writeback_low_pct, want, "{host} {disk} {image_ds}");
+            // The server's config says so, in ublk-cache's own terms.
+            let rec = crate::state::DiskRecord {
+                vm: 7,
+                disk: 0,
+                state: crate::state::DiskState::Attaching,
+                backend: s.image.backend.to_string(),
+                clone_created: false,
+                read_only: false,
+                mode: s.mode,
+                ls: Some(crate::state::LsAlloc {
+                    mad: "file".into(),
+                    name: "one-7-0".into(),
+                    mb: s.cache_mb,
+                    path: "/srv/ls/one-7-0".into(),
+                }),
+                export: c.export,
+                ublk_id: Some(3),
+                socket: None,
+                launcher: c.launcher,
+                toml: "/etc/ublk-cache/one-7-0.toml".into(),
+                link: "/l".into(),
+                disk_links: Vec::new(),
+                migrate_in: false,
+                since: 0,
+            };
+            // This test's ublk-cache is built without its RBD backend, which
+            // refuses an rbd: backend by name; the rest is what is checked.
+            let text = crate::server::server_toml(&c, &s, &rec)
+                .replace("\"rbd:one/one-5\"", "\"file:/one-5\"");
+            let served = ublk_cache::daemon::config::ServeConfig::from_toml(&text, "t")
+                .unwrap_or_else(|e| panic!("{e}:\n{text}"));
+            assert_eq!(
+                served
+                    .dirty_level()
+                    .unwrap()
+                    .map(|l| (l.low_pct, l.high_pct)),
+                want.map(|p| (p, 70)),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_values_are_refused_by_name() {
         let c = conf("");
         for (disk, want) in [
@@ -550,6 +630,10 @@ mod tests {
             (
                 "<CACHE_WRITEBACK_RATE>-1</CACHE_WRITEBACK_RATE>",
                 "CACHE_WRITEBACK_RATE='-1'",
+            ),
+            (
+                "<CACHE_WRITEBACK_LOW>80%</CACHE_WRITEBACK_LOW>",
+                "CACHE_WRITEBACK_LOW='80%' is not OFF or a percentage of the cache below 70",
             ),
             ("<SHAREABLE>YES</SHAREABLE>", "SHAREABLE"),
             (

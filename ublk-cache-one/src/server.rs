@@ -71,6 +71,9 @@ pub fn server_toml(conf: &HostConf, spec: &DiskSpec, rec: &DiskRecord) -> String
                 s(&format!("{}M", spec.writeback_rate_mb)),
             );
         }
+        if let Some(p) = spec.writeback_low_pct {
+            t.insert("writeback-low".into(), s(&format!("{p}%")));
+        }
     }
     let export = match (rec.export, &rec.socket) {
         (Export::Nbd, Some(sock)) => format!("nbd:unix:{}", sock.display()),
