@@ -64,6 +64,12 @@ impl DirtyLevel {
                 self.low_pct, self.high_pct
             ));
         }
+        if self.min_rate > MAX_MIN_RATE {
+            return Err(format!(
+                "the minimum write-back rate {} bytes/s is above the highest allowed, 1T",
+                self.min_rate
+            ));
+        }
         if self.min_rate < MIN_BYTES_PER_SEC {
             return Err(format!(
                 "the minimum write-back rate {} bytes/s is below the lowest allowed, 1M: slower, \
@@ -78,6 +84,12 @@ impl DirtyLevel {
         (capacity as u128 * pct as u128 / 100) as u64
     }
 }
+
+/// The highest minimum rate: far above any backend, and far below the
+/// controller's ceiling.
+pub const MAX_MIN_RATE: u64 = 1 << 40;
+/// The controller's rate at most (keeps the arithmetic finite).
+const CEILING: f64 = (1u64 << 50) as f64;
 
 /// The dirty data above the low watermark that the proportional term alone
 /// retires in this many seconds (bcache's `writeback_rate_p_term_inverse`).
@@ -237,17 +249,19 @@ impl DirtyController {
         // Integrate only while the rate is what limits write-back, and
         // unwind whenever below the low watermark.
         if paced && ((error < 0.0 && self.integral > 0.0) || (error > 0.0 && s.held_back)) {
-            self.integral = (self.integral + error * dt).max(0.0);
+            // At most as much as would add the rate that retires the whole
+            // cache in `P_SECONDS`: a long stretch held back (a slow backend
+            // that the held-back test misjudged) cannot wind it up without end.
+            let cap = s.capacity as f64 * I_SECONDS2 / P_SECONDS;
+            self.integral = (self.integral + error * dt).clamp(0.0, cap);
         }
         let integral_rate = self.integral / I_SECONDS2;
         let pi = error / P_SECONDS + integral_rate;
-        // Far above any backend; keeps the conversion finite.
-        let ceiling = (1u64 << 50) as f64;
-        let rate = pi.clamp(self.level.min_rate as f64, ceiling) as u64;
+        let rate = pi.max(self.level.min_rate as f64).min(CEILING) as u64;
         self.decision = Decision {
             regime,
             rate: paced.then_some(rate),
-            integral_rate: integral_rate.min(ceiling) as u64,
+            integral_rate: integral_rate.min(CEILING) as u64,
             low_bytes: low,
             high_bytes: high,
         };
@@ -412,5 +426,41 @@ mod tests {
         .check()
         .unwrap_err();
         assert!(e.contains("4096 bytes/s"), "{e}");
+        let e = DirtyLevel {
+            min_rate: u64::MAX,
+            ..ok
+        }
+        .check()
+        .unwrap_err();
+        assert!(e.contains("above the highest allowed, 1T"), "{e}");
+    }
+
+    #[test]
+    fn a_huge_minimum_rate_does_not_panic_the_controller() {
+        // Refused by `check`, but an unchecked one must not panic either.
+        let mut c = DirtyController::new(DirtyLevel {
+            min_rate: u64::MAX,
+            ..DirtyLevel::default()
+        });
+        let d = c.update(Instant::now(), sample(0, 0, false));
+        assert_eq!(d.rate, Some(1 << 50));
+    }
+
+    #[test]
+    fn the_integral_is_capped_at_the_rate_that_retires_the_cache_in_forty_seconds() {
+        let mut c = DirtyController::new(DirtyLevel::default());
+        let mut t = Instant::now();
+        let dirty = GIB / 2;
+        for i in 0..10_000 {
+            t += UPDATE_EVERY;
+            c.update(t, sample(dirty, i, true));
+        }
+        let cap = (GIB as f64 / P_SECONDS) as u64;
+        let d = c.decision();
+        assert!(
+            d.integral_rate <= cap && d.integral_rate >= cap - 1,
+            "{} vs {cap}",
+            d.integral_rate
+        );
     }
 }

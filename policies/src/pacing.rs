@@ -73,11 +73,11 @@ impl WritebackLimit {
     /// What one write of `bytes` costs at this limit: the longer of the two.
     pub fn cost(&self, bytes: u64) -> Duration {
         let by_bytes = self.bytes_per_sec.map_or(Duration::ZERO, |r| {
-            Duration::from_secs_f64(bytes as f64 / r as f64)
+            Duration::from_secs_f64(bytes as f64 / r.max(1) as f64)
         });
-        let by_writes = self
-            .writes_per_sec
-            .map_or(Duration::ZERO, |r| Duration::from_secs_f64(1.0 / r as f64));
+        let by_writes = self.writes_per_sec.map_or(Duration::ZERO, |r| {
+            Duration::from_secs_f64(1.0 / r.max(1) as f64)
+        });
         by_bytes.max(by_writes)
     }
 }
@@ -158,6 +158,14 @@ impl Pacer {
     /// write admitted on, as `set_limit`.
     pub fn set_controlled_rate(&mut self, rate: Option<u64>) {
         self.controlled = rate;
+    }
+
+    /// Whether the controller's rate, not the static limit, sets what a write
+    /// of `bytes` costs.
+    pub fn controller_binds(&self, bytes: u64) -> bool {
+        self.controlled.is_some_and(|r| {
+            Duration::from_secs_f64(bytes as f64 / r.max(1) as f64) >= self.limit.cost(bytes)
+        })
     }
 
     /// Admit one write of `bytes` at `now`, or say how long to wait before
@@ -301,5 +309,20 @@ mod tests {
         let mut p = Pacer::new(WritebackLimit::default());
         p.set_controlled_rate(Some(2 * MIB));
         assert_eq!(p.effective(), limit(Some(2 * MIB), None));
+    }
+
+    #[test]
+    fn the_controller_binds_only_where_it_is_the_tighter_limit() {
+        let mut p = Pacer::new(limit(Some(10 * MIB), Some(100)));
+        assert!(!p.controller_binds(MIB), "no controller rate");
+        p.set_controlled_rate(Some(MIB));
+        assert!(p.controller_binds(MIB));
+        // 4 KiB at 1 MiB/s is 4 ms, the 100 writes/s limit 10 ms: the static one.
+        assert!(!p.controller_binds(4096));
+        p.set_controlled_rate(Some(100 * MIB));
+        assert!(!p.controller_binds(MIB));
+        // A rate of zero (never configured so) costs like 1 byte/s, no panic.
+        p.set_controlled_rate(Some(0));
+        assert!(p.controller_binds(MIB));
     }
 }

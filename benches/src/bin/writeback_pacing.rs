@@ -19,8 +19,8 @@
 //! `unpaced`, ratios of the medians over the repeats. One JSON object on
 //! stdout.
 //!
-//!   writeback-pacing [--dirty 256M] [--cache 1G] [--bandwidth 80M]
-//!     [--seconds 10] [--repeats 3] [--static-rate 40M]
+//!   writeback-pacing [--dirty 256M] [--cache 1G] [--bandwidth 80000000]
+//!     [--seconds 10] [--repeats 3] [--static-rate 40000000]
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -46,8 +46,9 @@ struct Opts {
     /// The draining disk's cache.
     #[arg(long, value_parser = parse_size, default_value = "1G")]
     cache: u64,
-    /// The shared link's bytes per second.
-    #[arg(long, value_parser = parse_size, default_value = "80M")]
+    /// The shared link's bytes per second (80 MB/s, the figure of Ceph in
+    /// the original request).
+    #[arg(long, value_parser = parse_size, default_value = "80000000")]
     bandwidth: u64,
     /// Each backend read waits this long first (besides the link).
     #[arg(long, value_parser = parse_ms, default_value = "1")]
@@ -62,7 +63,7 @@ struct Opts {
     repeats: usize,
     /// The `static` arm's --writeback-rate (by default half the link: the
     /// share a static cap gives one of two draining disks).
-    #[arg(long, value_parser = parse_size, default_value = "40M")]
+    #[arg(long, value_parser = parse_size, default_value = "40000000")]
     static_rate: u64,
 }
 

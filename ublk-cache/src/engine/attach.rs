@@ -129,6 +129,14 @@ impl Engine {
                 format!("backend size {size} is not a positive multiple of 4096 bytes"),
             ));
         }
+        if let Some(l) = cfg.dirty_level {
+            l.check().map_err(|e| {
+                refuse(
+                    EngineErrorKind::Config,
+                    format!("write-back dirty-level control: {e}"),
+                )
+            })?;
+        }
         let cache = match cache_dev {
             Some(dev) => Some(Self::attach_cache(backend.as_ref(), dev, &cfg)?),
             None if cfg.mode.uses_cache() => {

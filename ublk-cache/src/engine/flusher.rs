@@ -604,7 +604,16 @@ impl Engine {
             dirty[i] = bits::and_not(&it.dirty, &covered.1);
             covered.1 = bits::or(&covered.1, &it.dirty);
         }
-        let max_extent = self.pacer.lock().effective().max_write(MAX_EXTENT);
+        // Paced, extents are planned one burst long at the rate (so that few
+        // bytes wait in buffers); a write is cut again if the rate is lower
+        // when it goes (`pace`). Drains go in whole extents.
+        let drain = c.st.drain_requests.load(Ordering::Acquire) > 0
+            || c.st.stopping.load(Ordering::Acquire);
+        let max_extent = if drain {
+            MAX_EXTENT
+        } else {
+            self.pacer.lock().effective().max_write(MAX_EXTENT)
+        };
         let mut extents: Vec<Extent> = Vec::new();
         for (i, it) in items.iter().enumerate() {
             for (s, e, dirty) in bits::runs(&dirty[i], 0, spl) {
@@ -641,33 +650,57 @@ impl Engine {
         Ok(bytes)
     }
 
-    /// Wait until the write-back limit lets a backend write of `bytes` go. A
-    /// drain asked for (stop, `ctl flush`, a mode switch, migration) goes
-    /// unpaced, and so does the rest of a wait once one is asked for.
-    /// Writes in flight together each take their place in the schedule when
-    /// they may go; the dirty-level controller, if any, lowers the limit's byte
+    /// Wait until the write-back limit lets the next backend write go, and
+    /// say how many of the `left` bytes it may carry: all of them unpaced (no
+    /// limit, or a drain asked for: stop, `ctl flush`, a mode switch,
+    /// migration, and the rest of a wait once one is asked for), else at most
+    /// one burst's worth at the rate in effect when it is admitted
+    /// (`WritebackLimit::max_write`). Sizing each write at its admission keeps
+    /// every paced write short whatever the rate did since the step was
+    /// planned (the controller changes it every quarter second): write-back
+    /// finishes a write every fraction of a second, so a paced write-back never
+    /// looks stalled (after 2 s of no progress, ordered overwrites stop
+    /// waiting for it). The dirty-level controller, if any, lowers the byte
     /// rate while little is dirty (see `steer`).
-    async fn pace(&self, c: &Cache, bytes: u64) {
+    async fn pace(&self, c: &Cache, left: u64) -> u64 {
         let unpaced = || {
             c.st.drain_requests.load(Ordering::Acquire) > 0 || c.st.stopping.load(Ordering::Acquire)
         };
         let t0 = Instant::now();
         let mut waited = false;
-        loop {
+        let n = loop {
             if unpaced() {
-                break;
+                break left;
             }
             let now = Instant::now();
             self.steer(c, now);
-            let Err(wait) = self.pacer.lock().try_admit(now, bytes) else {
-                break;
+            let wait = {
+                let mut p = self.pacer.lock();
+                let limit = p.effective();
+                if limit.is_unlimited() {
+                    break left;
+                }
+                // Whole sectors, at least one (and never more than is left).
+                let n = (limit.max_write(MAX_EXTENT) / SECTOR * SECTOR)
+                    .max(SECTOR)
+                    .min(left);
+                match p.try_admit(now, n) {
+                    Ok(()) => break n,
+                    Err(wait) => {
+                        // Only when the controller's rate is what holds this
+                        // write back does more of it help (anti-windup).
+                        if p.controller_binds(n) {
+                            self.held_back.store(true, Ordering::Release);
+                        }
+                        wait
+                    }
+                }
             };
             waited = true;
-            self.held_back.store(true, Ordering::Release);
             // Drains and new limits notify the flusher's event; the slice
             // bounds the check (and lets the controller look again).
             wait_for(&c.ev.flusher, wait.min(Duration::from_millis(100)), unpaced).await;
-        }
+        };
         // Wall time held back: the part of this wait no other wait counted.
         let ms = |t: Instant| t.duration_since(self.born).as_millis() as u64;
         let (start, end) = (ms(t0), ms(Instant::now()));
@@ -678,13 +711,15 @@ impl Engine {
                 end.saturating_sub(start.max(before)),
             );
         }
+        n
     }
 
     /// Wait for a turn at the backend for one write-back write: at once,
     /// unless the guest reads from the backend (a read is there, or one
-    /// ended within `READS_LINGER`) and no one waits for write-back; then
-    /// write-back keeps `READS_FIRST_WINDOW` writes in flight. The turn ends
-    /// when the returned guard drops.
+    /// ended within `READS_LINGER`), no one waits for write-back and the
+    /// cache is not at its high watermark; then write-back keeps
+    /// `READS_FIRST_WINDOW` writes in flight. The turn ends when the returned
+    /// guard drops.
     async fn writeback_slot<'a>(&'a self, c: &'a Cache) -> WritebackTurn<'a> {
         let reading = || {
             if self.guest_backend_reads.load(Ordering::Acquire) > 0 {
@@ -694,10 +729,17 @@ impl Engine {
             let end = self.guest_read_end_us.load(Ordering::Acquire);
             end > 0 && now.saturating_sub(end) < READS_LINGER.as_micros() as u64
         };
+        let above_high = || {
+            self.control
+                .lock()
+                .as_ref()
+                .is_some_and(|ctl| ctl.decision().regime == Regime::AboveHigh)
+        };
         let yields = || {
             self.backend_priority == BackendPriority::GuestReads
                 && reading()
                 && !self.writeback_is_awaited()
+                && !above_high()
         };
         loop {
             let n = self.writeback_writes.load(Ordering::Acquire);
@@ -711,9 +753,9 @@ impl Engine {
                 }
                 continue;
             }
-            // Woken when a write-back write ends; the guest's reads end
-            // unannounced, so look again within the linger.
-            wait_for(&c.ev.backend_turn, READS_LINGER / 2, || {
+            // Woken, one waiter at a time, when a write-back write ends; the
+            // guest's reads end unannounced, so look again after the linger.
+            wait_for(&c.ev.backend_turn, READS_LINGER, || {
                 self.writeback_writes.load(Ordering::Acquire) < READS_FIRST_WINDOW || !yields()
             })
             .await;
@@ -765,8 +807,9 @@ impl Engine {
     /// no overwrite of the same epoch interleaves with the read), then write it.
     async fn write_extent(&self, c: &Cache, items: &[Item], x: &Extent) -> EngineResult<()> {
         let st = &c.st;
-        // Before any line lock: a paced wait must not hold up the guest.
-        self.pace(c, x.len).await;
+        // Before any line lock: a paced wait must not hold up the guest. (And
+        // no buffer is held while the first write waits.)
+        let mut n = self.pace(c, x.len).await;
         let buf = DmaBuf::new(x.len as usize);
         {
             let mut guards = Vec::new();
@@ -833,20 +876,30 @@ impl Engine {
             }
             drop(pins);
         }
-        let len = x.len;
-        let _turn = self.writeback_slot(c).await;
-        self.backend
-            .write_async(x.off, buf.slice_all(), WriteMode::Normal)
-            .await
-            .map_err(|e| {
-                Stats::add(&self.stats.backend_errors, 1);
-                EngineError::backend(&format!("write-back at {}+{len}", x.off), e)
-            })?;
-        // Progress within a step: a paced step can take longer than the time
-        // after which a stalled write-back counts as an outage (and ordered
-        // overwrites would give up waiting).
-        self.note_writeback_progress();
-        Ok(())
+        // One write, or (paced at a rate lower than when the step was
+        // planned) several, each as long as the rate allows when it goes.
+        let mut at = 0u64;
+        loop {
+            let turn = self.writeback_slot(c).await;
+            let off = x.off + at;
+            self.backend
+                .write_async(off, buf.slice(at as usize, n as usize), WriteMode::Normal)
+                .await
+                .map_err(|e| {
+                    Stats::add(&self.stats.backend_errors, 1);
+                    EngineError::backend(&format!("write-back at {off}+{n}"), e)
+                })?;
+            drop(turn);
+            // Progress within a step: a paced step can take longer than the
+            // time after which a stalled write-back counts as an outage (and
+            // ordered overwrites would give up waiting).
+            self.note_writeback_progress();
+            at += n;
+            if at >= x.len {
+                return Ok(());
+            }
+            n = self.pace(c, x.len - at).await;
+        }
     }
 
     /// Format v2, after a step whose watermark is durable: versions it covers
@@ -1090,6 +1143,6 @@ struct WritebackTurn<'a> {
 impl Drop for WritebackTurn<'_> {
     fn drop(&mut self) {
         self.e.writeback_writes.fetch_sub(1, Ordering::AcqRel);
-        self.c.ev.backend_turn.notify(usize::MAX);
+        self.c.ev.backend_turn.notify(1);
     }
 }

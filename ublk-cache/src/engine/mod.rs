@@ -209,6 +209,7 @@ impl Engine {
             s.writeback_control = d.regime.as_str().to_string();
             s.writeback_control_rate = d.rate.unwrap_or(0);
             s.writeback_control_integral_rate = d.integral_rate;
+            s.writeback_control_low_bytes = d.low_bytes;
             s.writeback_low_pct = l.low_pct as u64;
             s.writeback_high_pct = l.high_pct as u64;
             s.writeback_min_rate = l.min_rate;

@@ -102,13 +102,16 @@ pub struct StatsSnapshot {
     /// The dirty-level controller (`--writeback-low`/`--writeback-high`):
     /// `off`, or what it does now (`paced`, `above-high`, `guest-idle`,
     /// `guest-waits`), the byte rate it paces to (0: unpaced), the part of
-    /// that rate its integral term gives, and its settings.
+    /// that rate its integral term gives, the low watermark it used last in
+    /// bytes (0 while the guest is idle), and its settings.
     #[serde(default)]
     pub writeback_control: String,
     #[serde(default)]
     pub writeback_control_rate: u64,
     #[serde(default)]
     pub writeback_control_integral_rate: u64,
+    #[serde(default)]
+    pub writeback_control_low_bytes: u64,
     #[serde(default)]
     pub writeback_low_pct: u64,
     #[serde(default)]

@@ -149,19 +149,19 @@ impl Collector for StatsCollector {
             let capacity = e.cache_lines * e.line_size;
             for (name, help, v) in [
                 (
-                    "ublk_cache_writeback_pi_rate_bytes",
-                    "The dirty-level controller's write-back rate in bytes per second (0: unpaced).",
+                    "ublk_cache_writeback_pi_rate_bytes_per_second",
+                    "The dirty-level controller's write-back rate (0: unpaced).",
                     e.writeback_control_rate,
                 ),
                 (
-                    "ublk_cache_writeback_pi_integral_rate_bytes",
+                    "ublk_cache_writeback_pi_integral_rate_bytes_per_second",
                     "The part of the controller's rate that its integral term gives.",
                     e.writeback_control_integral_rate,
                 ),
                 (
                     "ublk_cache_writeback_target_bytes",
-                    "The low watermark: dirty line bytes up to which write-back runs at its minimum rate.",
-                    capacity * e.writeback_low_pct / 100,
+                    "The low watermark in use: dirty line bytes up to which write-back runs at its minimum rate (0 while the guest is idle).",
+                    e.writeback_control_low_bytes,
                 ),
                 (
                     "ublk_cache_writeback_high_bytes",
@@ -553,6 +553,7 @@ mod tests {
         r.engine.writeback_control = "paced".into();
         r.engine.writeback_control_rate = 3 << 20;
         r.engine.writeback_low_pct = 10;
+        r.engine.writeback_control_low_bytes = 10 << 20;
         r.engine.writeback_high_pct = 70;
         r.engine.cache_lines = 100;
         r.engine.line_size = 1 << 20;
@@ -561,7 +562,7 @@ mod tests {
         for want in [
             "ublk_cache_writeback_control{disk=\"7\",state=\"paced\"} 1",
             "ublk_cache_writeback_control{disk=\"7\",state=\"above-high\"} 0",
-            "ublk_cache_writeback_pi_rate_bytes{disk=\"7\"} 3145728",
+            "ublk_cache_writeback_pi_rate_bytes_per_second{disk=\"7\"} 3145728",
             "ublk_cache_writeback_target_bytes{disk=\"7\"} 10485760",
             "ublk_cache_writeback_high_bytes{disk=\"7\"} 73400320",
             "ublk_cache_dirty_line_bytes{disk=\"7\"} 26214400",
