@@ -215,6 +215,12 @@ impl DirtyController {
         self.decision
     }
 
+    /// Whether it has updated at all (before, the decision's watermarks in
+    /// bytes are zero: the capacity was not known).
+    pub fn updated(&self) -> bool {
+        self.last.is_some()
+    }
+
     /// Work the rate out again from `s`, taken at `now`.
     pub fn update(&mut self, now: Instant, s: Sample) -> Decision {
         let dt = self

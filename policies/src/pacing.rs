@@ -60,11 +60,16 @@ impl WritebackLimit {
     /// write-back is smooth over any tenth of a second. Short writes also
     /// finish often, so a paced write-back never looks stalled (a stalled
     /// write-back is an outage).
+    ///
+    /// With a write limit as well, a write is never cut below what costs as
+    /// much at the byte rate as one write does at the write rate: a shorter
+    /// one would cost a whole write's time for fewer bytes.
     pub fn max_write(&self, max: u64) -> u64 {
         match self.bytes_per_sec {
             Some(r) => {
                 let by_cost = (r as f64 * MAX_WRITE_COST.as_secs_f64()) as u64;
-                by_cost.clamp(64 << 10, max.max(64 << 10))
+                let by_writes = self.writes_per_sec.map_or(0, |w| r / w.max(1));
+                by_cost.max(by_writes).clamp(64 << 10, max.max(64 << 10))
             }
             None => max,
         }
@@ -252,6 +257,9 @@ mod tests {
         assert_eq!(limit(Some(10 * MIB), None).max_write(max), MIB);
         assert_eq!(limit(Some(1024), None).max_write(max), 64 << 10);
         assert_eq!(limit(None, Some(10)).max_write(max), max);
+        // 10 MiB/s and 4 writes/s: a write costs 250 ms anyway, so it may
+        // carry 2.5 MiB, not the 1 MiB one burst holds.
+        assert_eq!(limit(Some(10 * MIB), Some(4)).max_write(max), 10 * MIB / 4);
     }
 
     #[test]

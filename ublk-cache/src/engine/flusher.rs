@@ -876,8 +876,9 @@ impl Engine {
             }
             drop(pins);
         }
-        // One write, or (paced at a rate lower than when the step was
-        // planned) several, each as long as the rate allows when it goes.
+        // One write, or, paced, several when the extent is longer than one
+        // burst at the rate in effect as each goes (the rate fell since the
+        // step was planned, or one line's dirty run alone is longer).
         let mut at = 0u64;
         loop {
             let turn = self.writeback_slot(c).await;
