@@ -159,8 +159,6 @@ pub struct Sample {
     /// Bytes of the cache's lines that hold dirty data (whole lines: a line
     /// with one dirty sector cannot be evicted either).
     pub dirty: u64,
-    /// Bytes of all the cache's lines.
-    pub capacity: u64,
     /// The guest's write bytes so far (a counter; only its changes matter).
     pub guest_writes: u64,
     /// Whether a guest write waits for room now.
@@ -174,6 +172,8 @@ pub struct Sample {
 #[derive(Debug)]
 pub struct DirtyController {
     level: DirtyLevel,
+    /// Bytes of all the cache's lines (what the watermarks are shares of).
+    capacity: u64,
     /// Excess dirty bytes integrated over seconds; never below zero.
     integral: f64,
     last: Option<Instant>,
@@ -183,9 +183,11 @@ pub struct DirtyController {
 }
 
 impl DirtyController {
-    pub fn new(level: DirtyLevel) -> DirtyController {
+    /// A controller for a cache whose lines hold `capacity` bytes.
+    pub fn new(level: DirtyLevel, capacity: u64) -> DirtyController {
         DirtyController {
             level,
+            capacity,
             integral: 0.0,
             last: None,
             guest_writes: 0,
@@ -194,8 +196,8 @@ impl DirtyController {
                 regime: Regime::Paced,
                 rate: Some(level.min_rate),
                 integral_rate: 0,
-                low_bytes: 0,
-                high_bytes: 0,
+                low_bytes: DirtyLevel::bytes(level.low_pct, capacity),
+                high_bytes: DirtyLevel::bytes(level.high_pct, capacity),
             },
         }
     }
@@ -215,12 +217,6 @@ impl DirtyController {
         self.decision
     }
 
-    /// Whether it has updated at all (before, the decision's watermarks in
-    /// bytes are zero: the capacity was not known).
-    pub fn updated(&self) -> bool {
-        self.last.is_some()
-    }
-
     /// Work the rate out again from `s`, taken at `now`.
     pub fn update(&mut self, now: Instant, s: Sample) -> Decision {
         let dt = self
@@ -236,7 +232,7 @@ impl DirtyController {
         let idle = self
             .guest_wrote_at
             .is_some_and(|t| now.saturating_duration_since(t) >= IDLE_AFTER);
-        let high = DirtyLevel::bytes(self.level.high_pct, s.capacity);
+        let high = DirtyLevel::bytes(self.level.high_pct, self.capacity);
         let regime = if s.guest_waits {
             Regime::GuestWaits
         } else if s.dirty >= high {
@@ -248,7 +244,7 @@ impl DirtyController {
         };
         let low = match regime {
             Regime::GuestIdle => 0,
-            _ => DirtyLevel::bytes(self.level.low_pct, s.capacity),
+            _ => DirtyLevel::bytes(self.level.low_pct, self.capacity),
         };
         let paced = matches!(regime, Regime::Paced | Regime::GuestIdle);
         let error = s.dirty as f64 - low as f64;
@@ -258,7 +254,7 @@ impl DirtyController {
             // At most as much as would add the rate that retires the whole
             // cache in `P_SECONDS`: a long stretch held back (a slow backend
             // that the held-back test misjudged) cannot wind it up without end.
-            let cap = s.capacity as f64 * I_SECONDS2 / P_SECONDS;
+            let cap = self.capacity as f64 * I_SECONDS2 / P_SECONDS;
             self.integral = (self.integral + error * dt).clamp(0.0, cap);
         }
         let integral_rate = self.integral / I_SECONDS2;
@@ -285,7 +281,6 @@ mod tests {
     fn sample(dirty: u64, writes: u64, held_back: bool) -> Sample {
         Sample {
             dirty,
-            capacity: GIB,
             guest_writes: writes,
             guest_waits: false,
             held_back,
@@ -294,7 +289,7 @@ mod tests {
 
     #[test]
     fn below_the_low_watermark_write_back_trickles_at_the_minimum() {
-        let mut c = DirtyController::new(DirtyLevel::default());
+        let mut c = DirtyController::new(DirtyLevel::default(), GIB);
         let t = Instant::now();
         let d = c.update(t, sample(50 * MIB, 1, true));
         assert_eq!(d.regime, Regime::Paced);
@@ -305,7 +300,7 @@ mod tests {
 
     #[test]
     fn between_the_watermarks_the_excess_is_retired_in_forty_seconds() {
-        let mut c = DirtyController::new(DirtyLevel::default());
+        let mut c = DirtyController::new(DirtyLevel::default(), GIB);
         let t = Instant::now();
         let low = GIB / 10;
         // 400 MiB over the low watermark, first update: P alone, 10 MiB/s.
@@ -316,7 +311,7 @@ mod tests {
 
     #[test]
     fn the_integral_grows_only_while_the_rate_holds_write_back_back() {
-        let mut c = DirtyController::new(DirtyLevel::default());
+        let mut c = DirtyController::new(DirtyLevel::default(), GIB);
         let t0 = Instant::now();
         let dirty = GIB / 10 + 400 * MIB;
         c.update(t0, sample(dirty, 1, false));
@@ -351,7 +346,7 @@ mod tests {
 
     #[test]
     fn at_the_high_watermark_or_when_the_guest_waits_write_back_is_unpaced() {
-        let mut c = DirtyController::new(DirtyLevel::default());
+        let mut c = DirtyController::new(DirtyLevel::default(), GIB);
         let t = Instant::now();
         let d = c.update(t, sample(GIB * 7 / 10, 1, true));
         assert_eq!((d.regime, d.rate), (Regime::AboveHigh, None));
@@ -370,7 +365,7 @@ mod tests {
 
     #[test]
     fn a_guest_that_stopped_writing_gets_its_data_written_back_down_to_zero() {
-        let mut c = DirtyController::new(DirtyLevel::default());
+        let mut c = DirtyController::new(DirtyLevel::default(), GIB);
         let t0 = Instant::now();
         // 80 MiB dirty, below the low watermark (102.4 MiB): the minimum.
         let dirty = 80 * MIB;
@@ -388,7 +383,7 @@ mod tests {
 
     #[test]
     fn a_long_gap_between_updates_integrates_one_second_only() {
-        let mut c = DirtyController::new(DirtyLevel::default());
+        let mut c = DirtyController::new(DirtyLevel::default(), GIB);
         let t0 = Instant::now();
         let dirty = GIB / 10 + 100 * MIB;
         c.update(t0, sample(dirty, 1, true));
@@ -397,8 +392,15 @@ mod tests {
     }
 
     #[test]
+    fn before_its_first_update_it_paces_at_the_minimum_between_known_watermarks() {
+        let d = DirtyController::new(DirtyLevel::default(), GIB).decision();
+        assert_eq!((d.regime, d.rate), (Regime::Paced, Some(MIN_BYTES_PER_SEC)));
+        assert_eq!((d.low_bytes, d.high_bytes), (GIB / 10, GIB * 7 / 10));
+    }
+
+    #[test]
     fn updates_are_due_every_quarter_second() {
-        let mut c = DirtyController::new(DirtyLevel::default());
+        let mut c = DirtyController::new(DirtyLevel::default(), GIB);
         let t = Instant::now();
         assert!(c.due(t));
         c.update(t, sample(0, 0, false));
@@ -444,17 +446,20 @@ mod tests {
     #[test]
     fn a_huge_minimum_rate_does_not_panic_the_controller() {
         // Refused by `check`, but an unchecked one must not panic either.
-        let mut c = DirtyController::new(DirtyLevel {
-            min_rate: u64::MAX,
-            ..DirtyLevel::default()
-        });
+        let mut c = DirtyController::new(
+            DirtyLevel {
+                min_rate: u64::MAX,
+                ..DirtyLevel::default()
+            },
+            GIB,
+        );
         let d = c.update(Instant::now(), sample(0, 0, false));
         assert_eq!(d.rate, Some(1 << 50));
     }
 
     #[test]
     fn the_integral_is_capped_at_the_rate_that_retires_the_cache_in_forty_seconds() {
-        let mut c = DirtyController::new(DirtyLevel::default());
+        let mut c = DirtyController::new(DirtyLevel::default(), GIB);
         let mut t = Instant::now();
         let dirty = GIB / 2;
         for i in 0..10_000 {

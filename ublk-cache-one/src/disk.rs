@@ -496,9 +496,21 @@ mod tests {
         }
     }
 
+    /// A BACK disk resolved on a host with `host` in its one.conf, the DISK
+    /// and the image datastore adding `disk` and `image_ds`.
+    fn back_disk(host: &str, disk: &str, image_ds: &str) -> (HostConf, DiskSpec) {
+        let c = conf(host);
+        let b = bundle(
+            &format!("<TYPE>BLOCK</TYPE><CACHE_MODE>BACK</CACHE_MODE>{disk}"),
+            image_ds,
+            "",
+        );
+        let s = resolve(&b, &c, 7, 0, Some(100), &mut Vec::new()).unwrap();
+        (c, s)
+    }
+
     #[test]
     fn the_write_back_rate_comes_from_the_disk_or_the_host() {
-        let mut n = Vec::new();
         for (host, disk, image_ds, want) in [
             ("", "", "", 0),
             ("WRITEBACK_RATE_MB=40", "", "", 40),
@@ -521,20 +533,13 @@ mod tests {
                 0,
             ),
         ] {
-            let c = conf(host);
-            let b = bundle(
-                &format!("<TYPE>BLOCK</TYPE><CACHE_MODE>BACK</CACHE_MODE>{disk}"),
-                image_ds,
-                "",
-            );
-            let s = resolve(&b, &c, 7, 0, Some(100), &mut n).unwrap();
+            let (_, s) = back_disk(host, disk, image_ds);
             assert_eq!(s.writeback_rate_mb, want, "{host} {disk} {image_ds}");
         }
     }
 
     #[test]
     fn the_dirty_level_controller_comes_from_the_disk_or_the_host() {
-        let mut n = Vec::new();
         for (host, disk, image_ds, want) in [
             ("", "", "", None),
             ("WRITEBACK_LOW=10%", "", "", Some(10)),
@@ -551,13 +556,7 @@ mod tests {
                 None,
             ),
         ] {
-            let c = conf(host);
-            let b = bundle(
-                &format!("<TYPE>BLOCK</TYPE><CACHE_MODE>BACK</CACHE_MODE>{disk}"),
-                image_ds,
-                "",
-            );
-            let s = resolve(&b, &c, 7, 0, Some(100), &mut n).unwrap();
+            let (c, s) = back_disk(host, disk, image_ds);
             assert_eq!(s.writeback_low_pct, want, "{host} {disk} {image_ds}");
             // The server's config says so, in ublk-cache's own terms.
             let rec = crate::state::DiskRecord {

@@ -304,7 +304,7 @@ fn print_stats(r: &StatsReply) {
             e.writeback_paced_ms as f64 / 1000.0
         );
     }
-    if !e.writeback_control.is_empty() && e.writeback_control != "off" {
+    if e.writeback_controlled() {
         let rate = if e.writeback_control_rate > 0 {
             format!(
                 "{}/s ({}/s of it integral)",

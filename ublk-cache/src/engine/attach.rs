@@ -162,7 +162,13 @@ impl Engine {
             order: cfg.order,
             pacer: Mutex::new(Pacer::new(cfg.writeback_limit)),
             paced_until_ms: AtomicU64::new(0),
-            control: Mutex::new(cfg.dirty_level.map(DirtyController::new)),
+            control: Mutex::new(cfg.dirty_level.and_then(|l| {
+                let c = cache.as_ref()?;
+                Some(DirtyController::new(
+                    l,
+                    c.layout.nr_lines * c.layout.line_size as u64,
+                ))
+            })),
             held_back: AtomicBool::new(false),
             backend_priority: cfg.backend_priority,
             guest_backend_reads: AtomicU32::new(0),

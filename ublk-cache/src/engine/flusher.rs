@@ -404,6 +404,12 @@ impl Engine {
         self.writeback_active(c) && c.st.epochs.lock().has_closed_pending()
     }
 
+    /// Whether a drain is asked for (stop, `ctl flush`, a mode switch,
+    /// migration): write-back then goes unpaced and in whole extents.
+    fn drain_asked(c: &Cache) -> bool {
+        c.st.drain_requests.load(Ordering::Acquire) > 0 || c.st.stopping.load(Ordering::Acquire)
+    }
+
     /// Whether write-back runs now: all the time in `back`, in the other
     /// modes only while someone drains.
     fn writeback_active(&self, c: &Cache) -> bool {
@@ -607,9 +613,7 @@ impl Engine {
         // Paced, extents are planned one burst long at the rate (so that few
         // bytes wait in buffers); a write is cut again if the rate is lower
         // when it goes (`pace`). Drains go in whole extents.
-        let drain = c.st.drain_requests.load(Ordering::Acquire) > 0
-            || c.st.stopping.load(Ordering::Acquire);
-        let max_extent = if drain {
+        let max_extent = if Self::drain_asked(c) {
             MAX_EXTENT
         } else {
             self.pacer.lock().effective().max_write(MAX_EXTENT)
@@ -663,9 +667,7 @@ impl Engine {
     /// waiting for it). The dirty-level controller, if any, lowers the byte
     /// rate while little is dirty (see `steer`).
     async fn pace(&self, c: &Cache, left: u64) -> u64 {
-        let unpaced = || {
-            c.st.drain_requests.load(Ordering::Acquire) > 0 || c.st.stopping.load(Ordering::Acquire)
-        };
+        let unpaced = || Self::drain_asked(c);
         let t0 = Instant::now();
         let mut waited = false;
         let n = loop {
@@ -765,10 +767,8 @@ impl Engine {
     /// How many lines the next step may take: `STEP_LINES`, or paced (and
     /// not draining) about `PACED_STEP`'s worth at the byte rate.
     fn step_lines(&self, c: &Cache) -> usize {
-        let drain = c.st.drain_requests.load(Ordering::Acquire) > 0
-            || c.st.stopping.load(Ordering::Acquire);
         match self.pacer.lock().effective().bytes_per_sec {
-            Some(r) if !drain => {
+            Some(r) if !Self::drain_asked(c) => {
                 let lines = r as f64 * PACED_STEP.as_secs_f64() / c.layout.line_size as f64;
                 (lines as usize).clamp(MIN_PACED_STEP_LINES, STEP_LINES)
             }
@@ -794,7 +794,6 @@ impl Engine {
             now,
             Sample {
                 dirty: c.st.dirty_lines() * ls,
-                capacity: c.layout.nr_lines * ls,
                 guest_writes: self.stats.write_bytes.load(Ordering::Relaxed),
                 guest_waits,
                 held_back: self.held_back.swap(false, Ordering::AcqRel),

@@ -206,18 +206,10 @@ impl Engine {
         if let Some(ctl) = self.control.lock().as_ref() {
             let d = ctl.decision();
             let l = ctl.level();
-            let c_lines_bytes = self
-                .cache
-                .as_ref()
-                .map_or(0, |c| c.layout.nr_lines * c.layout.line_size as u64);
             s.writeback_control = d.regime.as_str().to_string();
             s.writeback_control_rate = d.rate.unwrap_or(0);
             s.writeback_control_integral_rate = d.integral_rate;
-            s.writeback_control_low_bytes = if ctl.updated() {
-                d.low_bytes
-            } else {
-                c_lines_bytes * l.low_pct as u64 / 100
-            };
+            s.writeback_control_low_bytes = d.low_bytes;
             s.writeback_low_pct = l.low_pct as u64;
             s.writeback_high_pct = l.high_pct as u64;
             s.writeback_min_rate = l.min_rate;

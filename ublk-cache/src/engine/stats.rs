@@ -149,6 +149,14 @@ pub struct StatsSnapshot {
     pub latency: Vec<LatencySnapshot>,
 }
 
+impl StatsSnapshot {
+    /// Whether the dirty-level controller is on (`writeback_control` is
+    /// neither `off` nor empty, as from a server older than it).
+    pub fn writeback_controlled(&self) -> bool {
+        !self.writeback_control.is_empty() && self.writeback_control != "off"
+    }
+}
+
 impl Stats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);

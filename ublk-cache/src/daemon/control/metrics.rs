@@ -145,7 +145,7 @@ impl Collector for StatsCollector {
         ] {
             family(&mut enc, name, help, Gauge, one(v))?;
         }
-        if !e.writeback_control.is_empty() && e.writeback_control != "off" {
+        if e.writeback_controlled() {
             let capacity = e.cache_lines * e.line_size;
             for (name, help, v) in [
                 (
