@@ -280,6 +280,54 @@ fn a_killed_server_restarts_on_its_cache_and_keeps_flushed_data() {
     assert!(b[20 << 20..21 << 20].iter().all(|&x| x == 0x7c));
 }
 
+/// A `kill -9` keeps every acknowledged write, flushed or not: the crash
+/// shadow (a shared mapping of a tmpfs file) holds them when the process dies
+/// in the middle of its work. Write-back is slowed to 1 MiB/s so that the
+/// backend cannot hold most of them before the kill.
+#[test]
+fn a_killed_server_keeps_every_acknowledged_write_from_its_crash_shadow() {
+    let d = tempfile::tempdir().unwrap();
+    let disk = Disk::new(d.path(), 64 * MIB);
+    let srv = disk.serve_with("back", "32M", 0, &["--writeback-rate", "1M"]);
+    let mut c = Client::connect_uri(&srv.uris[0]).unwrap();
+    let mut rng = Rng::new(17);
+    let mut written = Vec::new();
+    for i in 0..2048u64 {
+        // 4 KiB each, scattered over 48 MiB: most go to lines of their own.
+        let off = rng.below(48 * MIB / 4096) * 4096;
+        let data = testkit::rng::pattern(i, 4096);
+        c.write(off, &data, false).unwrap().unwrap();
+        written.push((off, data));
+    }
+    // Every write above was acknowledged; none was flushed.
+    srv.kill9();
+    let srv = disk.serve("back", "32M", &[]);
+    assert!(
+        srv.log().contains("with the crash shadow"),
+        "log:\n{}",
+        srv.log()
+    );
+    let mut c = Client::connect_uri(&srv.uris[0]).unwrap();
+    // A later write of the same place replaces an earlier one.
+    let mut last = std::collections::HashMap::new();
+    for (off, data) in written {
+        last.insert(off, data);
+    }
+    for (off, data) in &last {
+        let got = c.read(*off, 4096).unwrap().unwrap();
+        assert!(got == *data, "the acknowledged write at {off} was lost");
+    }
+    c.disconnect().unwrap();
+    srv.stop();
+    let b = std::fs::read(&disk.backend).unwrap();
+    for (off, data) in &last {
+        assert!(
+            b[*off as usize..*off as usize + 4096] == data[..],
+            "the write at {off} did not reach the backend at stop"
+        );
+    }
+}
+
 #[test]
 fn a_malformed_handshake_gets_closed_and_a_good_connection_still_works() {
     let d = tempfile::tempdir().unwrap();

@@ -440,10 +440,11 @@ impl Engine {
             sb.attach_gen + 1,
             &layout,
             codec,
+            super::map::SHARDS,
             (0..layout.nr_lines as u32).map(|s| state.entry_of(&state.slots.get(s))),
         );
         match shadow {
-            Ok(sh) => *state.shadow.lock() = Some(sh),
+            Ok(sh) => *state.shadow.write() = Some(sh),
             Err(e) if cfg.mode.holds_dirty() => {
                 return Err(refuse(
                     EngineErrorKind::Config,
@@ -712,7 +713,7 @@ impl Engine {
             meta_dirty: AtomicBits::new(layout.meta_blocks() as usize),
             cleaned: AtomicBits::new(n),
             entries_per_block: layout.entries_per_block(),
-            shadow: Mutex::new(None),
+            shadow: RwLock::new(None),
             valid_sectors: AtomicI64::new(0),
             dirty_sectors: AtomicI64::new(0),
             dirty_lines: AtomicI64::new(0),
@@ -884,7 +885,7 @@ impl Engine {
         c.store.write_superblock(&sb)?;
         // Cleanly detached, the on-disk table is complete: the shadow would
         // only keep tmpfs RAM (and a list of what is cached) for nothing.
-        if let Some(sh) = c.st.shadow.lock().take() {
+        if let Some(sh) = c.st.shadow.write().take() {
             sh.remove();
         }
         info!(
@@ -911,7 +912,7 @@ impl Engine {
     /// attach then recovers as after a power cut (tests and crash harnesses).
     pub fn forget_crash_shadow(&self) {
         if let Some(c) = self.cache.as_ref() {
-            if let Some(sh) = c.st.shadow.lock().take() {
+            if let Some(sh) = c.st.shadow.write().take() {
                 sh.remove();
             }
         }

@@ -23,7 +23,8 @@ use parking_lot::RwLock;
 
 use super::slots::SlotTable;
 
-const SHARDS: usize = 64;
+/// Shards of the map (also the crash shadow's staging records: one a shard).
+pub(super) const SHARDS: usize = 64;
 
 fn hash(tag: u64) -> u64 {
     // A multiplicative mix: lines are dense small integers.
@@ -35,9 +36,18 @@ fn hash(tag: u64) -> u64 {
 pub struct Shard {
     heads: HashTable<u32>,
     locked: HashMap<u64, Vec<Waker>>,
+    /// Which shard of the map this is.
+    index: usize,
 }
 
 impl Shard {
+    /// Which shard of the map this is (`0..SHARDS`): whoever holds it locked
+    /// for writing may use what is kept per shard (the crash shadow's
+    /// staging record).
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
     /// The slot of `tag`'s newest version.
     pub fn head(&self, slots: &SlotTable, tag: u64) -> Option<u32> {
         self.heads
@@ -89,7 +99,14 @@ impl Default for LineMap {
 impl LineMap {
     pub fn new() -> LineMap {
         LineMap {
-            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
+            shards: (0..SHARDS)
+                .map(|index| {
+                    RwLock::new(Shard {
+                        index,
+                        ..Shard::default()
+                    })
+                })
+                .collect(),
         }
     }
 

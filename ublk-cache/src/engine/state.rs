@@ -200,7 +200,9 @@ pub struct State {
     /// (their on-disk entry may still say dirty, in an older epoch).
     pub cleaned: AtomicBits,
     pub entries_per_block: u32,
-    pub shadow: Mutex<Option<Shadow>>,
+    /// Read-locked by every entry change (shared: the shadow's own records
+    /// keep writers apart); write-locked only to install or remove it.
+    pub shadow: RwLock<Option<Shadow>>,
     pub valid_sectors: AtomicI64,
     pub dirty_sectors: AtomicI64,
     pub dirty_lines: AtomicI64,
@@ -274,7 +276,7 @@ impl State {
         }
     }
 
-    fn mirror(&self, slot: u32, r: &Rec) {
+    fn mirror(&self, shard: &Shard, slot: u32, r: &Rec) {
         let block = slot / self.entries_per_block;
         match self.version {
             FormatVersion::V1 => self.meta_dirty.set(block),
@@ -284,8 +286,15 @@ impl State {
                 self.table_stale[1].set(block);
             }
         }
-        if let Some(sh) = self.shadow.lock().as_ref() {
-            sh.write(slot, &self.entry_of(r));
+        self.shadow_write(shard, slot, &self.entry_of(r));
+    }
+
+    /// Mirror `slot`'s entry into the crash shadow; the caller holds the
+    /// line's shard write-locked (`shard`), which the shadow's staging
+    /// record of that shard needs.
+    fn shadow_write(&self, shard: &Shard, slot: u32, e: &LineEntry) {
+        if let Some(s) = self.shadow.read().as_ref() {
+            s.write(shard.index(), slot, e);
         }
     }
 
@@ -340,7 +349,7 @@ impl State {
         self.slots.put(slot, &new);
         let is_head = sh.head(&self.slots, new.tag) == Some(slot);
         self.track_eviction(slot, &new, is_head);
-        self.mirror(slot, &new);
+        self.mirror(sh, slot, &new);
     }
 
     /// `set_rec` for a line the flusher wrote back: until the next persist, its
@@ -446,9 +455,7 @@ impl State {
             self.slots.put(slot, &Rec::FREE);
             self.fresh.lock().remove(&slot);
             self.evict.write().remove(slot);
-            if let Some(sh) = self.shadow.lock().as_ref() {
-                sh.write(slot, &Rec::FREE.entry());
-            }
+            self.shadow_write(sh, slot, &Rec::FREE.entry());
         }
         self.alloc.lock().free.push(slot);
     }
@@ -467,7 +474,7 @@ impl State {
         self.account(&old, &Rec::FREE);
         self.slots.put(slot, &Rec::FREE);
         self.evict.write().remove(slot);
-        self.mirror(slot, &Rec::FREE);
+        self.mirror(sh, slot, &Rec::FREE);
         self.fresh.lock().remove(&slot);
         let mut a = self.alloc.lock();
         a.pending_free.push((slot, old.tag));
