@@ -101,6 +101,14 @@ pub trait BlockIo: Send + Sync {
     fn write_zeroes_async(&self, offset: u64, len: u64) -> IoFut<'_> {
         ready(self.write_zeroes(offset, len))
     }
+
+    /// Whether a `WriteMode::Durable` write is one durable write (FUA,
+    /// `RWF_DSYNC` on io_uring), not a write and then a flush of the whole
+    /// device, which is what the default does. The engine writes a FUA
+    /// write's data and record durable only where it is.
+    fn durable_writes_are_native(&self) -> bool {
+        false
+    }
 }
 
 /// The slow, shared disk the cache sits in front of: a [`BlockIo`] with an
@@ -219,6 +227,9 @@ macro_rules! forward {
             }
             fn write_zeroes_async(&self, offset: u64, len: u64) -> IoFut<'_> {
                 (**self).write_zeroes_async(offset, len)
+            }
+            fn durable_writes_are_native(&self) -> bool {
+                (**self).durable_writes_are_native()
             }
         }
 

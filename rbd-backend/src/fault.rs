@@ -61,6 +61,8 @@ pub struct FaultStats {
     /// The most writes in flight (issued, not yet completed) that a read
     /// found when it was issued: what a read may queue behind.
     pub max_writes_ahead_of_a_read: u64,
+    /// Writes issued and not completed now (a gauge, not reset).
+    pub writes_in_flight: u64,
 }
 
 #[derive(Default)]
@@ -244,6 +246,7 @@ impl<B: BlockIo> FaultyBackend<B> {
             bytes_zeroed: c.bytes_zeroed.load(Ordering::Relaxed),
             injected_failures: c.injected.load(Ordering::Relaxed),
             max_writes_ahead_of_a_read: c.max_writes_ahead_of_a_read.load(Ordering::Relaxed),
+            writes_in_flight: c.writes_in_flight.load(Ordering::Acquire),
         }
     }
 
@@ -419,6 +422,10 @@ impl<B: BlockIo> BlockIo for FaultyBackend<B> {
         self.inner.write_at(offset, buf)?;
         self.count(OpKind::Write, &self.counters.bytes_written, len);
         Ok(())
+    }
+
+    fn durable_writes_are_native(&self) -> bool {
+        self.inner.durable_writes_are_native()
     }
 
     fn flush(&self) -> Result<()> {

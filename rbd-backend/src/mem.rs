@@ -171,6 +171,11 @@ impl BlockIo for MemBackend {
         Ok(())
     }
 
+    /// Nothing is volatile: every write is as durable as it gets.
+    fn durable_writes_are_native(&self) -> bool {
+        true
+    }
+
     /// Discarded ranges read back as zeroes, like a punched hole.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         let mut data = self.write_lock();

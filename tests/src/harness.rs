@@ -38,6 +38,10 @@ pub struct RunConfig {
     /// Test-only fault: recovery trusts the newest log record's data without
     /// its checksums. The harness must catch it.
     pub skip_log_checksums_bug: bool,
+    /// Test-only fault: recovery checks only the newest record's data, not
+    /// that of the FUA rounds before it (which flushed nothing). The harness
+    /// must catch it.
+    pub check_only_newest_record_bug: bool,
     /// Where the engines keep their crash shadows (a private directory).
     pub shadow_dir: std::path::PathBuf,
     /// Test-only fault: the engine recovered after a crash writes back newest
@@ -71,7 +75,7 @@ struct Replay {
 
 fn apply(img: &mut [u8], op: &DevOp) {
     match op {
-        DevOp::Write { off, data } => {
+        DevOp::Write { off, data, .. } => {
             img[*off as usize..*off as usize + data.len()].copy_from_slice(data)
         }
         DevOp::Zero { off, len } | DevOp::Discard { off, len } => {
@@ -110,29 +114,37 @@ impl Replay {
         // Crash points are visited in time order, so the durable image only moves forward.
         debug_assert_eq!(self.applied, durable_end);
         let mut window: Vec<&DevOp> = self.log[durable_end..upto].iter().map(|s| &s.op).collect();
+        let is_durable = |op: &DevOp| matches!(op, DevOp::Write { durable: true, .. });
         // Variant 0: everything in the window arrived; 1: nothing did; others:
-        // a random subset, in random order, with torn writes.
+        // a random subset, in random order, with torn writes. A durable write
+        // always arrived, whole; with one in the window the rest keeps its
+        // completion order, so that what a durable write replaced does not
+        // come back over it.
         let torn = variant >= 2;
+        let keep_order = window.iter().any(|op| is_durable(op));
         match variant {
             0 => {}
-            1 => window.clear(),
+            1 => window.retain(|op| is_durable(op)),
             _ => {
-                window.retain(|_| rng.chance(60));
-                for i in (1..window.len()).rev() {
-                    let j = rng.below(i as u64 + 1) as usize;
-                    window.swap(i, j);
+                window.retain(|op| is_durable(op) || rng.chance(60));
+                if !keep_order {
+                    for i in (1..window.len()).rev() {
+                        let j = rng.below(i as u64 + 1) as usize;
+                        window.swap(i, j);
+                    }
                 }
             }
         }
         let mut delta = Delta::new();
         for op in window {
             let (off, len, data) = match op {
-                DevOp::Write { off, data } => (*off, data.len() as u64, Some(data)),
+                DevOp::Write { off, data, .. } => (*off, data.len() as u64, Some(data)),
                 DevOp::Zero { off, len } | DevOp::Discard { off, len } => (*off, *len, None),
                 DevOp::Flush => continue,
             };
+            let whole = is_durable(op);
             for k in 0..len / SECTOR {
-                if torn && len > SECTOR && rng.chance(25) {
+                if torn && !whole && len > SECTOR && rng.chance(25) {
                     continue;
                 }
                 let mut sec = Box::new([0u8; 512]);
@@ -266,6 +278,7 @@ pub fn run(cfg: &RunConfig) -> RunReport {
             let c = Arc::new(Overlay::new(cbase, cdelta, cache.identity()));
             let rcfg = EngineConfig {
                 skip_log_checksums_for_tests: cfg.skip_log_checksums_bug,
+                check_only_newest_record_for_tests: cfg.check_only_newest_record_bug,
                 ..ecfg.clone()
             };
             let rec = match Engine::open(b.clone(), Some(c as Arc<dyn BlockIo>), rcfg) {
@@ -332,7 +345,13 @@ pub fn run(cfg: &RunConfig) -> RunReport {
                 for (name, log) in [("cache", cache.log()), ("backend", backend.log())] {
                     for st in log.iter().filter(|st| st.seq > start && st.seq <= t) {
                         let d = match &st.op {
-                            DevOp::Write { off, data } => format!("write {off}+{}", data.len()),
+                            DevOp::Write { off, data, durable } => {
+                                format!(
+                                    "write {off}+{}{}",
+                                    data.len(),
+                                    if *durable { " durable" } else { "" }
+                                )
+                            }
                             DevOp::Flush => "flush".to_string(),
                             DevOp::Discard { off, len } => format!("discard {off}+{len}"),
                             DevOp::Zero { off, len } => format!("zero {off}+{len}"),
@@ -407,7 +426,7 @@ fn check_drain(
         flushes += 1;
         let mut torn = img.clone();
         for op in &pending {
-            if rng.chance(60) {
+            if matches!(op, DevOp::Write { durable: true, .. }) || rng.chance(60) {
                 apply_torn(&mut torn, op, rng);
             }
         }
@@ -426,10 +445,15 @@ fn check_drain(
     check(&img, "at the end")
 }
 
-/// `apply`, with each 512-byte sector of a multi-sector write kept or lost.
+/// `apply`, with each 512-byte sector of a multi-sector write kept or lost
+/// (a durable write arrived whole).
 fn apply_torn(img: &mut [u8], op: &DevOp, rng: &mut Rng) {
     match op {
-        DevOp::Write { off, data } if data.len() as u64 > SECTOR => {
+        DevOp::Write {
+            off,
+            data,
+            durable: false,
+        } if data.len() as u64 > SECTOR => {
             for (k, sec) in data.chunks(SECTOR as usize).enumerate() {
                 if rng.chance(75) {
                     let at = *off as usize + k * SECTOR as usize;

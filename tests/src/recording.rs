@@ -5,13 +5,17 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rbd_backend::{Backend, BackendIdentity, BlockIo, MemBackend, Result};
+use rbd_backend::aio::BufSlice;
+use rbd_backend::{Backend, BackendIdentity, BlockIo, IoFut, MemBackend, Result, WriteMode};
 
 #[derive(Debug, Clone)]
 pub enum DevOp {
     Write {
         off: u64,
         data: Vec<u8>,
+        /// Written durable (FUA / `RWF_DSYNC`): on the media when it
+        /// completed, whatever flush follows or not.
+        durable: bool,
     },
     Flush,
     /// Discard: the range may read back as anything afterwards; modelled as zeroes
@@ -99,8 +103,29 @@ impl<B: BlockIo> BlockIo for Logged<B> {
         self.record(DevOp::Write {
             off: offset,
             data: buf.to_vec(),
+            durable: false,
         });
         Ok(())
+    }
+
+    fn durable_writes_are_native(&self) -> bool {
+        true
+    }
+
+    /// A durable write is one durable write, not a write and a flush of the
+    /// whole device (which the default would log): the harness must not
+    /// make earlier writes durable that only a flush would.
+    fn write_async(&self, offset: u64, src: BufSlice, mode: WriteMode) -> IoFut<'_> {
+        // SAFETY: the request owns `src` while it runs (the data-path contract).
+        let buf = unsafe { src.request_bytes() };
+        let r = self.inner.write_at(offset, buf).map(|()| {
+            self.record(DevOp::Write {
+                off: offset,
+                data: buf.to_vec(),
+                durable: mode == WriteMode::Durable,
+            })
+        });
+        Box::pin(std::future::ready(r))
     }
 
     fn flush(&self) -> Result<()> {

@@ -337,9 +337,10 @@ fn print_stats(r: &StatsReply) {
         }
     };
     println!(
-        "durability: {} guest FLUSH/FUA ({} with nothing new); cache device: {} flushes ({} per guest FLUSH), {} metadata ({} bytes per guest FLUSH); write-back watermarks: {} in shared rounds, {} in own rounds",
+        "durability: {} guest FLUSH/FUA ({} with nothing new, {} FUA in one pass); cache device: {} flushes ({} per guest FLUSH), {} metadata ({} bytes per guest FLUSH); write-back watermarks: {} in shared rounds, {} in own rounds",
         e.flushes,
         e.flushes_with_nothing_new,
+        e.fua_one_pass,
         e.cache_flushes,
         per_flush(e.cache_flushes),
         mib(e.meta_write_bytes),

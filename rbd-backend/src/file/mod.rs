@@ -339,6 +339,12 @@ impl BlockIo for FileBackend {
         Box::pin(self.flush_async_impl())
     }
 
+    /// On io_uring a durable write carries `RWF_DSYNC` (a FUA write on a
+    /// block device); the psync engine writes and then syncs the file.
+    fn durable_writes_are_native(&self) -> bool {
+        self.engine.kind() == EngineKind::Uring
+    }
+
     fn flush(&self) -> Result<()> {
         self.engine
             .fdatasync(&self.file)

@@ -68,6 +68,7 @@ fn main() {
                 reverse_writeback_bug: false,
                 format,
                 skip_log_checksums_bug: false,
+                check_only_newest_record_bug: false,
                 shadow_dir: shadow.path().to_path_buf(),
                 slow_writeback: slow,
                 reverse_writeback_after_recovery_bug: false,

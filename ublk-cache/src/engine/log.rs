@@ -14,6 +14,13 @@
 //! While ordering is given up (`order_broken_since`), writes may go in place over
 //! logged data, so every round then makes the data durable first (two flushes).
 //!
+//! A round for a FUA write (`fua`) flushes nothing: the FUA data was written
+//! durable already, and the record is written durable too (`WriteMode::Durable`,
+//! `FLAG_UNFLUSHED`). The other data it describes is durable only after a later
+//! round's flush, so recovery checks every record since the last completed
+//! flush (`recover::load_v2`), and the round does not count as one that made
+//! data durable (`durable_below`, a guest FLUSH).
+//!
 //! A checkpoint writes the changed blocks of the inactive table copy from the
 //! live state (after a flush, so every entry it writes describes durable data),
 //! flushes, then switches the superblock to it; the records after it start
@@ -22,12 +29,13 @@
 use std::sync::atomic::Ordering;
 
 use rbd_backend::aio::DmaBuf;
+use rbd_backend::WriteMode;
 
 use super::persist::encode_blocks;
 use super::sync::{join_all, Piece};
 use super::{Cache, Engine};
 use crate::error::EngineResult;
-use crate::format::log::{LogEntry, Record, FLAG_DATA_DURABLE};
+use crate::format::log::{LogEntry, Record, FLAG_DATA_DURABLE, FLAG_UNFLUSHED};
 use crate::format::META_BLOCK;
 
 /// What the snapshot of a round decided.
@@ -39,6 +47,8 @@ enum Plan {
         wasted: u32,
         seq: u64,
         durable_first: bool,
+        /// Written durable on its own; no device flush (a FUA write's round).
+        unflushed: bool,
         flushed: u64,
     },
     Checkpoint {
@@ -59,11 +69,16 @@ struct Taken {
 }
 
 impl Engine {
+    /// One round; `fua`: for a FUA write whose data is durable already (see
+    /// the module comment). Returns whether the round flushed the cache
+    /// device (a FUA round still does when it must checkpoint, or while
+    /// ordering is given up).
     pub(super) async fn persist_round_v2(
         &self,
         c: &Cache,
         force_checkpoint: bool,
-    ) -> EngineResult<()> {
+        fua: bool,
+    ) -> EngineResult<bool> {
         let st = &c.st;
         let log_blocks = c.layout.log_blocks();
         let (plan, taken, stable) = {
@@ -109,8 +124,15 @@ impl Engine {
                 drop(fresh);
                 taken.changed = changed;
                 let durable_first = broken != 0;
+                let unflushed = fua && !durable_first;
                 let rec = Record {
-                    flags: if durable_first { FLAG_DATA_DURABLE } else { 0 },
+                    flags: if durable_first {
+                        FLAG_DATA_DURABLE
+                    } else if unflushed {
+                        FLAG_UNFLUSHED
+                    } else {
+                        0
+                    },
                     seq,
                     ckpt_seq: log.ckpt_seq,
                     flushed_epoch: flushed,
@@ -128,6 +150,7 @@ impl Engine {
                         wasted,
                         seq,
                         durable_first,
+                        unflushed,
                         flushed,
                     });
                 }
@@ -169,13 +192,27 @@ impl Engine {
                 bytes,
                 at,
                 durable_first,
+                unflushed: true,
+                ..
+            } => {
+                debug_assert!(!durable_first);
+                c.store
+                    .write_log_async(*at, bytes.slice_all(), WriteMode::Durable)
+                    .await
+            }
+            Plan::Record {
+                bytes,
+                at,
+                durable_first,
                 ..
             } => {
                 async {
                     if *durable_first {
                         c.store.sync_async().await?;
                     }
-                    c.store.write_log_async(*at, bytes.slice_all()).await?;
+                    c.store
+                        .write_log_async(*at, bytes.slice_all(), WriteMode::Normal)
+                        .await?;
                     c.store.sync_async().await
                 }
                 .await
@@ -249,7 +286,16 @@ impl Engine {
                         }
                     }
                 }
-                st.durable_below.fetch_max(stable, Ordering::AcqRel);
+                let flushed_device = !matches!(
+                    plan,
+                    Plan::Record {
+                        unflushed: true,
+                        ..
+                    }
+                );
+                if flushed_device {
+                    st.durable_below.fetch_max(stable, Ordering::AcqRel);
+                }
                 let mut a = st.alloc.lock();
                 for (slot, tag) in taken.freed {
                     a.releasing.remove(&tag);
@@ -257,7 +303,7 @@ impl Engine {
                 }
                 drop(a);
                 c.ev.space.notify(usize::MAX);
-                Ok(())
+                Ok(flushed_device)
             }
             Err(e) => {
                 for s in taken.changed {

@@ -44,7 +44,7 @@ use policies::{
     BackendPriority, CacheMode, DirtyController, Pacer, WritebackLimit, WritebackOrder,
 };
 use rbd_backend::aio::{self, BufSlice, DmaBuf};
-use rbd_backend::{Backend, BlockIo};
+use rbd_backend::{Backend, BlockIo, WriteMode};
 
 pub use attach::EngineConfig;
 pub use latency::{bucket_upper_us, LatencySnapshot, Op};
@@ -72,6 +72,9 @@ struct Events {
     flusher: Event,
     /// A write-back write finished (see `Engine::writeback_slot`).
     backend_turn: Event,
+    /// A guest write stopped applying to its epoch (see
+    /// `Engine::close_epoch_for_durability`).
+    applied: Event,
 }
 
 /// The part of the engine that exists only when a cache device is attached.
@@ -337,7 +340,12 @@ impl Engine {
     pub async fn write_async(&self, offset: u64, src: BufSlice, fua: bool) -> EngineResult<()> {
         let len = src.len() as u64;
         self.request(Op::Write, Some((offset, len)), || async move {
-            self.write_impl(offset, src).await?;
+            if fua && self.fua_in_one_pass() {
+                // Its data durable as it is written, then only its record.
+                self.write_impl(offset, src, WriteMode::Durable).await?;
+                return self.fua_one_pass().await;
+            }
+            self.write_impl(offset, src, WriteMode::Normal).await?;
             if fua {
                 self.flush_impl(false).await?;
             }

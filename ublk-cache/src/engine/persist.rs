@@ -32,8 +32,24 @@ struct Rounds {
     started: u64,
     finished: u64,
     running: bool,
-    /// The last round that failed, and why.
-    failed: Option<(u64, String)>,
+    /// The last round that failed, whether it was to flush, and why.
+    failed: Option<(u64, bool, String)>,
+    /// The last finished round that flushed the cache device (every round but
+    /// a FUA write's, see `Need`).
+    flushed: u64,
+}
+
+/// What a caller of `persist_until` needs of a round that starts after its
+/// call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Need {
+    /// Every completed cache write durable and described: a round that
+    /// flushes the cache device (a guest FLUSH, eviction, write-back).
+    Flush,
+    /// Format v2, a FUA write whose data was written durable: a record of
+    /// the changes durable, nothing more. The round it leads writes its
+    /// record durable and flushes nothing (`log::FLAG_UNFLUSHED`).
+    Record,
 }
 
 #[derive(Default)]
@@ -107,7 +123,20 @@ impl Engine {
             c.st.log.lock().must_checkpoint = true;
         }
         let target = c.persist.rounds.lock().started + 1;
-        self.persist_until(c, target).await.map(|_| ())
+        self.persist_until(c, target, Need::Flush).await.map(|_| ())
+    }
+
+    /// Format v2, after a FUA write whose data went durable: make its entry
+    /// durable in a round that starts after this call, without a device
+    /// flush (the round's record goes durable on its own).
+    pub(super) async fn persist_record(&self) -> EngineResult<()> {
+        let Some(c) = self.cache.as_ref() else {
+            return Ok(());
+        };
+        let target = c.persist.rounds.lock().started + 1;
+        self.persist_until(c, target, Need::Record)
+            .await
+            .map(|_| ())
     }
 
     /// Format v2, after a write-back step raised the watermark (`flushed`) to
@@ -161,7 +190,7 @@ impl Engine {
         };
         if running {
             // Its failure is not this caller's: a round of its own follows.
-            let _ = self.persist_until(c, started).await;
+            let _ = self.persist_until(c, started, Need::Record).await;
             if durable() {
                 return Ok(Some(true));
             }
@@ -169,7 +198,7 @@ impl Engine {
         // A round that starts from now on reads `flushed` >= w (it was raised
         // before this call).
         let target = c.persist.rounds.lock().started + 1;
-        let led = self.persist_until(c, target).await?;
+        let led = self.persist_until(c, target, Need::Flush).await?;
         Ok(Some(!led))
     }
 
@@ -186,20 +215,31 @@ impl Engine {
             || st.stopping.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Wait for, or lead, rounds until round `target` has finished; its
-    /// failure is the caller's. Returns whether the caller led one.
-    async fn persist_until(&self, c: &Cache, target: u64) -> EngineResult<bool> {
+    /// Wait for, or lead, rounds until round `target` (or a later one) has
+    /// finished and given what `need` asks; its failure is the caller's.
+    /// Returns whether the caller led one. A caller that needs a flush and
+    /// finds only FUA rounds since `target` leads a flushing one.
+    async fn persist_until(&self, c: &Cache, target: u64, need: Need) -> EngineResult<bool> {
         let mut led = false;
         loop {
             let lead = {
                 let mut r = c.persist.rounds.lock();
-                if r.finished >= target {
-                    return match &r.failed {
-                        Some((n, why)) if *n >= target => {
-                            Err(EngineError::new(EngineErrorKind::CacheIo, why.clone()))
+                let met = match need {
+                    Need::Flush => r.flushed >= target,
+                    Need::Record => r.finished >= target,
+                };
+                if met || r.finished >= target {
+                    match &r.failed {
+                        // The round this caller relied on failed.
+                        Some((n, flush, why))
+                            if *n >= target && (*flush || need == Need::Record) =>
+                        {
+                            return Err(EngineError::new(EngineErrorKind::CacheIo, why.clone()))
                         }
-                        _ => Ok(led),
-                    };
+                        _ if met => return Ok(led),
+                        // Only FUA rounds since `target`: lead a flushing one.
+                        _ => {}
+                    }
                 }
                 if r.running {
                     None
@@ -213,17 +253,24 @@ impl Engine {
                 Some(round) => {
                     led = true;
                     let res = match c.st.version {
-                        crate::format::FormatVersion::V1 => self.persist_round(c).await,
-                        crate::format::FormatVersion::V2 => self.persist_round_v2(c, false).await,
+                        crate::format::FormatVersion::V1 => {
+                            self.persist_round(c).await.map(|()| true)
+                        }
+                        crate::format::FormatVersion::V2 => {
+                            self.persist_round_v2(c, false, need == Need::Record).await
+                        }
                     };
                     let mut r = c.persist.rounds.lock();
                     r.running = false;
                     r.finished = round;
-                    if let Err(e) = &res {
-                        r.failed = Some((round, e.to_string()));
+                    match &res {
+                        Ok(true) => r.flushed = round,
+                        Ok(false) => {}
+                        Err(e) => r.failed = Some((round, need == Need::Flush, e.to_string())),
                     }
                     drop(r);
                     c.persist.done.notify(usize::MAX);
+                    res?;
                 }
                 None => {
                     wait_for(&c.persist.done, Duration::from_secs(1), || {
@@ -478,7 +525,8 @@ impl Engine {
     /// every change of a line changes its slot's record, so no changed record,
     /// no checksum waiting to be logged and no slot waiting for release mean
     /// that the last round covered all of it; that round must have finished,
-    /// and well. The state is read before the rounds: a round takes the
+    /// and well, and flushed (a FUA write's round leaves the other data it
+    /// logged unflushed). The state is read before the rounds: a round takes the
     /// changes only after it has been marked running, so a round that took
     /// them and is not done yet is seen running.
     fn nothing_to_persist(&self, c: &Cache) -> bool {
@@ -497,11 +545,71 @@ impl Engine {
         r.finished > 0
             && !r.running
             && r.started == r.finished
-            && r.failed.as_ref().is_none_or(|(n, _)| *n != r.finished)
+            && r.flushed == r.finished
+            && r.failed.as_ref().is_none_or(|(n, _, _)| *n != r.finished)
     }
 
     fn flusher_gone(&self) -> bool {
         self.flusher.lock().as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Format v2: whether a FUA write may take the one-pass path: its data
+    /// written durable (`WriteMode::Durable`), then a round that writes its
+    /// record durable and flushes nothing. Only where a FUA write needs no
+    /// more than the cache (`back`, `offline`: no backend flush), and while
+    /// ordering holds (a round then writes data durable first anyway), on a
+    /// cache device where a durable write is one (else two durable writes
+    /// would cost two flushes, where the usual round costs one).
+    pub(super) fn fua_in_one_pass(&self) -> bool {
+        let Some(c) = self.cache.as_ref() else {
+            return false;
+        };
+        let action = self.mode().flush_action();
+        c.st.version == crate::format::FormatVersion::V2
+            && c.store.durable_writes_are_native()
+            && self.mode().write_route() == policies::WriteRoute::CacheDirty
+            && action.persist_cache
+            && !action.flush_backend
+            && c.st
+                .order_broken_since
+                .load(std::sync::atomic::Ordering::Acquire)
+                == 0
+    }
+
+    /// The durability step of a FUA write whose data went durable already
+    /// (`fua_in_one_pass`): close the epoch, as every FUA does in format v2,
+    /// and make its entry durable with one record write.
+    pub(super) async fn fua_one_pass(&self) -> EngineResult<()> {
+        super::Stats::add(&self.stats.flushes, 1);
+        super::Stats::add(&self.stats.fua_one_pass, 1);
+        self.note_guest_durability();
+        if let Some(c) = self.cache() {
+            self.close_epoch_for_durability(c).await;
+        }
+        self.persist_record().await
+    }
+
+    /// Format v2: close the open epoch for a guest FLUSH or FUA write, and
+    /// wait until no write that took the closed epoch is still applying. Such
+    /// a write (one the guest issued before this request completed) may be
+    /// going in place into a version that the coming round logs, after the
+    /// round took that version's checksums: recovery would then find the
+    /// sector not matching and drop it, and with it the data this request
+    /// promises. Once the write has applied, its own checksum is the one
+    /// logged. The wait is one cache write (or the backend read that
+    /// completes a partial sector) at most.
+    async fn close_epoch_for_durability(&self, c: &Cache) {
+        let closed = c.st.epochs.lock().close();
+        c.ev.flusher.notify(usize::MAX);
+        let applied = || {
+            c.st.epochs
+                .lock()
+                .oldest_applying()
+                .is_none_or(|a| a > closed)
+        };
+        while !applied() {
+            wait_for(&c.ev.applied, Duration::from_millis(100), applied).await;
+        }
     }
 
     /// FLUSH (`guest` true) or the durability step of a FUA write.
@@ -512,7 +620,9 @@ impl Engine {
         if let Some(c) = self.cache() {
             // Format v2 closes the epoch at a FUA write too: its data must not be
             // overwritten in place once a round has logged it (see `log`).
-            if action.close_epoch && (guest || c.st.version == crate::format::FormatVersion::V2) {
+            if action.close_epoch && c.st.version == crate::format::FormatVersion::V2 {
+                self.close_epoch_for_durability(c).await;
+            } else if action.close_epoch && guest {
                 c.st.epochs.lock().close();
                 c.ev.flusher.notify(usize::MAX);
             }

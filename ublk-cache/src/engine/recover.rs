@@ -3,16 +3,19 @@
 //!
 //! Records are read from the superblock's `log_start`, in sequence order (the
 //! log wraps to its first block when a record did not fit at its end); the
-//! first one missing, damaged, or of another checkpoint ends the log. The last
-//! intact record may describe data whose flush never completed (a power cut in
-//! its round): the dirty sectors it lists with checksums are read back and
-//! every one that does not match is dropped from its entry. Such a sector was
-//! never covered by a completed flush, so dropping it is allowed; its older
-//! version, or the backend, holds what was flushed before.
+//! first one missing, damaged, or of another checkpoint ends the log. The
+//! records after the last completed flush may describe data that never
+//! arrived (a power cut in the newest round, before its flush completed; or
+//! any time after rounds for FUA writes, which flush nothing): the dirty
+//! sectors they list with checksums are read back and every one that does not
+//! match is dropped from its entry. Such a sector was never covered by a
+//! completed flush, so dropping it is allowed; its older version, or the
+//! backend, holds what was flushed before. A FUA write's own data was written
+//! durable before its record, so it always matches.
 
 use super::store::CacheStore;
 use crate::error::{EngineError, EngineResult};
-use crate::format::log::{Record, FLAG_DATA_DURABLE};
+use crate::format::log::{Record, FLAG_DATA_DURABLE, FLAG_UNFLUSHED};
 use crate::format::{EntryCodec, Layout, LineEntry, Superblock, META_BLOCK, SECTOR_SIZE};
 
 /// What the log said, besides the entries.
@@ -28,8 +31,9 @@ pub(super) struct LogReplay {
     pub order_broken_since: u64,
     /// Records applied.
     pub records: u64,
-    /// The last record, if its data must be checked.
-    pub unconfirmed: Option<Record>,
+    /// The records whose data must be checked (no completed flush is known
+    /// to cover it), oldest first.
+    pub unconfirmed: Vec<Record>,
 }
 
 /// Write both table copies as free entries and clear the log's first block.
@@ -164,6 +168,9 @@ pub(super) fn load_v2(
     };
     let log_blocks = layout.log_blocks();
     let mut pos = sb.log_start;
+    // Whether the round of the record before flushed the cache device (the
+    // checkpoint did): a record after it shows that the flush completed.
+    let mut prev_flushed = true;
     loop {
         let want = rep.seq + 1;
         let mut found = read_record(store, codec, layout, pos, want, sb.ckpt_seq)?;
@@ -201,11 +208,17 @@ pub(super) fn load_v2(
         rep.used += n + wasted;
         pos += n;
         rep.head = pos % log_blocks;
-        // Only the newest record can be unconfirmed: the round after it started
-        // once its flush had completed.
-        rep.unconfirmed = (r.flags & FLAG_DATA_DURABLE == 0
-            && r.entries.iter().any(|e| !e.fresh.is_empty()))
-        .then_some(r);
+        // The round of this record started once the one before had ended: if
+        // that one flushed, its flush completed, and so did the flush a
+        // data-durable round runs before writing its record. Either covers
+        // all data the records so far describe.
+        if prev_flushed || r.flags & FLAG_DATA_DURABLE != 0 {
+            rep.unconfirmed.clear();
+        }
+        prev_flushed = r.flags & FLAG_UNFLUSHED == 0;
+        if r.flags & FLAG_DATA_DURABLE == 0 && r.entries.iter().any(|e| !e.fresh.is_empty()) {
+            rep.unconfirmed.push(r);
+        }
         if rep.used >= log_blocks {
             break;
         }
@@ -213,40 +226,50 @@ pub(super) fn load_v2(
     Ok((entries, rep))
 }
 
-/// Check the data of the newest record against its checksums and drop the
-/// sectors that do not match from their entries. Returns how many were dropped.
+/// Check the data of the unconfirmed records (`recs`, oldest first) against
+/// their checksums and drop the sectors that do not match from their entries.
+/// Each sector of a slot is checked once, against the newest checksum logged
+/// for it: an older one may be of an earlier version that the slot held
+/// before it was freed and reused. Returns how many were dropped.
 pub(super) fn verify_unconfirmed(
     store: &CacheStore,
     layout: &Layout,
-    rec: &Record,
+    recs: &[Record],
     entries: &mut [LineEntry],
 ) -> EngineResult<u64> {
     let mut dropped = 0;
+    let mut seen = std::collections::HashSet::new();
     let mut buf = vec![0u8; SECTOR_SIZE as usize];
-    for le in &rec.entries {
-        let e = &mut entries[le.slot as usize];
-        // A later record cannot have replaced it (this is the newest); a shadow
-        // replaces all entries before this runs, so `e` is this record's entry.
-        for &(s, crc) in &le.fresh {
-            let (w, bit) = ((s / 64) as usize, 1u64 << (s % 64));
-            if e.dirty[w] & bit == 0 {
-                continue;
+    for rec in recs.iter().rev() {
+        for le in &rec.entries {
+            let e = &mut entries[le.slot as usize];
+            // `e` is the newest entry of the slot (the newest record naming it);
+            // a shadow replaces all entries, and then nothing is checked.
+            for &(s, crc) in &le.fresh {
+                if !seen.insert((le.slot, s)) {
+                    continue;
+                }
+                let (w, bit) = ((s / 64) as usize, 1u64 << (s % 64));
+                if e.dirty[w] & bit == 0 {
+                    continue;
+                }
+                let off = layout.line_offset(le.slot) + s as u64 * SECTOR_SIZE as u64;
+                store.read_raw(off, &mut buf)?;
+                if crc32c::crc32c(&buf) != crc {
+                    tracing::debug!(
+                        slot = le.slot,
+                        sector = s,
+                        seq = rec.seq,
+                        "log replay: unconfirmed sector dropped"
+                    );
+                    e.valid[w] &= !bit;
+                    e.dirty[w] &= !bit;
+                    dropped += 1;
+                }
             }
-            let off = layout.line_offset(le.slot) + s as u64 * SECTOR_SIZE as u64;
-            store.read_raw(off, &mut buf)?;
-            if crc32c::crc32c(&buf) != crc {
-                tracing::debug!(
-                    slot = le.slot,
-                    sector = s,
-                    "log replay: unconfirmed sector dropped"
-                );
-                e.valid[w] &= !bit;
-                e.dirty[w] &= !bit;
-                dropped += 1;
+            if e.valid == [0; 4] {
+                *e = LineEntry::default();
             }
-        }
-        if e.valid == [0; 4] {
-            *e = LineEntry::default();
         }
     }
     Ok(dropped)

@@ -49,6 +49,9 @@ pub struct Stats {
     /// Guest FLUSHes that found everything durable already (format v2): no
     /// device flush.
     pub flushes_with_nothing_new: AtomicU64,
+    /// FUA writes made durable in one pass: the data written durable, then
+    /// one record written durable, no device flush.
+    pub fua_one_pass: AtomicU64,
     pub preload_bytes: AtomicU64,
     pub latency: Latencies,
 }
@@ -123,6 +126,8 @@ pub struct StatsSnapshot {
     pub flushes: u64,
     #[serde(default)]
     pub flushes_with_nothing_new: u64,
+    #[serde(default)]
+    pub fua_one_pass: u64,
     pub preload_bytes: u64,
     pub dirty_lines: u64,
     pub cached_lines: u64,
@@ -206,6 +211,7 @@ impl Stats {
             cache_errors: g(&self.cache_errors),
             flushes: g(&self.flushes),
             flushes_with_nothing_new: g(&self.flushes_with_nothing_new),
+            fua_one_pass: g(&self.fua_one_pass),
             preload_bytes: g(&self.preload_bytes),
             latency: self.latency.snapshot(),
             ..Default::default()

@@ -111,6 +111,12 @@ impl CacheStore {
             .map_err(|e| EngineError::cache(&format!("write of line slot {slot}"), e))
     }
 
+    /// Whether a durable write costs the device one write, not a write and a
+    /// flush (see `BlockIo::durable_writes_are_native`).
+    pub fn durable_writes_are_native(&self) -> bool {
+        self.dev.durable_writes_are_native()
+    }
+
     /// Make every completed cache write durable, on the event loop.
     pub async fn sync_async(&self) -> EngineResult<()> {
         self.flushes.fetch_add(1, Ordering::Relaxed);
@@ -130,12 +136,17 @@ impl CacheStore {
     }
 
     /// Format v2: write `src` (whole blocks) into the metadata log at `block`.
-    pub async fn write_log_async(&self, block: u32, src: BufSlice) -> EngineResult<()> {
+    pub async fn write_log_async(
+        &self,
+        block: u32,
+        src: BufSlice,
+        mode: WriteMode,
+    ) -> EngineResult<()> {
         let off = self.layout.log_offset() + block as u64 * META_BLOCK as u64;
         self.meta_bytes
             .fetch_add(src.len() as u64, Ordering::Relaxed);
         self.dev
-            .write_async(off, src, WriteMode::Normal)
+            .write_async(off, src, mode)
             .await
             .map_err(|e| EngineError::cache(&format!("write of log block {block}"), e))
     }

@@ -45,7 +45,15 @@ impl Engine {
         })
     }
 
-    pub(super) async fn write_impl(&self, offset: u64, src: BufSlice) -> EngineResult<()> {
+    /// Write `src` at `offset` as the mode routes it. `mode` is how the cache
+    /// copy of a write-back write goes (`Durable` for a FUA write taking the
+    /// one-pass path; see `fua_in_one_pass`).
+    pub(super) async fn write_impl(
+        &self,
+        offset: u64,
+        src: BufSlice,
+        mode: WriteMode,
+    ) -> EngineResult<()> {
         Stats::add(&self.stats.write_bytes, src.len() as u64);
         let Some(c) = self.cache() else {
             Stats::add(&self.stats.write_misses, 1);
@@ -59,7 +67,7 @@ impl Engine {
             done += n as usize;
             pieces.push(Box::pin(async move {
                 let cached = match route {
-                    WriteRoute::CacheDirty => self.write_line_dirty(c, tag, a, piece).await?,
+                    WriteRoute::CacheDirty => self.write_line_dirty(c, tag, a, piece, mode).await?,
                     WriteRoute::BackendThenCache => {
                         self.write_line_through(c, tag, a, piece, true).await?
                     }
@@ -210,6 +218,7 @@ impl Engine {
         tag: u64,
         a: u64,
         data: BufSlice,
+        mode: WriteMode,
     ) -> EngineResult<bool> {
         let st = &c.st;
         let ls = c.layout.line_size as u64;
@@ -342,6 +351,7 @@ impl Engine {
                 };
                 if !matches!(next, Next::Go { .. }) {
                     st.epochs.lock().end_apply(epoch);
+                    c.ev.applied.notify(usize::MAX);
                 }
                 (epoch, next)
             };
@@ -400,7 +410,7 @@ impl Engine {
                 st.resolve(&sh, tag, s0, s1)
             };
             let res = self
-                .fill_and_write(c, tag * ls, slot, a, &data, &edges)
+                .fill_and_write(c, tag * ls, SlotWrite { slot, at: a, mode }, &data, &edges)
                 .await;
             let mut sh = st.map.shard(tag).write();
             // The write leaves its epoch only once its record is in (and, when
@@ -421,6 +431,7 @@ impl Engine {
                 st.set_rec_written(&mut sh, slot, new, &crcs);
             });
             st.epochs.lock().end_apply(epoch);
+            c.ev.applied.notify(usize::MAX);
             match res {
                 Ok(()) => {
                     drop(sh);
@@ -544,19 +555,20 @@ impl Engine {
         true
     }
 
-    /// Write `data` at byte `a` of a line's slot, completing partly covered 4 KiB
-    /// sectors from where `edges` (the line's resolved sectors) says they are:
-    /// the cache, or the backend. Returns the crc32c of every whole sector
-    /// written (format v2 logs them).
+    /// Write `data` at byte `to.at` of slot `to.slot`, which holds the line at
+    /// backend byte `line_base`, completing partly covered 4 KiB sectors from
+    /// where `edges` (the line's resolved sectors) says they are: the cache,
+    /// or the backend. Returns the crc32c of every whole sector written
+    /// (format v2 logs them).
     async fn fill_and_write(
         &self,
         c: &Cache,
         line_base: u64,
-        slot: u32,
-        a: u64,
+        to: SlotWrite,
         data: &BufSlice,
         edges: &[(u32, u32, Option<u32>)],
     ) -> EngineResult<Vec<(u16, u32)>> {
+        let SlotWrite { slot, at: a, mode } = to;
         let b = a + data.len() as u64;
         let want_crcs = c.st.version == FormatVersion::V2;
         let crcs_of = |bytes: &[u8], first: u64| -> Vec<(u16, u32)> {
@@ -568,9 +580,7 @@ impl Engine {
         if a.is_multiple_of(SECTOR) && b.is_multiple_of(SECTOR) {
             // SAFETY: this request owns `data` while it runs; nothing writes it.
             let crcs = crcs_of(unsafe { data.request_bytes() }, a);
-            c.store
-                .write_async(slot, a, data.clone(), WriteMode::Normal)
-                .await?;
+            c.store.write_async(slot, a, data.clone(), mode).await?;
             return Ok(crcs);
         }
         let (s0, s1) = sectors(a, b);
@@ -603,10 +613,20 @@ impl Engine {
             crcs_of(bytes, start)
         };
         c.store
-            .write_async(slot, start, buf.slice_all(), WriteMode::Normal)
+            .write_async(slot, start, buf.slice_all(), mode)
             .await?;
         Ok(crcs)
     }
+}
+
+/// Where a guest write goes in the cache, and how.
+#[derive(Clone, Copy)]
+struct SlotWrite {
+    slot: u32,
+    /// Byte within the line.
+    at: u64,
+    /// `Durable` for a FUA write taking the one-pass path.
+    mode: WriteMode,
 }
 
 /// (sector in its line, crc32c) of each whole 4 KiB sector of `bytes`, which

@@ -8,7 +8,11 @@
 //! last intact record against its checksums and drops what does not match (it
 //! was never covered by a completed flush). Every earlier record is confirmed by
 //! the one after it: rounds are sequential, each starting after the previous
-//! one's flush completed.
+//! one's flush completed. A round for a FUA write flushes nothing
+//! ([`FLAG_UNFLUSHED`]): it writes the FUA data and then its record, each
+//! durable on its own, so the other data such a record describes is covered
+//! only by the flush of a later round, and recovery checks every record
+//! since the last completed flush.
 //!
 //! ```text
 //! header (64 bytes): magic | flags | seq | ckpt_seq | blocks | entries |
@@ -30,6 +34,12 @@ const CRC_AT: usize = 56;
 /// The data the record describes was made durable before the record was
 /// written (a two-flush round): nothing needs checking at recovery.
 pub const FLAG_DATA_DURABLE: u32 = 1;
+/// The round flushed nothing: the record was written durable on its own
+/// (FUA), after the FUA write it is for. The data of the other writes it
+/// describes is durable only once a later round's flush completes (the
+/// round after that one shows it did), so until then recovery checks it.
+/// Only with `superblock::INCOMPAT_UNFLUSHED_RECORDS` set.
+pub const FLAG_UNFLUSHED: u32 = 2;
 
 /// One entry of a record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,7 +164,9 @@ impl Record {
                 buf.len() / META_BLOCK as usize
             )));
         }
-        if flags & !FLAG_DATA_DURABLE != 0 {
+        if flags & !(FLAG_DATA_DURABLE | FLAG_UNFLUSHED) != 0
+            || flags == FLAG_DATA_DURABLE | FLAG_UNFLUSHED
+        {
             return Err(bad(format!("unknown flags {flags:#x}")));
         }
         let mut entries = Vec::with_capacity((n as usize).min(1 << 20));

@@ -14,8 +14,16 @@ pub const SB_BYTES: usize = 4096;
 /// and two checkpoint tables. Set in every v2 superblock, so that a v1-only
 /// build refuses the cache (by version and by this bit) instead of misreading it.
 pub const INCOMPAT_VERSIONED_LOG: u32 = 1;
+/// Format v2: the log may hold records of rounds that made only their FUA
+/// writes and themselves durable, with no device flush
+/// (`log::FLAG_UNFLUSHED`); recovery must check the data of every record
+/// since the last completed flush, not only the newest one's. Set while a
+/// server that writes them has the cache attached (a clean detach writes a
+/// checkpoint and clears it), so that a build that does not know them
+/// refuses a crashed cache instead of trusting their data.
+pub const INCOMPAT_UNFLUSHED_RECORDS: u32 = 2;
 /// Incompatible features this build understands.
-pub const KNOWN_INCOMPAT: u32 = INCOMPAT_VERSIONED_LOG;
+pub const KNOWN_INCOMPAT: u32 = INCOMPAT_VERSIONED_LOG | INCOMPAT_UNFLUSHED_RECORDS;
 
 const KIND_CAP: usize = 16;
 const NAME_CAP: usize = 1024;
@@ -200,7 +208,9 @@ impl Superblock {
         if incompat & !KNOWN_INCOMPAT != 0 {
             return Err(FormatError::Features(incompat & !KNOWN_INCOMPAT));
         }
-        if v2 != (incompat & INCOMPAT_VERSIONED_LOG != 0) {
+        if v2 != (incompat & INCOMPAT_VERSIONED_LOG != 0)
+            || (!v2 && incompat & INCOMPAT_UNFLUSHED_RECORDS != 0)
+        {
             return Err(FormatError::Field {
                 field: "incompatible features",
                 problem: format!("{incompat:#x} does not match format version {version}"),

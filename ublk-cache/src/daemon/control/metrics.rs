@@ -300,6 +300,11 @@ impl Collector for StatsCollector {
                 e.flushes_with_nothing_new,
             ),
             (
+                "ublk_cache_fua_one_pass",
+                "FUA writes made durable in one pass (format v2): the data and one log record written durable, no flush of the cache device.",
+                e.fua_one_pass,
+            ),
+            (
                 "ublk_cache_metadata_write_bytes",
                 "Bytes of metadata (log records, tables, superblocks) written to the cache device.",
                 e.meta_write_bytes,
