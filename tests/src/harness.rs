@@ -113,30 +113,30 @@ impl Replay {
         }
         // Crash points are visited in time order, so the durable image only moves forward.
         debug_assert_eq!(self.applied, durable_end);
-        let mut window: Vec<&DevOp> = self.log[durable_end..upto].iter().map(|s| &s.op).collect();
+        let mut window: Vec<&Stamped> = self.log[durable_end..upto].iter().collect();
         let is_durable = |op: &DevOp| matches!(op, DevOp::Write { durable: true, .. });
         // Variant 0: everything in the window arrived; 1: nothing did; others:
         // a random subset, in random order, with torn writes. A durable write
-        // always arrived, whole; with one in the window the rest keeps its
-        // completion order, so that what a durable write replaced does not
-        // come back over it.
+        // always arrived, whole, and what completed before it never lands over
+        // it (nor it over what completed after it and arrived).
         let torn = variant >= 2;
-        let keep_order = window.iter().any(|op| is_durable(op));
         match variant {
             0 => {}
-            1 => window.retain(|op| is_durable(op)),
+            1 => window.retain(|s| is_durable(&s.op)),
             _ => {
-                window.retain(|op| is_durable(op) || rng.chance(60));
-                if !keep_order {
-                    for i in (1..window.len()).rev() {
-                        let j = rng.below(i as u64 + 1) as usize;
-                        window.swap(i, j);
-                    }
+                window.retain(|s| is_durable(&s.op) || rng.chance(60));
+                for i in (1..window.len()).rev() {
+                    let j = rng.below(i as u64 + 1) as usize;
+                    window.swap(i, j);
                 }
             }
         }
         let mut delta = Delta::new();
-        for op in window {
+        // Which op each sector of `delta` holds: (completion stamp, durable).
+        let mut holder: std::collections::HashMap<u64, (u64, bool)> =
+            std::collections::HashMap::new();
+        for st in window {
+            let op = &st.op;
             let (off, len, data) = match op {
                 DevOp::Write { off, data, .. } => (*off, data.len() as u64, Some(data)),
                 DevOp::Zero { off, len } | DevOp::Discard { off, len } => (*off, *len, None),
@@ -147,11 +147,18 @@ impl Replay {
                 if torn && !whole && len > SECTOR && rng.chance(25) {
                     continue;
                 }
+                let s = off / SECTOR + k;
+                if let Some(&(seq, durable)) = holder.get(&s) {
+                    if seq > st.seq && (durable || whole) {
+                        continue;
+                    }
+                }
                 let mut sec = Box::new([0u8; 512]);
                 if let Some(d) = data {
                     sec.copy_from_slice(&d[(k * SECTOR) as usize..((k + 1) * SECTOR) as usize]);
                 }
-                delta.insert(off / SECTOR + k, sec);
+                delta.insert(s, sec);
+                holder.insert(s, (st.seq, whole));
             }
         }
         (Arc::clone(&self.durable), delta)

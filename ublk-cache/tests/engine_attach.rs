@@ -76,6 +76,44 @@ fn a_write_in_flight_across_a_flush_cannot_take_flushed_data_with_it() {
     e.abandon();
 }
 
+/// While attached, the superblock carries the incompat bits an earlier build
+/// does not know (a crash shadow of the staged layout, and in format v2 log
+/// records that flushed nothing), so such a build refuses a crashed cache
+/// rather than ignore what it cannot read; a clean stop clears them.
+#[test]
+fn a_crashed_cache_is_marked_for_builds_that_cannot_recover_it() {
+    use ublk_cache::engine::store::read_superblock;
+    use ublk_cache::format::superblock::{INCOMPAT_STAGED_SHADOW, INCOMPAT_UNFLUSHED_RECORDS};
+    for version in [
+        ublk_cache::format::FormatVersion::V2,
+        ublk_cache::format::FormatVersion::V1,
+    ] {
+        let (b, c) = testkit::rig::mems(8, 4);
+        let ecfg = ublk_cache::EngineConfig {
+            format_version: version,
+            ..cfg(CacheMode::Back)
+        };
+        let e = open(b.clone(), c.clone(), ecfg.clone());
+        e.write(0, &fill(5, 4096), false).unwrap();
+        e.abandon();
+        let sb = read_superblock(c.as_ref()).unwrap().unwrap();
+        let want = match version {
+            ublk_cache::format::FormatVersion::V2 => {
+                INCOMPAT_STAGED_SHADOW | INCOMPAT_UNFLUSHED_RECORDS
+            }
+            ublk_cache::format::FormatVersion::V1 => INCOMPAT_STAGED_SHADOW,
+        };
+        assert_eq!(sb.incompat & want, want, "{version:?} while attached");
+        drop(e);
+        // Recovered from the shadow, then stopped cleanly.
+        let e = open(b, c.clone(), ecfg);
+        assert!(read(&e, 0, 4096) == fill(5, 4096), "{version:?}");
+        e.shutdown().unwrap();
+        let sb = read_superblock(c.as_ref()).unwrap().unwrap();
+        assert_eq!(sb.incompat & want, 0, "{version:?} after a clean stop");
+    }
+}
+
 #[test]
 fn flushed_writes_survive_a_power_cut_and_dirty_data_is_written_back_after() {
     let (b, c, _fb, e) = back_engine_refusing_write_back(8, 4);

@@ -488,6 +488,8 @@ impl Engine {
             Err(e) => warn!("no crash shadow ({e}); clean cached data is dropped after a daemon crash"),
         }
         sb.state = SbState::Active;
+        // Until a clean detach, a crash leaves a shadow of the staged layout.
+        sb.incompat |= crate::format::superblock::INCOMPAT_STAGED_SHADOW;
         if version == FormatVersion::V2 {
             // From now on the log may hold rounds that flushed nothing.
             sb.incompat |= crate::format::superblock::INCOMPAT_UNFLUSHED_RECORDS;
@@ -903,8 +905,10 @@ impl Engine {
         super::blocking(self.persist_checkpoint())?;
         let mut sb = c.sb.lock();
         sb.state = SbState::Clean;
-        // The checkpoint above describes everything; no record follows it.
-        sb.incompat &= !crate::format::superblock::INCOMPAT_UNFLUSHED_RECORDS;
+        // The checkpoint above describes everything; no record follows it,
+        // and the shadow is removed below.
+        sb.incompat &= !(crate::format::superblock::INCOMPAT_UNFLUSHED_RECORDS
+            | crate::format::superblock::INCOMPAT_STAGED_SHADOW);
         sb.seq += 1;
         sb.epoch = c.st.cur_epoch();
         // Without change tracking no marker is recorded, and the next attach

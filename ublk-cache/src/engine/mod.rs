@@ -342,8 +342,9 @@ impl Engine {
         self.request(Op::Write, Some((offset, len)), || async move {
             if fua && self.fua_in_one_pass() {
                 // Its data durable as it is written, then only its record.
-                self.write_impl(offset, src, WriteMode::Durable).await?;
-                return self.fua_one_pass().await;
+                let mark = self.in_place_mark();
+                let own = self.write_impl(offset, src, WriteMode::Durable).await?;
+                return self.fua_one_pass(mark, own).await;
             }
             self.write_impl(offset, src, WriteMode::Normal).await?;
             if fua {

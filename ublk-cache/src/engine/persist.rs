@@ -32,12 +32,22 @@ struct Rounds {
     started: u64,
     finished: u64,
     running: bool,
-    /// The last round that failed, whether it was to flush, and why.
-    failed: Option<(u64, bool, String)>,
+    /// The last round that failed, and why.
+    failed: Option<(u64, String)>,
+    /// The last round led to flush (`Need::Flush`) that failed, and why: kept
+    /// apart so that a FUA round failing after it does not hide it from the
+    /// FLUSHes that relied on it.
+    failed_flush: Option<(u64, String)>,
     /// The last finished round that flushed the cache device (every round but
     /// a FUA write's, see `Need`).
     flushed: u64,
 }
+
+/// At most this many rounds in a row flush nothing (FUA rounds); the next one
+/// flushes. Without a bound a guest that only ever writes FUA would leave
+/// recovery every record since the last checkpoint to check, and never let a
+/// round make data durable (`State::durable_below`).
+const MAX_UNFLUSHED_ROUNDS: u64 = 64;
 
 /// What a caller of `persist_until` needs of a round that starts after its
 /// call.
@@ -229,11 +239,13 @@ impl Engine {
                     Need::Record => r.finished >= target,
                 };
                 if met || r.finished >= target {
-                    match &r.failed {
-                        // The round this caller relied on failed.
-                        Some((n, flush, why))
-                            if *n >= target && (*flush || need == Need::Record) =>
-                        {
+                    // The round this caller relied on failed.
+                    let relied = match need {
+                        Need::Flush => &r.failed_flush,
+                        Need::Record => &r.failed,
+                    };
+                    match relied {
+                        Some((n, why)) if *n >= target => {
                             return Err(EngineError::new(EngineErrorKind::CacheIo, why.clone()))
                         }
                         _ if met => return Ok(led),
@@ -246,18 +258,19 @@ impl Engine {
                 } else {
                     r.running = true;
                     r.started += 1;
-                    Some(r.started)
+                    let fua = need == Need::Record && r.started - r.flushed <= MAX_UNFLUSHED_ROUNDS;
+                    Some((r.started, fua))
                 }
             };
             match lead {
-                Some(round) => {
+                Some((round, fua)) => {
                     led = true;
                     let res = match c.st.version {
                         crate::format::FormatVersion::V1 => {
                             self.persist_round(c).await.map(|()| true)
                         }
                         crate::format::FormatVersion::V2 => {
-                            self.persist_round_v2(c, false, need == Need::Record).await
+                            self.persist_round_v2(c, false, fua).await
                         }
                     };
                     let mut r = c.persist.rounds.lock();
@@ -266,16 +279,28 @@ impl Engine {
                     match &res {
                         Ok(true) => r.flushed = round,
                         Ok(false) => {}
-                        Err(e) => r.failed = Some((round, need == Need::Flush, e.to_string())),
+                        Err(e) => {
+                            r.failed = Some((round, e.to_string()));
+                            if !fua {
+                                r.failed_flush = Some((round, e.to_string()));
+                            }
+                        }
                     }
                     drop(r);
                     c.persist.done.notify(usize::MAX);
                     res?;
                 }
                 None => {
+                    // Until the running round ends, or gives what is needed
+                    // (the same test as above: a FLUSH that only FUA rounds
+                    // met must not spin while another one runs).
                     wait_for(&c.persist.done, Duration::from_secs(1), || {
                         let r = c.persist.rounds.lock();
-                        !r.running || r.finished >= target
+                        !r.running
+                            || match need {
+                                Need::Flush => r.flushed >= target,
+                                Need::Record => r.finished >= target,
+                            }
                     })
                     .await
                 }
@@ -546,7 +571,7 @@ impl Engine {
             && !r.running
             && r.started == r.finished
             && r.flushed == r.finished
-            && r.failed.as_ref().is_none_or(|(n, _, _)| *n != r.finished)
+            && r.failed.as_ref().is_none_or(|(n, _)| *n != r.finished)
     }
 
     fn flusher_gone(&self) -> bool {
@@ -576,36 +601,56 @@ impl Engine {
                 == 0
     }
 
+    /// How many writes have gone in place so far: taken before a FUA write's
+    /// data (see `fua_one_pass`).
+    pub(super) fn in_place_mark(&self) -> u64 {
+        self.cache()
+            .map_or(0, |c| c.st.epochs.lock().in_place_begun)
+    }
+
     /// The durability step of a FUA write whose data went durable already
     /// (`fua_in_one_pass`): close the epoch, as every FUA does in format v2,
-    /// and make its entry durable with one record write.
-    pub(super) async fn fua_one_pass(&self) -> EngineResult<()> {
+    /// and make its entry durable with one record write. `mark` is
+    /// `in_place_mark` from before its data, `own` how many of its lines went
+    /// in place. If another write went in place since, it may have rewritten a
+    /// sector of this one (a partial or overlapping write the guest had in
+    /// flight): the record would carry that write's checksum over data that
+    /// no flush made durable, and recovery would drop the sector with this
+    /// write's bytes in it. Then the round flushes, as before.
+    pub(super) async fn fua_one_pass(&self, mark: u64, own: u64) -> EngineResult<()> {
         super::Stats::add(&self.stats.flushes, 1);
-        super::Stats::add(&self.stats.fua_one_pass, 1);
         self.note_guest_durability();
-        if let Some(c) = self.cache() {
-            self.close_epoch_for_durability(c).await;
+        let Some(c) = self.cache() else {
+            return Ok(());
+        };
+        self.close_epoch_for_durability(c).await;
+        if self.in_place_mark() - mark > own {
+            return self.persist().await;
         }
+        super::Stats::add(&self.stats.fua_one_pass, 1);
         self.persist_record().await
     }
 
     /// Format v2: close the open epoch for a guest FLUSH or FUA write, and
-    /// wait until no write that took the closed epoch is still applying. Such
-    /// a write (one the guest issued before this request completed) may be
-    /// going in place into a version that the coming round logs, after the
-    /// round took that version's checksums: recovery would then find the
-    /// sector not matching and drop it, and with it the data this request
-    /// promises. Once the write has applied, its own checksum is the one
-    /// logged. The wait is one cache write (or the backend read that
-    /// completes a partial sector) at most.
+    /// wait until no write that took the closed epoch is still going in place.
+    /// Such a write (one the guest issued before this request completed) may
+    /// be rewriting a version that the coming round logs, after the round took
+    /// that version's checksums: recovery would then find the sector not
+    /// matching and drop it, and with it the data this request promises. Once
+    /// the write has applied, its own checksum is the one logged. A write into
+    /// a new slot is not waited for (the round logs none of its data). The
+    /// wait is one cache write, or the backend read that completes a partial
+    /// sector (bounded by the backend's timeout).
     async fn close_epoch_for_durability(&self, c: &Cache) {
         let closed = c.st.epochs.lock().close();
         c.ev.flusher.notify(usize::MAX);
         let applied = || {
             c.st.epochs
                 .lock()
-                .oldest_applying()
-                .is_none_or(|a| a > closed)
+                .applying_in_place
+                .keys()
+                .next()
+                .is_none_or(|&a| a > closed)
         };
         while !applied() {
             wait_for(&c.ev.applied, Duration::from_millis(100), applied).await;

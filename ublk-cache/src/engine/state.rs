@@ -69,6 +69,12 @@ pub struct Epochs {
     pub cur: u64,
     /// Writes being applied, by epoch: an epoch can gain data until this drops to 0.
     pub applying: BTreeMap<u64, u32>,
+    /// The part of `applying` that goes in place into a version that exists
+    /// already (whose sectors a round may have logged with their checksums;
+    /// see `Engine::close_epoch_for_durability`).
+    pub applying_in_place: BTreeMap<u64, u32>,
+    /// In-place writes ever begun (see `Engine::fua_one_pass`).
+    pub in_place_begun: u64,
     /// Slots that became dirty in each epoch (possibly stale: a slot may have
     /// been written back, rewritten in a later epoch or freed since; readers
     /// check the slot's record).
@@ -86,6 +92,8 @@ impl Epochs {
         Epochs {
             cur,
             applying: BTreeMap::new(),
+            applying_in_place: BTreeMap::new(),
+            in_place_begun: 0,
             pending: BTreeMap::new(),
             writing: None,
             opened: Instant::now(),
@@ -115,6 +123,22 @@ impl Epochs {
             *n -= 1;
             if *n == 0 {
                 self.applying.remove(&epoch);
+            }
+        }
+    }
+
+    /// A write of `epoch` (begun with `begin_apply`) goes in place.
+    pub fn begin_in_place(&mut self, epoch: u64) {
+        *self.applying_in_place.entry(epoch).or_insert(0) += 1;
+        self.in_place_begun += 1;
+    }
+
+    /// The in-place write of `epoch` is applied (before its `end_apply`).
+    pub fn end_in_place(&mut self, epoch: u64) {
+        if let Some(n) = self.applying_in_place.get_mut(&epoch) {
+            *n -= 1;
+            if *n == 0 {
+                self.applying_in_place.remove(&epoch);
             }
         }
     }
@@ -276,7 +300,7 @@ impl State {
         }
     }
 
-    fn mirror(&self, shard: &Shard, slot: u32, r: &Rec) {
+    fn mirror(&self, shard: &mut Shard, slot: u32, r: &Rec) {
         let block = slot / self.entries_per_block;
         match self.version {
             FormatVersion::V1 => self.meta_dirty.set(block),
@@ -290,9 +314,10 @@ impl State {
     }
 
     /// Mirror `slot`'s entry into the crash shadow; the caller holds the
-    /// line's shard write-locked (`shard`), which the shadow's staging
-    /// record of that shard needs.
-    fn shadow_write(&self, shard: &Shard, slot: u32, e: &LineEntry) {
+    /// line's shard write-locked (`shard`, taken `&mut` so that only a write
+    /// guard gives one), which the shadow's staging record of that shard
+    /// needs to itself.
+    fn shadow_write(&self, shard: &mut Shard, slot: u32, e: &LineEntry) {
         if let Some(s) = self.shadow.read().as_ref() {
             s.write(shard.index(), slot, e);
         }

@@ -50,7 +50,8 @@ pub struct Stats {
     /// device flush.
     pub flushes_with_nothing_new: AtomicU64,
     /// FUA writes made durable in one pass: the data written durable, then
-    /// one record written durable, no device flush.
+    /// one record written durable, no device flush (but in one round of 65,
+    /// see `persist::MAX_UNFLUSHED_ROUNDS`).
     pub fua_one_pass: AtomicU64,
     pub preload_bytes: AtomicU64,
     pub latency: Latencies,

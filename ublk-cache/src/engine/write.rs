@@ -47,43 +47,54 @@ impl Engine {
 
     /// Write `src` at `offset` as the mode routes it. `mode` is how the cache
     /// copy of a write-back write goes (`Durable` for a FUA write taking the
-    /// one-pass path; see `fua_in_one_pass`).
+    /// one-pass path; see `fua_in_one_pass`). Returns how many of its lines
+    /// went in place into a version that existed already.
     pub(super) async fn write_impl(
         &self,
         offset: u64,
         src: BufSlice,
         mode: WriteMode,
-    ) -> EngineResult<()> {
+    ) -> EngineResult<u64> {
         Stats::add(&self.stats.write_bytes, src.len() as u64);
         let Some(c) = self.cache() else {
             Stats::add(&self.stats.write_misses, 1);
-            return self.backend_write(offset, src).await;
+            return self.backend_write(offset, src).await.map(|()| 0);
         };
         let route = self.mode().write_route();
         let mut done = 0usize;
-        let mut pieces: Vec<Piece<'_, EngineResult<(bool, u64)>>> = Vec::new();
+        let mut pieces: Vec<Piece<'_, EngineResult<(LineWrite, u64)>>> = Vec::new();
         for (tag, a, n) in self.split(offset, src.len() as u64) {
             let piece = src.sub(done, n as usize);
             done += n as usize;
             pieces.push(Box::pin(async move {
-                let cached = match route {
+                let through = |cached| LineWrite {
+                    cached,
+                    in_place: false,
+                };
+                let w = match route {
                     WriteRoute::CacheDirty => self.write_line_dirty(c, tag, a, piece, mode).await?,
                     WriteRoute::BackendThenCache => {
-                        self.write_line_through(c, tag, a, piece, true).await?
+                        through(self.write_line_through(c, tag, a, piece, true).await?)
                     }
                     WriteRoute::BackendInvalidate => {
-                        self.write_line_through(c, tag, a, piece, false).await?
+                        through(self.write_line_through(c, tag, a, piece, false).await?)
                     }
                 };
-                Ok((cached, n))
+                Ok((w, n))
             }));
         }
-        let (mut hit, mut miss) = (0, 0);
+        let (mut hit, mut miss, mut in_place) = (0, 0, 0);
         let mut first_err = None;
         for r in join_all(pieces).await {
             match r {
-                Ok((true, n)) => hit += n,
-                Ok((false, n)) => miss += n,
+                Ok((w, n)) => {
+                    if w.cached {
+                        hit += n;
+                    } else {
+                        miss += n;
+                    }
+                    in_place += u64::from(w.in_place);
+                }
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
@@ -94,7 +105,7 @@ impl Engine {
         }
         let s = &self.stats;
         Stats::classify(&s.write_hits, &s.write_misses, &s.write_partial, hit, miss);
-        Ok(())
+        Ok(in_place)
     }
 
     /// Write-through (`fill`) or write-around: the backend first, so the cache
@@ -204,7 +215,8 @@ impl Engine {
     }
 
     /// Write-back: the data goes to the cache, marked dirty in the current epoch.
-    /// Returns whether the line was cached already.
+    /// Returns whether the line was cached already, and whether the write went
+    /// in place.
     ///
     /// Format v2 keeps a version per epoch: a write into a line whose newest
     /// version belongs to a closed epoch (not yet durably written back) goes to
@@ -219,7 +231,7 @@ impl Engine {
         a: u64,
         data: BufSlice,
         mode: WriteMode,
-    ) -> EngineResult<bool> {
+    ) -> EngineResult<LineWrite> {
         let st = &c.st;
         let ls = c.layout.line_size as u64;
         let b = a + data.len() as u64;
@@ -349,9 +361,13 @@ impl Engine {
                         }
                     }
                 };
-                if !matches!(next, Next::Go { .. }) {
-                    st.epochs.lock().end_apply(epoch);
-                    c.ev.applied.notify(usize::MAX);
+                match next {
+                    Next::Go { fresh: false, .. } => st.epochs.lock().begin_in_place(epoch),
+                    Next::Go { .. } => {}
+                    _ => {
+                        st.epochs.lock().end_apply(epoch);
+                        c.ev.applied.notify(usize::MAX);
+                    }
                 }
                 (epoch, next)
             };
@@ -430,14 +446,23 @@ impl Engine {
                 };
                 st.set_rec_written(&mut sh, slot, new, &crcs);
             });
-            st.epochs.lock().end_apply(epoch);
+            {
+                let mut e = st.epochs.lock();
+                if !fresh {
+                    e.end_in_place(epoch);
+                }
+                e.end_apply(epoch);
+            }
             c.ev.applied.notify(usize::MAX);
             match res {
                 Ok(()) => {
                     drop(sh);
                     drop(guard);
                     c.ev.flusher.notify(1);
-                    return Ok(!fresh || st.slots.next(slot) != NO_SLOT);
+                    return Ok(LineWrite {
+                        cached: !fresh || st.slots.next(slot) != NO_SLOT,
+                        in_place: !fresh,
+                    });
                 }
                 Err(e) => {
                     if fresh && bits::is_empty(&st.slots.valid(slot)) {
@@ -617,6 +642,14 @@ impl Engine {
             .await?;
         Ok(crcs)
     }
+}
+
+/// What writing one line of a request did.
+struct LineWrite {
+    /// The line was cached already (for the hit/miss counts).
+    cached: bool,
+    /// It went in place into a version that existed already.
+    in_place: bool,
 }
 
 /// Where a guest write goes in the cache, and how.

@@ -22,8 +22,15 @@ pub const INCOMPAT_VERSIONED_LOG: u32 = 1;
 /// checkpoint and clears it), so that a build that does not know them
 /// refuses a crashed cache instead of trusting their data.
 pub const INCOMPAT_UNFLUSHED_RECORDS: u32 = 2;
+/// Both formats: the cache is attached by a server whose crash shadow has
+/// staged copies (`engine::shadow`), a layout that earlier builds do not
+/// read. Set at attach, cleared at a clean detach (which removes the shadow),
+/// so that an earlier build refuses a crashed cache instead of ignoring the
+/// shadow and losing the writes acknowledged since the last FLUSH.
+pub const INCOMPAT_STAGED_SHADOW: u32 = 4;
 /// Incompatible features this build understands.
-pub const KNOWN_INCOMPAT: u32 = INCOMPAT_VERSIONED_LOG | INCOMPAT_UNFLUSHED_RECORDS;
+pub const KNOWN_INCOMPAT: u32 =
+    INCOMPAT_VERSIONED_LOG | INCOMPAT_UNFLUSHED_RECORDS | INCOMPAT_STAGED_SHADOW;
 
 const KIND_CAP: usize = 16;
 const NAME_CAP: usize = 1024;
