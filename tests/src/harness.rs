@@ -131,34 +131,55 @@ impl Replay {
                 }
             }
         }
+        // Each sector's newest durable write: it is there, and nothing that
+        // completed before it lands over it.
         let mut delta = Delta::new();
-        // Which op each sector of `delta` holds: (completion stamp, durable).
-        let mut holder: std::collections::HashMap<u64, (u64, bool)> =
-            std::collections::HashMap::new();
+        let mut durable_at: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+        let sectors = |op: &DevOp| match op {
+            DevOp::Write { off, data, .. } => Some((*off / SECTOR, data.len() as u64 / SECTOR)),
+            DevOp::Zero { off, len } | DevOp::Discard { off, len } => {
+                Some((*off / SECTOR, *len / SECTOR))
+            }
+            DevOp::Flush => None,
+        };
+        let mut by_stamp: Vec<&&Stamped> = window.iter().filter(|s| is_durable(&s.op)).collect();
+        by_stamp.sort_by_key(|s| s.seq);
+        for st in by_stamp {
+            if let (Some((first, n)), DevOp::Write { data, .. }) = (sectors(&st.op), &st.op) {
+                for k in 0..n {
+                    let mut sec = Box::new([0u8; 512]);
+                    sec.copy_from_slice(&data[(k * SECTOR) as usize..((k + 1) * SECTOR) as usize]);
+                    delta.insert(first + k, sec);
+                    durable_at.insert(first + k, st.seq);
+                }
+            }
+        }
+        // The rest in the chosen order, torn, over those only where later.
         for st in window {
             let op = &st.op;
-            let (off, len, data) = match op {
-                DevOp::Write { off, data, .. } => (*off, data.len() as u64, Some(data)),
-                DevOp::Zero { off, len } | DevOp::Discard { off, len } => (*off, *len, None),
-                DevOp::Flush => continue,
+            if is_durable(op) {
+                continue;
+            }
+            let Some((first, n)) = sectors(op) else {
+                continue;
             };
-            let whole = is_durable(op);
-            for k in 0..len / SECTOR {
-                if torn && !whole && len > SECTOR && rng.chance(25) {
+            let data = match op {
+                DevOp::Write { data, .. } => Some(data),
+                _ => None,
+            };
+            for k in 0..n {
+                if torn && n > 1 && rng.chance(25) {
                     continue;
                 }
-                let s = off / SECTOR + k;
-                if let Some(&(seq, durable)) = holder.get(&s) {
-                    if seq > st.seq && (durable || whole) {
-                        continue;
-                    }
+                let s = first + k;
+                if durable_at.get(&s).is_some_and(|&d| d > st.seq) {
+                    continue;
                 }
                 let mut sec = Box::new([0u8; 512]);
                 if let Some(d) = data {
                     sec.copy_from_slice(&d[(k * SECTOR) as usize..((k + 1) * SECTOR) as usize]);
                 }
                 delta.insert(s, sec);
-                holder.insert(s, (st.seq, whole));
             }
         }
         (Arc::clone(&self.durable), delta)

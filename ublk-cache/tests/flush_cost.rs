@@ -31,11 +31,21 @@ fn back_engine(
     cache: Arc<dyn Backend>,
     format: FormatVersion,
 ) -> Arc<Engine> {
+    engine_in(CacheMode::Back, backend, cache, format)
+}
+
+/// `back_engine` in `mode`.
+fn engine_in(
+    mode: CacheMode,
+    backend: Arc<FaultyBackend<Arc<MemBackend>>>,
+    cache: Arc<dyn Backend>,
+    format: FormatVersion,
+) -> Arc<Engine> {
     Engine::open(
         backend as Arc<dyn Backend>,
         Some(cache),
         EngineConfig {
-            mode: CacheMode::Back,
+            mode,
             line_size: Some(64 * 1024),
             format_version: format,
             shadow_dir: testkit::rig::shadow_dir(),
@@ -275,30 +285,23 @@ fn a_fua_write_costs_two_durable_writes_and_no_device_flush_in_format_v2() {
 /// A FUA write falls back to a round that flushes when another write went in
 /// place while it ran: that write may have rewritten a sector of the FUA
 /// write (a partial or overlapping write the guest had in flight), and its
-/// data is durable only after a flush. Here the other write goes in place into
-/// a clean line (promoted by a read) while the FUA write's data is on its way.
+/// data is durable only after a flush. Here the other write goes in place over
+/// data of the open epoch while the FUA write's data is on its way. Offline
+/// mode, so that no write-back closes the epoch in between.
 #[test]
 fn a_fua_write_with_an_in_place_write_beside_it_is_flushed() {
-    let backend = Arc::new(MemBackend::new(64 * MIB));
+    let backend = Arc::new(MemBackend::new(16 * MIB));
     let refusing = Arc::new(FaultyBackend::builder(backend).build());
     refusing.set_read_only(true);
     let cache = Arc::new(FaultyBackend::builder(Arc::new(MemBackend::new(64 * MIB))).build());
-    let e = back_engine(refusing, cache.clone(), FormatVersion::V2);
-    // Line 16 cached clean: a read promotes it (in the background).
-    let mut buf = vec![0u8; 4096];
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let hits = e.stats().read_hit_bytes;
-        e.read(16 * 64 * 1024, &mut buf).expect("read");
-        if e.stats().read_hit_bytes > hits {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the read was never promoted"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let e = engine_in(
+        CacheMode::Offline,
+        refusing,
+        cache.clone(),
+        FormatVersion::V2,
+    );
+    let beside_at = 16 * 64 * 1024;
+    e.write(beside_at, &[6; 4096], false).expect("write");
     let before = e.stats();
     cache.set_delay(OpKind::Write, Duration::from_millis(300));
     let in_flight = |n: u64| {
@@ -318,7 +321,7 @@ fn a_fua_write_with_an_in_place_write_beside_it_is_flushed() {
     in_flight(1);
     let beside = {
         let e = e.clone();
-        std::thread::spawn(move || e.write(16 * 64 * 1024, &[8; 4096], false))
+        std::thread::spawn(move || e.write(beside_at, &[8; 4096], false))
     };
     in_flight(2);
     fua.join().unwrap().expect("FUA write");

@@ -69,8 +69,8 @@ pub struct Epochs {
     pub cur: u64,
     /// Writes being applied, by epoch: an epoch can gain data until this drops to 0.
     pub applying: BTreeMap<u64, u32>,
-    /// The part of `applying` that goes in place into a version that exists
-    /// already (whose sectors a round may have logged with their checksums;
+    /// The part of `applying` that goes in place over data of its epoch's
+    /// version (whose sectors a round may have logged with their checksums;
     /// see `Engine::close_epoch_for_durability`).
     pub applying_in_place: BTreeMap<u64, u32>,
     /// In-place writes ever begun (see `Engine::fua_one_pass`).

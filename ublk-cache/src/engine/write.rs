@@ -259,6 +259,9 @@ impl Engine {
                 /// v2: no slot for a new version and none will come: give up
                 /// ordering (durably) and write in place.
                 GiveUpOrdering,
+                /// v2: the epoch was closed between taking it and deciding to
+                /// go in place: decide again (in the next epoch).
+                Retry,
             }
             // The epoch is taken under the shard lock, together with the decision
             // it governs: a FLUSH between the two would let this write go in
@@ -361,13 +364,37 @@ impl Engine {
                         }
                     }
                 };
-                match next {
-                    Next::Go { fresh: false, .. } => st.epochs.lock().begin_in_place(epoch),
-                    Next::Go { .. } => {}
-                    _ => {
-                        st.epochs.lock().end_apply(epoch);
-                        c.ev.applied.notify(usize::MAX);
+                // A write that goes in place over data of its epoch registers
+                // as such together with a check that its epoch is still open,
+                // under one hold of the epochs lock: a FLUSH or FUA that closes
+                // the epoch then either sees it (and waits for it) or comes
+                // first (and the write takes a new version). Only the first
+                // epoch take and this check are apart; a close between them is
+                // what `Retry` is for. A clean version becoming the epoch's
+                // (`reset`) holds no data a round promised: not counted.
+                let next = match next {
+                    Next::Go {
+                        fresh: false,
+                        reset: false,
+                        ..
+                    } => {
+                        let mut e = st.epochs.lock();
+                        if v2 && e.cur != epoch {
+                            e.end_apply(epoch);
+                            Next::Retry
+                        } else {
+                            e.begin_in_place(epoch);
+                            next
+                        }
                     }
+                    n @ Next::Go { .. } => n,
+                    n => {
+                        st.epochs.lock().end_apply(epoch);
+                        n
+                    }
+                };
+                if !matches!(next, Next::Go { .. }) {
+                    c.ev.applied.notify(usize::MAX);
                 }
                 (epoch, next)
             };
@@ -418,6 +445,10 @@ impl Engine {
                     self.give_up_ordering_durably().await?;
                     continue;
                 }
+                Next::Retry => {
+                    drop(guard);
+                    continue;
+                }
             };
             // Partly covered sectors are completed from the newest version that
             // holds them, else from the backend.
@@ -446,9 +477,10 @@ impl Engine {
                 };
                 st.set_rec_written(&mut sh, slot, new, &crcs);
             });
+            let in_place = !fresh && !reset;
             {
                 let mut e = st.epochs.lock();
-                if !fresh {
+                if in_place {
                     e.end_in_place(epoch);
                 }
                 e.end_apply(epoch);
@@ -461,7 +493,7 @@ impl Engine {
                     c.ev.flusher.notify(1);
                     return Ok(LineWrite {
                         cached: !fresh || st.slots.next(slot) != NO_SLOT,
-                        in_place: !fresh,
+                        in_place,
                     });
                 }
                 Err(e) => {
@@ -648,7 +680,8 @@ impl Engine {
 struct LineWrite {
     /// The line was cached already (for the hit/miss counts).
     cached: bool,
-    /// It went in place into a version that existed already.
+    /// It went in place over data of a version of its epoch (not a clean
+    /// version becoming the epoch's).
     in_place: bool,
 }
 
