@@ -351,6 +351,9 @@ impl Engine {
             state
                 .order_broken_since
                 .store(replay.order_broken_since, Ordering::Release);
+            state
+                .order_broken_durable
+                .store(replay.order_broken_since != 0, Ordering::Release);
         }
         let dirty = state.dirty_lines();
         let clean_detach = sb.state == SbState::Clean;
@@ -760,6 +763,7 @@ impl Engine {
             // Raised by the first metadata round (attach ends with a checkpoint).
             durable_below: AtomicU64::new(0),
             order_broken_since: AtomicU64::new(0),
+            order_broken_durable: AtomicBool::new(false),
             slot_changed: AtomicBits::new(n),
             fresh: Mutex::new(HashMap::new()),
             table_stale: [

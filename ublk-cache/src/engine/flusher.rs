@@ -959,6 +959,7 @@ impl Engine {
             && st.dirty_lines() == 0
             && st.epochs.lock().pending.is_empty()
         {
+            st.order_broken_durable.store(false, Ordering::Release);
             st.order_broken_since.store(0, Ordering::Release);
             tracing::info!("write-back caught up: the backend alone is a flush-point state again");
         }

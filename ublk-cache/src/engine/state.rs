@@ -249,6 +249,12 @@ pub struct State {
     /// Since which epoch the backend alone is not a flush-point state (0: it
     /// is); set durably before any write goes in place over a closed version.
     pub order_broken_since: AtomicU64,
+    /// `order_broken_since` is on the cache device (the round after it was
+    /// set ended well): only from then on may writes go in place over closed
+    /// versions. Before, a write in place could rewrite a sector that the
+    /// newest record (a FLUSH's) names, and recovery would drop the sector
+    /// the FLUSH promised.
+    pub order_broken_durable: AtomicBool,
     /// Format v2: slots whose entry changed since the last log record.
     pub slot_changed: AtomicBits,
     /// Format v2: per slot, (sector, crc32c) of dirty sectors written since the

@@ -48,7 +48,7 @@ impl Engine {
     /// Write `src` at `offset` as the mode routes it. `mode` is how the cache
     /// copy of a write-back write goes (`Durable` for a FUA write taking the
     /// one-pass path; see `fua_in_one_pass`). Returns how many of its lines
-    /// went in place into a version that existed already.
+    /// went in place over data of their epoch's version.
     pub(super) async fn write_impl(
         &self,
         offset: u64,
@@ -287,7 +287,7 @@ impl Engine {
                             Stats::add(&self.stats.versions_superseded, n as u64);
                         }
                         let r = st.slots.get(s);
-                        let broken = st.order_broken_since.load(Ordering::Acquire) != 0;
+                        let broken = st.order_broken_durable.load(Ordering::Acquire);
                         if r.epoch == epoch {
                             Next::Go {
                                 slot: s,
@@ -583,7 +583,12 @@ impl Engine {
                 );
             }
         }
-        self.persist().await
+        // The round starts after the flag was set, so it carries it (and
+        // writes data durable first); only once it ended well may writes go
+        // in place (`order_broken_durable`).
+        self.persist().await?;
+        c.st.order_broken_durable.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Whether an ordered overwrite that has waited since `started` should go in
