@@ -128,9 +128,22 @@ impl<B: BlockIo> BlockIo for Logged<B> {
         Box::pin(std::future::ready(r))
     }
 
+    /// Stamped when it starts: a flush covers the writes that completed
+    /// before it was issued, not one that completes while it runs (stamping
+    /// at its end would count such a write as durable). A crash between the
+    /// stamp and the end only makes durable what the engine did not count on.
     fn flush(&self) -> Result<()> {
+        let seq = self.clock.tick();
         self.inner.flush()?;
-        self.record(DevOp::Flush);
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        let at = log.partition_point(|s| s.seq < seq);
+        log.insert(
+            at,
+            Stamped {
+                seq,
+                op: DevOp::Flush,
+            },
+        );
         Ok(())
     }
 

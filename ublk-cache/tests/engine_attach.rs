@@ -114,6 +114,73 @@ fn a_crashed_cache_is_marked_for_builds_that_cannot_recover_it() {
     }
 }
 
+/// A metadata round whose device flush fails may still have put its log
+/// record on the device, and the round is retried under the same sequence
+/// number. When the retry's record (it carries more changes by then) no
+/// longer fits at the end of the log, it goes to the log's first block; the
+/// failed one, intact, must not then be taken for it at recovery, which would
+/// end the log there and lose every write that the retry and later rounds
+/// made durable. Where the log's head is depends on how many rounds came
+/// before, so the test tries each count up to one whole log.
+#[test]
+fn a_failed_round_left_on_the_log_is_not_taken_for_its_retry() {
+    const LINE: u64 = 64 * 1024;
+    for before in 0..72u64 {
+        let (b, mc) = (mem(8 * MIB), mem(8 * MIB));
+        let fb = testkit::rig::refusing(&b);
+        let c = Arc::new(FaultyBackend::builder(mc.clone()).build());
+        let e = open(
+            fb.clone(),
+            c.clone(),
+            policies_cfg(CacheMode::Back, WritebackOrder::Relaxed),
+        );
+        let mut want = vec![0u8; 8 * MIB as usize];
+        let mut put = |e: &ublk_cache::Engine, off: u64, data: &[u8]| {
+            e.write(off, data, false).unwrap();
+            want[off as usize..off as usize + data.len()].copy_from_slice(data);
+        };
+        for i in 0..before {
+            put(&e, 0, &testkit::pattern(i + 1, 4096));
+            e.flush().expect("a round before the failure");
+        }
+        // One small round fails at its flush, after its record was written.
+        put(&e, LINE, &testkit::pattern(1000 + before, 4096));
+        c.fail_next(OpKind::Flush, 1, libc::EIO);
+        assert!(
+            e.flush().is_err(),
+            "the injected flush failure was not seen"
+        );
+        // The retry carries 48 more lines: a record of several blocks.
+        put(
+            &e,
+            2 * LINE,
+            &testkit::pattern(2000 + before, 48 * LINE as usize),
+        );
+        e.flush().expect("the retried round");
+        e.abandon();
+        e.forget_crash_shadow();
+        let e = open(
+            b.clone(),
+            mc.clone(),
+            policies_cfg(CacheMode::Back, WritebackOrder::Relaxed),
+        );
+        let got = read(&e, 0, 50 * LINE as usize);
+        if let Some(at) = (0..50 * LINE as usize / 4096)
+            .find(|&s| got[s * 4096..s * 4096 + 4096] != want[s * 4096..s * 4096 + 4096])
+        {
+            panic!(
+                "after {before} rounds and a failed one, the flushed write at {} was lost",
+                at * 4096
+            );
+        }
+        e.abandon();
+        e.forget_crash_shadow();
+    }
+}
+
+fn policies_cfg(mode: CacheMode, order: WritebackOrder) -> ublk_cache::EngineConfig {
+    ublk_cache::EngineConfig { order, ..cfg(mode) }
+}
 #[test]
 fn flushed_writes_survive_a_power_cut_and_dirty_data_is_written_back_after() {
     let (b, c, _fb, e) = back_engine_refusing_write_back(8, 4);

@@ -954,14 +954,21 @@ impl Engine {
                 merge.push(tag);
             }
         }
-        // A full write-back makes the backend a flush-point state again.
-        if st.order_broken_since.load(Ordering::Acquire) != 0
-            && st.dirty_lines() == 0
-            && st.epochs.lock().pending.is_empty()
-        {
-            st.order_broken_durable.store(false, Ordering::Release);
-            st.order_broken_since.store(0, Ordering::Release);
-            tracing::info!("write-back caught up: the backend alone is a flush-point state again");
+        // A full write-back makes the backend a flush-point state again. Not
+        // while a write still goes in place over a closed version: its data
+        // may be landing in a slot this step read; it registered, under the
+        // epochs lock, after checking that ordering is given up, so clearing
+        // the flags under that lock leaves no writer between the two.
+        if st.order_broken_since.load(Ordering::Acquire) != 0 && st.dirty_lines() == 0 {
+            let e = st.epochs.lock();
+            if e.pending.is_empty() && e.over_closed_in_place == 0 {
+                st.order_broken_durable.store(false, Ordering::Release);
+                st.order_broken_since.store(0, Ordering::Release);
+                drop(e);
+                tracing::info!(
+                    "write-back caught up: the backend alone is a flush-point state again"
+                );
+            }
         }
         (uncovered, merge)
     }

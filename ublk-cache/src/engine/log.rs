@@ -324,10 +324,16 @@ impl Engine {
                     for b in taken.stale {
                         st.table_stale[table as usize].set(b);
                     }
-                    // The changes this checkpoint took are in no record: only
-                    // a checkpoint (from the live entries) can carry them now.
-                    st.log.lock().must_checkpoint = true;
                 }
+                // A checkpoint's changes are in no record now: only a
+                // checkpoint (from the live entries) can carry them. A
+                // record may be on the device, intact, whatever failed
+                // after its write; a retry under its sequence number that
+                // no longer fits at the end of the log goes to the log's
+                // first block, and recovery would take the failed record
+                // for it and end the log there. A checkpoint starts a log
+                // of its own, which no record of this one can pass for.
+                st.log.lock().must_checkpoint = true;
                 st.alloc.lock().pending_free.extend(taken.freed);
                 Err(e)
             }

@@ -43,8 +43,9 @@ pub struct LogState {
     pub head: u32,
     /// Blocks in use since the checkpoint.
     pub used: u32,
-    /// A checkpoint failed after taking changes that are in no record: the
-    /// next round must be a checkpoint.
+    /// A round failed (a checkpoint's changes are in no record; a record may
+    /// be on the device under a sequence number its retry reuses): the next
+    /// round must be a checkpoint.
     pub must_checkpoint: bool,
 }
 
@@ -75,6 +76,11 @@ pub struct Epochs {
     pub applying_in_place: BTreeMap<u64, u32>,
     /// In-place writes ever begun (see `Engine::fua_one_pass`).
     pub in_place_begun: u64,
+    /// In-place writes over a closed epoch's version (ordering given up)
+    /// still being applied: ordering is restored only when there are none
+    /// (see `Engine::clean_v2`), counted under this lock together with the
+    /// writer's check that ordering is still given up.
+    pub over_closed_in_place: u32,
     /// Slots that became dirty in each epoch (possibly stale: a slot may have
     /// been written back, rewritten in a later epoch or freed since; readers
     /// check the slot's record).
@@ -94,6 +100,7 @@ impl Epochs {
             applying: BTreeMap::new(),
             applying_in_place: BTreeMap::new(),
             in_place_begun: 0,
+            over_closed_in_place: 0,
             pending: BTreeMap::new(),
             writing: None,
             opened: Instant::now(),

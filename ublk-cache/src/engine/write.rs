@@ -266,6 +266,7 @@ impl Engine {
             // The epoch is taken under the shard lock, together with the decision
             // it governs: a FLUSH between the two would let this write go in
             // place over the older epoch's data.
+            let mut over_closed = false;
             let (epoch, next) = {
                 let mut sh = st.map.shard(tag).write();
                 let epoch = st.epochs.lock().begin_apply();
@@ -306,6 +307,7 @@ impl Engine {
                             }
                         } else if broken {
                             // Ordering is given up already: in place, as in v1.
+                            over_closed = true;
                             Next::Go {
                                 slot: s,
                                 fresh: false,
@@ -372,6 +374,9 @@ impl Engine {
                 // epoch take and this check are apart; a close between them is
                 // what `Retry` is for. A clean version becoming the epoch's
                 // (`reset`) holds no data a round promised: not counted.
+                // A write over a closed epoch's version checks, in the same
+                // hold, that ordering is still given up: the flusher restores
+                // it under this lock only while no such write applies.
                 let next = match next {
                     Next::Go {
                         fresh: false,
@@ -379,11 +384,16 @@ impl Engine {
                         ..
                     } => {
                         let mut e = st.epochs.lock();
-                        if v2 && e.cur != epoch {
+                        let restored =
+                            over_closed && !st.order_broken_durable.load(Ordering::Acquire);
+                        if v2 && (e.cur != epoch || restored) {
                             e.end_apply(epoch);
                             Next::Retry
                         } else {
                             e.begin_in_place(epoch);
+                            if over_closed {
+                                e.over_closed_in_place += 1;
+                            }
                             next
                         }
                     }
@@ -450,6 +460,12 @@ impl Engine {
                     continue;
                 }
             };
+            let applying = Applying {
+                c,
+                epoch,
+                in_place: !fresh && !reset,
+                over_closed,
+            };
             // Partly covered sectors are completed from the newest version that
             // holds them, else from the backend.
             let edges = {
@@ -477,15 +493,8 @@ impl Engine {
                 };
                 st.set_rec_written(&mut sh, slot, new, &crcs);
             });
-            let in_place = !fresh && !reset;
-            {
-                let mut e = st.epochs.lock();
-                if in_place {
-                    e.end_in_place(epoch);
-                }
-                e.end_apply(epoch);
-            }
-            c.ev.applied.notify(usize::MAX);
+            let in_place = applying.in_place;
+            drop(applying);
             match res {
                 Ok(()) => {
                     drop(sh);
@@ -708,4 +717,34 @@ pub(super) fn sector_crcs(bytes: &[u8], first: u64) -> Vec<(u16, u32)> {
         .enumerate()
         .map(|(i, ch)| ((first / SECTOR) as u16 + i as u16, crc32c::crc32c(ch)))
         .collect()
+}
+
+/// A guest write's hold on its epoch from its decision until its entry is
+/// set. Dropping it leaves the epoch (and the in-place counts), also when the
+/// write's future is dropped half way, so that no FLUSH, FUA or write-back
+/// step waits for it for ever.
+struct Applying<'a> {
+    c: &'a Cache,
+    epoch: u64,
+    /// Goes in place over data a round may have logged (see
+    /// `Engine::close_epoch_for_durability`).
+    in_place: bool,
+    /// Goes in place over a closed epoch's version (ordering given up).
+    over_closed: bool,
+}
+
+impl Drop for Applying<'_> {
+    fn drop(&mut self) {
+        {
+            let mut e = self.c.st.epochs.lock();
+            if self.in_place {
+                e.end_in_place(self.epoch);
+            }
+            if self.over_closed {
+                e.over_closed_in_place -= 1;
+            }
+            e.end_apply(self.epoch);
+        }
+        self.c.ev.applied.notify(usize::MAX);
+    }
 }
