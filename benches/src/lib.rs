@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+pub mod replay;
+
 static SHADOW_DIR: OnceLock<PathBuf> = OnceLock::new();
 
 /// Give this bench process's engines a private crash-shadow directory (the

@@ -228,6 +228,10 @@ pub struct ServeArgs {
     /// Make the device appear only after the preload is done.
     #[arg(long)]
     pub preload_wait: bool,
+    /// Record every guest request (op, offset, length, submit and completion time)
+    /// in FILE, for study and replay (a debug tool; see README).
+    #[arg(long, value_name = "FILE")]
+    pub io_trace: Option<PathBuf>,
     /// Serve the stats in Prometheus text format at http://ADDR/metrics (PORT or HOST:PORT;
     /// HOST defaults to 127.0.0.1).
     #[arg(long, value_name = "ADDR")]
@@ -344,6 +348,7 @@ impl ServeArgs {
         if self.preload_wait {
             cfg.preload_start = PreloadStart::BeforeExports;
         }
+        set_opt(&mut cfg.io_trace, self.io_trace);
         set_opt(&mut cfg.metrics, self.metrics);
         if self.migrate_in {
             cfg.start = Start::MigrateIn;

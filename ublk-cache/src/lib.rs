@@ -8,6 +8,7 @@ pub mod engine;
 pub mod error;
 pub mod format;
 pub mod frontend;
+pub mod io_trace;
 pub mod target;
 pub mod unix_socket;
 

@@ -328,6 +328,60 @@ fn a_killed_server_keeps_every_acknowledged_write_from_its_crash_shadow() {
     }
 }
 
+/// `--io-trace FILE` records every request a client made, in order, with
+/// its length and result, and times that a replay can take its think times
+/// from; the file is complete once the server stopped.
+#[test]
+fn io_trace_records_every_request_with_its_times() {
+    use ublk_cache::io_trace::{Trace, TraceOp};
+    let d = tempfile::tempdir().unwrap();
+    let disk = Disk::new(d.path(), 16 * MIB);
+    let trace = d.path().join("io.trace");
+    let srv = disk.serve_with("back", "8M", 0, &["--io-trace", trace.to_str().unwrap()]);
+    let mut c = Client::connect_uri(&srv.uris[0]).unwrap();
+    c.write(8192, &[7u8; 4096], false).unwrap().unwrap();
+    c.write(0, &[8u8; 512], true).unwrap().unwrap();
+    assert_eq!(c.read(8192, 4096).unwrap().unwrap(), vec![7u8; 4096]);
+    c.flush().unwrap().unwrap();
+    c.trim(MIB, 65536).unwrap().unwrap();
+    c.write_zeroes(2 * MIB, 4096, 0).unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(2));
+    c.read(4 * MIB, 65536).unwrap().unwrap();
+    c.disconnect().unwrap();
+    srv.stop();
+    let t = Trace::read(&trace).unwrap();
+    let got: Vec<_> = t
+        .records
+        .iter()
+        .map(|r| (r.op, r.offset, r.len, r.result))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (TraceOp::Write, 8192, 4096, 0),
+            (TraceOp::WriteFua, 0, 512, 0),
+            (TraceOp::Read, 8192, 4096, 0),
+            (TraceOp::Flush, 0, 0, 0),
+            (TraceOp::Discard, MIB, 65536, 0),
+            (TraceOp::WriteZeroes, 2 * MIB, 4096, 0),
+            (TraceOp::Read, 4 * MIB, 65536, 0),
+        ]
+    );
+    assert_eq!(t.dropped, 0);
+    for w in t.records.windows(2) {
+        assert!(
+            w[0].complete_us <= w[1].submit_us,
+            "one client waiting for each reply: each request starts after the one before ended: {w:?}"
+        );
+    }
+    let last = t.records.len() - 1;
+    assert!(
+        t.records[last].submit_us >= t.records[last - 1].complete_us + 2000,
+        "the 2 ms pause before the last request is in the times: {:?}",
+        &t.records[last - 1..]
+    );
+}
+
 #[test]
 fn a_malformed_handshake_gets_closed_and_a_good_connection_still_works() {
     let d = tempfile::tempdir().unwrap();

@@ -498,6 +498,10 @@ pub struct ServeConfig {
     pub preload_rate: Option<ByteSize>,
     #[serde(default, rename = "preload-wait", skip_serializing_if = "is_default")]
     pub preload_start: PreloadStart,
+    /// Record every guest request, with its submit and completion time, in
+    /// this file (`io-trace`; a debug tool, see `crate::io_trace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_trace: Option<PathBuf>,
     /// Prometheus metrics at `http://ADDR/metrics` (`PORT` or `HOST:PORT`).
     #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
@@ -560,6 +564,7 @@ impl Default for ServeConfig {
             preload_ranges: None,
             preload_rate: None,
             preload_start: PreloadStart::default(),
+            io_trace: None,
             metrics: None,
             start: Start::default(),
             access: Access::default(),

@@ -40,6 +40,7 @@ pub use stop::StopToken;
 use crate::engine::EngineConfig;
 use crate::frontend::nbd::ListenSpec;
 use crate::frontend::ublk::{StopKind, UblkOptions};
+use crate::io_trace::IoTrace;
 use crate::Engine;
 use control::metrics::MetricsServer;
 use control::server::{ControlContext, ControlServer};
@@ -121,6 +122,8 @@ pub struct Running {
     jobs: Option<Jobs>,
     control: Option<Endpoints>,
     engine: Arc<Engine>,
+    /// `--io-trace`: closed once the exports are.
+    io_trace: Option<Arc<IoTrace>>,
     /// The registry record, once written.
     record: Option<Record>,
     cfg: ServeConfig,
@@ -171,6 +174,15 @@ impl Server {
         let plan = cfg.validate()?;
         // The kernel side and the sockets first, before touching any data.
         let mut exports = Self::exports(&cfg, &plan)?;
+        let io_trace = match &cfg.io_trace {
+            Some(path) => Some(Arc::new(IoTrace::create(path).map_err(|e| {
+                DaemonError::io(
+                    format!("--io-trace {}: cannot create it", path.display()),
+                    e,
+                )
+            })?)),
+            None => None,
+        };
         let (backend, cache, created, undo) = match devices {
             Some(d) => (d.backend, d.cache, false, None),
             None => {
@@ -209,11 +221,15 @@ impl Server {
                 return Err(DaemonError::engine("attaching the cache", e));
             }
         };
+        if let Some(t) = &io_trace {
+            engine.trace_requests(t.clone());
+        }
         let mut running = Running {
             exports: Vec::new(),
             jobs: None,
             control: None,
             engine,
+            io_trace,
             record: None,
             cfg,
             plan,
@@ -433,6 +449,11 @@ impl Running {
                     device_stopped = true;
                     first_err.get_or_insert(e);
                 }
+            }
+        }
+        if let Some(t) = self.io_trace.take() {
+            if let Err(e) = t.close() {
+                warn!("{e}");
             }
         }
         // What happened to a ublk device decides: a device kept for `recover`

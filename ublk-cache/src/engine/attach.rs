@@ -201,6 +201,7 @@ impl Engine {
             stats: Stats::default(),
             flusher: Mutex::new(None),
             closed: AtomicBool::new(false),
+            io_trace: std::sync::OnceLock::new(),
             #[cfg(feature = "testing")]
             reverse_writeback_for_tests: AtomicBool::new(false),
         });

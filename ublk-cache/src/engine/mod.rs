@@ -34,7 +34,7 @@ mod write;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,7 @@ pub use stats::{Stats, StatsSnapshot};
 
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
 use crate::format::{EntryCodec, Layout, Superblock, SECTOR_SIZE};
+use crate::io_trace::{IoTrace, TraceOp};
 use crate::target::{AsyncTarget, BlockTarget, TargetError, TargetResult};
 use persist::PersistCtl;
 use state::State;
@@ -140,6 +141,8 @@ pub struct Engine {
     stats: Stats,
     flusher: Mutex<Option<JoinHandle<()>>>,
     closed: AtomicBool,
+    /// `--io-trace`: every guest request is recorded here (see `io_trace`).
+    io_trace: OnceLock<Arc<IoTrace>>,
     /// Test-only fault: write dirty lines back newest epoch first. Exists so the
     /// crash harness can prove it catches ordering bugs.
     #[cfg(feature = "testing")]
@@ -413,29 +416,71 @@ fn blocking<T>(f: impl Future<Output = EngineResult<T>>) -> EngineResult<T> {
     })?
 }
 
+impl Engine {
+    /// Record every guest request from now on in `trace` (`--io-trace`).
+    /// Returns false, and changes nothing, if a trace is set already.
+    pub fn trace_requests(&self, trace: Arc<IoTrace>) -> bool {
+        self.io_trace.set(trace).is_ok()
+    }
+
+    /// Run a guest request, recorded in the io-trace if there is one.
+    async fn traced(
+        &self,
+        op: TraceOp,
+        offset: u64,
+        len: u64,
+        req: impl Future<Output = EngineResult<()>>,
+    ) -> EngineResult<()> {
+        let Some(t) = self.io_trace.get() else {
+            return req.await;
+        };
+        let submit = t.now_us();
+        let r = req.await;
+        let result = r.as_ref().map_or_else(|e| -e.errno(), |_| 0);
+        t.record(submit, op, offset, len, result);
+        r
+    }
+}
+
+fn write_op(fua: bool) -> TraceOp {
+    if fua {
+        TraceOp::WriteFua
+    } else {
+        TraceOp::Write
+    }
+}
+
 impl AsyncTarget for Engine {
     fn size(&self) -> u64 {
         self.size
     }
 
     async fn read(&self, offset: u64, dst: BufSlice) -> TargetResult<()> {
-        Ok(self.read_async(offset, dst).await?)
+        let len = dst.len() as u64;
+        let req = self.read_async(offset, dst);
+        Ok(self.traced(TraceOp::Read, offset, len, req).await?)
     }
 
     async fn write(&self, offset: u64, src: BufSlice, fua: bool) -> TargetResult<()> {
-        Ok(self.write_async(offset, src, fua).await?)
+        let len = src.len() as u64;
+        let req = self.write_async(offset, src, fua);
+        Ok(self.traced(write_op(fua), offset, len, req).await?)
     }
 
     async fn flush(&self) -> TargetResult<()> {
-        Ok(self.flush_async().await?)
+        Ok(self
+            .traced(TraceOp::Flush, 0, 0, self.flush_async())
+            .await?)
     }
 
     async fn discard(&self, offset: u64, len: u64) -> TargetResult<()> {
-        Ok(self.discard_async(offset, len).await?)
+        let req = self.discard_async(offset, len);
+        Ok(self.traced(TraceOp::Discard, offset, len, req).await?)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> TargetResult<()> {
-        Ok(self.write_zeroes_async(offset, len).await?)
+        let req = self.write_zeroes_async(offset, len);
+        Ok(self.traced(TraceOp::WriteZeroes, offset, len, req).await?)
     }
 
     fn block_status(&self, offset: u64, len: u64) -> TargetResult<Vec<crate::target::Extent>> {
@@ -450,26 +495,50 @@ impl BlockTarget for Engine {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> TargetResult<()> {
         let mut d = DmaBuf::new(buf.len());
-        blocking(self.read_async(offset, d.slice_all()))?;
+        let len = buf.len() as u64;
+        blocking(self.traced(
+            TraceOp::Read,
+            offset,
+            len,
+            self.read_async(offset, d.slice_all()),
+        ))?;
         buf.copy_from_slice(d.bytes_mut().ok_or_else(still_in_use)?);
         Ok(())
     }
 
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> TargetResult<()> {
         let s = DmaBuf::copy_of(buf);
-        Ok(blocking(self.write_async(offset, s.slice_all(), fua))?)
+        let req = self.write_async(offset, s.slice_all(), fua);
+        Ok(blocking(self.traced(
+            write_op(fua),
+            offset,
+            buf.len() as u64,
+            req,
+        ))?)
     }
 
     fn flush(&self) -> TargetResult<()> {
-        Ok(blocking(self.flush_async())?)
+        Ok(blocking(self.traced(
+            TraceOp::Flush,
+            0,
+            0,
+            self.flush_async(),
+        ))?)
     }
 
     fn discard(&self, offset: u64, len: u64) -> TargetResult<()> {
-        Ok(blocking(self.discard_async(offset, len))?)
+        let req = self.discard_async(offset, len);
+        Ok(blocking(self.traced(TraceOp::Discard, offset, len, req))?)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> TargetResult<()> {
-        Ok(blocking(self.write_zeroes_async(offset, len))?)
+        let req = self.write_zeroes_async(offset, len);
+        Ok(blocking(self.traced(
+            TraceOp::WriteZeroes,
+            offset,
+            len,
+            req,
+        ))?)
     }
     fn block_status(&self, offset: u64, len: u64) -> TargetResult<Vec<crate::target::Extent>> {
         Ok(Engine::block_status(self, offset, len)?)
