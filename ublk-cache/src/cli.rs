@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use policies::{CacheMode, EvictionKind, WritebackOrder};
+use ublk_cache::boot_trace::BootTraceMode;
 use ublk_cache::daemon::config::{
     Access, ByteSize, DirtyData, OnBackendChange, OnForeignCache, Percent, PreloadStart,
     ServeConfig, Start,
@@ -228,6 +229,20 @@ pub struct ServeArgs {
     /// Make the device appear only after the preload is done.
     #[arg(long)]
     pub preload_wait: bool,
+    /// Record what the guest reads while it boots and merge it into the disk's
+    /// boot trace (off or record) [default: off].
+    #[arg(long, value_name = "MODE")]
+    pub boot_trace: Option<BootTraceMode>,
+    /// Where boot traces are kept [default: /var/lib/ublk-cache/traces].
+    #[arg(long, value_name = "DIR")]
+    pub boot_trace_dir: Option<PathBuf>,
+    /// The key of this disk's trace: disks with one key share it (clones of one
+    /// image) [default: the backend's kind and name].
+    #[arg(long, value_name = "KEY")]
+    pub boot_trace_key: Option<String>,
+    /// Seconds from the guest's first request that count as its boot [default: 120].
+    #[arg(long, value_name = "SECS")]
+    pub boot_trace_window: Option<u32>,
     /// Record every guest request (op, offset, length, submit and completion time)
     /// in FILE, for study and replay (a debug tool; see README).
     #[arg(long, value_name = "FILE")]
@@ -348,6 +363,10 @@ impl ServeArgs {
         if self.preload_wait {
             cfg.preload_start = PreloadStart::BeforeExports;
         }
+        set(&mut cfg.boot_trace, self.boot_trace);
+        set_opt(&mut cfg.boot_trace_dir, self.boot_trace_dir);
+        set_opt(&mut cfg.boot_trace_key, self.boot_trace_key);
+        set_opt(&mut cfg.boot_trace_window, self.boot_trace_window);
         set_opt(&mut cfg.io_trace, self.io_trace);
         set_opt(&mut cfg.metrics, self.metrics);
         if self.migrate_in {

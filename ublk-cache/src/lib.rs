@@ -3,6 +3,7 @@
 //! [`engine`] through [`target::BlockTarget`]; the engine calls the cache store
 //! and the `rbd_backend::Backend` trait.
 
+pub mod boot_trace;
 pub mod daemon;
 pub mod engine;
 pub mod error;

@@ -71,6 +71,36 @@ fn bad_arguments_are_named() {
             "--preload-wait needs --preload",
         ),
         (
+            vec!["serve", "--backend", "file:/x", "--boot-trace", "replay"],
+            "boot-trace mode 'replay': expected off or record",
+        ),
+        (
+            vec![
+                "serve",
+                "--backend",
+                "file:/x",
+                "--mode",
+                "none",
+                "--boot-trace-dir",
+                "/t",
+            ],
+            "need --boot-trace record",
+        ),
+        (
+            vec![
+                "serve",
+                "--backend",
+                "file:/x",
+                "--mode",
+                "none",
+                "--boot-trace",
+                "record",
+                "--boot-trace-window",
+                "0",
+            ],
+            "--boot-trace-window 0: give 1 to 3600 seconds",
+        ),
+        (
             vec![
                 "serve",
                 "--backend",

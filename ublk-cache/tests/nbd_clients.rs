@@ -382,6 +382,104 @@ fn io_trace_records_every_request_with_its_times() {
     );
 }
 
+/// `--boot-trace record`: the lines a guest reads before writing them are
+/// saved, at stop, into the disk's trace, which the next boot's reads age
+/// (a `seen` bit per boot) rather than replace; a damaged trace is moved
+/// aside and recording starts anew.
+#[test]
+fn boot_traces_record_each_boot_and_age_across_boots() {
+    use ublk_cache::boot_trace::{store, BootTrace};
+    const LINE: u64 = 65536;
+    let d = tempfile::tempdir().unwrap();
+    let disk = Disk::new(d.path(), 16 * MIB);
+    let traces = d.path().join("traces");
+    let dir = traces.to_str().unwrap();
+    let args = [
+        "--boot-trace",
+        "record",
+        "--boot-trace-dir",
+        dir,
+        "--boot-trace-key",
+        "image-7",
+    ];
+    let boot = |reads: &[u64], write: Option<u64>| {
+        let srv = disk.serve_with("back", "8M", 0, &args);
+        let mut c = Client::connect_uri(&srv.uris[0]).unwrap();
+        if let Some(l) = write {
+            c.write(l * LINE, &vec![1u8; LINE as usize], false)
+                .unwrap()
+                .unwrap();
+        }
+        for &l in reads {
+            c.read(l * LINE + 512, 4096).unwrap().unwrap();
+        }
+        c.disconnect().unwrap();
+        // The trace is saved at stop: its messages are in the log after.
+        let log = srv.log.clone();
+        srv.stop();
+        std::fs::read_to_string(log).unwrap()
+    };
+    let path = store::path_for(&traces, "image-7");
+    let trace = || BootTrace::decode(&std::fs::read(&path).unwrap()).unwrap();
+    let seen = |t: &BootTrace, l: u64| {
+        t.extents
+            .iter()
+            .find(|e| e.offset() <= l * LINE && l * LINE < e.offset() + e.len())
+            .map_or(0, |e| e.seen)
+    };
+    // Boot 1 reads lines 0, 3 and 10, and line 2 after writing it whole.
+    boot(&[3, 0, 2, 10], Some(2));
+    let t = trace();
+    assert_eq!((t.key.as_str(), t.boots), ("image-7", 1));
+    assert_eq!(
+        (seen(&t, 0), seen(&t, 2), seen(&t, 3), seen(&t, 10)),
+        (1, 0, 1, 1),
+        "{:?}",
+        t.extents
+    );
+    assert!(
+        t.extents[0].offset() == 3 * LINE,
+        "in first-read order: {:?}",
+        t.extents
+    );
+    // Boot 2 reads lines 10 and 20.
+    boot(&[10, 20], None);
+    let t = trace();
+    assert_eq!(t.boots, 2);
+    assert_eq!(
+        (seen(&t, 0), seen(&t, 10), seen(&t, 20)),
+        (0b10, 0b11, 0b01),
+        "{:?}",
+        t.extents
+    );
+    // A damaged trace is not used.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let log = boot(&[5], None);
+    assert!(log.contains("not used"), "log:\n{log}");
+    assert!(path.with_extension("trace.bad").exists());
+    let t = trace();
+    assert_eq!((t.boots, seen(&t, 5), seen(&t, 10)), (1, 1, 0));
+    // The trace is saved when the boot window ends, while the server runs,
+    // and once only.
+    let mut longer = args.to_vec();
+    longer.extend(["--boot-trace-window", "1"]);
+    let srv = disk.serve_with("back", "8M", 0, &longer);
+    let mut c = Client::connect_uri(&srv.uris[0]).unwrap();
+    c.read(30 * LINE, 4096).unwrap().unwrap();
+    let saved = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        trace().boots == 2
+    });
+    assert!(saved, "not saved at the end of a 1 s window");
+    c.read(40 * LINE, 4096).unwrap().unwrap();
+    c.disconnect().unwrap();
+    srv.stop();
+    let t = trace();
+    assert_eq!((t.boots, seen(&t, 30), seen(&t, 40)), (2, 1, 0));
+}
+
 #[test]
 fn a_malformed_handshake_gets_closed_and_a_good_connection_still_works() {
     let d = tempfile::tempdir().unwrap();

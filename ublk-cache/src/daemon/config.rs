@@ -24,6 +24,7 @@ use super::ranges;
 use super::size::parse_size;
 use super::spec::{parse_mode, BackendSpec, ExportSpec};
 use super::tls::TlsMode;
+use crate::boot_trace::BootTraceMode;
 
 /// Where crash shadows live unless configured (a tmpfs: it must not survive a
 /// power cut, see `engine::shadow`).
@@ -498,6 +499,18 @@ pub struct ServeConfig {
     pub preload_rate: Option<ByteSize>,
     #[serde(default, rename = "preload-wait", skip_serializing_if = "is_default")]
     pub preload_start: PreloadStart,
+    /// Record what the guest reads while it boots (`boot-trace`).
+    #[serde(default, with = "text", skip_serializing_if = "is_default")]
+    pub boot_trace: BootTraceMode,
+    /// Where boot traces live (default /var/lib/ublk-cache/traces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_trace_dir: Option<PathBuf>,
+    /// The key of this disk's trace (default: the backend's kind and name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_trace_key: Option<String>,
+    /// Seconds from the guest's first request that count as its boot (120).
+    #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]
+    pub boot_trace_window: Option<u32>,
     /// Record every guest request, with its submit and completion time, in
     /// this file (`io-trace`; a debug tool, see `crate::io_trace`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -564,6 +577,10 @@ impl Default for ServeConfig {
             preload_ranges: None,
             preload_rate: None,
             preload_start: PreloadStart::default(),
+            boot_trace: BootTraceMode::default(),
+            boot_trace_dir: None,
+            boot_trace_key: None,
+            boot_trace_window: None,
             io_trace: None,
             metrics: None,
             start: Start::default(),
@@ -782,6 +799,7 @@ impl ServeConfig {
                 .map_err(|e| DaemonError::config(format!("--writeback-rate {e}")))?;
         }
         self.dirty_level()?;
+        super::boot_trace::BootTraceJob::validate(self)?;
         Ok(Plan {
             backend,
             exports,

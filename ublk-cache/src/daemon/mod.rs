@@ -14,6 +14,7 @@
 //! Nothing here reads the environment or parses a command line: `main.rs`
 //! does, and passes what it found in the configuration.
 
+pub mod boot_trace;
 pub mod config;
 pub mod control;
 pub mod error;
@@ -42,6 +43,7 @@ use crate::frontend::nbd::ListenSpec;
 use crate::frontend::ublk::{StopKind, UblkOptions};
 use crate::io_trace::IoTrace;
 use crate::Engine;
+use boot_trace::BootTraceJob;
 use control::metrics::MetricsServer;
 use control::server::{ControlContext, ControlServer};
 use export::{Export, ExportEnd, ExportKind, NbdExport, UblkExport};
@@ -124,6 +126,9 @@ pub struct Running {
     engine: Arc<Engine>,
     /// `--io-trace`: closed once the exports are.
     io_trace: Option<Arc<IoTrace>>,
+    /// `--boot-trace record`: saved once the exports are closed (or its
+    /// window ended before).
+    boot_trace: Option<BootTraceJob>,
     /// The registry record, once written.
     record: Option<Record>,
     cfg: ServeConfig,
@@ -230,6 +235,7 @@ impl Server {
             control: None,
             engine,
             io_trace,
+            boot_trace: None,
             record: None,
             cfg,
             plan,
@@ -318,6 +324,7 @@ fn export_lines(specs: &[ExportSpec], per_export: &[(ExportKind, Vec<String>)]) 
 
 impl Running {
     fn bring_up(&mut self, exports: &mut Vec<Box<dyn Export>>) -> DaemonResult<()> {
+        self.boot_trace = BootTraceJob::start(&self.cfg, &self.engine)?;
         if self.plan.preload.wait {
             self.plan.preload.run_now(&self.engine).map_err(|e| {
                 DaemonError::refused(format!(
@@ -450,6 +457,9 @@ impl Running {
                     first_err.get_or_insert(e);
                 }
             }
+        }
+        if let Some(b) = self.boot_trace.take() {
+            b.stop();
         }
         if let Some(t) = self.io_trace.take() {
             if let Err(e) = t.close() {

@@ -51,6 +51,7 @@ pub use latency::{bucket_upper_us, LatencySnapshot, Op};
 pub use live::{PreloadOptions, PreloadReport, Progress, ProgressFn};
 pub use stats::{Stats, StatsSnapshot};
 
+use crate::boot_trace::BootRecorder;
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
 use crate::format::{EntryCodec, Layout, Superblock, SECTOR_SIZE};
 use crate::io_trace::{IoTrace, TraceOp};
@@ -143,6 +144,8 @@ pub struct Engine {
     closed: AtomicBool,
     /// `--io-trace`: every guest request is recorded here (see `io_trace`).
     io_trace: OnceLock<Arc<IoTrace>>,
+    /// `--boot-trace record`: guest reads while the guest boots.
+    boot_recorder: OnceLock<Arc<BootRecorder>>,
     /// Test-only fault: write dirty lines back newest epoch first. Exists so the
     /// crash harness can prove it catches ordering bugs.
     #[cfg(feature = "testing")]
@@ -246,6 +249,11 @@ impl Engine {
             };
         }
         s
+    }
+
+    /// Who the backend is (what a boot trace is keyed by, unless told).
+    pub fn backend_identity(&self) -> rbd_backend::BackendIdentity {
+        self.backend.identity()
     }
 
     pub fn line_size(&self) -> u64 {
@@ -423,6 +431,12 @@ impl Engine {
         self.io_trace.set(trace).is_ok()
     }
 
+    /// Record what the guest reads while it boots in `rec` (`--boot-trace`).
+    /// Returns false, and changes nothing, if a recorder is set already.
+    pub fn record_boot(&self, rec: Arc<BootRecorder>) -> bool {
+        self.boot_recorder.set(rec).is_ok()
+    }
+
     /// Run a guest request, recorded in the io-trace if there is one.
     async fn traced(
         &self,
@@ -431,6 +445,15 @@ impl Engine {
         len: u64,
         req: impl Future<Output = EngineResult<()>>,
     ) -> EngineResult<()> {
+        if let Some(b) = self.boot_recorder.get() {
+            match op {
+                TraceOp::Read => b.note(true, offset, len),
+                TraceOp::Write | TraceOp::WriteFua | TraceOp::WriteZeroes | TraceOp::Discard => {
+                    b.note(false, offset, len)
+                }
+                TraceOp::Flush => {}
+            }
+        }
         let Some(t) = self.io_trace.get() else {
             return req.await;
         };

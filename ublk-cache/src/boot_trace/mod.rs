@@ -1,0 +1,63 @@
+//! Learned boot preload (`--boot-trace`): what a guest reads while it boots
+//! is recorded per cache line ([`recorder`]), merged into a trace that ages
+//! per line instead of being replaced ([`merge`]), and kept in a small
+//! checksummed file ([`format`]) under a key that clones of one image can
+//! share ([`store`]).
+
+pub mod format;
+pub mod merge;
+pub mod recorder;
+pub mod store;
+
+pub use format::{BootTrace, Extent};
+pub use merge::{merge, BootSet};
+pub use recorder::BootRecorder;
+
+/// What `--boot-trace` does with this start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootTraceMode {
+    /// Nothing is recorded.
+    #[default]
+    Off,
+    /// Record what the guest reads in its boot window and merge it into
+    /// the disk's trace.
+    Record,
+}
+
+impl std::fmt::Display for BootTraceMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BootTraceMode::Off => "off",
+            BootTraceMode::Record => "record",
+        })
+    }
+}
+
+impl std::str::FromStr for BootTraceMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "off" => Ok(BootTraceMode::Off),
+            "record" => Ok(BootTraceMode::Record),
+            other => Err(format!(
+                "boot-trace mode '{other}': expected off or record (replay is not built yet)"
+            )),
+        }
+    }
+}
+
+/// A trace file that is not to be trusted, or that cannot be kept.
+#[derive(Debug, thiserror::Error)]
+pub enum BootTraceError {
+    #[error("corrupt boot trace: {0}")]
+    Corrupt(String),
+    #[error("boot trace {path}: {what}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
