@@ -349,6 +349,7 @@ impl Engine {
                 used: replay.used,
                 // The recovered state is written whole before serving.
                 must_checkpoint: true,
+                unsure: None,
             };
             state
                 .order_broken_since

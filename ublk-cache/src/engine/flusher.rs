@@ -960,10 +960,11 @@ impl Engine {
         // epochs lock, after checking that ordering is given up, so clearing
         // the flags under that lock leaves no writer between the two.
         if st.order_broken_since.load(Ordering::Acquire) != 0 && st.dirty_lines() == 0 {
-            let e = st.epochs.lock();
+            let mut e = st.epochs.lock();
             if e.pending.is_empty() && e.over_closed_in_place == 0 {
                 st.order_broken_durable.store(false, Ordering::Release);
                 st.order_broken_since.store(0, Ordering::Release);
+                e.order_changes += 1;
                 drop(e);
                 tracing::info!(
                     "write-back caught up: the backend alone is a flush-point state again"

@@ -32,11 +32,12 @@ use rbd_backend::aio::DmaBuf;
 use rbd_backend::WriteMode;
 
 use super::persist::encode_blocks;
+use super::state::{LogState, UnsureCheckpoint};
 use super::sync::{join_all, Piece};
 use super::{Cache, Engine};
 use crate::error::EngineResult;
 use crate::format::log::{LogEntry, Record, FLAG_DATA_DURABLE, FLAG_UNFLUSHED};
-use crate::format::META_BLOCK;
+use crate::format::{Superblock, META_BLOCK};
 
 /// What the snapshot of a round decided.
 enum Plan {
@@ -81,6 +82,16 @@ impl Engine {
     ) -> EngineResult<bool> {
         let st = &c.st;
         let log_blocks = c.layout.log_blocks();
+        let unsure = st.log.lock().unsure.clone();
+        if let Some(u) = unsure {
+            // Settle it first: written again, it is the superblock on the
+            // device for sure, and its table the active one.
+            c.store.write_superblock_async(&u.sb).await?;
+            adopt_checkpoint(&mut c.sb.lock(), &u.sb);
+            let mut log = st.log.lock();
+            checkpoint_taken(st, &mut log, u.table, u.seq, u.flushed);
+            log.unsure = None;
+        }
         let (plan, taken, stable) = {
             let _s = st.snap.write();
             let log = st.log.lock();
@@ -236,18 +247,33 @@ impl Engine {
                         r?;
                     }
                     c.store.sync_async().await?;
-                    let sb = {
-                        let mut sb = c.sb.lock();
-                        sb.seq += 1;
-                        sb.active_table = *table;
-                        sb.ckpt_seq = *seq;
-                        sb.log_start = st.log.lock().head;
-                        sb.flushed_epoch = *flushed;
-                        sb.order_broken_since = *broken;
-                        sb.epoch = st.epochs.lock().cur;
-                        sb.clone()
-                    };
-                    c.store.write_superblock_async(&sb).await
+                    // The live superblock changes only once this one is
+                    // written: a failed write must not move its sequence
+                    // (the next write would go to the other copy, the last
+                    // good one) nor name a table a retry would rewrite.
+                    let mut sb = c.sb.lock().clone();
+                    sb.seq += 1;
+                    sb.active_table = *table;
+                    sb.ckpt_seq = *seq;
+                    sb.log_start = st.log.lock().head;
+                    sb.flushed_epoch = *flushed;
+                    sb.order_broken_since = *broken;
+                    sb.epoch = st.epochs.lock().cur;
+                    match c.store.write_superblock_async(&sb).await {
+                        Ok(()) => {
+                            adopt_checkpoint(&mut c.sb.lock(), &sb);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            st.log.lock().unsure = Some(UnsureCheckpoint {
+                                sb,
+                                table: *table,
+                                seq: *seq,
+                                flushed: *flushed,
+                            });
+                            Err(e)
+                        }
+                    }
                 }
                 .await
             }
@@ -276,13 +302,8 @@ impl Engine {
                             flushed,
                             ..
                         } => {
-                            log.seq = *seq;
-                            log.ckpt_seq = *seq;
-                            log.active_table = *table;
-                            log.start = log.head;
-                            log.used = 0;
+                            checkpoint_taken(st, &mut log, *table, *seq, *flushed);
                             log.must_checkpoint = false;
-                            st.flushed_durable.fetch_max(*flushed, Ordering::AcqRel);
                         }
                     }
                 }
@@ -339,6 +360,34 @@ impl Engine {
             }
         }
     }
+}
+
+/// The log after checkpoint `seq` into `table` is on the device.
+fn checkpoint_taken(
+    st: &super::state::State,
+    log: &mut LogState,
+    table: u32,
+    seq: u64,
+    flushed: u64,
+) {
+    log.seq = seq;
+    log.ckpt_seq = seq;
+    log.active_table = table;
+    log.start = log.head;
+    log.used = 0;
+    st.flushed_durable.fetch_max(flushed, Ordering::AcqRel);
+}
+
+/// The fields a checkpoint wrote into the live superblock (others, the
+/// mode for one, may have changed meanwhile).
+fn adopt_checkpoint(live: &mut Superblock, written: &Superblock) {
+    live.seq = written.seq;
+    live.active_table = written.active_table;
+    live.ckpt_seq = written.ckpt_seq;
+    live.log_start = written.log_start;
+    live.flushed_epoch = written.flushed_epoch;
+    live.order_broken_since = written.order_broken_since;
+    live.epoch = written.epoch;
 }
 
 /// Where a record of `blocks` goes: `(first block, blocks skipped at the end

@@ -47,6 +47,19 @@ pub struct LogState {
     /// be on the device under a sequence number its retry reuses): the next
     /// round must be a checkpoint.
     pub must_checkpoint: bool,
+    /// A checkpoint whose superblock write failed: it may be on the device
+    /// or not, so its table is neither written again nor given up until the
+    /// same superblock (same sequence, same copy) is written again.
+    pub unsure: Option<UnsureCheckpoint>,
+}
+
+/// See [`LogState::unsure`].
+#[derive(Debug, Clone)]
+pub struct UnsureCheckpoint {
+    pub sb: crate::format::Superblock,
+    pub table: u32,
+    pub seq: u64,
+    pub flushed: u64,
 }
 
 /// Free slots and releases in progress.
@@ -81,6 +94,10 @@ pub struct Epochs {
     /// (see `Engine::clean_v2`), counted under this lock together with the
     /// writer's check that ordering is still given up.
     pub over_closed_in_place: u32,
+    /// Times ordering was given up or restored (`order_broken_since` set or
+    /// cleared, always under this lock): a writer that gave it up marks it
+    /// durable only if nothing changed while its round ran.
+    pub order_changes: u64,
     /// Slots that became dirty in each epoch (possibly stale: a slot may have
     /// been written back, rewritten in a later epoch or freed since; readers
     /// check the slot's record).
@@ -101,6 +118,7 @@ impl Epochs {
             applying_in_place: BTreeMap::new(),
             in_place_begun: 0,
             over_closed_in_place: 0,
+            order_changes: 0,
             pending: BTreeMap::new(),
             writing: None,
             opened: Instant::now(),

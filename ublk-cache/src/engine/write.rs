@@ -494,7 +494,7 @@ impl Engine {
                 st.set_rec_written(&mut sh, slot, new, &crcs);
             });
             let in_place = applying.in_place;
-            drop(applying);
+            applying.end();
             match res {
                 Ok(()) => {
                     drop(sh);
@@ -564,12 +564,21 @@ impl Engine {
         let Some(c) = self.cache.as_ref() else {
             return Ok(());
         };
-        let cur = c.st.epochs.lock().cur;
-        if c.st
-            .order_broken_since
-            .compare_exchange(0, cur, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+        // Under the epochs lock, as the flusher restores ordering: the
+        // generation tells whether the flag this round carries is still the
+        // one in force when the round has ended.
+        let (newly, generation) = {
+            let mut e = c.st.epochs.lock();
+            let newly =
+                c.st.order_broken_since
+                    .compare_exchange(0, e.cur, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
+            if newly {
+                e.order_changes += 1;
+            }
+            (newly, e.order_changes)
+        };
+        if newly {
             if !self.order.overwrite_waits_for_older_epoch()
                 && self.mode().writes_back_continuously()
             {
@@ -594,9 +603,14 @@ impl Engine {
         }
         // The round starts after the flag was set, so it carries it (and
         // writes data durable first); only once it ended well may writes go
-        // in place (`order_broken_durable`).
+        // in place (`order_broken_durable`). Unless ordering was restored
+        // meanwhile (and perhaps given up again, by a round not ended yet):
+        // then the writer decides again.
         self.persist().await?;
-        c.st.order_broken_durable.store(true, Ordering::Release);
+        let e = c.st.epochs.lock();
+        if e.order_changes == generation {
+            c.st.order_broken_durable.store(true, Ordering::Release);
+        }
         Ok(())
     }
 
@@ -720,9 +734,11 @@ pub(super) fn sector_crcs(bytes: &[u8], first: u64) -> Vec<(u16, u32)> {
 }
 
 /// A guest write's hold on its epoch from its decision until its entry is
-/// set. Dropping it leaves the epoch (and the in-place counts), also when the
-/// write's future is dropped half way, so that no FLUSH, FUA or write-back
-/// step waits for it for ever.
+/// set ([`Applying::end`]). Deliberately not ended on drop: a write whose
+/// future is dropped half way may still land (a request the event loop has
+/// submitted runs to its end), so its counts stay and a FLUSH waits for ever,
+/// visibly, rather than log a checksum the data is about to change. No path
+/// drops these futures today.
 struct Applying<'a> {
     c: &'a Cache,
     epoch: u64,
@@ -733,8 +749,9 @@ struct Applying<'a> {
     over_closed: bool,
 }
 
-impl Drop for Applying<'_> {
-    fn drop(&mut self) {
+impl Applying<'_> {
+    /// The write is applied: it leaves its epoch and the in-place counts.
+    fn end(self) {
         {
             let mut e = self.c.st.epochs.lock();
             if self.in_place {
