@@ -229,8 +229,9 @@ pub struct ServeArgs {
     /// Make the device appear only after the preload is done.
     #[arg(long)]
     pub preload_wait: bool,
-    /// Record what the guest reads while it boots and merge it into the disk's
-    /// boot trace (off or record) [default: off].
+    /// Record what the guest reads while it boots into the disk's boot trace
+    /// (record), prefetch that trace ahead of the guest (replay), or both (auto)
+    /// [default: off].
     #[arg(long, value_name = "MODE")]
     pub boot_trace: Option<BootTraceMode>,
     /// Where boot traces are kept [default: /var/lib/ublk-cache/traces].
@@ -243,6 +244,9 @@ pub struct ServeArgs {
     /// Seconds from the guest's first request that count as its boot [default: 120].
     #[arg(long, value_name = "SECS")]
     pub boot_trace_window: Option<u32>,
+    /// How far (seconds of the trace) prefetch may run ahead of the guest [default: 5].
+    #[arg(long, value_name = "SECS")]
+    pub boot_trace_ahead: Option<u32>,
     /// Record every guest request (op, offset, length, submit and completion time)
     /// in FILE, for study and replay (a debug tool; see README).
     #[arg(long, value_name = "FILE")]
@@ -367,6 +371,7 @@ impl ServeArgs {
         set_opt(&mut cfg.boot_trace_dir, self.boot_trace_dir);
         set_opt(&mut cfg.boot_trace_key, self.boot_trace_key);
         set_opt(&mut cfg.boot_trace_window, self.boot_trace_window);
+        set_opt(&mut cfg.boot_trace_ahead, self.boot_trace_ahead);
         set_opt(&mut cfg.io_trace, self.io_trace);
         set_opt(&mut cfg.metrics, self.metrics);
         if self.migrate_in {

@@ -71,8 +71,8 @@ fn bad_arguments_are_named() {
             "--preload-wait needs --preload",
         ),
         (
-            vec!["serve", "--backend", "file:/x", "--boot-trace", "replay"],
-            "boot-trace mode 'replay': expected off or record",
+            vec!["serve", "--backend", "file:/x", "--boot-trace", "always"],
+            "boot-trace mode 'always': expected off, record, replay or auto",
         ),
         (
             vec![

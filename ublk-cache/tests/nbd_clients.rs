@@ -480,6 +480,101 @@ fn boot_traces_record_each_boot_and_age_across_boots() {
     assert_eq!((t.boots, seen(&t, 30), seen(&t, 40)), (2, 1, 0));
 }
 
+/// `--boot-trace replay` prefetches a trace a bounded distance ahead of the
+/// guest: extents near the guest's position in the trace at once, a far one
+/// only once the guest's reads reach its neighbourhood; reads of prefetched
+/// lines count as prefetch hits, and the report at stop says so.
+#[test]
+fn boot_trace_replay_follows_the_guest() {
+    use ublk_cache::boot_trace::{store, BootTrace, Extent};
+    const LINE: u64 = 65536;
+    let d = tempfile::tempdir().unwrap();
+    let disk = Disk::new(d.path(), 16 * MIB);
+    let traces = d.path().join("traces");
+    // A, B at 0 s; D at 59.5 s; C at 60 s (lines 3, 8, 40, 50).
+    let ext = |line: u64, t_ms: u32| Extent {
+        sector: line * LINE / 512,
+        sectors: (LINE / 512) as u32,
+        t_ms,
+        seen: 1,
+        flags: 0,
+    };
+    let t = BootTrace {
+        key: "image-9".into(),
+        disk_size: 16 * MIB,
+        boots: 1,
+        window_ms: 100_000,
+        created_s: 1,
+        updated_s: 1,
+        extents: vec![ext(3, 0), ext(8, 0), ext(40, 59_500), ext(50, 60_000)],
+    };
+    let path = store::path_for(&traces, "image-9");
+    store::prepare(&traces, &path).unwrap();
+    store::save(&path, &t).unwrap();
+    let mut cmd = disk.serve_cmd(
+        "back",
+        "8M",
+        &[
+            "--boot-trace",
+            "replay",
+            "--boot-trace-dir",
+            traces.to_str().unwrap(),
+            "--boot-trace-key",
+            "image-9",
+            "--boot-trace-ahead",
+            "1",
+        ],
+    );
+    cmd.env(
+        "UBLK_CACHE_LOG",
+        "info,ublk_cache::daemon::boot_trace=debug",
+    );
+    let srv = serve::start(cmd, 1, d.path().join("replay.log"));
+    let done = |n: usize| {
+        (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(25));
+            srv.log().matches("boot prefetch: extent done").count() >= n
+        })
+    };
+    assert!(
+        done(2),
+        "A and B were not prefetched at start: {}",
+        srv.log()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        srv.log().matches("boot prefetch: extent done").count(),
+        2,
+        "D and C are far ahead of the guest: {}",
+        srv.log()
+    );
+    let mut c = Client::connect_uri(&srv.uris[0]).unwrap();
+    c.read(3 * LINE, 4096).unwrap().unwrap(); // A: a prefetch hit
+    c.read(40 * LINE, 4096).unwrap().unwrap(); // D: the guest's own, moves it to 59.5 s
+    assert!(
+        done(4),
+        "C was not prefetched once the guest got near: {}",
+        srv.log()
+    );
+    c.read(50 * LINE, 4096).unwrap().unwrap(); // C: a hit
+    c.disconnect().unwrap();
+    let log = srv.log.clone();
+    srv.stop();
+    let log = std::fs::read_to_string(log).unwrap();
+    let report = log
+        .lines()
+        .find(|l| l.contains("boot prefetch: precision"))
+        .unwrap_or_else(|| panic!("no report at stop: {log}"));
+    for want in [
+        "precision 0.67 recall 0.67",
+        "fetched_lines=3",
+        "used_lines=2",
+        "read_lines=3",
+    ] {
+        assert!(report.contains(want), "'{want}' not in: {report}");
+    }
+}
+
 #[test]
 fn a_malformed_handshake_gets_closed_and_a_good_connection_still_works() {
     let d = tempfile::tempdir().unwrap();

@@ -2,16 +2,19 @@
 //! is recorded per cache line ([`recorder`]), merged into a trace that ages
 //! per line instead of being replaced ([`merge`]), and kept in a small
 //! checksummed file ([`format`]) under a key that clones of one image can
-//! share ([`store`]).
+//! share ([`store`]), and prefetched on the next boot a bounded distance
+//! ahead of the guest ([`replay`]).
 
 pub mod format;
 pub mod merge;
 pub mod recorder;
+pub mod replay;
 pub mod store;
 
 pub use format::{BootTrace, Extent};
 pub use merge::{merge, BootSet};
 pub use recorder::BootRecorder;
+pub use replay::{replay_set, BootReplay, ReplayReport};
 
 /// What `--boot-trace` does with this start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -23,6 +26,20 @@ pub enum BootTraceMode {
     /// Record what the guest reads in its boot window and merge it into
     /// the disk's trace.
     Record,
+    /// Prefetch the disk's trace ahead of the guest; record nothing.
+    Replay,
+    /// Both: prefetch the trace there is, and record this boot into it.
+    Auto,
+}
+
+impl BootTraceMode {
+    pub fn records(self) -> bool {
+        matches!(self, BootTraceMode::Record | BootTraceMode::Auto)
+    }
+
+    pub fn replays(self) -> bool {
+        matches!(self, BootTraceMode::Replay | BootTraceMode::Auto)
+    }
 }
 
 impl std::fmt::Display for BootTraceMode {
@@ -30,6 +47,8 @@ impl std::fmt::Display for BootTraceMode {
         f.write_str(match self {
             BootTraceMode::Off => "off",
             BootTraceMode::Record => "record",
+            BootTraceMode::Replay => "replay",
+            BootTraceMode::Auto => "auto",
         })
     }
 }
@@ -41,8 +60,10 @@ impl std::str::FromStr for BootTraceMode {
         match s.trim() {
             "off" => Ok(BootTraceMode::Off),
             "record" => Ok(BootTraceMode::Record),
+            "replay" => Ok(BootTraceMode::Replay),
+            "auto" => Ok(BootTraceMode::Auto),
             other => Err(format!(
-                "boot-trace mode '{other}': expected off or record (replay is not built yet)"
+                "boot-trace mode '{other}': expected off, record, replay or auto"
             )),
         }
     }

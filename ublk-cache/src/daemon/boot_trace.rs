@@ -1,6 +1,9 @@
-//! `--boot-trace record`: the recorder on the engine from the start, and a
-//! thread that, once the boot window ends (or the server stops first),
-//! merges what the guest read into the disk's trace and saves it.
+//! `--boot-trace`: with `record`, the recorder on the engine from the start,
+//! and a thread that, once the boot window ends (or the server stops
+//! first), merges what the guest read into the disk's trace and saves it;
+//! with `replay`, a thread that prefetches the trace's replay set a bounded
+//! distance ahead of the guest (`--boot-trace-ahead`), at `--preload-rate`
+//! at most; `auto` does both.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,7 +15,8 @@ use tracing::{info, warn};
 
 use super::config::ServeConfig;
 use super::error::{DaemonError, DaemonResult};
-use crate::boot_trace::{merge, store, BootRecorder, BootTraceMode};
+use crate::boot_trace::{merge, replay_set, store, BootRecorder, BootReplay, BootTraceMode};
+use crate::engine::PreloadOptions;
 use crate::Engine;
 
 pub const DEFAULT_DIR: &str = "/var/lib/ublk-cache/traces";
@@ -25,7 +29,27 @@ type Stop = Arc<(Mutex<bool>, Condvar)>;
 
 pub struct BootTraceJob {
     stop: Stop,
-    thread: Option<JoinHandle<()>>,
+    /// Set at stop: a prefetch in progress ends at its next line.
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    replay: Option<Arc<BootReplay>>,
+}
+
+pub const DEFAULT_AHEAD_SECS: u32 = 5;
+
+/// Wait until `done` or a stop, looking every 10 ms; false on a stop.
+fn wait_until(stop: &Stop, mut done: impl FnMut() -> bool) -> bool {
+    let (lock, cv) = &**stop;
+    let mut stopped = lock.lock();
+    loop {
+        if *stopped {
+            return false;
+        }
+        if done() {
+            return true;
+        }
+        cv.wait_for(&mut stopped, Duration::from_millis(10));
+    }
 }
 
 /// The key of this disk's trace: `--boot-trace-key`, else the backend's
@@ -54,20 +78,35 @@ impl BootTraceJob {
                 )));
             }
         }
+        if let Some(a) = cfg.boot_trace_ahead {
+            if a == 0 || a > MAX_WINDOW_SECS {
+                return Err(DaemonError::config(format!(
+                    "--boot-trace-ahead {a}: give 1 to {MAX_WINDOW_SECS} seconds"
+                )));
+            }
+        }
         let set = cfg.boot_trace_dir.is_some()
             || cfg.boot_trace_key.is_some()
-            || cfg.boot_trace_window.is_some();
+            || cfg.boot_trace_window.is_some()
+            || cfg.boot_trace_ahead.is_some();
         if set && cfg.boot_trace == BootTraceMode::Off {
             return Err(DaemonError::config(
-                "--boot-trace-dir, --boot-trace-key and --boot-trace-window need --boot-trace record",
+                "--boot-trace-dir, -key, -window and -ahead need --boot-trace record, replay or auto",
             ));
+        }
+        if cfg.boot_trace.replays() && !cfg.mode.uses_cache() {
+            return Err(DaemonError::config(format!(
+                "--boot-trace {} prefetches into the cache, but mode '{}' uses none",
+                cfg.boot_trace, cfg.mode
+            )));
         }
         Ok(())
     }
 
-    /// Put a recorder on `engine` and start the thread that saves its boot.
+    /// Put a recorder and/or a replay on `engine` and start their threads.
     pub fn start(cfg: &ServeConfig, engine: &Arc<Engine>) -> DaemonResult<Option<Self>> {
-        if cfg.boot_trace == BootTraceMode::Off {
+        let mode = cfg.boot_trace;
+        if mode == BootTraceMode::Off {
             return Ok(None);
         }
         let dir = cfg
@@ -85,62 +124,178 @@ impl BootTraceJob {
         let window =
             Duration::from_secs(cfg.boot_trace_window.unwrap_or(DEFAULT_WINDOW_SECS) as u64);
         let disk = crate::target::BlockTarget::size(engine.as_ref());
-        let rec = Arc::new(BootRecorder::new(disk, engine.line_size(), window));
-        engine.record_boot(rec.clone());
-        info!(key, trace = %path.display(), window_s = window.as_secs(), "recording this boot's reads");
-        let stop: Stop = Arc::default();
-        let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("boot-trace".into())
-            .spawn(move || {
-                {
-                    let (lock, cv) = &*s;
-                    let mut stopped = lock.lock();
-                    while !*stopped && !rec.ended() {
-                        cv.wait_for(&mut stopped, Duration::from_millis(200));
-                    }
-                }
-                let boot = rec.finish();
-                if boot.lines.is_empty() {
+        let mut job = Self {
+            stop: Arc::default(),
+            cancel: Arc::default(),
+            threads: Vec::new(),
+            replay: None,
+        };
+        if mode.replays() {
+            match store::load(&path, &key, disk) {
+                None => info!(
+                    key,
+                    "boot trace: none for this disk yet; nothing to prefetch"
+                ),
+                Some(t) => {
+                    let ahead = Duration::from_secs(
+                        cfg.boot_trace_ahead.unwrap_or(DEFAULT_AHEAD_SECS) as u64,
+                    );
+                    let r = Arc::new(BootReplay::new(replay_set(&t), engine.line_size(), ahead));
+                    engine.follow_boot(r.clone());
+                    // Prefetch ends at the latest twice the recorded window
+                    // after it starts (a guest that went another way).
+                    let limit = Duration::from_millis(t.window_ms as u64 * 2).max(window);
+                    let opts = PreloadOptions {
+                        rate: cfg.preload_rate.map(|r| r.0),
+                    };
                     info!(
                         key,
-                        "boot trace: the guest read nothing in its boot window; nothing saved"
-                    );
-                    return;
-                }
-                let old = store::load(&path, &key, disk);
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                let t = merge(old.as_ref(), &boot, &key, disk, now);
-                match store::save(&path, &t) {
-                    Ok(()) => info!(
-                        key,
-                        lines = boot.lines.len(),
-                        window_ms = boot.window_ms,
-                        extents = t.extents.len(),
+                        extents = r.extents().len(),
                         boots = t.boots,
-                        "boot trace saved to {}",
-                        path.display()
-                    ),
-                    Err(e) => warn!("boot trace not saved: {e}"),
+                        ahead_s = ahead.as_secs(),
+                        "boot trace: prefetching ahead of the guest"
+                    );
+                    let (e, stop, cancel, rr) = (
+                        engine.clone(),
+                        job.stop.clone(),
+                        job.cancel.clone(),
+                        r.clone(),
+                    );
+                    job.threads.push(
+                        std::thread::Builder::new()
+                            .name("boot-prefetch".into())
+                            .spawn(move || prefetch(&e, &rr, &stop, &cancel, opts, limit))
+                            .map_err(|e| DaemonError::io("starting the boot-prefetch thread", e))?,
+                    );
+                    job.replay = Some(r);
                 }
-            })
-            .map_err(|e| DaemonError::io("starting the boot-trace thread", e))?;
-        Ok(Some(Self {
-            stop,
-            thread: Some(thread),
-        }))
+            }
+        }
+        if mode.records() {
+            let rec = Arc::new(BootRecorder::new(disk, engine.line_size(), window));
+            engine.record_boot(rec.clone());
+            info!(key, trace = %path.display(), window_s = window.as_secs(), "recording this boot's reads");
+            let stop = job.stop.clone();
+            job.threads.push(
+                std::thread::Builder::new()
+                    .name("boot-trace".into())
+                    .spawn(move || {
+                        wait_until(&stop, || rec.ended());
+                        save(&rec, &path, &key, disk);
+                    })
+                    .map_err(|e| DaemonError::io("starting the boot-trace thread", e))?,
+            );
+        }
+        Ok(Some(job))
     }
 
     /// End recording now if its window has not (the server stops), save the
-    /// trace, and wait for that.
+    /// trace, stop prefetching, and report what the replay achieved.
     pub fn stop(mut self) {
+        self.cancel
+            .store(true, std::sync::atomic::Ordering::Release);
         let (lock, cv) = &*self.stop;
         *lock.lock() = true;
         cv.notify_all();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        if let Some(r) = &self.replay {
+            let rep = r.report();
+            info!(
+                planned_lines = rep.planned_lines,
+                fetched_lines = rep.fetched_lines,
+                fetched_bytes = rep.fetched_bytes,
+                used_lines = rep.used_lines,
+                read_lines = rep.read_lines,
+                max_lead_ms = rep.max_lead_ms,
+                "boot prefetch: precision {:.2} recall {:.2}",
+                rep.precision(),
+                rep.recall()
+            );
+        }
+    }
+}
+
+/// Fetch the replay set in trace order, each extent once it is due (within
+/// the lead of the guest), until all are fetched, `limit` passes or a stop.
+/// A backend error skips the extent: the guest never sees it.
+fn prefetch(
+    engine: &Engine,
+    r: &BootReplay,
+    stop: &Stop,
+    cancel: &std::sync::atomic::AtomicBool,
+    opts: PreloadOptions,
+    limit: Duration,
+) {
+    let started = std::time::Instant::now();
+    let mut failed = 0u64;
+    for i in 0..r.extents().len() {
+        let due = wait_until(stop, || r.due(i) || started.elapsed() > limit);
+        if !due || started.elapsed() > limit {
+            break;
+        }
+        let e = r.extents()[i];
+        r.fetching(i);
+        match engine.preload(e.offset(), e.len(), opts, Some(cancel), None) {
+            Ok(rep) => {
+                r.fetched(i, rep.fetched);
+                tracing::debug!(
+                    extent = i,
+                    offset = e.offset(),
+                    len = e.len(),
+                    fetched = rep.fetched,
+                    "boot prefetch: extent done"
+                );
+            }
+            Err(err) => {
+                r.fetched(i, 0);
+                failed += 1;
+                if failed == 1 {
+                    warn!(
+                        "boot prefetch of {}+{} failed (skipped; later failures counted): {err}",
+                        e.offset(),
+                        e.len()
+                    );
+                }
+            }
+        }
+    }
+    let rep = r.report();
+    info!(
+        fetched_lines = rep.fetched_lines,
+        fetched_bytes = rep.fetched_bytes,
+        failed,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "boot prefetch finished"
+    );
+}
+
+/// Merge what `rec` saw into the trace at `path` and save it.
+fn save(rec: &BootRecorder, path: &std::path::Path, key: &str, disk: u64) {
+    let boot = rec.finish();
+    if boot.lines.is_empty() {
+        info!(
+            key,
+            "boot trace: the guest read nothing in its boot window; nothing saved"
+        );
+        return;
+    }
+    let old = store::load(path, key, disk);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let t = merge(old.as_ref(), &boot, key, disk, now);
+    match store::save(path, &t) {
+        Ok(()) => info!(
+            key,
+            lines = boot.lines.len(),
+            window_ms = boot.window_ms,
+            extents = t.extents.len(),
+            boots = t.boots,
+            "boot trace saved to {}",
+            path.display()
+        ),
+        Err(e) => warn!("boot trace not saved: {e}"),
     }
 }

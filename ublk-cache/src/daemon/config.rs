@@ -511,6 +511,9 @@ pub struct ServeConfig {
     /// Seconds from the guest's first request that count as its boot (120).
     #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]
     pub boot_trace_window: Option<u32>,
+    /// How far (seconds of the trace) prefetch may run ahead of the guest (5).
+    #[serde(default, with = "opt_text", skip_serializing_if = "Option::is_none")]
+    pub boot_trace_ahead: Option<u32>,
     /// Record every guest request, with its submit and completion time, in
     /// this file (`io-trace`; a debug tool, see `crate::io_trace`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -581,6 +584,7 @@ impl Default for ServeConfig {
             boot_trace_dir: None,
             boot_trace_key: None,
             boot_trace_window: None,
+            boot_trace_ahead: None,
             io_trace: None,
             metrics: None,
             start: Start::default(),

@@ -203,6 +203,7 @@ impl Engine {
             closed: AtomicBool::new(false),
             io_trace: std::sync::OnceLock::new(),
             boot_recorder: std::sync::OnceLock::new(),
+            boot_replay: std::sync::OnceLock::new(),
             #[cfg(feature = "testing")]
             reverse_writeback_for_tests: AtomicBool::new(false),
         });

@@ -51,7 +51,7 @@ pub use latency::{bucket_upper_us, LatencySnapshot, Op};
 pub use live::{PreloadOptions, PreloadReport, Progress, ProgressFn};
 pub use stats::{Stats, StatsSnapshot};
 
-use crate::boot_trace::BootRecorder;
+use crate::boot_trace::{BootRecorder, BootReplay};
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
 use crate::format::{EntryCodec, Layout, Superblock, SECTOR_SIZE};
 use crate::io_trace::{IoTrace, TraceOp};
@@ -146,6 +146,8 @@ pub struct Engine {
     io_trace: OnceLock<Arc<IoTrace>>,
     /// `--boot-trace record`: guest reads while the guest boots.
     boot_recorder: OnceLock<Arc<BootRecorder>>,
+    /// `--boot-trace replay`: the guest's reads move the prefetch cursor.
+    boot_replay: OnceLock<Arc<BootReplay>>,
     /// Test-only fault: write dirty lines back newest epoch first. Exists so the
     /// crash harness can prove it catches ordering bugs.
     #[cfg(feature = "testing")]
@@ -437,6 +439,12 @@ impl Engine {
         self.boot_recorder.set(rec).is_ok()
     }
 
+    /// Let the guest's reads lead the boot prefetch of `r`. Returns false,
+    /// and changes nothing, if one is set already.
+    pub fn follow_boot(&self, r: Arc<BootReplay>) -> bool {
+        self.boot_replay.set(r).is_ok()
+    }
+
     /// Run a guest request, recorded in the io-trace if there is one.
     async fn traced(
         &self,
@@ -445,6 +453,9 @@ impl Engine {
         len: u64,
         req: impl Future<Output = EngineResult<()>>,
     ) -> EngineResult<()> {
+        if let (Some(r), TraceOp::Read) = (self.boot_replay.get(), op) {
+            r.note_read(offset, len);
+        }
         if let Some(b) = self.boot_recorder.get() {
             match op {
                 TraceOp::Read => b.note(true, offset, len),
