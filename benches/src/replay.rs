@@ -28,8 +28,9 @@ pub struct Step {
     pub after: Option<usize>,
     /// How long after that (or after the replay's start).
     pub think: Duration,
-    /// How long it took in the recording.
+    /// How long it took in the recording, and its result there (0 or -errno).
     pub recorded: Duration,
+    pub recorded_result: i32,
 }
 
 /// The steps of `records` in submit order, each with its predecessor.
@@ -66,6 +67,7 @@ pub fn plan(records: &[TraceRecord]) -> Vec<Step> {
                 after: last,
                 think: Duration::from_micros(r.submit_us - from),
                 recorded: Duration::from_micros(r.complete_us - r.submit_us),
+                recorded_result: r.result,
             }
         })
         .collect()
@@ -88,10 +90,13 @@ pub trait Device: Send {
 pub struct Outcome {
     /// Replay start to the last completion.
     pub span: Duration,
-    /// Each step's time from issue to completion, in plan order.
+    /// Each step's time on its device (not its wait for a free worker), in
+    /// plan order.
     pub latency: Vec<Duration>,
-    /// Steps that failed, with the first error.
+    /// Steps that failed, with the first error; and of them, those that
+    /// had failed in the recording too.
     pub failed: usize,
+    pub failed_as_recorded: usize,
     pub first_error: Option<String>,
 }
 
@@ -109,15 +114,19 @@ pub fn run(plan: &[Step], devices: Vec<Box<dyn Device>>) -> Outcome {
     let plan: Arc<Vec<Step>> = Arc::new(plan.to_vec());
     let (job_tx, job_rx) = mpsc::channel::<usize>();
     let job_rx = Arc::new(Mutex::new(job_rx));
-    let (done_tx, done_rx) = mpsc::channel::<(usize, Instant, Result<(), String>)>();
+    type Done = (usize, Instant, Instant, Result<(), String>);
+    let (done_tx, done_rx) = mpsc::channel::<Done>();
     let mut workers = Vec::new();
     for mut dev in devices {
         let (plan, rx, tx) = (plan.clone(), job_rx.clone(), done_tx.clone());
         workers.push(std::thread::spawn(move || loop {
             let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
             let Ok(i) = job else { return };
-            let r = dev.run(&plan[i]);
-            if tx.send((i, Instant::now(), r)).is_err() {
+            let began = Instant::now();
+            // A device that panics fails its step; the replay goes on.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dev.run(&plan[i])))
+                .unwrap_or_else(|_| Err(format!("step {i}: the device panicked")));
+            if tx.send((i, began, Instant::now(), r)).is_err() {
                 return;
             }
         }));
@@ -132,7 +141,6 @@ pub fn run(plan: &[Step], devices: Vec<Box<dyn Device>>) -> Outcome {
             None => ready.push(Reverse((start + s.think, i))),
         }
     }
-    let mut issued = vec![start; n];
     let mut done = 0;
     let mut last_end = start;
     while done < n {
@@ -142,7 +150,6 @@ pub fn run(plan: &[Step], devices: Vec<Box<dyn Device>>) -> Outcome {
                 break;
             }
             ready.pop();
-            issued[i] = Instant::now();
             job_tx.send(i).expect("replay workers are running");
         }
         let wait = ready
@@ -150,17 +157,21 @@ pub fn run(plan: &[Step], devices: Vec<Box<dyn Device>>) -> Outcome {
             .map_or(Duration::from_secs(3600), |&Reverse((at, _))| {
                 at.saturating_duration_since(now)
             });
-        let (i, end, r) = match done_rx.recv_timeout(wait) {
+        let (i, began, end, r) = match done_rx.recv_timeout(wait) {
             Ok(d) => d,
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         done += 1;
-        out.latency[i] = end - issued[i];
+        out.latency[i] = end - began;
         last_end = last_end.max(end);
         if let Err(e) = r {
             out.failed += 1;
-            out.first_error.get_or_insert(e);
+            if plan[i].recorded_result < 0 {
+                out.failed_as_recorded += 1;
+            } else {
+                out.first_error.get_or_insert(e);
+            }
         }
         for &k in &waiting[i] {
             ready.push(Reverse((end + plan[k].think, k)));

@@ -23,7 +23,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -197,7 +197,9 @@ impl Trace {
 pub struct IoTrace {
     start: Instant,
     path: PathBuf,
-    tx: Mutex<Option<SyncSender<TraceRecord>>>,
+    /// `None` ends the writer (sent once, by `close`).
+    tx: SyncSender<Option<TraceRecord>>,
+    closed: AtomicBool,
     writer: Mutex<Option<JoinHandle<io::Result<()>>>>,
     dropped: std::sync::Arc<AtomicU64>,
 }
@@ -206,30 +208,45 @@ impl IoTrace {
     /// Create (or truncate) `path` and start its writer thread.
     pub fn create(path: &Path) -> io::Result<IoTrace> {
         let file = File::create(path)?;
-        let (tx, rx) = mpsc::sync_channel::<TraceRecord>(QUEUE);
+        let (tx, rx) = mpsc::sync_channel::<Option<TraceRecord>>(QUEUE);
         let dropped = std::sync::Arc::new(AtomicU64::new(0));
         let d = dropped.clone();
-        let writer = std::thread::Builder::new().name("io-trace".into()).spawn(
-            move || -> io::Result<()> {
-                let mut w = BufWriter::with_capacity(1 << 20, file);
-                writeln!(w, "{HEADER}")?;
-                writeln!(w, "# submit_us complete_us op offset len result")?;
-                loop {
-                    match rx.recv_timeout(WRITE_EVERY) {
-                        Ok(r) => writeln!(w, "{r}")?,
-                        Err(RecvTimeoutError::Timeout) => w.flush()?,
-                        Err(RecvTimeoutError::Disconnected) => break,
-                    }
+        let shown = path.display().to_string();
+        let write_all = move || -> io::Result<()> {
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            writeln!(w, "{HEADER}")?;
+            writeln!(w, "# submit_us complete_us op offset len result")?;
+            let mut flushed = Instant::now();
+            loop {
+                match rx.recv_timeout(WRITE_EVERY) {
+                    Ok(Some(r)) => writeln!(w, "{r}")?,
+                    Ok(None) | Err(RecvTimeoutError::Disconnected) => break,
+                    Err(RecvTimeoutError::Timeout) => {}
                 }
-                writeln!(w, "# dropped {}", d.load(Ordering::Acquire))?;
-                w.flush()?;
-                w.get_ref().sync_all()
-            },
-        )?;
+                if flushed.elapsed() >= WRITE_EVERY {
+                    w.flush()?;
+                    flushed = Instant::now();
+                }
+            }
+            writeln!(w, "# dropped {}", d.load(Ordering::Acquire))?;
+            w.flush()?;
+            w.get_ref().sync_all()
+        };
+        let writer = std::thread::Builder::new()
+            .name("io-trace".into())
+            .spawn(move || {
+                let r = write_all();
+                if let Err(e) = &r {
+                    // Later records are counted as dropped (nothing takes them).
+                    tracing::warn!("io-trace {shown}: writing stopped: {e}");
+                }
+                r
+            })?;
         Ok(IoTrace {
             start: Instant::now(),
             path: path.to_path_buf(),
-            tx: Mutex::new(Some(tx)),
+            tx,
+            closed: AtomicBool::new(false),
             writer: Mutex::new(Some(writer)),
             dropped,
         })
@@ -250,11 +267,10 @@ impl IoTrace {
             len,
             result,
         };
-        let tx = self.tx.lock();
-        let Some(tx) = tx.as_ref() else {
+        if self.closed.load(Ordering::Acquire) {
             return;
-        };
-        match tx.try_send(r) {
+        }
+        match self.tx.try_send(Some(r)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -270,10 +286,13 @@ impl IoTrace {
     /// Write out what is queued and close the file; later records are
     /// ignored. Idempotent.
     pub fn close(&self) -> io::Result<()> {
-        drop(self.tx.lock().take());
         let Some(h) = self.writer.lock().take() else {
             return Ok(());
         };
+        self.closed.store(true, Ordering::Release);
+        // Behind every record queued before it; fails only if the writer
+        // stopped already (its error is what the join returns).
+        let _ = self.tx.send(None);
         match h.join() {
             Ok(r) => r.map_err(|e| {
                 io::Error::new(e.kind(), format!("io-trace {}: {e}", self.path.display()))
@@ -325,6 +344,26 @@ mod tests {
         );
         assert!(got.records.iter().all(|r| r.complete_us >= r.submit_us));
         assert_eq!(got.dropped, 0);
+    }
+
+    #[test]
+    fn records_reach_the_file_while_requests_keep_coming() {
+        // One every 50 ms for 1.5 s, never a 500 ms pause: the writer must
+        // still write them out every 500 ms, not only when idle or closed.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        let t = IoTrace::create(&p).unwrap();
+        for i in 0..30 {
+            t.record(t.now_us(), TraceOp::Read, i * 4096, 4096, 0);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let text = std::fs::read_to_string(&p).unwrap();
+        let lines = text.lines().filter(|l| !l.starts_with('#')).count();
+        assert!(
+            lines >= 10,
+            "only {lines} records on disk after 1.5 s of requests"
+        );
+        t.close().unwrap();
     }
 
     #[test]

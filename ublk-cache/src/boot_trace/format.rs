@@ -23,6 +23,8 @@ const EXTENT: usize = 24;
 /// More extents than any disk's boot could give (a corrupt count is refused
 /// before anything is allocated for it).
 const MAX_EXTENTS: u32 = 1 << 24;
+/// The longest extent a merge makes; a longer one is not of this format.
+pub const MAX_EXTENT_BYTES: u64 = 4 << 20;
 
 /// One extent of a trace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +41,9 @@ pub struct Extent {
 }
 
 impl Extent {
+    /// Saturating: a decoded extent is checked to lie inside its disk.
     pub fn offset(&self) -> u64 {
-        self.sector << SECTOR_SHIFT
+        self.sector.saturating_mul(1 << SECTOR_SHIFT)
     }
 
     pub fn len(&self) -> u64 {
@@ -178,9 +181,12 @@ pub fn check_extents(extents: &[Extent], disk_size: u64) -> Result<(), String> {
     let mut by_pos: Vec<&Extent> = extents.iter().collect();
     by_pos.sort_by_key(|e| e.sector);
     for e in &by_pos {
-        if e.is_empty() || e.offset().saturating_add(e.len()) > disk_size {
+        if e.is_empty()
+            || e.len() > MAX_EXTENT_BYTES
+            || e.offset().saturating_add(e.len()) > disk_size
+        {
             return Err(format!(
-                "extent {}+{} is empty or past the disk's {disk_size} bytes",
+                "extent {}+{} is empty, longer than {MAX_EXTENT_BYTES} bytes or past the disk's {disk_size} bytes",
                 e.offset(),
                 e.len()
             ));

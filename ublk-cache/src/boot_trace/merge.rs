@@ -13,7 +13,7 @@ use super::format::{BootTrace, Extent};
 const KEEP_BOOTS: u8 = 0b1111;
 /// An extent is at most this long, and covers lines first read within this
 /// long of its first one: replay fetches an extent as one piece.
-const MAX_EXTENT: u64 = 4 << 20;
+const MAX_EXTENT: u64 = super::format::MAX_EXTENT_BYTES;
 const MAX_SPREAD_MS: u32 = 1000;
 
 /// What one boot read: each line (of `line_size` bytes) first read before

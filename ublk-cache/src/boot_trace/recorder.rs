@@ -55,14 +55,18 @@ impl BootRecorder {
     /// ms since the guest's first request (which starts the window).
     fn elapsed_ms(&self) -> u64 {
         let now = self.born.elapsed().as_micros() as u64 + 1;
-        let start =
-            match self
-                .started_us
-                .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => now,
-                Err(s) => s,
-            };
+        // A load on every request, a compare-and-swap only at the first.
+        let mut start = self.started_us.load(Ordering::Acquire);
+        if start == 0 {
+            start =
+                match self
+                    .started_us
+                    .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => now,
+                    Err(s) => s,
+                };
+        }
         (now - start) / 1000
     }
 
@@ -76,7 +80,7 @@ impl BootRecorder {
             self.on.store(false, Ordering::Release);
             return;
         }
-        let end = (offset + len).min(self.disk_size);
+        let end = offset.saturating_add(len).min(self.disk_size);
         let ls = self.line_size;
         if !read {
             // Only lines the write covers whole: a read of the rest of a

@@ -9,8 +9,9 @@
 //! three boots, or in the last one while fewer than three are merged. One
 //! odd boot neither adds its lines nor takes the usual ones away.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+use hashbrown::HashMap;
 use std::time::Duration;
 
 use super::format::{BootTrace, Extent};
@@ -76,10 +77,12 @@ pub struct BootReplay {
     ahead_ms: u32,
     /// Per line of the replay set (by `line_index`): FETCHED, READ (by the
     /// guest), IN_FLIGHT.
-    state: Vec<std::sync::atomic::AtomicU8>,
+    state: Vec<AtomicU8>,
     line_index: HashMap<u64, u32>,
     fetched_bytes: AtomicU64,
     max_lead_ms: AtomicU32,
+    /// While prefetch runs (and the boot window lasts): guest reads are noted.
+    active: AtomicBool,
 }
 
 const FETCHED: u8 = 1;
@@ -98,9 +101,7 @@ impl BootReplay {
                 line_index.entry(l).or_insert(n);
             }
         }
-        let state = (0..line_index.len())
-            .map(|_| std::sync::atomic::AtomicU8::new(0))
-            .collect();
+        let state = (0..line_index.len()).map(|_| AtomicU8::new(0)).collect();
         Self {
             line_size: ls,
             extents,
@@ -111,6 +112,7 @@ impl BootReplay {
             line_index,
             fetched_bytes: AtomicU64::new(0),
             max_lead_ms: AtomicU32::new(0),
+            active: AtomicBool::new(true),
         }
     }
 
@@ -119,11 +121,14 @@ impl BootReplay {
     }
 
     fn lines_of(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
-        offset / self.line_size..(offset + len).div_ceil(self.line_size)
+        offset / self.line_size..offset.saturating_add(len).div_ceil(self.line_size)
     }
 
     /// A guest read: the cursor moves to the latest trace time it touched.
     pub fn note_read(&self, offset: u64, len: u64) {
+        if !self.active.load(Ordering::Relaxed) {
+            return;
+        }
         for l in self.lines_of(offset, len) {
             if let Some(&i) = self.line_extent.get(&l) {
                 self.cursor_ms
@@ -141,38 +146,48 @@ impl BootReplay {
         self.extents[i].t_ms <= cursor.saturating_add(self.ahead_ms)
     }
 
-    fn states_of(&self, i: usize) -> impl Iterator<Item = &std::sync::atomic::AtomicU8> + '_ {
-        let e = self.extents[i];
-        self.lines_of(e.offset(), e.len())
-            .filter_map(|l| self.line_index.get(&l))
-            .map(|&x| &self.state[x as usize])
+    fn state_of(&self, line: u64) -> Option<&AtomicU8> {
+        self.line_index.get(&line).map(|&x| &self.state[x as usize])
     }
 
-    /// Prefetch starts on extent `i`: a guest read of its lines from now on
-    /// waits for it (or finds it done), and counts as a prefetch hit if it
-    /// fetches them; a line the guest read already is the guest's own.
-    pub fn fetching(&self, i: usize) {
+    /// Prefetch starts on extent `i` (for the lead it ran ahead by).
+    pub fn starting(&self, i: usize) {
         let cursor = self.cursor_ms.load(Ordering::Acquire);
         self.max_lead_ms.fetch_max(
             self.extents[i].t_ms.saturating_sub(cursor),
             Ordering::AcqRel,
         );
-        for s in self.states_of(i) {
-            // Only if the guest has not read it: then it stays the guest's.
+    }
+
+    /// Prefetch starts on `line`: a guest read of it from now on waits for
+    /// it (or finds it done) and counts as a prefetch hit if prefetch
+    /// fetches it; a line the guest read already stays the guest's own.
+    pub fn fetching(&self, line: u64) {
+        if let Some(s) = self.state_of(line) {
             let _ = s.compare_exchange(0, IN_FLIGHT, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 
-    /// Prefetch of extent `i` ended, `bytes` of it read from the backend
-    /// (0: it was cached already, so prefetch fetched none of it).
-    pub fn fetched(&self, i: usize, bytes: u64) {
+    /// Prefetch of `line` ended, `bytes` of it read from the backend (0: it
+    /// was cached already, so prefetch fetched none of it).
+    pub fn fetched(&self, line: u64, bytes: u64) {
         self.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
-        for s in self.states_of(i) {
+        if let Some(s) = self.state_of(line) {
             let mark = if bytes > 0 { FETCHED } else { 0 };
             let _ = s.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
                 (v & IN_FLIGHT != 0).then_some((v & !IN_FLIGHT) | mark)
             });
         }
+    }
+
+    /// Stop following the guest (prefetch is over): guest reads cost nothing
+    /// from now on, and the report counts what happened until here.
+    pub fn finish(&self) {
+        self.active.store(false, Ordering::Release);
+    }
+
+    pub fn line_size(&self) -> u64 {
+        self.line_size
     }
 
     pub fn report(&self) -> ReplayReport {
@@ -248,16 +263,21 @@ mod tests {
             r.due(0) && r.due(1) && !r.due(2),
             "7 s is more than 5 s ahead of 0"
         );
+        r.starting(0);
         r.fetching(0);
         r.note_read(0, 4096); // read while its fetch is in flight: it waited
-        r.fetched(0, 2 * LS);
-        r.note_read(LS, 4096); // a prefetched line: a hit
+        r.fetched(0, LS);
+        r.fetching(1);
+        r.fetched(1, 0); // cached already: not fetched by prefetch
+        r.note_read(LS, 4096);
         r.note_read(10 * LS, 4096); // the guest is at 3 s now, before prefetch
         assert!(r.due(2), "the guest reached 3 s: 7 s is within 5 s of it");
-        r.fetching(1);
-        r.fetched(1, 0); // the guest's own read cached it
-        r.fetching(2);
-        r.fetched(2, LS);
+        r.fetching(10);
+        r.fetched(10, 0); // the guest's own read cached it
+        r.fetching(20);
+        r.fetched(20, LS);
+        r.finish();
+        r.note_read(20 * LS, 4096); // after the end: not counted
         let rep = r.report();
         assert_eq!(
             (
@@ -266,9 +286,9 @@ mod tests {
                 rep.used_lines,
                 rep.read_lines
             ),
-            (4, 3, 2, 3),
+            (4, 2, 1, 3),
             "{rep:?}"
         );
-        assert_eq!((rep.precision(), rep.recall()), (2.0 / 3.0, 2.0 / 3.0));
+        assert_eq!((rep.precision(), rep.recall()), (0.5, 1.0 / 3.0));
     }
 }

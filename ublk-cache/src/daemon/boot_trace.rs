@@ -192,14 +192,7 @@ impl BootTraceJob {
     /// End recording now if its window has not (the server stops), save the
     /// trace, stop prefetching, and report what the replay achieved.
     pub fn stop(mut self) {
-        self.cancel
-            .store(true, std::sync::atomic::Ordering::Release);
-        let (lock, cv) = &*self.stop;
-        *lock.lock() = true;
-        cv.notify_all();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.halt();
         if let Some(r) = &self.replay {
             let rep = r.report();
             info!(
@@ -214,6 +207,27 @@ impl BootTraceJob {
                 rep.recall()
             );
         }
+    }
+}
+
+impl BootTraceJob {
+    fn halt(&mut self) {
+        self.cancel
+            .store(true, std::sync::atomic::Ordering::Release);
+        let (lock, cv) = &*self.stop;
+        *lock.lock() = true;
+        cv.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A job dropped without `stop` (a start that failed half way) still ends
+/// its threads.
+impl Drop for BootTraceJob {
+    fn drop(&mut self) {
+        self.halt();
     }
 }
 
@@ -236,30 +250,34 @@ fn prefetch(
             break;
         }
         let e = r.extents()[i];
-        r.fetching(i);
-        match engine.preload(e.offset(), e.len(), opts, Some(cancel), None) {
-            Ok(rep) => {
-                r.fetched(i, rep.fetched);
-                tracing::debug!(
-                    extent = i,
-                    offset = e.offset(),
-                    len = e.len(),
-                    fetched = rep.fetched,
-                    "boot prefetch: extent done"
-                );
-            }
-            Err(err) => {
-                r.fetched(i, 0);
-                failed += 1;
-                if failed == 1 {
-                    warn!(
-                        "boot prefetch of {}+{} failed (skipped; later failures counted): {err}",
-                        e.offset(),
-                        e.len()
-                    );
+        r.starting(i);
+        // Line by line, so that each line counts as fetched or not by itself.
+        let ls = r.line_size();
+        let (mut at, end) = (e.offset(), e.offset() + e.len());
+        while at < end {
+            let line = at / ls;
+            let n = ((line + 1) * ls).min(end) - at;
+            r.fetching(line);
+            match engine.prefetch_line(at, n, opts, Some(cancel)) {
+                Ok(rep) => r.fetched(line, rep.fetched),
+                Err(err) => {
+                    r.fetched(line, 0);
+                    failed += 1;
+                    if failed == 1 {
+                        warn!(
+                            "boot prefetch of {at}+{n} failed (skipped; later failures counted): {err}"
+                        );
+                    }
                 }
             }
+            at += n;
         }
+        tracing::debug!(
+            extent = i,
+            offset = e.offset(),
+            len = e.len(),
+            "boot prefetch: extent done"
+        );
     }
     let rep = r.report();
     info!(
@@ -269,6 +287,9 @@ fn prefetch(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "boot prefetch finished"
     );
+    // Guest reads count for the report until the boot is over.
+    wait_until(stop, || started.elapsed() > limit);
+    r.finish();
 }
 
 /// Merge what `rec` saw into the trace at `path` and save it.

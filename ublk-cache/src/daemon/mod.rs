@@ -179,15 +179,6 @@ impl Server {
         let plan = cfg.validate()?;
         // The kernel side and the sockets first, before touching any data.
         let mut exports = Self::exports(&cfg, &plan)?;
-        let io_trace = match &cfg.io_trace {
-            Some(path) => Some(Arc::new(IoTrace::create(path).map_err(|e| {
-                DaemonError::io(
-                    format!("--io-trace {}: cannot create it", path.display()),
-                    e,
-                )
-            })?)),
-            None => None,
-        };
         let (backend, cache, created, undo) = match devices {
             Some(d) => (d.backend, d.cache, false, None),
             None => {
@@ -226,15 +217,12 @@ impl Server {
                 return Err(DaemonError::engine("attaching the cache", e));
             }
         };
-        if let Some(t) = &io_trace {
-            engine.trace_requests(t.clone());
-        }
         let mut running = Running {
             exports: Vec::new(),
             jobs: None,
             control: None,
             engine,
-            io_trace,
+            io_trace: None,
             boot_trace: None,
             record: None,
             cfg,
@@ -324,6 +312,18 @@ fn export_lines(specs: &[ExportSpec], per_export: &[(ExportKind, Vec<String>)]) 
 
 impl Running {
     fn bring_up(&mut self, exports: &mut Vec<Box<dyn Export>>) -> DaemonResult<()> {
+        // After the attach (a refused start leaves an earlier trace alone),
+        // before the exports (every guest request is in it).
+        if let Some(path) = &self.cfg.io_trace {
+            let t = Arc::new(IoTrace::create(path).map_err(|e| {
+                DaemonError::io(
+                    format!("--io-trace {}: cannot create it", path.display()),
+                    e,
+                )
+            })?);
+            self.engine.trace_requests(t.clone());
+            self.io_trace = Some(t);
+        }
         self.boot_trace = BootTraceJob::start(&self.cfg, &self.engine)?;
         if self.plan.preload.wait {
             self.plan.preload.run_now(&self.engine).map_err(|e| {

@@ -48,6 +48,8 @@ fn refuse(kind: EngineErrorKind, msg: impl Into<String>) -> EngineError {
     EngineError::new(kind, msg)
 }
 
+const BOOT_PREFETCH: &str = "boot prefetch";
+
 impl Engine {
     /// Switch to `new` while serving. Leaving a mode that holds dirty data for
     /// one that does not first writes everything back (reporting progress),
@@ -169,6 +171,18 @@ impl Engine {
         self.preload_as("preload", offset, len, opts, cancel, progress)
     }
 
+    /// Boot prefetch (`--boot-trace replay`): a preload of one line (or
+    /// less) that logs nothing of its own.
+    pub fn prefetch_line(
+        &self,
+        offset: u64,
+        len: u64,
+        opts: PreloadOptions,
+        cancel: Option<&AtomicBool>,
+    ) -> EngineResult<PreloadReport> {
+        self.preload_as(BOOT_PREFETCH, offset, len, opts, cancel, None)
+    }
+
     pub(super) fn preload_as(
         &self,
         phase: &'static str,
@@ -249,14 +263,23 @@ impl Engine {
             Ok(())
         })?;
         report(done);
-        info!(
-            phase,
-            total = rep.total,
-            fetched = rep.fetched,
-            interrupted = rep.interrupted,
-            elapsed_ms = start.elapsed().as_millis() as u64,
-            "{phase} finished"
-        );
+        // Boot prefetch goes a line at a time and reports as a whole.
+        if phase == BOOT_PREFETCH {
+            tracing::debug!(
+                total = rep.total,
+                fetched = rep.fetched,
+                "{phase} of a line"
+            );
+        } else {
+            info!(
+                phase,
+                total = rep.total,
+                fetched = rep.fetched,
+                interrupted = rep.interrupted,
+                elapsed_ms = start.elapsed().as_millis() as u64,
+                "{phase} finished"
+            );
+        }
         Ok(rep)
     }
 
