@@ -37,8 +37,11 @@ pub struct BootTraceJob {
 
 pub const DEFAULT_AHEAD_SECS: u32 = 5;
 
-/// Wait until `done` or a stop, looking every 10 ms; false on a stop.
-fn wait_until(stop: &Stop, mut done: impl FnMut() -> bool) -> bool {
+/// How often a thread that waits only for time to pass looks again.
+const IDLE_POLL: Duration = Duration::from_millis(200);
+
+/// Wait until `done` or a stop, looking every `every`; false on a stop.
+fn wait_until(stop: &Stop, every: Duration, mut done: impl FnMut() -> bool) -> bool {
     let (lock, cv) = &**stop;
     let mut stopped = lock.lock();
     loop {
@@ -48,7 +51,7 @@ fn wait_until(stop: &Stop, mut done: impl FnMut() -> bool) -> bool {
         if done() {
             return true;
         }
-        cv.wait_for(&mut stopped, Duration::from_millis(10));
+        cv.wait_for(&mut stopped, every);
     }
 }
 
@@ -180,7 +183,7 @@ impl BootTraceJob {
                 std::thread::Builder::new()
                     .name("boot-trace".into())
                     .spawn(move || {
-                        wait_until(&stop, || rec.ended());
+                        wait_until(&stop, IDLE_POLL, || rec.ended());
                         save(&rec, &path, &key, disk);
                     })
                     .map_err(|e| DaemonError::io("starting the boot-trace thread", e))?,
@@ -245,7 +248,10 @@ fn prefetch(
     let started = std::time::Instant::now();
     let mut failed = 0u64;
     for i in 0..r.extents().len() {
-        let due = wait_until(stop, || r.due(i) || started.elapsed() > limit);
+        // Soon after the guest's read that makes it due.
+        let due = wait_until(stop, Duration::from_millis(10), || {
+            r.due(i) || started.elapsed() > limit
+        });
         if !due || started.elapsed() > limit {
             break;
         }
@@ -288,7 +294,7 @@ fn prefetch(
         "boot prefetch finished"
     );
     // Guest reads count for the report until the boot is over.
-    wait_until(stop, || started.elapsed() > limit);
+    wait_until(stop, IDLE_POLL, || started.elapsed() > limit);
     r.finish();
 }
 
