@@ -45,16 +45,28 @@ struct Nbd {
 
 impl Device for Nbd {
     fn run(&mut self, s: &Step) -> Result<(), String> {
-        let len = s.len as u32;
         let r = match s.op {
-            TraceOp::Read => self.c.read(s.offset, len).map(|r| r.map(drop)),
+            TraceOp::Read => self.c.read(s.offset, s.len as u32).map(|r| r.map(drop)),
             TraceOp::Write | TraceOp::WriteFua => {
                 let fua = s.op == TraceOp::WriteFua;
                 self.c.write(s.offset, &self.buf[..s.len as usize], fua)
             }
             TraceOp::Flush => self.c.flush(),
-            TraceOp::Discard => self.c.trim(s.offset, len),
-            TraceOp::WriteZeroes => self.c.write_zeroes(s.offset, len, 0),
+            TraceOp::Discard | TraceOp::WriteZeroes => {
+                // NBD lengths are 32-bit: larger ranges go in pieces.
+                let mut r = Ok(Ok(()));
+                let (mut at, end) = (s.offset, s.offset + s.len);
+                while at < end && matches!(r, Ok(Ok(()))) {
+                    let n = (end - at).min(1 << 30) as u32;
+                    r = if s.op == TraceOp::Discard {
+                        self.c.trim(at, n)
+                    } else {
+                        self.c.write_zeroes(at, n, 0)
+                    };
+                    at += n as u64;
+                }
+                r
+            }
         };
         match r {
             Ok(Ok(())) => Ok(()),
@@ -86,8 +98,8 @@ impl Device for Path {
             // Advisory: nothing to replay on a plain file.
             TraceOp::Discard => Ok(()),
             TraceOp::WriteZeroes => {
-                // In pieces of the worker's buffer, zeroed.
-                let z = vec![0u8; self.buf.len().clamp(1, n.max(1))];
+                // In pieces of at most 1 MiB.
+                let z = vec![0u8; n.clamp(1, 1 << 20)];
                 let mut r = Ok(());
                 let mut at = 0;
                 while at < n && r.is_ok() {

@@ -67,7 +67,8 @@ impl BootRecorder {
                     Err(s) => s,
                 };
         }
-        (now - start) / 1000
+        // Two first requests racing may set a start after this one's clock.
+        now.saturating_sub(start) / 1000
     }
 
     /// A guest request (a read when `read`, else something that changes data).

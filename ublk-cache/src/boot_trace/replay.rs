@@ -186,6 +186,11 @@ impl BootReplay {
         self.active.store(false, Ordering::Release);
     }
 
+    /// Bytes prefetch has read from the backend so far.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.fetched_bytes.load(Ordering::Relaxed)
+    }
+
     pub fn line_size(&self) -> u64 {
         self.line_size
     }

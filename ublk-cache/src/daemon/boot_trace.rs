@@ -261,10 +261,22 @@ fn prefetch(
         let ls = r.line_size();
         let (mut at, end) = (e.offset(), e.offset() + e.len());
         while at < end {
+            // The rate over the whole prefetch, not per line: sleep until
+            // the bytes fetched so far fit it (a stop ends the wait).
+            if let Some(rate) = opts.rate.filter(|&x| x > 0) {
+                let due = Duration::from_secs_f64(r.fetched_bytes() as f64 / rate as f64);
+                if !wait_until(stop, Duration::from_millis(10), || started.elapsed() >= due) {
+                    break;
+                }
+            }
+            if cancel.load(std::sync::atomic::Ordering::Acquire) {
+                break;
+            }
             let line = at / ls;
             let n = ((line + 1) * ls).min(end) - at;
             r.fetching(line);
-            match engine.prefetch_line(at, n, opts, Some(cancel)) {
+            let unpaced = PreloadOptions { rate: None };
+            match engine.prefetch_line(at, n, unpaced, Some(cancel)) {
                 Ok(rep) => r.fetched(line, rep.fetched),
                 Err(err) => {
                     r.fetched(line, 0);
