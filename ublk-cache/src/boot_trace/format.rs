@@ -12,13 +12,17 @@
 //! fails any check is never trusted (the caller ignores it and says why).
 
 use super::BootTraceError;
+use crate::format::codec::{Decoder, Encoder};
+use crate::format::FormatError;
 
 const MAGIC: &[u8; 8] = b"UBCBOOT\0";
 const VERSION: u16 = 1;
 const SECTOR_SHIFT: u8 = 9;
 pub const HEADER: usize = 4096;
 const HEADER_CRC_AT: usize = 4092;
-const KEY_MAX: usize = 256;
+/// The longest key (bytes); its field is a u16 length and this many bytes.
+pub const KEY_MAX: usize = 256;
+const KEY_FIELD: usize = KEY_MAX + 2;
 const EXTENT: usize = 24;
 /// More extents than any disk's boot could give (a corrupt count is refused
 /// before anything is allocated for it).
@@ -74,30 +78,27 @@ impl BootTrace {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![0u8; HEADER + self.extents.len() * EXTENT];
         let (head, body) = out.split_at_mut(HEADER);
-        for (i, e) in self.extents.iter().enumerate() {
-            let b = &mut body[i * EXTENT..(i + 1) * EXTENT];
-            b[0..8].copy_from_slice(&e.sector.to_le_bytes());
-            b[8..12].copy_from_slice(&e.sectors.to_le_bytes());
-            b[12..16].copy_from_slice(&e.t_ms.to_le_bytes());
-            b[16] = e.seen;
-            b[17] = e.flags;
+        for (e, b) in self.extents.iter().zip(body.chunks_exact_mut(EXTENT)) {
+            let mut w = Encoder::new(b);
+            w.u64(e.sector);
+            w.u32(e.sectors);
+            w.u32(e.t_ms);
+            w.bytes(&[e.seen, e.flags]);
         }
         let body_crc = crc32c::crc32c(body);
-        let key = self.key.as_bytes();
-        let key = &key[..key.len().min(KEY_MAX)];
-        head[0..8].copy_from_slice(MAGIC);
-        head[8..10].copy_from_slice(&VERSION.to_le_bytes());
-        head[12] = SECTOR_SHIFT;
-        head[16..24].copy_from_slice(&self.disk_size.to_le_bytes());
-        head[24..26].copy_from_slice(&(key.len() as u16).to_le_bytes());
-        head[26..26 + key.len()].copy_from_slice(key);
-        let at = 26 + KEY_MAX;
-        head[at..at + 2].copy_from_slice(&self.boots.to_le_bytes());
-        head[at + 2..at + 6].copy_from_slice(&self.window_ms.to_le_bytes());
-        head[at + 6..at + 14].copy_from_slice(&self.created_s.to_le_bytes());
-        head[at + 14..at + 22].copy_from_slice(&self.updated_s.to_le_bytes());
-        head[at + 22..at + 26].copy_from_slice(&(self.extents.len() as u32).to_le_bytes());
-        head[at + 26..at + 30].copy_from_slice(&body_crc.to_le_bytes());
+        let mut w = Encoder::new(head);
+        w.bytes(MAGIC);
+        w.u16(VERSION);
+        w.u16(0);
+        w.bytes(&[SECTOR_SHIFT, 0, 0, 0]);
+        w.u64(self.disk_size);
+        w.fixed_str(&self.key, KEY_FIELD);
+        w.u16(self.boots);
+        w.u32(self.window_ms);
+        w.u64(self.created_s);
+        w.u64(self.updated_s);
+        w.u32(self.extents.len() as u32);
+        w.u32(body_crc);
         let crc = crc32c::crc32c(&head[..HEADER_CRC_AT]);
         head[HEADER_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         out
@@ -108,65 +109,70 @@ impl BootTrace {
     /// `disk_size`.
     pub fn decode(buf: &[u8]) -> Result<BootTrace, BootTraceError> {
         let bad = |problem: &str| BootTraceError::Corrupt(problem.to_string());
+        let field = |e: FormatError| BootTraceError::Corrupt(e.to_string());
         if buf.len() < HEADER {
             return Err(bad("shorter than its header"));
         }
         let (head, body) = buf.split_at(HEADER);
-        if &head[0..8] != MAGIC {
+        let stored_crc = Decoder::new(&head[HEADER_CRC_AT..]).u32().map_err(field)?;
+        let mut r = Decoder::new(head);
+        if r.bytes(MAGIC.len()).map_err(field)? != MAGIC {
             return Err(bad("no boot-trace magic"));
         }
-        let u16_at = |i: usize| u16::from_le_bytes([head[i], head[i + 1]]);
-        let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4"));
-        let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8"));
-        if u32_at(head, HEADER_CRC_AT) != crc32c::crc32c(&head[..HEADER_CRC_AT]) {
+        if stored_crc != crc32c::crc32c(&head[..HEADER_CRC_AT]) {
             return Err(bad("header checksum mismatch"));
         }
-        let version = u16_at(8);
+        let version = r.u16().map_err(field)?;
         if version != VERSION {
             return Err(BootTraceError::Corrupt(format!(
                 "version {version}; this build reads version {VERSION}"
             )));
         }
-        if head[12] != SECTOR_SHIFT {
+        let _flags = r.u16().map_err(field)?;
+        if r.bytes(4).map_err(field)?[0] != SECTOR_SHIFT {
             return Err(bad("sector size is not 512 bytes"));
         }
-        let key_len = u16_at(24) as usize;
-        if key_len > KEY_MAX {
-            return Err(bad("key longer than 256 bytes"));
-        }
-        let key = std::str::from_utf8(&head[26..26 + key_len])
-            .map_err(|_| bad("key is not UTF-8"))?
-            .to_string();
-        let at = 26 + KEY_MAX;
-        let n = u32_at(head, at + 22);
+        let disk_size = r.u64().map_err(field)?;
+        let key = r.fixed_str(KEY_FIELD, "boot trace key").map_err(field)?;
+        let boots = r.u16().map_err(field)?;
+        let window_ms = r.u32().map_err(field)?;
+        let created_s = r.u64().map_err(field)?;
+        let updated_s = r.u64().map_err(field)?;
+        let n = r.u32().map_err(field)?;
+        let body_crc = r.u32().map_err(field)?;
         if n > MAX_EXTENTS || body.len() != n as usize * EXTENT {
             return Err(BootTraceError::Corrupt(format!(
                 "says {n} extents, holds {} bytes of them",
                 body.len()
             )));
         }
-        if u32_at(head, at + 26) != crc32c::crc32c(body) {
+        if body_crc != crc32c::crc32c(body) {
             return Err(bad("extent checksum mismatch"));
         }
-        let disk_size = u64_at(head, 16);
-        let extents: Vec<Extent> = body
+        let extents = body
             .chunks_exact(EXTENT)
-            .map(|b| Extent {
-                sector: u64_at(b, 0),
-                sectors: u32_at(b, 8),
-                t_ms: u32_at(b, 12),
-                seen: b[16],
-                flags: b[17],
+            .map(|b| {
+                let mut r = Decoder::new(b);
+                let (sector, sectors, t_ms) = (r.u64()?, r.u32()?, r.u32()?);
+                let sf = r.bytes(2)?;
+                Ok(Extent {
+                    sector,
+                    sectors,
+                    t_ms,
+                    seen: sf[0],
+                    flags: sf[1],
+                })
             })
-            .collect();
+            .collect::<Result<Vec<Extent>, FormatError>>()
+            .map_err(field)?;
         check_extents(&extents, disk_size).map_err(BootTraceError::Corrupt)?;
         Ok(BootTrace {
             key,
             disk_size,
-            boots: u16_at(at),
-            window_ms: u32_at(head, at + 2),
-            created_s: u64_at(head, at + 6),
-            updated_s: u64_at(head, at + 14),
+            boots,
+            window_ms,
+            created_s,
+            updated_s,
             extents,
         })
     }

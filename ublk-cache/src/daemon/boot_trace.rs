@@ -10,11 +10,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use parking_lot::{Condvar, Mutex};
 use tracing::{info, warn};
 
 use super::config::ServeConfig;
 use super::error::{DaemonError, DaemonResult};
+use super::stop::StopToken;
+use crate::boot_trace::format::KEY_MAX;
 use crate::boot_trace::{merge, replay_set, store, BootRecorder, BootReplay, BootTraceMode};
 use crate::engine::PreloadOptions;
 use crate::Engine;
@@ -25,12 +26,10 @@ pub const DEFAULT_WINDOW_SECS: u32 = 120;
 /// The longest boot window there is (an hour: a "boot" beyond is a workload).
 pub const MAX_WINDOW_SECS: u32 = 3600;
 
-type Stop = Arc<(Mutex<bool>, Condvar)>;
-
 pub struct BootTraceJob {
-    stop: Stop,
-    /// Set at stop: a prefetch in progress ends at its next line.
-    cancel: Arc<std::sync::atomic::AtomicBool>,
+    /// Its own: the server's token is asked only after the exports stopped.
+    /// Its flag is the prefetch's cancel flag.
+    stop: StopToken,
     threads: Vec<JoinHandle<()>>,
     replay: Option<Arc<BootReplay>>,
 }
@@ -39,21 +38,6 @@ pub const DEFAULT_AHEAD_SECS: u32 = 5;
 
 /// How often a thread that waits only for time to pass looks again.
 const IDLE_POLL: Duration = Duration::from_millis(200);
-
-/// Wait until `done` or a stop, looking every `every`; false on a stop.
-fn wait_until(stop: &Stop, every: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let (lock, cv) = &**stop;
-    let mut stopped = lock.lock();
-    loop {
-        if *stopped {
-            return false;
-        }
-        if done() {
-            return true;
-        }
-        cv.wait_for(&mut stopped, every);
-    }
-}
 
 /// The key of this disk's trace: `--boot-trace-key`, else the backend's
 /// kind and name (a file's path, an RBD image's pool/name).
@@ -67,24 +51,20 @@ fn key_of(cfg: &ServeConfig, engine: &Engine) -> String {
 impl BootTraceJob {
     /// Check the options (before anything starts).
     pub fn validate(cfg: &ServeConfig) -> DaemonResult<()> {
-        if let Some(w) = cfg.boot_trace_window {
-            if w == 0 || w > MAX_WINDOW_SECS {
+        for (name, v) in [
+            ("window", cfg.boot_trace_window),
+            ("ahead", cfg.boot_trace_ahead),
+        ] {
+            if let Some(v) = v.filter(|&v| v == 0 || v > MAX_WINDOW_SECS) {
                 return Err(DaemonError::config(format!(
-                    "--boot-trace-window {w}: give 1 to {MAX_WINDOW_SECS} seconds"
+                    "--boot-trace-{name} {v}: give 1 to {MAX_WINDOW_SECS} seconds"
                 )));
             }
         }
         if let Some(k) = &cfg.boot_trace_key {
-            if k.is_empty() || k.len() > 256 {
+            if k.is_empty() || k.len() > KEY_MAX {
                 return Err(DaemonError::config(format!(
-                    "--boot-trace-key '{k}': give 1 to 256 bytes"
-                )));
-            }
-        }
-        if let Some(a) = cfg.boot_trace_ahead {
-            if a == 0 || a > MAX_WINDOW_SECS {
-                return Err(DaemonError::config(format!(
-                    "--boot-trace-ahead {a}: give 1 to {MAX_WINDOW_SECS} seconds"
+                    "--boot-trace-key '{k}': give 1 to {KEY_MAX} bytes"
                 )));
             }
         }
@@ -128,8 +108,7 @@ impl BootTraceJob {
             Duration::from_secs(cfg.boot_trace_window.unwrap_or(DEFAULT_WINDOW_SECS) as u64);
         let disk = crate::target::BlockTarget::size(engine.as_ref());
         let mut job = Self {
-            stop: Arc::default(),
-            cancel: Arc::default(),
+            stop: StopToken::new(),
             threads: Vec::new(),
             replay: None,
         };
@@ -158,16 +137,11 @@ impl BootTraceJob {
                         ahead_s = ahead.as_secs(),
                         "boot trace: prefetching ahead of the guest"
                     );
-                    let (e, stop, cancel, rr) = (
-                        engine.clone(),
-                        job.stop.clone(),
-                        job.cancel.clone(),
-                        r.clone(),
-                    );
+                    let (e, stop, rr) = (engine.clone(), job.stop.clone(), r.clone());
                     job.threads.push(
                         std::thread::Builder::new()
                             .name("boot-prefetch".into())
-                            .spawn(move || prefetch(&e, &rr, &stop, &cancel, opts, limit))
+                            .spawn(move || prefetch(&e, &rr, &stop, opts, limit))
                             .map_err(|e| DaemonError::io("starting the boot-prefetch thread", e))?,
                     );
                     job.replay = Some(r);
@@ -183,7 +157,7 @@ impl BootTraceJob {
                 std::thread::Builder::new()
                     .name("boot-trace".into())
                     .spawn(move || {
-                        wait_until(&stop, IDLE_POLL, || rec.ended());
+                        stop.wait_until(IDLE_POLL, || rec.ended());
                         save(&rec, &path, &key, disk);
                     })
                     .map_err(|e| DaemonError::io("starting the boot-trace thread", e))?,
@@ -215,11 +189,7 @@ impl BootTraceJob {
 
 impl BootTraceJob {
     fn halt(&mut self) {
-        self.cancel
-            .store(true, std::sync::atomic::Ordering::Release);
-        let (lock, cv) = &*self.stop;
-        *lock.lock() = true;
-        cv.notify_all();
+        self.stop.stop();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -240,8 +210,7 @@ impl Drop for BootTraceJob {
 fn prefetch(
     engine: &Engine,
     r: &BootReplay,
-    stop: &Stop,
-    cancel: &std::sync::atomic::AtomicBool,
+    stop: &StopToken,
     opts: PreloadOptions,
     limit: Duration,
 ) {
@@ -249,7 +218,7 @@ fn prefetch(
     let mut failed = 0u64;
     for i in 0..r.extents().len() {
         // Soon after the guest's read that makes it due.
-        let due = wait_until(stop, Duration::from_millis(10), || {
+        let due = stop.wait_until(Duration::from_millis(10), || {
             r.due(i) || started.elapsed() > limit
         });
         if !due || started.elapsed() > limit {
@@ -265,18 +234,18 @@ fn prefetch(
             // the bytes fetched so far fit it (a stop ends the wait).
             if let Some(rate) = opts.rate.filter(|&x| x > 0) {
                 let due = Duration::from_secs_f64(r.fetched_bytes() as f64 / rate as f64);
-                if !wait_until(stop, Duration::from_millis(10), || started.elapsed() >= due) {
+                if !stop.wait_until(Duration::from_millis(10), || started.elapsed() >= due) {
                     break;
                 }
             }
-            if cancel.load(std::sync::atomic::Ordering::Acquire) {
+            if stop.requested().is_some() {
                 break;
             }
             let line = at / ls;
             let n = ((line + 1) * ls).min(end) - at;
             r.fetching(line);
             let unpaced = PreloadOptions { rate: None };
-            match engine.prefetch_line(at, n, unpaced, Some(cancel)) {
+            match engine.prefetch_line(at, n, unpaced, Some(stop.flag())) {
                 Ok(rep) => r.fetched(line, rep.fetched),
                 Err(err) => {
                     r.fetched(line, 0);
@@ -306,7 +275,7 @@ fn prefetch(
         "boot prefetch finished"
     );
     // Guest reads count for the report until the boot is over.
-    wait_until(stop, IDLE_POLL, || started.elapsed() > limit);
+    stop.wait_until(IDLE_POLL, || started.elapsed() > limit);
     r.finish();
 }
 

@@ -67,6 +67,26 @@ impl StopToken {
         &self.0.cancelled
     }
 
+    /// Block until `done` (looked at every `every`) or a stop request;
+    /// false on a stop.
+    pub fn wait_until(&self, every: Duration, mut done: impl FnMut() -> bool) -> bool {
+        let mut g = self.0.lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if self.requested().is_some() {
+                return false;
+            }
+            if done() {
+                return true;
+            }
+            g = self
+                .0
+                .cv
+                .wait_timeout(g, every)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
     /// Block until a stop is requested.
     pub fn wait(&self) -> StopKind {
         let mut g = self.0.lock.lock().unwrap_or_else(|p| p.into_inner());

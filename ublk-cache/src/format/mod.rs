@@ -8,7 +8,7 @@
 //! | sb copy 0 | sb copy 1 | reserved | line entries (4 KiB blocks) | line 0 | line 1 | ...
 //! ```
 
-mod codec;
+pub(crate) mod codec;
 pub mod entry;
 pub mod layout;
 pub mod log;
