@@ -41,11 +41,27 @@ const IDLE_POLL: Duration = Duration::from_millis(200);
 
 /// The key of this disk's trace: `--boot-trace-key`, else the backend's
 /// kind and name (a file's path, an RBD image's pool/name).
+/// A derived key longer than the file holds is shortened, with its crc32c
+/// kept so that it stays its own.
 fn key_of(cfg: &ServeConfig, engine: &Engine) -> String {
     cfg.boot_trace_key.clone().unwrap_or_else(|| {
         let id = engine.backend_identity();
-        format!("{}:{}", id.kind, id.name)
+        fit_key(format!("{}:{}", id.kind, id.name))
     })
+}
+
+/// `key` if it fits the trace file's key field, else its first bytes (at a
+/// character boundary) and `#` and its crc32c: a longer key would be cut
+/// when saved, and the saved trace then taken for another disk's at load.
+fn fit_key(key: String) -> String {
+    if key.len() <= KEY_MAX {
+        return key;
+    }
+    let mut end = KEY_MAX - 9;
+    while !key.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}#{:08x}", &key[..end], crc32c::crc32c(key.as_bytes()))
 }
 
 impl BootTraceJob {
@@ -305,5 +321,20 @@ fn save(rec: &BootRecorder, path: &std::path::Path, key: &str, disk: u64) {
             path.display()
         ),
         Err(e) => warn!("boot trace not saved: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_derived_key_is_shortened_and_stays_its_own() {
+        assert_eq!(fit_key("file:/a".into()), "file:/a");
+        let long = format!("file:/{}", "é".repeat(200));
+        let (a, b) = (fit_key(long.clone()), fit_key(format!("{long}x")));
+        assert!(a.len() <= KEY_MAX && b.len() <= KEY_MAX, "{}", a.len());
+        assert_ne!(a, b);
+        assert_eq!(a, fit_key(long), "the same disk, the same key");
     }
 }
