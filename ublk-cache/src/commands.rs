@@ -15,6 +15,7 @@ use ublk_cache::daemon::progress::ProgressView;
 use ublk_cache::daemon::registry::{self, DEFAULT_RUN_DIR};
 use ublk_cache::daemon::spec::{BackendSpec, ExportSpec};
 use ublk_cache::daemon::{config, Server, StopToken};
+use ublk_cache::engine::BootPhase;
 use ublk_cache::frontend::ublk as fe;
 
 use crate::cli::{Cli, Command, CtlVerb, ServeArgs};
@@ -348,6 +349,29 @@ fn print_stats(r: &StatsReply) {
         e.watermark_shared_rounds,
         e.watermark_own_rounds
     );
+    let b = &e.boot_trace;
+    if b.record != BootPhase::Off {
+        println!(
+            "boot recording: {}, {} lines read first",
+            b.record.as_str(),
+            b.recorded_lines
+        );
+    }
+    if b.replay != BootPhase::Off {
+        println!(
+            "boot prefetch: {}; {} of {} lines fetched ({}), {} used by the guest ({}; {} unused); precision {:.2}, recall {:.2}; ran up to {:.1} s ahead",
+            b.replay.as_str(),
+            b.fetched_lines,
+            b.planned_lines,
+            mib(b.fetched_bytes),
+            b.used_lines,
+            mib(b.used_bytes),
+            mib(b.unused_bytes),
+            b.precision,
+            b.recall,
+            b.max_lead_ms as f64 / 1000.0
+        );
+    }
     if !e.latency.is_empty() {
         println!("latency (µs)   count      p50      p90      p99    p99.9");
         for l in &e.latency {

@@ -486,7 +486,7 @@ fn boot_traces_record_each_boot_and_age_across_boots() {
 /// lines count as prefetch hits, and the report at stop says so.
 #[test]
 fn boot_trace_replay_follows_the_guest() {
-    use ublk_cache::boot_trace::{store, BootTrace, Extent};
+    use ublk_cache::boot_trace::{BootTrace, Extent};
     const LINE: u64 = 65536;
     let d = tempfile::tempdir().unwrap();
     let disk = Disk::new(d.path(), 16 * MIB);
@@ -504,27 +504,13 @@ fn boot_trace_replay_follows_the_guest() {
         disk_size: 16 * MIB,
         boots: 1,
         window_ms: 100_000,
+        poor_boots: 0,
         created_s: 1,
         updated_s: 1,
         extents: vec![ext(3, 0), ext(8, 0), ext(40, 59_500), ext(50, 60_000)],
     };
-    let path = store::path_for(&traces, "image-9");
-    store::prepare(&traces, &path).unwrap();
-    store::save(&path, &t).unwrap();
-    let mut cmd = disk.serve_cmd(
-        "back",
-        "8M",
-        &[
-            "--boot-trace",
-            "replay",
-            "--boot-trace-dir",
-            traces.to_str().unwrap(),
-            "--boot-trace-key",
-            "image-9",
-            "--boot-trace-ahead",
-            "1",
-        ],
-    );
+    save_trace(&traces, &t);
+    let mut cmd = replay_cmd(&disk, &traces, &t.key, &["--boot-trace-ahead", "1"]);
     cmd.env(
         "UBLK_CACHE_LOG",
         "info,ublk_cache::daemon::boot_trace=debug",
@@ -558,6 +544,31 @@ fn boot_trace_replay_follows_the_guest() {
     );
     c.read(50 * LINE, 4096).unwrap().unwrap(); // C: a hit
     c.disconnect().unwrap();
+    // The same counts, live, in `ctl stats`. Unused: all of B, and the
+    // rest of D that prefetch read after the guest's 4 KiB of it.
+    let b = &ctl_stats(&disk.run_dir)["boot_trace"];
+    assert_eq!(b["replay"], "running", "{b}");
+    assert_eq!(b["record"], "off", "{b}");
+    for (k, want) in [
+        ("planned_lines", 4),
+        ("fetched_lines", 3),
+        ("used_lines", 2),
+        ("read_lines", 3),
+        ("used_bytes", 2 * LINE),
+        ("unused_bytes", LINE + LINE - 4096),
+        ("fetched_bytes", 4 * LINE - 4096),
+    ] {
+        assert_eq!(b[k].as_u64(), Some(want), "{k}: {b}");
+    }
+    let text = run(serve::bin().arg("--run-dir").arg(&disk.run_dir).args([
+        "ctl",
+        &server_id(&disk.run_dir).to_string(),
+        "stats",
+    ]));
+    assert!(
+        text.contains("boot prefetch: running; 3 of 4 lines fetched"),
+        "{text}"
+    );
     let log = srv.log.clone();
     srv.stop();
     let log = std::fs::read_to_string(log).unwrap();
@@ -573,6 +584,109 @@ fn boot_trace_replay_follows_the_guest() {
     ] {
         assert!(report.contains(want), "'{want}' not in: {report}");
     }
+}
+
+/// Save `t` as the trace of its key in `traces`; returns its path.
+fn save_trace(
+    traces: &std::path::Path,
+    t: &ublk_cache::boot_trace::BootTrace,
+) -> std::path::PathBuf {
+    use ublk_cache::boot_trace::store;
+    let path = store::path_for(traces, &t.key);
+    store::prepare(traces, &path).unwrap();
+    store::save(&path, t).unwrap();
+    path
+}
+
+/// The `serve` command that replays the trace of `key` in `traces`, with `extra`.
+fn replay_cmd(disk: &Disk, traces: &std::path::Path, key: &str, extra: &[&str]) -> Command {
+    let mut args = vec![
+        "--boot-trace",
+        "replay",
+        "--boot-trace-dir",
+        traces.to_str().unwrap(),
+        "--boot-trace-key",
+        key,
+    ];
+    args.extend_from_slice(extra);
+    disk.serve_cmd("back", "8M", &args)
+}
+
+/// The id of the one server in `run_dir`.
+fn server_id(run_dir: &std::path::Path) -> u64 {
+    let out = run(serve::bin()
+        .arg("--run-dir")
+        .arg(run_dir)
+        .args(["list", "--json"]));
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    rows[0]["id"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no server: {out}"))
+}
+
+/// `ctl ID stats --json` of the one server in `run_dir`.
+fn ctl_stats(run_dir: &std::path::Path) -> serde_json::Value {
+    let id = server_id(run_dir).to_string();
+    let out = run(serve::bin()
+        .arg("--run-dir")
+        .arg(run_dir)
+        .args(["ctl", &id, "stats", "--json"]));
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("ctl stats: {e}: {out}"))
+}
+
+#[test]
+fn a_trace_whose_prefetch_goes_unused_two_boots_in_a_row_is_put_aside() {
+    use ublk_cache::boot_trace::{store, BootTrace, Extent};
+    const LINE: u64 = 65536;
+    let d = tempfile::tempdir().unwrap();
+    let disk = Disk::new(d.path(), 16 * MIB);
+    let traces = d.path().join("traces");
+    // Ten lines at 0 s of a 0.5 s boot: all fetched at once, none read.
+    let t = BootTrace {
+        key: "image-4".into(),
+        disk_size: 16 * MIB,
+        boots: 3,
+        window_ms: 500,
+        poor_boots: 0,
+        created_s: 1,
+        updated_s: 1,
+        extents: vec![Extent {
+            sector: 0,
+            sectors: (10 * LINE / 512) as u32,
+            t_ms: 0,
+            seen: 0b111,
+            flags: 0,
+        }],
+    };
+    let path = save_trace(&traces, &t);
+    let boot = |n: usize, want: &str| {
+        let cmd = replay_cmd(&disk, &traces, "image-4", &["--boot-trace-window", "1"]);
+        let srv = serve::start(cmd, 1, d.path().join(format!("boot-{n}.log")));
+        // The replay ends 1 s after start (twice 0.5 s, at least the window).
+        let judged = (0..400).any(|_| {
+            std::thread::sleep(Duration::from_millis(25));
+            srv.log().contains(want)
+        });
+        assert!(judged, "boot {n}: no '{want}' in: {}", srv.log());
+        assert_eq!(ctl_stats(&disk.run_dir)["boot_trace"]["replay"], "done");
+        srv.stop();
+        // Wipe the cache: the next boot is cold again.
+        std::fs::remove_file(&disk.cache).unwrap();
+    };
+    boot(
+        1,
+        "the guest used 0 % of what prefetch fetched; the trace is put aside after 2",
+    );
+    let kept = store::load(&path, "image-4", 16 * MIB).expect("kept after one poor boot");
+    assert_eq!(
+        (kept.poor_boots, kept.extents),
+        (1, t.extents.clone()),
+        "only its count changed"
+    );
+    boot(2, "the trace is stale, moved to");
+    assert!(!path.exists(), "a stale trace is not replayed again");
+    let stale = std::fs::read(path.with_extension("trace.stale")).unwrap();
+    assert_eq!(BootTrace::decode(&stale).unwrap().poor_boots, 1);
 }
 
 #[test]

@@ -5,6 +5,7 @@
 //!   magic "UBCBOOT\0" | version u16 = 1 | flags u16 = 0 | sector_shift u8 = 9 | 0 [3]
 //!   disk_size u64 | key_len u16 | key [256] | boots u16 | window_ms u32
 //!   created_s u64 | updated_s u64 | n_extents u32 | body_crc32c u32
+//!   poor_boots u8 (0 in files from before it: the same as "none")
 //! body: n_extents x 24 bytes, sorted by t_ms:
 //!   sector u64 | sectors u32 | t_ms u32 | seen u8 | flags u8 | 0 [6]
 //! ```
@@ -68,6 +69,9 @@ pub struct BootTrace {
     pub boots: u16,
     /// The recording window of the last boot.
     pub window_ms: u32,
+    /// Replays in a row whose prefetch was mostly wasted (the quality gate,
+    /// `replay::judge`).
+    pub poor_boots: u8,
     pub created_s: u64,
     pub updated_s: u64,
     /// Sorted by `t_ms`, not overlapping.
@@ -99,6 +103,7 @@ impl BootTrace {
         w.u64(self.updated_s);
         w.u32(self.extents.len() as u32);
         w.u32(body_crc);
+        w.bytes(&[self.poor_boots]);
         let crc = crc32c::crc32c(&head[..HEADER_CRC_AT]);
         head[HEADER_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         out
@@ -140,6 +145,7 @@ impl BootTrace {
         let updated_s = r.u64().map_err(field)?;
         let n = r.u32().map_err(field)?;
         let body_crc = r.u32().map_err(field)?;
+        let poor_boots = r.bytes(1).map_err(field)?[0];
         if n > MAX_EXTENTS || body.len() != n as usize * EXTENT {
             return Err(BootTraceError::Corrupt(format!(
                 "says {n} extents, holds {} bytes of them",
@@ -171,6 +177,7 @@ impl BootTrace {
             disk_size,
             boots,
             window_ms,
+            poor_boots,
             created_s,
             updated_s,
             extents,

@@ -137,6 +137,7 @@ pub fn merge(
         disk_size,
         boots: old.map_or(0, |o| o.boots).saturating_add(1),
         window_ms: boot.window_ms,
+        poor_boots: old.map_or(0, |o| o.poor_boots),
         created_s: old.map_or(now_s, |o| o.created_s),
         updated_s: now_s,
         extents,

@@ -14,7 +14,7 @@ pub mod store;
 pub use format::{BootTrace, Extent};
 pub use merge::{merge, BootSet};
 pub use recorder::BootRecorder;
-pub use replay::{replay_set, BootReplay, ReplayReport};
+pub use replay::{judge, replay_set, BootReplay, ReplayReport, Verdict};
 
 /// What `--boot-trace` does with this start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

@@ -111,6 +111,11 @@ impl BootRecorder {
         }
     }
 
+    /// Lines recorded so far (read first, before any write covered them).
+    pub fn recorded_lines(&self) -> u64 {
+        self.first_reads.lock().len() as u64
+    }
+
     /// Whether recording ended (its window passed, or its line budget).
     pub fn ended(&self) -> bool {
         if !self.on.load(Ordering::Acquire) {

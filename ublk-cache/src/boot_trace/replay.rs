@@ -38,12 +38,18 @@ pub struct ReplayReport {
     pub planned_lines: u64,
     pub fetched_lines: u64,
     pub fetched_bytes: u64,
-    /// Fetched lines the guest then read (prefetch hits).
+    /// Fetched lines the guest then read (prefetch hits), and the bytes
+    /// prefetch read for them and for the lines the guest did not read
+    /// (wasted).
     pub used_lines: u64,
+    pub used_bytes: u64,
+    pub unused_bytes: u64,
     /// Lines of the replay set the guest read (whoever fetched them).
     pub read_lines: u64,
     /// How far ahead of the guest prefetch ran at most (trace ms).
     pub max_lead_ms: u32,
+    /// The replay is over: these counts are final.
+    pub done: bool,
 }
 
 impl ReplayReport {
@@ -55,6 +61,45 @@ impl ReplayReport {
     /// Share of the trace lines the guest read that prefetch had fetched.
     pub fn recall(&self) -> f64 {
         ratio(self.used_lines, self.read_lines)
+    }
+}
+
+/// The quality gate: a replay whose prefetch the guest mostly did not use
+/// (precision under this) was poor.
+pub const POOR_PRECISION: f64 = 0.3;
+/// Poor replays in a row after which a trace is stale (put aside; the next
+/// boot records afresh).
+pub const STALE_AFTER: u8 = 2;
+/// A replay that fetched fewer lines than this tells too little to judge.
+pub const MIN_JUDGED_LINES: u64 = 8;
+
+/// What one finished replay says about its trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Too little fetched to tell: the trace's count of poor replays stays.
+    NotJudged,
+    /// Keep the trace, with this many poor replays in a row (0 after a good one).
+    Keep { poor_boots: u8 },
+    /// The trace predicts badly: put it aside.
+    Stale,
+}
+
+/// Judge a finished replay of a trace that had `poor_boots` poor replays in
+/// a row before it. Precision, not recall: a trace that fetches what the
+/// guest then reads costs nothing even if the boot went further, but one
+/// whose fetches are mostly wasted loads the backend for nothing.
+pub fn judge(poor_boots: u8, rep: &ReplayReport) -> Verdict {
+    if rep.fetched_lines < MIN_JUDGED_LINES {
+        return Verdict::NotJudged;
+    }
+    if rep.precision() >= POOR_PRECISION {
+        return Verdict::Keep { poor_boots: 0 };
+    }
+    let poor_boots = poor_boots.saturating_add(1);
+    if poor_boots >= STALE_AFTER {
+        Verdict::Stale
+    } else {
+        Verdict::Keep { poor_boots }
     }
 }
 
@@ -78,6 +123,8 @@ pub struct BootReplay {
     /// Per line of the replay set (by `line_index`): FETCHED, READ (by the
     /// guest), IN_FLIGHT.
     state: Vec<AtomicU8>,
+    /// Per line of the replay set: the bytes prefetch read of it.
+    bytes: Vec<AtomicU32>,
     line_index: HashMap<u64, u32>,
     fetched_bytes: AtomicU64,
     max_lead_ms: AtomicU32,
@@ -102,6 +149,7 @@ impl BootReplay {
             }
         }
         let state = (0..line_index.len()).map(|_| AtomicU8::new(0)).collect();
+        let bytes = (0..line_index.len()).map(|_| AtomicU32::new(0)).collect();
         Self {
             line_size: ls,
             extents,
@@ -109,6 +157,7 @@ impl BootReplay {
             cursor_ms: AtomicU32::new(0),
             ahead_ms: ahead.as_millis().min(u32::MAX as u128) as u32,
             state,
+            bytes,
             line_index,
             fetched_bytes: AtomicU64::new(0),
             max_lead_ms: AtomicU32::new(0),
@@ -172,9 +221,12 @@ impl BootReplay {
     /// was cached already, so prefetch fetched none of it).
     pub fn fetched(&self, line: u64, bytes: u64) {
         self.fetched_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if let Some(s) = self.state_of(line) {
+        if let Some(&x) = self.line_index.get(&line) {
             let mark = if bytes > 0 { FETCHED } else { 0 };
-            let _ = s.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            // A line is at most a cache line (well under 4 GiB).
+            let n = bytes.min(u32::MAX as u64) as u32;
+            self.bytes[x as usize].fetch_add(n, Ordering::Relaxed);
+            let _ = self.state[x as usize].fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
                 (v & IN_FLIGHT != 0).then_some((v & !IN_FLIGHT) | mark)
             });
         }
@@ -200,13 +252,19 @@ impl BootReplay {
             planned_lines: self.state.len() as u64,
             fetched_bytes: self.fetched_bytes.load(Ordering::Relaxed),
             max_lead_ms: self.max_lead_ms.load(Ordering::Relaxed),
+            done: !self.active.load(Ordering::Acquire),
             ..ReplayReport::default()
         };
-        for s in &self.state {
-            let s = s.load(Ordering::Acquire);
+        for (s, b) in self.state.iter().zip(&self.bytes) {
+            let (s, b) = (s.load(Ordering::Acquire), b.load(Ordering::Relaxed) as u64);
             r.fetched_lines += u64::from(s & FETCHED != 0);
             r.read_lines += u64::from(s & READ != 0);
-            r.used_lines += u64::from(s == FETCHED | READ);
+            if s == FETCHED | READ {
+                r.used_lines += 1;
+                r.used_bytes += b;
+            } else {
+                r.unused_bytes += b;
+            }
         }
         r
     }
@@ -234,6 +292,7 @@ mod tests {
             disk_size: 1 << 30,
             boots,
             window_ms: 1000,
+            poor_boots: 0,
             created_s: 0,
             updated_s: 0,
             extents,
@@ -295,5 +354,31 @@ mod tests {
             "{rep:?}"
         );
         assert_eq!((rep.precision(), rep.recall()), (0.5, 1.0 / 3.0));
+        assert_eq!(
+            (
+                rep.used_bytes,
+                rep.unused_bytes,
+                rep.fetched_bytes,
+                rep.done
+            ),
+            (LS, LS, 2 * LS, true),
+            "line 0 was used, line 20 read after the end"
+        );
+    }
+
+    #[test]
+    fn two_poor_replays_in_a_row_make_a_trace_stale_and_a_good_one_resets_the_count() {
+        let rep = |fetched: u64, used: u64| ReplayReport {
+            fetched_lines: fetched,
+            used_lines: used,
+            read_lines: used,
+            ..ReplayReport::default()
+        };
+        assert_eq!(judge(0, &rep(7, 0)), Verdict::NotJudged, "too few lines");
+        assert_eq!(judge(0, &rep(10, 2)), Verdict::Keep { poor_boots: 1 });
+        assert_eq!(judge(1, &rep(10, 2)), Verdict::Stale);
+        assert_eq!(judge(1, &rep(10, 3)), Verdict::Keep { poor_boots: 0 });
+        assert_eq!(judge(1, &rep(7, 0)), Verdict::NotJudged);
+        assert_eq!(judge(u8::MAX, &rep(100, 0)), Verdict::Stale, "saturates");
     }
 }

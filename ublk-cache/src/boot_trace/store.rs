@@ -98,6 +98,14 @@ pub fn load(path: &Path, key: &str, disk_size: u64) -> Option<BootTrace> {
     None
 }
 
+/// Put the trace at `path` aside as `.stale` (replacing an older one): it
+/// predicted badly, and the next boot records afresh. Returns where it went.
+pub fn retire(path: &Path) -> Result<PathBuf, BootTraceError> {
+    let stale = path.with_extension("trace.stale");
+    fs::rename(path, &stale).map_err(io(path, "cannot move the stale trace aside"))?;
+    Ok(stale)
+}
+
 /// Write `t` as the trace at `path`, atomically and durably.
 pub fn save(path: &Path, t: &BootTrace) -> Result<(), BootTraceError> {
     let tmp = tmp_of(path);

@@ -3,20 +3,25 @@
 //! first), merges what the guest read into the disk's trace and saves it;
 //! with `replay`, a thread that prefetches the trace's replay set a bounded
 //! distance ahead of the guest (`--boot-trace-ahead`), at `--preload-rate`
-//! at most; `auto` does both.
+//! at most, and once its boot is over judges the trace by what the guest
+//! used of it (two mostly wasted replays in a row put it aside); `auto`
+//! does both.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use parking_lot::Mutex;
 use tracing::{info, warn};
 
 use super::config::ServeConfig;
 use super::error::{DaemonError, DaemonResult};
 use super::stop::StopToken;
 use crate::boot_trace::format::KEY_MAX;
-use crate::boot_trace::{merge, replay_set, store, BootRecorder, BootReplay, BootTraceMode};
+use crate::boot_trace::{
+    judge, merge, replay_set, store, BootRecorder, BootReplay, BootTraceMode, ReplayReport, Verdict,
+};
 use crate::engine::PreloadOptions;
 use crate::Engine;
 
@@ -123,6 +128,9 @@ impl BootTraceJob {
         let window =
             Duration::from_secs(cfg.boot_trace_window.unwrap_or(DEFAULT_WINDOW_SECS) as u64);
         let disk = crate::target::BlockTarget::size(engine.as_ref());
+        // One change of the trace file at a time: in `auto`, the recording's
+        // merge and the replay's verdict.
+        let file_lock = Arc::new(Mutex::new(()));
         let mut job = Self {
             stop: StopToken::new(),
             threads: Vec::new(),
@@ -154,10 +162,20 @@ impl BootTraceJob {
                         "boot trace: prefetching ahead of the guest"
                     );
                     let (e, stop, rr) = (engine.clone(), job.stop.clone(), r.clone());
+                    let trace = TraceFile {
+                        lock: file_lock.clone(),
+                        path: path.clone(),
+                        key: key.clone(),
+                        disk,
+                    };
                     job.threads.push(
                         std::thread::Builder::new()
                             .name("boot-prefetch".into())
-                            .spawn(move || prefetch(&e, &rr, &stop, opts, limit))
+                            .spawn(move || {
+                                if prefetch(&e, &rr, &stop, opts, limit) {
+                                    trace.judge(&rr.report());
+                                }
+                            })
                             .map_err(|e| DaemonError::io("starting the boot-prefetch thread", e))?,
                     );
                     job.replay = Some(r);
@@ -169,12 +187,18 @@ impl BootTraceJob {
             engine.record_boot(rec.clone());
             info!(key, trace = %path.display(), window_s = window.as_secs(), "recording this boot's reads");
             let stop = job.stop.clone();
+            let trace = TraceFile {
+                lock: file_lock,
+                path,
+                key,
+                disk,
+            };
             job.threads.push(
                 std::thread::Builder::new()
                     .name("boot-trace".into())
                     .spawn(move || {
                         stop.wait_until(IDLE_POLL, || rec.ended());
-                        save(&rec, &path, &key, disk);
+                        trace.save(&rec);
                     })
                     .map_err(|e| DaemonError::io("starting the boot-trace thread", e))?,
             );
@@ -222,14 +246,16 @@ impl Drop for BootTraceJob {
 
 /// Fetch the replay set in trace order, each extent once it is due (within
 /// the lead of the guest), until all are fetched, `limit` passes or a stop.
-/// A backend error skips the extent: the guest never sees it.
+/// A backend error skips the extent: the guest never sees it. Returns
+/// whether the replay ran its course (its boot is over, not cut short by a
+/// stop): only such a replay says how good its trace is.
 fn prefetch(
     engine: &Engine,
     r: &BootReplay,
     stop: &StopToken,
     opts: PreloadOptions,
     limit: Duration,
-) {
+) -> bool {
     let started = std::time::Instant::now();
     let mut failed = 0u64;
     for i in 0..r.extents().len() {
@@ -291,36 +317,96 @@ fn prefetch(
         "boot prefetch finished"
     );
     // Guest reads count for the report until the boot is over.
-    stop.wait_until(IDLE_POLL, || started.elapsed() > limit);
+    let over = stop.wait_until(IDLE_POLL, || started.elapsed() > limit);
     r.finish();
+    over
 }
 
-/// Merge what `rec` saw into the trace at `path` and save it.
-fn save(rec: &BootRecorder, path: &std::path::Path, key: &str, disk: u64) {
-    let boot = rec.finish();
-    if boot.lines.is_empty() {
-        info!(
-            key,
-            "boot trace: the guest read nothing in its boot window; nothing saved"
-        );
-        return;
+/// This disk's trace file, and the lock its changes take.
+struct TraceFile {
+    lock: Arc<Mutex<()>>,
+    path: PathBuf,
+    key: String,
+    disk: u64,
+}
+
+impl TraceFile {
+    /// Merge what `rec` saw into the trace and save it.
+    fn save(&self, rec: &BootRecorder) {
+        let (path, key) = (&self.path, self.key.as_str());
+        let boot = rec.finish();
+        if boot.lines.is_empty() {
+            info!(
+                key,
+                "boot trace: the guest read nothing in its boot window; nothing saved"
+            );
+            return;
+        }
+        let _one = self.lock.lock();
+        let old = store::load(path, key, self.disk);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let t = merge(old.as_ref(), &boot, key, self.disk, now);
+        match store::save(path, &t) {
+            Ok(()) => info!(
+                key,
+                lines = boot.lines.len(),
+                window_ms = boot.window_ms,
+                extents = t.extents.len(),
+                boots = t.boots,
+                "boot trace saved to {}",
+                path.display()
+            ),
+            Err(e) => warn!("boot trace not saved: {e}"),
+        }
     }
-    let old = store::load(path, key, disk);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let t = merge(old.as_ref(), &boot, key, disk, now);
-    match store::save(path, &t) {
-        Ok(()) => info!(
-            key,
-            lines = boot.lines.len(),
-            window_ms = boot.window_ms,
-            extents = t.extents.len(),
-            boots = t.boots,
-            "boot trace saved to {}",
-            path.display()
-        ),
-        Err(e) => warn!("boot trace not saved: {e}"),
+
+    /// Keep the trace, with its count of poor replays brought up to date,
+    /// or put it aside as stale, by what the guest used of `rep`'s prefetch.
+    /// In `auto` the trace judged may hold this boot already: what counts
+    /// is that the extents replayed were mostly wasted.
+    fn judge(&self, rep: &ReplayReport) {
+        let (path, key) = (&self.path, self.key.as_str());
+        let _one = self.lock.lock();
+        let Some(mut t) = store::load(path, key, self.disk) else {
+            return;
+        };
+        let precision = rep.precision();
+        match judge(t.poor_boots, rep) {
+            Verdict::NotJudged => info!(
+                key,
+                fetched_lines = rep.fetched_lines,
+                "boot trace: prefetch fetched too little to judge the trace by"
+            ),
+            Verdict::Keep { poor_boots } => {
+                if poor_boots > 0 {
+                    warn!(
+                        key,
+                        poor_boots,
+                        "boot trace: the guest used {:.0} % of what prefetch fetched; the trace is put aside after {} such boots in a row",
+                        precision * 100.0,
+                        crate::boot_trace::replay::STALE_AFTER
+                    );
+                }
+                if poor_boots != t.poor_boots {
+                    t.poor_boots = poor_boots;
+                    if let Err(e) = store::save(path, &t) {
+                        warn!("boot trace: its count of poor replays not saved: {e}");
+                    }
+                }
+            }
+            Verdict::Stale => match store::retire(path) {
+                Ok(to) => warn!(
+                    key,
+                    "boot trace: the guest used {:.0} % of what prefetch fetched, {} boots in a row; the trace is stale, moved to {} (the next recorded boot starts a new one)",
+                    precision * 100.0,
+                    crate::boot_trace::replay::STALE_AFTER,
+                    to.display()
+                ),
+                Err(e) => warn!("boot trace: stale, but {e}"),
+            },
+        }
     }
 }
 

@@ -49,7 +49,7 @@ use rbd_backend::{Backend, BlockIo, WriteMode};
 pub use attach::EngineConfig;
 pub use latency::{bucket_upper_us, LatencySnapshot, Op};
 pub use live::{PreloadOptions, PreloadReport, Progress, ProgressFn};
-pub use stats::{Stats, StatsSnapshot};
+pub use stats::{BootPhase, BootTraceStats, Stats, StatsSnapshot};
 
 use crate::boot_trace::{BootRecorder, BootReplay};
 use crate::error::{EngineError, EngineErrorKind, EngineResult};
@@ -250,7 +250,38 @@ impl Engine {
                 crate::format::FormatVersion::V2 => 2,
             };
         }
+        s.boot_trace = self.boot_trace_stats();
         s
+    }
+
+    fn boot_trace_stats(&self) -> BootTraceStats {
+        let phase = |done: bool| {
+            if done {
+                BootPhase::Done
+            } else {
+                BootPhase::Running
+            }
+        };
+        let mut b = BootTraceStats::default();
+        if let Some(rec) = self.boot_recorder.get() {
+            b.record = phase(rec.ended());
+            b.recorded_lines = rec.recorded_lines();
+        }
+        if let Some(r) = self.boot_replay.get() {
+            let rep = r.report();
+            b.replay = phase(rep.done);
+            b.planned_lines = rep.planned_lines;
+            b.fetched_lines = rep.fetched_lines;
+            b.used_lines = rep.used_lines;
+            b.read_lines = rep.read_lines;
+            b.fetched_bytes = rep.fetched_bytes;
+            b.used_bytes = rep.used_bytes;
+            b.unused_bytes = rep.unused_bytes;
+            b.precision = rep.precision();
+            b.recall = rep.recall();
+            b.max_lead_ms = rep.max_lead_ms as u64;
+        }
+        b
     }
 
     /// Who the backend is (what a boot trace is keyed by, unless told).

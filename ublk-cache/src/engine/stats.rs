@@ -152,7 +152,59 @@ pub struct StatsSnapshot {
     /// The cache's on-disk format version.
     #[serde(default)]
     pub format_version: u32,
+    /// `--boot-trace`: recording and prefetch of this start.
+    #[serde(default)]
+    pub boot_trace: BootTraceStats,
     pub latency: Vec<LatencySnapshot>,
+}
+
+/// Where a boot recording or a boot prefetch is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootPhase {
+    /// Not asked for (or no trace to replay).
+    #[default]
+    Off,
+    Running,
+    /// The window passed: the counts are final.
+    Done,
+}
+
+impl BootPhase {
+    pub const ALL: [BootPhase; 3] = [BootPhase::Off, BootPhase::Running, BootPhase::Done];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BootPhase::Off => "off",
+            BootPhase::Running => "running",
+            BootPhase::Done => "done",
+        }
+    }
+}
+
+/// What `--boot-trace` did in this start (see `boot_trace::ReplayReport`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct BootTraceStats {
+    pub record: BootPhase,
+    /// Lines the guest read first in its boot window so far.
+    pub recorded_lines: u64,
+    pub replay: BootPhase,
+    /// Lines of the replay set; those prefetch read from the backend; those
+    /// of them the guest then read (hits); replay-set lines the guest read.
+    pub planned_lines: u64,
+    pub fetched_lines: u64,
+    pub used_lines: u64,
+    pub read_lines: u64,
+    /// Bytes prefetch read: all, of lines the guest then read, of the rest.
+    pub fetched_bytes: u64,
+    pub used_bytes: u64,
+    pub unused_bytes: u64,
+    /// used / fetched lines, and used / read lines (0 when nothing to count).
+    pub precision: f64,
+    pub recall: f64,
+    /// How far ahead of the guest prefetch ran at most, in trace ms.
+    pub max_lead_ms: u64,
 }
 
 impl StatsSnapshot {

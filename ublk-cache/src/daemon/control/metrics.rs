@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use super::server::ControlContext;
 use super::StatsReply;
 use crate::daemon::error::{DaemonError, DaemonResult};
-use crate::engine::{bucket_upper_us, LatencySnapshot};
+use crate::engine::{bucket_upper_us, BootPhase, BootTraceStats, LatencySnapshot};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -350,6 +350,7 @@ impl Collector for StatsCollector {
             Gauge,
             one(e.order_broken_since),
         )?;
+        boot_trace(&mut enc, &disk, &e.boot_trace)?;
         family(
             &mut enc,
             "ublk_cache_migrated_out",
@@ -375,6 +376,95 @@ impl Collector for StatsCollector {
         }
         Ok(())
     }
+}
+
+/// `--boot-trace`'s families, when it records or replays in this start.
+fn boot_trace(
+    enc: &mut DescriptorEncoder,
+    disk: &str,
+    b: &BootTraceStats,
+) -> Result<(), std::fmt::Error> {
+    use MetricType::{Counter, Gauge};
+    if b.record == BootPhase::Off && b.replay == BootPhase::Off {
+        return Ok(());
+    }
+    let labelled = |pairs: &[(&'static str, &str, u64)]| -> Vec<(Labels, u64)> {
+        pairs
+            .iter()
+            .map(|&(k, v, n)| (vec![("disk", disk.to_string()), (k, v.to_string())], n))
+            .collect()
+    };
+    let mut states = Vec::new();
+    for (what, phase) in [("record", b.record), ("replay", b.replay)] {
+        for p in BootPhase::ALL {
+            states.push((
+                vec![
+                    ("disk", disk.to_string()),
+                    ("what", what.to_string()),
+                    ("state", p.as_str().to_string()),
+                ],
+                (p == phase) as u64,
+            ));
+        }
+    }
+    family(
+        enc,
+        "ublk_cache_boot_trace_state",
+        "Where boot recording and boot prefetch are (1 for the current state).",
+        Gauge,
+        states,
+    )?;
+    family(
+        enc,
+        "ublk_cache_boot_recorded_lines",
+        "Cache lines the guest read first in its boot window (recording).",
+        Gauge,
+        labelled(&[("what", "recorded", b.recorded_lines)]),
+    )?;
+    family(
+        enc,
+        "ublk_cache_boot_prefetch_lines",
+        "Boot prefetch: lines of the replay set (planned), read from the backend by prefetch (fetched), of those read by the guest then (used), and of the set read by the guest by anyone's fetch (read).",
+        Gauge,
+        labelled(&[
+            ("what", "planned", b.planned_lines),
+            ("what", "fetched", b.fetched_lines),
+            ("what", "used", b.used_lines),
+            ("what", "read", b.read_lines),
+        ]),
+    )?;
+    family(
+        enc,
+        "ublk_cache_boot_prefetch_bytes",
+        "Bytes boot prefetch read from the backend, of lines the guest then read (used) and of the rest (unused).",
+        Counter,
+        labelled(&[
+            ("result", "used", b.used_bytes),
+            ("result", "unused", b.unused_bytes),
+        ]),
+    )?;
+    for (name, help, v) in [
+        (
+            "ublk_cache_boot_prefetch_precision",
+            "Share of the lines boot prefetch fetched that the guest then read.",
+            b.precision,
+        ),
+        (
+            "ublk_cache_boot_prefetch_recall",
+            "Share of the replay set's lines the guest read that boot prefetch had fetched.",
+            b.recall,
+        ),
+        (
+            "ublk_cache_boot_prefetch_max_lead_seconds",
+            "How far ahead of the guest (in the trace's time) boot prefetch ran at most.",
+            b.max_lead_ms as f64 / 1000.0,
+        ),
+    ] {
+        let mut m = enc.encode_descriptor(name, help, None, Gauge)?;
+        let labels: Labels = vec![("disk", disk.to_string())];
+        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 /// The OpenMetrics text of `s`.
@@ -550,6 +640,43 @@ mod tests {
             !text.contains("ublk_cache_writeback_control"),
             "no controller, no controller metrics:\n{text}"
         );
+        assert!(
+            !text.contains("ublk_cache_boot_"),
+            "no --boot-trace, no boot metrics:\n{text}"
+        );
+    }
+
+    #[test]
+    fn boot_prefetch_shows_its_state_hits_waste_and_quality() {
+        let mut r = reply();
+        r.engine.boot_trace = BootTraceStats {
+            record: BootPhase::Done,
+            recorded_lines: 40,
+            replay: BootPhase::Running,
+            planned_lines: 10,
+            fetched_lines: 8,
+            used_lines: 6,
+            read_lines: 9,
+            fetched_bytes: 8 << 16,
+            used_bytes: 6 << 16,
+            unused_bytes: 2 << 16,
+            precision: 0.75,
+            recall: 6.0 / 9.0,
+            max_lead_ms: 2500,
+        };
+        let text = render(&r);
+        for want in [
+            "ublk_cache_boot_trace_state{disk=\"7\",what=\"record\",state=\"done\"} 1",
+            "ublk_cache_boot_trace_state{disk=\"7\",what=\"replay\",state=\"running\"} 1",
+            "ublk_cache_boot_trace_state{disk=\"7\",what=\"replay\",state=\"off\"} 0",
+            "ublk_cache_boot_recorded_lines{disk=\"7\",what=\"recorded\"} 40",
+            "ublk_cache_boot_prefetch_lines{disk=\"7\",what=\"used\"} 6",
+            "ublk_cache_boot_prefetch_bytes_total{disk=\"7\",result=\"unused\"} 131072",
+            "ublk_cache_boot_prefetch_precision{disk=\"7\"} 0.75",
+            "ublk_cache_boot_prefetch_max_lead_seconds{disk=\"7\"} 2.5",
+        ] {
+            assert!(text.contains(want), "no '{want}' in:\n{text}");
+        }
     }
 
     #[test]
