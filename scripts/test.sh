@@ -50,6 +50,8 @@ echo "== benchmark runner smoke (BENCH_SMOKE=1: tiny, checks the machinery only;
 cargo build --release -q -p ublk-cache -p ublk-cache-benches
 bench_json=$(mktemp -d /tmp/ublk-cache-bench-smoke.XXXXXX)
 BENCH_SMOKE=1 BENCH_JSON="$bench_json/smoke.json" /usr/bin/python3 benches/run.py
+echo "== boot-prefetch benchmark smoke (BOOT_SMOKE=1: tiny, checks the machinery only)"
+BOOT_SMOKE=1 BOOT_JSON="$bench_json/boot.json" /usr/bin/python3 benches/boot-prefetch.py
 rm -rf "$bench_json"
 echo "== Debian package: build, install into a clean Debian 12 root, run --version and demo there"
 mapfile -t debs < <(scripts/build-deb.sh)

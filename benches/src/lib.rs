@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 pub mod replay;
+pub mod synthetic_boot;
 
 static SHADOW_DIR: OnceLock<PathBuf> = OnceLock::new();
 

@@ -1,12 +1,13 @@
 //! The per-disk attributes of the feature request (CACHE_MODE, CACHE_SIZE,
 //! PRELOAD_SIZE) and the ones ublk-cache adds (CACHE_WRITEBACK_ORDER,
-//! CACHE_PRELOAD_RATE, CACHE_WRITEBACK_RATE, CACHE_WRITEBACK_LOW): their
+//! CACHE_PRELOAD_RATE, CACHE_WRITEBACK_RATE, CACHE_WRITEBACK_LOW,
+//! CACHE_BOOT_TRACE): their
 //! values, parsed strictly. Sizes are in MB, the
 //! OpenNebula convention (DISK/SIZE is MB too); a K/M/G/T suffix is accepted.
 
 use crate::error::{Error, Result};
 
-pub use policies::{CacheMode, WritebackOrder};
+pub use policies::{BootTraceMode, CacheMode, WritebackOrder};
 
 /// CACHE_MODE in OpenNebula's spelling, on ublk-cache's own mode type.
 pub trait OneMode: Sized {
@@ -149,9 +150,32 @@ pub fn parse_writeback_low(name: &str, v: &str) -> Result<Option<u8>> {
     }
 }
 
+/// CACHE_BOOT_TRACE: `OFF`, `RECORD`, `REPLAY` or `AUTO`, any case
+/// (`--boot-trace`).
+pub fn parse_boot_trace(name: &str, v: &str) -> Result<BootTraceMode> {
+    v.trim()
+        .to_ascii_lowercase()
+        .parse()
+        .map_err(|_| Error::Attribute(format!("{name}='{v}' is not OFF, RECORD, REPLAY or AUTO")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boot_trace() {
+        assert_eq!(
+            parse_boot_trace("X", " Auto ").unwrap(),
+            BootTraceMode::Auto
+        );
+        assert_eq!(parse_boot_trace("X", "OFF").unwrap(), BootTraceMode::Off);
+        let e = parse_boot_trace("X", "on").unwrap_err().to_string();
+        assert!(
+            e.contains("X='on' is not OFF, RECORD, REPLAY or AUTO"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn writeback_low() {

@@ -3,7 +3,8 @@
 //! checks happen here, before anything is created.
 //!
 //! Precedence for CACHE_MODE, CACHE_SIZE, PRELOAD_SIZE, CACHE_WRITEBACK_ORDER,
-//! CACHE_PRELOAD_RATE, CACHE_WRITEBACK_RATE and CACHE_WRITEBACK_LOW: the DISK (which oned fills from the image and the
+//! CACHE_PRELOAD_RATE, CACHE_WRITEBACK_RATE, CACHE_WRITEBACK_LOW and
+//! CACHE_BOOT_TRACE: the DISK (which oned fills from the image and the
 //! image datastore through INHERIT_IMAGE_ATTR / INHERIT_DATASTORE_ATTR), then
 //! the image datastore's template (in case oned.conf lacks the INHERIT lines),
 //! then the system datastore's template, then one.conf, then the built-in
@@ -12,7 +13,8 @@
 use std::path::PathBuf;
 
 use crate::attrs::{
-    parse_mb, parse_rate, parse_writeback_low, CacheMode, OneMode, OneOrder, WritebackOrder,
+    parse_boot_trace, parse_mb, parse_rate, parse_writeback_low, BootTraceMode, CacheMode, OneMode,
+    OneOrder, WritebackOrder,
 };
 use crate::bundle::{Attrs, Bundle};
 use crate::conf::{HostConf, LsMad};
@@ -47,6 +49,11 @@ pub struct DiskSpec {
     /// Percent of the cache write-back may leave dirty at its minimum rate
     /// (the dirty-level controller; `None`: off).
     pub writeback_low_pct: Option<u8>,
+    /// Learned boot preload (`--boot-trace`), and the key of the trace: the
+    /// image's, so that every VM's clone of one image learns and replays one
+    /// trace (`None`: the server's default, its own RBD image).
+    pub boot_trace: BootTraceMode,
+    pub boot_trace_key: Option<String>,
 }
 
 /// MB of cache that hold a whole disk of `size_mb` (OFFLINE): the data, plus an
@@ -393,6 +400,33 @@ pub fn resolve(
             .map_err(|e| attr(format!("{e} (from the {from})")))?,
         None => conf.writeback_low_pct,
     };
+    let asked = match layers.get("CACHE_BOOT_TRACE") {
+        Some((v, from)) => parse_boot_trace("CACHE_BOOT_TRACE", v)
+            .map_err(|e| attr(format!("{e} (from the {from})")))?,
+        None => BootTraceMode::Off,
+    };
+    // Prefetch needs a cache to fetch into; recording does not.
+    let boot_trace = match asked {
+        BootTraceMode::Replay | BootTraceMode::Auto if !mode.uses_cache() => {
+            let served = if asked == BootTraceMode::Auto {
+                BootTraceMode::Record
+            } else {
+                BootTraceMode::Off
+            };
+            notes.push(format!(
+                "DISK {disk_id}: CACHE_BOOT_TRACE={} prefetches into the cache, and CACHE_MODE={} has none: served as {}",
+                asked.to_string().to_ascii_uppercase(),
+                mode.one(),
+                served.to_string().to_ascii_uppercase()
+            ));
+            served
+        }
+        m => m,
+    };
+    let boot_trace_key = match layers.disk.get("IMAGE_ID").map(str::parse::<u32>) {
+        Some(Ok(id)) if boot_trace != BootTraceMode::Off => Some(format!("one-image-{id}")),
+        _ => None,
+    };
     Ok(DiskSpec {
         image,
         size_mb,
@@ -405,6 +439,8 @@ pub fn resolve(
         order,
         writeback_rate_mb,
         writeback_low_pct,
+        boot_trace,
+        boot_trace_key,
     })
 }
 
@@ -538,6 +574,34 @@ mod tests {
         }
     }
 
+    /// The record of VM 7's disk 0 as attach writes it, with a file cache.
+    fn record(c: &HostConf, s: &DiskSpec) -> crate::state::DiskRecord {
+        crate::state::DiskRecord {
+            vm: 7,
+            disk: 0,
+            state: crate::state::DiskState::Attaching,
+            backend: s.image.backend.to_string(),
+            clone_created: false,
+            read_only: false,
+            mode: s.mode,
+            ls: Some(crate::state::LsAlloc {
+                mad: "file".into(),
+                name: "one-7-0".into(),
+                mb: s.cache_mb,
+                path: "/srv/ls/one-7-0".into(),
+            }),
+            export: c.export,
+            ublk_id: Some(3),
+            socket: None,
+            launcher: c.launcher,
+            toml: "/etc/ublk-cache/one-7-0.toml".into(),
+            link: "/l".into(),
+            disk_links: Vec::new(),
+            migrate_in: false,
+            since: 0,
+        }
+    }
+
     #[test]
     fn the_dirty_level_controller_comes_from_the_disk_or_the_host() {
         for (host, disk, image_ds, want) in [
@@ -558,34 +622,10 @@ mod tests {
         ] {
             let (c, s) = back_disk(host, disk, image_ds);
             assert_eq!(s.writeback_low_pct, want, "{host} {disk} {image_ds}");
-            // The server's config says so, in ublk-cache's own terms.
-            let rec = crate::state::DiskRecord {
-                vm: 7,
-                disk: 0,
-                state: crate::state::DiskState::Attaching,
-                backend: s.image.backend.to_string(),
-                clone_created: false,
-                read_only: false,
-                mode: s.mode,
-                ls: Some(crate::state::LsAlloc {
-                    mad: "file".into(),
-                    name: "one-7-0".into(),
-                    mb: s.cache_mb,
-                    path: "/srv/ls/one-7-0".into(),
-                }),
-                export: c.export,
-                ublk_id: Some(3),
-                socket: None,
-                launcher: c.launcher,
-                toml: "/etc/ublk-cache/one-7-0.toml".into(),
-                link: "/l".into(),
-                disk_links: Vec::new(),
-                migrate_in: false,
-                since: 0,
-            };
-            // This test's ublk-cache is built without its RBD backend, which
+            // The server's config says so, in ublk-cache's own terms. This
+            // test's ublk-cache is built without its RBD backend, which
             // refuses an rbd: backend by name; the rest is what is checked.
-            let text = crate::server::server_toml(&c, &s, &rec)
+            let text = crate::server::server_toml(&c, &s, &record(&c, &s))
                 .replace("\"rbd:one/one-5\"", "\"file:/one-5\"");
             let served = ublk_cache::daemon::config::ServeConfig::from_toml(&text, "t")
                 .unwrap_or_else(|e| panic!("{e}:\n{text}"));
@@ -598,6 +638,42 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn boot_trace_is_keyed_by_the_image_and_needs_a_cache_to_prefetch() {
+        let c = conf("");
+        let on = "<IMAGE_ID>5</IMAGE_ID><CACHE_BOOT_TRACE>auto</CACHE_BOOT_TRACE>";
+        let (s, _) = spec(&format!("{on}<CACHE_MODE>BACK</CACHE_MODE>"), &c).unwrap();
+        assert_eq!(
+            (s.boot_trace, s.boot_trace_key.as_deref()),
+            (BootTraceMode::Auto, Some("one-image-5"))
+        );
+        let (s, notes) = spec(&format!("{on}<CACHE_MODE>NONE</CACHE_MODE>"), &c).unwrap();
+        assert_eq!(s.boot_trace, BootTraceMode::Record, "no cache: record only");
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("CACHE_BOOT_TRACE=AUTO prefetches into the cache")),
+            "{notes:?}"
+        );
+        let (s, _) = spec("<IMAGE_ID>5</IMAGE_ID>", &c).unwrap();
+        assert_eq!((s.boot_trace, s.boot_trace_key), (BootTraceMode::Off, None));
+        // The server's config says so, in ublk-cache's own terms.
+        let (c, s) = back_disk(
+            "",
+            "<IMAGE_ID>9</IMAGE_ID><CACHE_BOOT_TRACE>REPLAY</CACHE_BOOT_TRACE>",
+            "",
+        );
+        let text = crate::server::server_toml(&c, &s, &record(&c, &s))
+            .replace("\"rbd:one/one-5\"", "\"file:/one-5\"");
+        let served = ublk_cache::daemon::config::ServeConfig::from_toml(&text, "t")
+            .unwrap_or_else(|e| panic!("{e}:\n{text}"));
+        assert_eq!(
+            (served.boot_trace, served.boot_trace_key.as_deref()),
+            (BootTraceMode::Replay, Some("one-image-9")),
+            "{text}"
+        );
     }
 
     #[test]

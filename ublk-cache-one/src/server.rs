@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::attrs::{OneMode, OneOrder};
+use crate::attrs::{BootTraceMode, OneMode, OneOrder};
 use crate::cmd::one_line;
 use crate::conf::{Export, HostConf, Launcher};
 use crate::disk::DiskSpec;
@@ -73,6 +73,12 @@ pub fn server_toml(conf: &HostConf, spec: &DiskSpec, rec: &DiskRecord) -> String
         }
         if let Some(p) = spec.writeback_low_pct {
             t.insert("writeback-low".into(), s(&format!("{p}%")));
+        }
+    }
+    if spec.boot_trace != BootTraceMode::Off {
+        t.insert("boot-trace".into(), s(&spec.boot_trace.to_string()));
+        if let Some(k) = &spec.boot_trace_key {
+            t.insert("boot-trace-key".into(), s(k));
         }
     }
     let export = match (rec.export, &rec.socket) {

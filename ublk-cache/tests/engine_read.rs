@@ -58,3 +58,41 @@ fn a_hit_across_lines_reads_each_line_from_its_newest_version() {
     e.flush().unwrap();
     assert_eq!(read(&e, 0, 4 * LINE), reference);
 }
+
+#[test]
+fn boot_prefetch_of_adjacent_lines_is_one_backend_read_that_later_reads_need_not_repeat() {
+    use rbd_backend::BlockIo;
+    let b = mem(8 * MIB);
+    let data = pattern(7, 8 * LINE);
+    b.write_at(0, &data).unwrap();
+    let backend = Arc::new(FaultyBackend::new(b));
+    let e = open(backend.clone(), mem(4 * MIB), cfg(CacheMode::Back));
+    let reads = || backend.stats().reads;
+    // Lines 0-3, none cached: one read of all four.
+    let r0 = reads();
+    let l = LINE as u64;
+    assert_eq!(e.prefetch_lines(0, 4 * l).unwrap(), vec![l; 4]);
+    assert_eq!(reads() - r0, 1, "adjacent missing lines: one backend read");
+    assert_eq!(
+        read(&e, 0, 4 * LINE),
+        data[..4 * LINE],
+        "a hit, no backend read"
+    );
+    assert_eq!(
+        e.prefetch_lines(0, 4 * l).unwrap(),
+        vec![0; 4],
+        "cached now"
+    );
+    assert_eq!(reads() - r0, 1);
+    // Lines 4-7 with 4 KiB of line 5 read by the guest first: per line, what
+    // was missing; the cached piece splits the backend read in two.
+    assert_eq!(read(&e, 5 * l, 4096), data[5 * LINE..5 * LINE + 4096]);
+    let r1 = reads();
+    assert_eq!(
+        e.prefetch_lines(4 * l, 4 * l).unwrap(),
+        vec![l, l - 4096, l, l]
+    );
+    assert_eq!(reads() - r1, 2);
+    assert_eq!(read(&e, 0, 8 * LINE), data);
+    assert_eq!(reads() - r1, 2, "all of it cached");
+}

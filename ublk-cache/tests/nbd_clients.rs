@@ -600,9 +600,21 @@ fn save_trace(
 
 /// The `serve` command that replays the trace of `key` in `traces`, with `extra`.
 fn replay_cmd(disk: &Disk, traces: &std::path::Path, key: &str, extra: &[&str]) -> Command {
+    boot_trace_cmd(disk, traces, "replay", key, extra)
+}
+
+/// The `serve` command with `--boot-trace MODE` on the trace of `key` in
+/// `traces`, with `extra`.
+fn boot_trace_cmd(
+    disk: &Disk,
+    traces: &std::path::Path,
+    mode: &str,
+    key: &str,
+    extra: &[&str],
+) -> Command {
     let mut args = vec![
         "--boot-trace",
-        "replay",
+        mode,
         "--boot-trace-dir",
         traces.to_str().unwrap(),
         "--boot-trace-key",
@@ -634,30 +646,35 @@ fn ctl_stats(run_dir: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("ctl stats: {e}: {out}"))
 }
 
-#[test]
-fn a_trace_whose_prefetch_goes_unused_two_boots_in_a_row_is_put_aside() {
-    use ublk_cache::boot_trace::{store, BootTrace, Extent};
-    const LINE: u64 = 65536;
-    let d = tempfile::tempdir().unwrap();
-    let disk = Disk::new(d.path(), 16 * MIB);
-    let traces = d.path().join("traces");
-    // Ten lines at 0 s of a 0.5 s boot: all fetched at once, none read.
-    let t = BootTrace {
-        key: "image-4".into(),
+/// A trace of ten lines (0-9) all first read at 0 s of a 0.5 s boot, read
+/// in each of its 3 boots, with `poor_boots` poor replays behind it.
+fn ten_lines_at_0(key: &str, poor_boots: u8) -> ublk_cache::boot_trace::BootTrace {
+    ublk_cache::boot_trace::BootTrace {
+        key: key.into(),
         disk_size: 16 * MIB,
         boots: 3,
         window_ms: 500,
-        poor_boots: 0,
+        poor_boots,
         created_s: 1,
         updated_s: 1,
-        extents: vec![Extent {
+        extents: vec![ublk_cache::boot_trace::Extent {
             sector: 0,
-            sectors: (10 * LINE / 512) as u32,
+            sectors: (10 * 65536 / 512) as u32,
             t_ms: 0,
             seen: 0b111,
             flags: 0,
         }],
-    };
+    }
+}
+
+#[test]
+fn a_trace_whose_prefetch_goes_unused_two_boots_in_a_row_is_put_aside() {
+    use ublk_cache::boot_trace::{store, BootTrace};
+    let d = tempfile::tempdir().unwrap();
+    let disk = Disk::new(d.path(), 16 * MIB);
+    let traces = d.path().join("traces");
+    // Ten lines at 0 s of a 0.5 s boot: all fetched at once, none read.
+    let t = ten_lines_at_0("image-4", 0);
     let path = save_trace(&traces, &t);
     let boot = |n: usize, want: &str| {
         let cmd = replay_cmd(&disk, &traces, "image-4", &["--boot-trace-window", "1"]);
@@ -687,6 +704,42 @@ fn a_trace_whose_prefetch_goes_unused_two_boots_in_a_row_is_put_aside() {
     assert!(!path.exists(), "a stale trace is not replayed again");
     let stale = std::fs::read(path.with_extension("trace.stale")).unwrap();
     assert_eq!(BootTrace::decode(&stale).unwrap().poor_boots, 1);
+}
+
+#[test]
+fn in_auto_a_stale_trace_is_replaced_by_this_boot_alone() {
+    use ublk_cache::boot_trace::store;
+    const LINE: u64 = 65536;
+    let d = tempfile::tempdir().unwrap();
+    let disk = Disk::new(d.path(), 16 * MIB);
+    let traces = d.path().join("traces");
+    // One poor replay behind it already; ten lines this boot will not read.
+    let t = ten_lines_at_0("image-6", 1);
+    let path = save_trace(&traces, &t);
+    let cmd = boot_trace_cmd(
+        &disk,
+        &traces,
+        "auto",
+        "image-6",
+        &["--boot-trace-window", "1"],
+    );
+    let srv = serve::start(cmd, 1, d.path().join("auto.log"));
+    let mut c = Client::connect_uri(&srv.uris[0]).unwrap();
+    c.read(100 * LINE, 4096).unwrap().unwrap();
+    c.read(120 * LINE, 4096).unwrap().unwrap();
+    let settled = (0..400).any(|_| {
+        std::thread::sleep(Duration::from_millis(25));
+        let l = srv.log();
+        l.contains("the trace is stale") && l.contains("boot trace saved")
+    });
+    assert!(settled, "{}", srv.log());
+    c.disconnect().unwrap();
+    srv.stop();
+    let fresh = store::load(&path, "image-6", 16 * MIB).expect("a trace of this boot");
+    let lines: Vec<u64> = fresh.extents.iter().map(|e| e.offset() / LINE).collect();
+    assert_eq!(lines, [100, 120], "{fresh:?}");
+    assert_eq!((fresh.boots, fresh.poor_boots), (1, 0));
+    assert!(path.with_extension("trace.stale").exists());
 }
 
 #[test]

@@ -144,6 +144,23 @@ pub fn merge(
     }
 }
 
+/// What of `t` its latest boot read, as a trace of that one boot: what a
+/// stale trace is replaced by when that boot is in it already.
+pub fn latest_boot_only(t: &BootTrace) -> Option<BootTrace> {
+    let extents: Vec<Extent> = t
+        .extents
+        .iter()
+        .filter(|e| e.seen & 1 != 0)
+        .map(|e| Extent { seen: 1, ..*e })
+        .collect();
+    (!extents.is_empty()).then(|| BootTrace {
+        boots: 1,
+        poor_boots: 0,
+        extents,
+        ..t.clone()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::format::check_extents;
@@ -165,6 +182,20 @@ mod tests {
             .iter()
             .find(|e| e.offset() <= line * LS && line * LS < e.offset() + e.len())
             .map_or(0, |e| e.seen)
+    }
+
+    #[test]
+    fn a_stale_trace_keeps_only_its_latest_boot() {
+        let size = 64 * LS;
+        let t1 = merge(None, &boot(&[(3, 10), (9, 500)]), "k", size, 1);
+        let mut t2 = merge(Some(&t1), &boot(&[(4, 12), (9, 400)]), "k", size, 2);
+        t2.poor_boots = 1;
+        let fresh = latest_boot_only(&t2).unwrap();
+        assert_eq!((fresh.boots, fresh.poor_boots), (1, 0));
+        let lines: Vec<u64> = fresh.extents.iter().map(|e| e.offset() / LS).collect();
+        assert_eq!(lines, [4, 9], "line 3 was read only by the boot before");
+        assert!(fresh.extents.iter().all(|e| e.seen == 1));
+        check_extents(&fresh.extents, size).unwrap();
     }
 
     #[test]

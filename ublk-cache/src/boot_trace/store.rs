@@ -3,6 +3,11 @@
 //! old one and the directory synced, so that a crash leaves the old trace or
 //! the new one, never a mix. A trace that fails its checks, or is of another
 //! key or disk size, is moved aside as `.bad` (kept for a look, never used).
+//!
+//! Several servers may share a key (clones of one image on one host), so a
+//! change of a trace (load, change, save or move aside) happens under an
+//! exclusive flock of `KEY.lock` beside it ([`lock`]); that also keeps the one
+//! temporary file to one writer. Reading needs no lock: a rename is atomic.
 
 use std::fs;
 use std::io::Write;
@@ -42,6 +47,27 @@ fn io<'a>(
     }
 }
 
+/// Held while a trace changes: an exclusive flock of its `.lock` file
+/// (released when dropped; the file stays, empty).
+pub struct TraceLock {
+    _file: fs::File,
+}
+
+/// Wait for the lock of the trace at `path`.
+pub fn lock(path: &Path) -> Result<TraceLock, BootTraceError> {
+    let at = path.with_extension("lock");
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&at)
+        .map_err(io(&at, "cannot open the lock file"))?;
+    rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|e| io(&at, "cannot lock")(e.into()))?;
+    Ok(TraceLock { _file: f })
+}
+
 /// Make `dir` (0700) if it is missing, and delete a temporary file of `path`
 /// that a crash left behind.
 pub fn prepare(dir: &Path, path: &Path) -> Result<(), BootTraceError> {
@@ -50,6 +76,8 @@ pub fn prepare(dir: &Path, path: &Path) -> Result<(), BootTraceError> {
         .mode(0o700)
         .create(dir)
         .map_err(io(dir, "cannot create the trace directory"))?;
+    // Not one another server is writing.
+    let _one = lock(path)?;
     let tmp = tmp_of(path);
     match fs::remove_file(&tmp) {
         Ok(()) => tracing::info!("removed {}, left by an interrupted save", tmp.display()),
@@ -99,14 +127,23 @@ pub fn load(path: &Path, key: &str, disk_size: u64) -> Option<BootTrace> {
 }
 
 /// Put the trace at `path` aside as `.stale` (replacing an older one): it
-/// predicted badly, and the next boot records afresh. Returns where it went.
+/// predicted badly. Returns where it went. Under the trace's [`lock`].
 pub fn retire(path: &Path) -> Result<PathBuf, BootTraceError> {
     let stale = path.with_extension("trace.stale");
     fs::rename(path, &stale).map_err(io(path, "cannot move the stale trace aside"))?;
+    sync_dir(path)?;
     Ok(stale)
 }
 
-/// Write `t` as the trace at `path`, atomically and durably.
+fn sync_dir(path: &Path) -> Result<(), BootTraceError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir, "cannot sync the trace directory"))
+}
+
+/// Write `t` as the trace at `path`, atomically and durably. Under the
+/// trace's [`lock`].
 pub fn save(path: &Path, t: &BootTrace) -> Result<(), BootTraceError> {
     let tmp = tmp_of(path);
     let mut f = fs::OpenOptions::new()
@@ -120,10 +157,7 @@ pub fn save(path: &Path, t: &BootTrace) -> Result<(), BootTraceError> {
     f.sync_all().map_err(io(&tmp, "cannot sync"))?;
     drop(f);
     fs::rename(&tmp, path).map_err(io(path, "cannot rename the new trace into place"))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir, "cannot sync the trace directory"))
+    sync_dir(path)
 }
 
 #[cfg(test)]

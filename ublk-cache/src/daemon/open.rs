@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use rbd_backend::{open_engine, Backend, BackendError, BlockIo, FileBackend, OpenOptions};
 
-use super::config::{Access, ServeConfig, Start};
+use super::config::{Access, ServeConfig};
 use super::error::{DaemonError, DaemonResult};
 use super::spec::BackendSpec;
 
@@ -74,7 +74,7 @@ pub fn open_backend(spec: &BackendSpec, cfg: &ServeConfig) -> DaemonResult<Arc<d
                     Some(0) => None,
                     Some(s) => Some(std::time::Duration::from_secs(s)),
                 },
-                defer_lock: cfg.start == Start::MigrateIn,
+                defer_lock: cfg.start == super::config::Start::MigrateIn,
                 ..rbd_backend::RbdOptions::default()
             };
             let b = rbd_backend::RbdBackend::open(r, &opts)

@@ -48,8 +48,6 @@ fn refuse(kind: EngineErrorKind, msg: impl Into<String>) -> EngineError {
     EngineError::new(kind, msg)
 }
 
-const BOOT_PREFETCH: &str = "boot prefetch";
-
 impl Engine {
     /// Switch to `new` while serving. Leaving a mode that holds dirty data for
     /// one that does not first writes everything back (reporting progress),
@@ -171,16 +169,64 @@ impl Engine {
         self.preload_as("preload", offset, len, opts, cancel, progress)
     }
 
-    /// Boot prefetch (`--boot-trace replay`): a preload of one line (or
-    /// less) that logs nothing of its own.
-    pub fn prefetch_line(
-        &self,
-        offset: u64,
-        len: u64,
-        opts: PreloadOptions,
-        cancel: Option<&AtomicBool>,
-    ) -> EngineResult<PreloadReport> {
-        self.preload_as(BOOT_PREFETCH, offset, len, opts, cancel, None)
+    /// Boot prefetch (`--boot-trace replay`) of the lines `offset..+len`
+    /// covers (a few adjacent lines): one fetch per group of adjacent lines
+    /// with something missing, so that their missing sectors come in one
+    /// backend read, which a guest read of any of them waits for (the line
+    /// locks) instead of reading again. Returns the bytes read from the
+    /// backend for each line, as the fetch counted them under the locks.
+    pub fn prefetch_lines(&self, offset: u64, len: u64) -> EngineResult<Vec<u64>> {
+        self.check_open()?;
+        let end = offset.saturating_add(len).min(self.size);
+        if end <= offset {
+            return Ok(Vec::new());
+        }
+        super::blocking(async {
+            let _g = self.gate.enter().await;
+            // The mode may have changed since prefetch started.
+            let Some(c) = self.cache() else {
+                return Err(refuse(
+                    EngineErrorKind::Config,
+                    format!(
+                        "mode '{}' caches nothing, so there is nothing to prefetch into",
+                        self.mode()
+                    ),
+                ));
+            };
+            let ls = self.line_size();
+            let lines: Vec<(u64, u64, u64)> = self.split(offset, end - offset).collect();
+            let mut fetched = vec![0u64; lines.len()];
+            // Lines cached whole already are skipped (no cache read for them);
+            // what a fetch finds cached under its locks is not read again.
+            let mut i = 0;
+            while i < lines.len() {
+                let missing = |k: usize| {
+                    let (tag, a, n) = lines[k];
+                    !self.line_range_valid(c, tag, a, a + n)
+                };
+                if !missing(i) {
+                    i += 1;
+                    continue;
+                }
+                let mut j = i + 1;
+                while j < lines.len() && missing(j) {
+                    j += 1;
+                }
+                let lo = lines[i].0 * ls + lines[i].1;
+                let hi = lines[j - 1].0 * ls + lines[j - 1].1 + lines[j - 1].2;
+                let buf = rbd_backend::aio::DmaBuf::new((hi - lo) as usize);
+                self.fetch_for_preload(
+                    c,
+                    lo,
+                    hi,
+                    buf.slice(0, (hi - lo) as usize),
+                    Some(&mut fetched[i..j]),
+                )
+                .await?;
+                i = j;
+            }
+            Ok(fetched)
+        })
     }
 
     pub(super) fn preload_as(
@@ -242,7 +288,7 @@ impl Engine {
                         0
                     } else {
                         let lo = tag * ls + a;
-                        self.fetch_for_preload(c, lo, lo + n, buf.slice(0, n as usize))
+                        self.fetch_for_preload(c, lo, lo + n, buf.slice(0, n as usize), None)
                             .await?
                     }
                 };
@@ -263,23 +309,14 @@ impl Engine {
             Ok(())
         })?;
         report(done);
-        // Boot prefetch goes a line at a time and reports as a whole.
-        if phase == BOOT_PREFETCH {
-            tracing::debug!(
-                total = rep.total,
-                fetched = rep.fetched,
-                "{phase} of a line"
-            );
-        } else {
-            info!(
-                phase,
-                total = rep.total,
-                fetched = rep.fetched,
-                interrupted = rep.interrupted,
-                elapsed_ms = start.elapsed().as_millis() as u64,
-                "{phase} finished"
-            );
-        }
+        info!(
+            phase,
+            total = rep.total,
+            fetched = rep.fetched,
+            interrupted = rep.interrupted,
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "{phase} finished"
+        );
         Ok(rep)
     }
 

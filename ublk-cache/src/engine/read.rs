@@ -227,7 +227,7 @@ impl Engine {
                         }
                         Ok((n, 0))
                     }),
-                    Step::Miss { lo, hi, dst } => Box::pin(self.fetch(c, lo, hi, dst, who)),
+                    Step::Miss { lo, hi, dst } => Box::pin(self.fetch(c, lo, hi, dst, who, None)),
                 }
             })
             .collect();
@@ -257,7 +257,8 @@ impl Engine {
     /// Backend bytes `lo..hi`, which were not cached when planned, into `dst`:
     /// under the lines' locks, what has become cached meanwhile is read from the
     /// cache, the rest from the backend in one read per contiguous run of whole
-    /// 4 KiB sectors, which is then promoted. Returns (hit, miss) bytes.
+    /// 4 KiB sectors, which is then promoted. Returns (hit, miss) bytes, and
+    /// adds each line's miss bytes to `per_line` (from `lo`'s line on) if given.
     async fn fetch(
         &self,
         c: &Cache,
@@ -265,6 +266,7 @@ impl Engine {
         hi: u64,
         dst: BufSlice,
         who: Reader,
+        mut per_line: Option<&mut [u64]>,
     ) -> EngineResult<(u64, u64)> {
         let st = &c.st;
         let ls = c.layout.line_size as u64;
@@ -343,6 +345,16 @@ impl Engine {
             unsafe { part.request_bytes_mut() }
                 .copy_from_slice(&src[(x - *a) as usize..(y - *a) as usize]);
             miss += y - x;
+            if let Some(v) = per_line.as_deref_mut() {
+                let mut p = x;
+                while p < y {
+                    let e = y.min((p / ls + 1) * ls);
+                    if let Some(n) = v.get_mut((p / ls - t0) as usize) {
+                        *n += e - p;
+                    }
+                    p = e;
+                }
+            }
         }
         let hit: u64 = hits.iter().map(|&(_, a, b)| b - a).sum();
         match who {
@@ -363,16 +375,21 @@ impl Engine {
         Ok((hit, miss))
     }
 
-    /// Preload: fetch `lo..hi` (one line's worth) as a non-guest reader; returns
-    /// the bytes read from the backend.
+    /// Preload and boot prefetch: fetch `lo..hi` as a non-guest reader;
+    /// returns the bytes read from the backend, and adds each line's to
+    /// `per_line` (from `lo`'s line on) if given.
     pub(super) async fn fetch_for_preload(
         &self,
         c: &Cache,
         lo: u64,
         hi: u64,
         dst: BufSlice,
+        per_line: Option<&mut [u64]>,
     ) -> EngineResult<u64> {
-        Ok(self.fetch(c, lo, hi, dst, Reader::Preload).await?.1)
+        Ok(self
+            .fetch(c, lo, hi, dst, Reader::Preload, per_line)
+            .await?
+            .1)
     }
 
     /// Put sectors read from the backend into the cache, then let go of their

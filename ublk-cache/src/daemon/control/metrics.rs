@@ -384,7 +384,7 @@ fn boot_trace(
     disk: &str,
     b: &BootTraceStats,
 ) -> Result<(), std::fmt::Error> {
-    use MetricType::{Counter, Gauge};
+    use MetricType::Gauge;
     if b.record == BootPhase::Off && b.replay == BootPhase::Off {
         return Ok(());
     }
@@ -419,7 +419,7 @@ fn boot_trace(
         "ublk_cache_boot_recorded_lines",
         "Cache lines the guest read first in its boot window (recording).",
         Gauge,
-        labelled(&[("what", "recorded", b.recorded_lines)]),
+        vec![(vec![("disk", disk.to_string())], b.recorded_lines)],
     )?;
     family(
         enc,
@@ -436,8 +436,8 @@ fn boot_trace(
     family(
         enc,
         "ublk_cache_boot_prefetch_bytes",
-        "Bytes boot prefetch read from the backend, of lines the guest then read (used) and of the rest (unused).",
-        Counter,
+        "Bytes boot prefetch read from the backend, of lines the guest then read (used) and of the rest (unused so far: a gauge, as bytes move to used when the guest reads their line).",
+        Gauge,
         labelled(&[
             ("result", "used", b.used_bytes),
             ("result", "unused", b.unused_bytes),
@@ -669,9 +669,9 @@ mod tests {
             "ublk_cache_boot_trace_state{disk=\"7\",what=\"record\",state=\"done\"} 1",
             "ublk_cache_boot_trace_state{disk=\"7\",what=\"replay\",state=\"running\"} 1",
             "ublk_cache_boot_trace_state{disk=\"7\",what=\"replay\",state=\"off\"} 0",
-            "ublk_cache_boot_recorded_lines{disk=\"7\",what=\"recorded\"} 40",
+            "ublk_cache_boot_recorded_lines{disk=\"7\"} 40",
             "ublk_cache_boot_prefetch_lines{disk=\"7\",what=\"used\"} 6",
-            "ublk_cache_boot_prefetch_bytes_total{disk=\"7\",result=\"unused\"} 131072",
+            "ublk_cache_boot_prefetch_bytes{disk=\"7\",result=\"unused\"} 131072",
             "ublk_cache_boot_prefetch_precision{disk=\"7\"} 0.75",
             "ublk_cache_boot_prefetch_max_lead_seconds{disk=\"7\"} 2.5",
         ] {

@@ -8,22 +8,26 @@
 //! does both.
 
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use parking_lot::Mutex;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::config::ServeConfig;
 use super::error::{DaemonError, DaemonResult};
 use super::stop::StopToken;
 use crate::boot_trace::format::KEY_MAX;
-use crate::boot_trace::{
-    judge, merge, replay_set, store, BootRecorder, BootReplay, BootTraceMode, ReplayReport, Verdict,
-};
+use crate::boot_trace::{replay_set, store, BootRecorder, BootReplay, BootTraceMode};
 use crate::engine::PreloadOptions;
 use crate::Engine;
+
+mod prefetch;
+mod trace_file;
+
+use prefetch::prefetch;
+use trace_file::TraceFile;
 
 pub const DEFAULT_DIR: &str = "/var/lib/ublk-cache/traces";
 pub const DEFAULT_WINDOW_SECS: u32 = 120;
@@ -128,9 +132,8 @@ impl BootTraceJob {
         let window =
             Duration::from_secs(cfg.boot_trace_window.unwrap_or(DEFAULT_WINDOW_SECS) as u64);
         let disk = crate::target::BlockTarget::size(engine.as_ref());
-        // One change of the trace file at a time: in `auto`, the recording's
-        // merge and the replay's verdict.
-        let file_lock = Arc::new(Mutex::new(()));
+        // In `auto`: whether this boot's recording is in the trace yet.
+        let saved = Arc::new(AtomicBool::new(false));
         let mut job = Self {
             stop: StopToken::new(),
             threads: Vec::new(),
@@ -163,7 +166,7 @@ impl BootTraceJob {
                     );
                     let (e, stop, rr) = (engine.clone(), job.stop.clone(), r.clone());
                     let trace = TraceFile {
-                        lock: file_lock.clone(),
+                        saved: saved.clone(),
                         path: path.clone(),
                         key: key.clone(),
                         disk,
@@ -188,7 +191,7 @@ impl BootTraceJob {
             info!(key, trace = %path.display(), window_s = window.as_secs(), "recording this boot's reads");
             let stop = job.stop.clone();
             let trace = TraceFile {
-                lock: file_lock,
+                saved,
                 path,
                 key,
                 disk,
@@ -241,172 +244,6 @@ impl BootTraceJob {
 impl Drop for BootTraceJob {
     fn drop(&mut self) {
         self.halt();
-    }
-}
-
-/// Fetch the replay set in trace order, each extent once it is due (within
-/// the lead of the guest), until all are fetched, `limit` passes or a stop.
-/// A backend error skips the extent: the guest never sees it. Returns
-/// whether the replay ran its course (its boot is over, not cut short by a
-/// stop): only such a replay says how good its trace is.
-fn prefetch(
-    engine: &Engine,
-    r: &BootReplay,
-    stop: &StopToken,
-    opts: PreloadOptions,
-    limit: Duration,
-) -> bool {
-    let started = std::time::Instant::now();
-    let mut failed = 0u64;
-    for i in 0..r.extents().len() {
-        // Soon after the guest's read that makes it due.
-        let due = stop.wait_until(Duration::from_millis(10), || {
-            r.due(i) || started.elapsed() > limit
-        });
-        if !due || started.elapsed() > limit {
-            break;
-        }
-        let e = r.extents()[i];
-        r.starting(i);
-        // Line by line, so that each line counts as fetched or not by itself.
-        let ls = r.line_size();
-        let (mut at, end) = (e.offset(), e.offset() + e.len());
-        while at < end {
-            // The rate over the whole prefetch, not per line: sleep until
-            // the bytes fetched so far fit it (a stop ends the wait).
-            if let Some(rate) = opts.rate.filter(|&x| x > 0) {
-                let due = Duration::from_secs_f64(r.fetched_bytes() as f64 / rate as f64);
-                if !stop.wait_until(Duration::from_millis(10), || started.elapsed() >= due) {
-                    break;
-                }
-            }
-            if stop.requested().is_some() {
-                break;
-            }
-            let line = at / ls;
-            let n = ((line + 1) * ls).min(end) - at;
-            r.fetching(line);
-            let unpaced = PreloadOptions { rate: None };
-            match engine.prefetch_line(at, n, unpaced, Some(stop.flag())) {
-                Ok(rep) => r.fetched(line, rep.fetched),
-                Err(err) => {
-                    r.fetched(line, 0);
-                    failed += 1;
-                    if failed == 1 {
-                        warn!(
-                            "boot prefetch of {at}+{n} failed (skipped; later failures counted): {err}"
-                        );
-                    }
-                }
-            }
-            at += n;
-        }
-        tracing::debug!(
-            extent = i,
-            offset = e.offset(),
-            len = e.len(),
-            "boot prefetch: extent done"
-        );
-    }
-    let rep = r.report();
-    info!(
-        fetched_lines = rep.fetched_lines,
-        fetched_bytes = rep.fetched_bytes,
-        failed,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "boot prefetch finished"
-    );
-    // Guest reads count for the report until the boot is over.
-    let over = stop.wait_until(IDLE_POLL, || started.elapsed() > limit);
-    r.finish();
-    over
-}
-
-/// This disk's trace file, and the lock its changes take.
-struct TraceFile {
-    lock: Arc<Mutex<()>>,
-    path: PathBuf,
-    key: String,
-    disk: u64,
-}
-
-impl TraceFile {
-    /// Merge what `rec` saw into the trace and save it.
-    fn save(&self, rec: &BootRecorder) {
-        let (path, key) = (&self.path, self.key.as_str());
-        let boot = rec.finish();
-        if boot.lines.is_empty() {
-            info!(
-                key,
-                "boot trace: the guest read nothing in its boot window; nothing saved"
-            );
-            return;
-        }
-        let _one = self.lock.lock();
-        let old = store::load(path, key, self.disk);
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let t = merge(old.as_ref(), &boot, key, self.disk, now);
-        match store::save(path, &t) {
-            Ok(()) => info!(
-                key,
-                lines = boot.lines.len(),
-                window_ms = boot.window_ms,
-                extents = t.extents.len(),
-                boots = t.boots,
-                "boot trace saved to {}",
-                path.display()
-            ),
-            Err(e) => warn!("boot trace not saved: {e}"),
-        }
-    }
-
-    /// Keep the trace, with its count of poor replays brought up to date,
-    /// or put it aside as stale, by what the guest used of `rep`'s prefetch.
-    /// In `auto` the trace judged may hold this boot already: what counts
-    /// is that the extents replayed were mostly wasted.
-    fn judge(&self, rep: &ReplayReport) {
-        let (path, key) = (&self.path, self.key.as_str());
-        let _one = self.lock.lock();
-        let Some(mut t) = store::load(path, key, self.disk) else {
-            return;
-        };
-        let precision = rep.precision();
-        match judge(t.poor_boots, rep) {
-            Verdict::NotJudged => info!(
-                key,
-                fetched_lines = rep.fetched_lines,
-                "boot trace: prefetch fetched too little to judge the trace by"
-            ),
-            Verdict::Keep { poor_boots } => {
-                if poor_boots > 0 {
-                    warn!(
-                        key,
-                        poor_boots,
-                        "boot trace: the guest used {:.0} % of what prefetch fetched; the trace is put aside after {} such boots in a row",
-                        precision * 100.0,
-                        crate::boot_trace::replay::STALE_AFTER
-                    );
-                }
-                if poor_boots != t.poor_boots {
-                    t.poor_boots = poor_boots;
-                    if let Err(e) = store::save(path, &t) {
-                        warn!("boot trace: its count of poor replays not saved: {e}");
-                    }
-                }
-            }
-            Verdict::Stale => match store::retire(path) {
-                Ok(to) => warn!(
-                    key,
-                    "boot trace: the guest used {:.0} % of what prefetch fetched, {} boots in a row; the trace is stale, moved to {} (the next recorded boot starts a new one)",
-                    precision * 100.0,
-                    crate::boot_trace::replay::STALE_AFTER,
-                    to.display()
-                ),
-                Err(e) => warn!("boot trace: stale, but {e}"),
-            },
-        }
     }
 }
 
