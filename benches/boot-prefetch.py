@@ -94,7 +94,7 @@ class Boot:
                 "--read-delay-ms", str(self.p["delay_ms"]),
                 "--write-delay-ms", str(self.p["delay_ms"]),
                 "--flush-delay-ms", str(self.p["delay_ms"]),
-                "--bandwidth", f"{self.p['bw_mbps']}M"] + extra
+                "--bandwidth", str(int(self.p["bw_mbps"] * 1e6))] + extra
         return bench.Server(argv, log_, sock, stop="stdin",
                             env_extra={"UBLK_CACHE_SHADOW_DIR": str(self.work / "shadow")}), log_
 

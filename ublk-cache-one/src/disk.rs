@@ -424,7 +424,11 @@ pub fn resolve(
         m => m,
     };
     let boot_trace_key = match layers.disk.get("IMAGE_ID").map(str::parse::<u32>) {
-        Some(Ok(id)) if boot_trace != BootTraceMode::Off => Some(format!("one-image-{id}")),
+        // And its size: clones are grown to their DISK's SIZE, and a trace of
+        // a larger disk is not used (it would be set aside at every boot).
+        Some(Ok(id)) if boot_trace != BootTraceMode::Off => {
+            Some(format!("one-image-{id}-{size_mb}M"))
+        }
         _ => None,
     };
     Ok(DiskSpec {
@@ -647,7 +651,7 @@ mod tests {
         let (s, _) = spec(&format!("{on}<CACHE_MODE>BACK</CACHE_MODE>"), &c).unwrap();
         assert_eq!(
             (s.boot_trace, s.boot_trace_key.as_deref()),
-            (BootTraceMode::Auto, Some("one-image-5"))
+            (BootTraceMode::Auto, Some("one-image-5-256M"))
         );
         let (s, notes) = spec(&format!("{on}<CACHE_MODE>NONE</CACHE_MODE>"), &c).unwrap();
         assert_eq!(s.boot_trace, BootTraceMode::Record, "no cache: record only");
@@ -671,7 +675,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}:\n{text}"));
         assert_eq!(
             (served.boot_trace, served.boot_trace_key.as_deref()),
-            (BootTraceMode::Replay, Some("one-image-9")),
+            (BootTraceMode::Replay, Some("one-image-9-256M")),
             "{text}"
         );
     }

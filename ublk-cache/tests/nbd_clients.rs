@@ -743,6 +743,32 @@ fn in_auto_a_stale_trace_is_replaced_by_this_boot_alone() {
 }
 
 #[test]
+fn a_live_migration_destination_neither_records_nor_replays_a_boot() {
+    let d = tempfile::tempdir().unwrap();
+    let disk = Disk::new(d.path(), 16 * MIB);
+    let traces = d.path().join("traces");
+    let path = save_trace(&traces, &ten_lines_at_0("image-8", 0));
+    let cmd = boot_trace_cmd(&disk, &traces, "auto", "image-8", &["--migrate-in"]);
+    let srv = serve::start(cmd, 1, d.path().join("migrate-in.log"));
+    let mut c = Client::connect_uri(&srv.uris[0]).unwrap();
+    c.read(100 * 65536, 4096).unwrap().unwrap();
+    c.disconnect().unwrap();
+    let log = srv.log();
+    srv.stop();
+    assert!(
+        log.contains("boot trace: off for this start, a live-migration destination"),
+        "{log}"
+    );
+    assert!(!log.contains("prefetching ahead of the guest"), "{log}");
+    let kept = ublk_cache::boot_trace::store::load(&path, "image-8", 16 * MIB);
+    assert_eq!(
+        kept.map(|t| (t.boots, t.extents.len())),
+        Some((3, 1)),
+        "the trace is as it was"
+    );
+}
+
+#[test]
 fn a_malformed_handshake_gets_closed_and_a_good_connection_still_works() {
     let d = tempfile::tempdir().unwrap();
     let disk = Disk::new(d.path(), 16 * MIB);

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tracing::info;
+use tracing::{info, warn};
 
-use super::config::ServeConfig;
+use super::config::{ServeConfig, Start};
 use super::error::{DaemonError, DaemonResult};
 use super::stop::StopToken;
 use crate::boot_trace::format::KEY_MAX;
@@ -117,6 +117,21 @@ impl BootTraceJob {
         if mode == BootTraceMode::Off {
             return Ok(None);
         }
+        // Only a start under a guest that boots: a live-migration destination
+        // and a re-attach after a crash serve a guest that runs already, whose
+        // reads are no boot (recorded, they would teach every clone of the
+        // key a wrong trace; replayed, they would fetch a boot nobody makes).
+        let running_guest = if cfg.start == Start::MigrateIn {
+            Some("a live-migration destination")
+        } else if cfg.recover.is_some() {
+            Some("a re-attach to a running device")
+        } else {
+            None
+        };
+        if let Some(why) = running_guest {
+            info!("boot trace: off for this start, {why}: its guest is not booting");
+            return Ok(None);
+        }
         let dir = cfg
             .boot_trace_dir
             .clone()
@@ -140,7 +155,14 @@ impl BootTraceJob {
             replay: None,
         };
         if mode.replays() {
-            match store::load(&path, &key, disk) {
+            // Under the lock: a load may move a bad trace aside, and must not
+            // move another server's good one that replaced it meanwhile.
+            let loaded = store::lock(&path).map(|_one| store::load(&path, &key, disk));
+            let loaded = loaded.unwrap_or_else(|e| {
+                warn!("boot trace: not read: {e}");
+                None
+            });
+            match loaded {
                 None => info!(
                     key,
                     "boot trace: none for this disk yet; nothing to prefetch"
